@@ -1,0 +1,3 @@
+from mlops_obs.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,80 @@
+"""The ``mlops-obs`` command line: one entry point, one subcommand a module.
+
+Each command module provides ``add_arguments(parser) -> list[Setting]`` (its settings, turned into
+flags here) and ``run(config) -> int``. Modules keep heavy imports (torch) inside ``run`` so that
+``mlops-obs --help`` and the exporter start fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+from types import ModuleType
+
+from mlops_obs import __version__
+from mlops_obs.config import ConfigError, Setting, add_to_parser, resolve
+
+# name -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("mlops_obs.demo", "Run exporter + 2-rank workload + Prometheus, print a summary, exit."),
+    "exporter": ("mlops_obs.exporter", "Run the sidecar exporter (GPU, host, training metrics)."),
+    "workload": (
+        "mlops_obs.workload.command",
+        "Run the reference PyTorch DDP workload (with fault injection).",
+    ),
+}
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but errors are one line and exit 2 without the usage dump."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _load(name: str) -> ModuleType:
+    return importlib.import_module(COMMANDS[name][0])
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, list[Setting]]]:
+    parser = _Parser(prog="mlops-obs", description="Observability and ops for ML training clusters.")
+    parser.add_argument("--version", action="version", version=f"mlops-obs {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    per_command: dict[str, list[Setting]] = {}
+    for name, (_, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        settings = list(_load(name).add_arguments(p))
+        add_to_parser(p, settings)
+        per_command[name] = settings
+    return parser, per_command
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser, per_command = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help(sys.stderr)
+        return 2
+    all_keys = {s.key for settings in per_command.values() for s in settings}
+    try:
+        cfg = resolve(per_command[args.command], args, known_keys=all_keys)
+    except ConfigError as e:
+        print(f"mlops-obs {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    # Non-setting arguments a command declared itself (positionals) ride along under their dest.
+    for k, v in vars(args).items():
+        if not k.startswith("cfg:") and k != "command":
+            cfg.setdefault(k, v)
+    try:
+        return int(_load(args.command).run(cfg) or 0)
+    except ConfigError as e:
+        print(f"mlops-obs {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,153 @@
+"""``mlops-obs demo``: the whole path on embedded defaults, finishing by itself.
+
+Exporter (in this process) -> 2-rank DDP workload (child processes) -> Prometheus (child process,
+when its binary is on PATH) -> a summary read back from Prometheus' API. Everything it starts is
+stopped before it returns; the work directory (logs, metrics hand-off, TSDB) is kept for browsing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from mlops_obs.config import (
+    COMMON_SETTINGS,
+    Setting,
+    int_parser,
+    parse_bool,
+    parse_listen_address,
+    parse_optional_path,
+)
+from mlops_obs.instrument import snapshot
+from mlops_obs.prometheus_server import PrometheusProcess, find_binary
+
+DEMO_SETTINGS: tuple[Setting, ...] = (
+    Setting("steps", int_parser(1), 2000, "Training steps per rank.", metavar="N"),
+    Setting("world-size", int_parser(1, 16), 2, "Number of ranks.", metavar="N"),
+    Setting("workdir", parse_optional_path, None, "Where logs, metric snapshots and the TSDB go (default: a new "
+            "temporary directory, kept after exit).", metavar="DIR"),
+    Setting("web.listen-address", parse_listen_address, ("127.0.0.1", 0),
+            "Exporter address (port 0: a free port).", metavar="HOST:PORT"),
+    Setting("keep-running", parse_bool, False, "Keep exporter and Prometheus up for browsing until Ctrl-C.",
+            kind="bool"),
+)  # fmt: skip
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> list[Setting]:
+    return list(COMMON_SETTINGS + DEMO_SETTINGS)
+
+
+def _say(msg: str) -> None:
+    print(msg, file=sys.stdout, flush=True)
+
+
+def _progress(mp_dir: Path, steps: int, world: int) -> str:
+    snaps = {int(s["rank"]): s for s in snapshot.scan(mp_dir)}
+    parts = []
+    for r in range(world):
+        s = snaps.get(r)
+        if s is None:
+            parts.append(f"rank{r}: starting")
+        else:
+            loss = (s.get("gauges") or {}).get("loss")
+            parts.append(f"rank{r}: {s['steps']}/{steps}" + (f" loss={loss:.3f}" if loss is not None else ""))
+    return "  ".join(parts)
+
+
+def run(cfg: Mapping[str, Any]) -> int:
+    from mlops_obs.exporter import EXPORTER_SETTINGS, Exporter
+    from mlops_obs.logs import configure, get_logger
+    from mlops_obs.workload.command import WORKLOAD_SETTINGS, launch
+
+    configure(cfg["log.level"] if cfg["log.level"] != "info" else "warn", cfg["log.format"])
+    workdir = Path(cfg["workdir"] or tempfile.mkdtemp(prefix="mlops-obs-demo-"))
+    log_dir, mp_dir = workdir / "logs", workdir / "multiproc"
+    steps, world = int(cfg["steps"]), int(cfg["world-size"])
+    _say(f"mlops-obs demo: work directory {workdir}")
+
+    ex_cfg: dict[str, Any] = {s.key: s.default for s in EXPORTER_SETTINGS}
+    ex_cfg.update({"web.listen-address": cfg["web.listen-address"], "sampler.interval": 0.5,
+                   "collector.host": True, "collector.gpu": True, "collector.training": True,
+                   "multiproc-dir": mp_dir, "training.retention": 3600.0})  # fmt: skip
+    exporter = Exporter(ex_cfg, get_logger(component="exporter")).start()
+    metrics_url = exporter.url + "/metrics"
+    _say(f"  exporter:   {metrics_url}")
+
+    prom: PrometheusProcess | None = None
+    if find_binary("prometheus"):
+        host_port = metrics_url.split("//", 1)[1].split("/", 1)[0]
+        prom = PrometheusProcess(workdir / "prometheus", [host_port]).start()
+        _say(f"  prometheus: {prom.url}  (try: {prom.url}/graph?g0.expr=rate(mlops_training_samples_total[30s]))")
+    else:
+        _say("  prometheus: not installed (apt-get install prometheus); skipping it")
+
+    wl_cfg: dict[str, Any] = {s.key: s.default for s in COMMON_SETTINGS + WORKLOAD_SETTINGS}
+    wl_cfg.update({"world-size": world, "steps": steps, "log-dir": log_dir, "multiproc-dir": mp_dir,
+                   "job": "demo", "flush-interval": 0.5, "device": "auto"})  # fmt: skip
+    _say(f"  logs:       {log_dir}")
+    _say(f"training {world} ranks x {steps} steps (PyTorch DDP)...")
+    result: dict[str, int] = {}
+    t0 = time.monotonic()
+    worker = threading.Thread(target=lambda: result.__setitem__("rc", launch(wl_cfg, sys.stdout)), daemon=True)
+    worker.start()
+    try:
+        while worker.is_alive():
+            worker.join(timeout=1.0)
+            _say(f"  [{time.monotonic() - t0:5.1f}s] {_progress(mp_dir, steps, world)}")
+        rc = result.get("rc", 1)
+        _say(f"workload finished with exit code {rc} in {time.monotonic() - t0:.1f}s")
+        _summary(mp_dir, prom, world, steps)
+        if cfg.get("keep-running"):
+            _say("exporter and Prometheus keep running; press Ctrl-C to stop.")
+            stop = threading.Event()
+            signal.signal(signal.SIGTERM, lambda *_: stop.set())
+            try:
+                stop.wait()
+            except KeyboardInterrupt:
+                pass
+    finally:
+        if prom:
+            prom.stop()
+        exporter.stop()
+    _say(f"stopped. Logs and data stay in {workdir}")
+    return rc
+
+
+def _summary(mp_dir: Path, prom: PrometheusProcess | None, world: int, steps: int) -> None:
+    snaps = sorted(snapshot.scan(mp_dir), key=lambda s: int(s["rank"]))
+    _say("summary (from the ranks' hand-off files):")
+    for s in snaps:
+        n = max(1, int(s["steps"]))
+        mean_ms = 1000.0 * float(s["step_seconds_sum"]) / n
+        sps = float(s["samples"]) / max(1e-9, float(s["step_seconds_sum"]))
+        loss = (s.get("gauges") or {}).get("loss")
+        _say(f"  rank {s['rank']}: {s['steps']} steps, {s['samples']} samples, mean step {mean_ms:.2f} ms, "
+             f"{sps:,.0f} samples/s, final loss {loss:.4f}" if loss is not None else "")  # fmt: skip
+    if prom is None:
+        return
+    try:
+        prom.wait_for(
+            "mlops_training_steps_total",
+            lambda r: len(r) >= world and all(float(x["value"][1]) >= steps for x in r),
+            timeout=15,
+        )
+    except TimeoutError:
+        _say("  (Prometheus has not scraped the final step counts yet)")
+    _say("summary (queried from Prometheus):")
+    for r in prom.query("mlops_training_steps_total"):
+        _say(f"  mlops_training_steps_total{{job={r['metric'].get('job')!r}, rank={r['metric'].get('rank')!r}}} "
+             f"= {float(r['value'][1]):.0f}")  # fmt: skip
+    for expr, label in (
+        ("sum(count by (__name__) ({__name__=~'mlops_node_.+'}))", "host series"),
+        ("count(mlops_scrape_collector_success == 1)", "collectors succeeding"),
+        ("count(mlops_scrape_collector_success == 0)", "collectors failing/unavailable"),
+    ):
+        res = prom.query(expr)
+        _say(f"  {label}: {res[0]['value'][1] if res else 0}")

@@ -1,0 +1,9 @@
+"""Instrumentation SDK for training loops; see :class:`TrainingMonitor`.
+
+No HTTP server runs in the training process: metrics go to a directory shared with the
+``mlops-obs exporter`` sidecar (``--multiproc-dir``), as explained in :mod:`.snapshot`.
+"""
+
+from mlops_obs.instrument.monitor import PHASES, TrainingMonitor
+
+__all__ = ["PHASES", "TrainingMonitor"]

@@ -20,6 +20,9 @@ from mlops_obs.config import ConfigError, Setting, add_to_parser, resolve
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("mlops_obs.demo", "Run exporter + 2-rank workload + Prometheus, print a summary, exit."),
     "exporter": ("mlops_obs.exporter", "Run the sidecar exporter (GPU, host, training metrics)."),
+    "ship": ("mlops_obs.logs.ship_command", "Ship log files into the embedded store or OpenSearch, checkpointed."),
+    "generate": ("mlops_obs.mixin.generate", "Write dashboards, alert rules and their tests (--check: fail if stale)."),
+    "alert-sink": ("mlops_obs.alert_sink", "Receive Alertmanager webhooks and store each alert as an event."),
     "workload": (
         "mlops_obs.workload.command",
         "Run the reference PyTorch DDP workload (with fault injection).",

@@ -23,6 +23,8 @@ BUILTIN_MODULES: tuple[str, ...] = (
     "mlops_obs.collectors.host",
     "mlops_obs.collectors.gpu",
     "mlops_obs.collectors.training",
+    "mlops_obs.collectors.shipper",
+    "mlops_obs.collectors.process",
 )
 
 

@@ -1,57 +1,676 @@
-"""GPU collector through NVML (nvidia-ml-py's ``pynvml``).
+"""GPU collector through NVML: dcgm-exporter's default set plus the health fields it leaves out.
 
-Where NVML is absent (no driver, no GPU) the collector raises :class:`CollectorUnavailable`: the
-exporter reports ``mlops_scrape_collector_success{collector="gpu"} 0`` and logs one line, nothing else.
+Every NVML call goes through :class:`mlops_obs.collectors._nvml.Nvml`, so a field a device does not
+support has no series (never a misleading 0) and a GPU that fell off the bus turns into
+``mlops_gpu_lost{gpu} 1`` while the other devices are still reported. The collector runs on the
+background sampler, so slow NVML calls (PCIe throughput blocks ~20 ms on real hardware) never reach a
+scrape; a hung call is abandoned by the sampler's deadline.
+
+Design choices that differ from dcgm-exporter, and why:
+
+* XIDs are a counter per XID code fed by an NVML event thread, not a gauge of the *last* XID (on
+  which public ``increase()`` rules misfire).
+* Clock-event (throttle) reasons are seconds counters per reason from ``nvmlDeviceGetViolationStatus``,
+  so ``rate()`` gives the fraction of time each reason held the clocks down.
+* GPU series carry the ``job`` and ``rank`` of the single instrumented rank running on the device,
+  and per-process series carry pid, job, rank, container, pod and namespace (see ``gpu_process``).
+* GPM profiling ratios exist only on Hopper and newer; ``mlops_gpu_profiling_supported`` says so
+  explicitly elsewhere, instead of the ratios silently missing.
+* NVLink throughput and error counters come from one ``nvmlDeviceGetFieldValues`` call per device,
+  not one call per link and counter.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import ctypes
+import os
+import struct
+import threading
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
+from prometheus_client.samples import Sample
 
 from mlops_obs.collectors import Collector, CollectorUnavailable, register
+from mlops_obs.collectors._nvml import GpuLost, Nvml
+from mlops_obs.collectors.gpu_process import Attributor, owner_of
+from mlops_obs.config import (
+    ConfigError,
+    Setting,
+    choice_parser,
+    int_parser,
+    parse_bool,
+    parse_duration,
+    parse_optional_path,
+)
+
+# NVML constants used here (nvml.h), so the module imports without pynvml's shared library.
+CLOCK_SM, CLOCK_MEM = 1, 2
+TEMPERATURE_GPU = 0
+THRESHOLD_SHUTDOWN, THRESHOLD_SLOWDOWN = 0, 1
+PCIE_TX, PCIE_RX = 0, 1
+MEMORY_ERROR_CORRECTED, MEMORY_ERROR_UNCORRECTED = 0, 1
+VOLATILE_ECC, AGGREGATE_ECC = 0, 1
+PSTATE_UNKNOWN = 32
+FI_MEMORY_TEMP = 82
+FI_NVLINK_LINK_COUNT = 91
+FI_NVLINK_DATA_TX, FI_NVLINK_DATA_RX = 138, 139
+FI_NVLINK_ERRORS = {161: "replay", 162: "recovery", 163: "crc"}
+NVML_MEMORY_V2 = 0x02000028
+ARCH_HOPPER = 9
+EVENT_XID = 0x0000000000000008
+GPM_METRICS_GET_VERSION = 1
+GPM = {2: "mlops_gpu_sm_active_ratio", 5: "mlops_gpu_tensor_active_ratio", 10: "mlops_gpu_dram_active_ratio",
+       1: "mlops_gpu_graphics_engine_active_ratio"}  # fmt: skip
+
+# Perf policy id -> reason label (nvmlPerfPolicyType_t).
+THROTTLE_REASONS = {0: "power", 1: "thermal", 2: "sync_boost", 3: "board_limit", 4: "low_utilization",
+                    5: "reliability", 10: "app_clocks", 11: "base_clocks"}  # fmt: skip
+
+# Every family: name -> (type, help). Counters are named with their _total sample name.
+FAMILIES: dict[str, tuple[str, str]] = {
+    "mlops_gpu_info": ("gauge", "GPU identity and driver version; always 1."),
+    "mlops_gpu_devices": ("gauge", "GPUs visible to NVML."),
+    "mlops_gpu_lost": ("gauge", "1 when NVML reports the GPU fell off the bus (NVML_ERROR_GPU_IS_LOST)."),
+    "mlops_gpu_profiling_supported": ("gauge", "1 where GPM profiling ratios are available (Hopper and newer)."),
+    "mlops_gpu_utilization_ratio": ("gauge", "Fraction of the last sample period a kernel was running."),
+    "mlops_gpu_memory_copy_utilization_ratio": ("gauge", "Fraction of the sample period memory was read or written."),
+    "mlops_gpu_memory_used_bytes": ("gauge", "Device memory allocated by processes."),
+    "mlops_gpu_memory_free_bytes": ("gauge", "Device memory free."),
+    "mlops_gpu_memory_reserved_bytes": ("gauge", "Device memory reserved by the driver and firmware."),
+    "mlops_gpu_memory_total_bytes": ("gauge", "Device memory installed."),
+    "mlops_gpu_sm_clock_hertz": ("gauge", "Current SM clock."),
+    "mlops_gpu_memory_clock_hertz": ("gauge", "Current memory clock."),
+    "mlops_gpu_temperature_celsius": ("gauge", "GPU die temperature."),
+    "mlops_gpu_memory_temperature_celsius": ("gauge", "HBM memory temperature."),
+    "mlops_gpu_slowdown_temperature_celsius": ("gauge", "Temperature at which the GPU starts to slow down."),
+    "mlops_gpu_shutdown_temperature_celsius": ("gauge", "Temperature at which the GPU shuts down."),
+    "mlops_gpu_power_usage_watts": ("gauge", "Power draw of the board."),
+    "mlops_gpu_power_limit_watts": ("gauge", "Enforced power limit."),
+    "mlops_gpu_energy_joules_total": ("counter", "Energy consumed since the driver was loaded."),
+    "mlops_gpu_pstate": ("gauge", "Performance state (0 fastest, 15 slowest)."),
+    "mlops_gpu_fan_speed_ratio": ("gauge", "Intended fan speed as a fraction of its maximum."),
+    "mlops_gpu_pcie_link_generation": ("gauge", "Current PCIe link generation."),
+    "mlops_gpu_pcie_link_generation_max": ("gauge", "Maximum PCIe link generation of the GPU and system."),
+    "mlops_gpu_pcie_link_width": ("gauge", "Current PCIe link width (lanes)."),
+    "mlops_gpu_pcie_link_width_max": ("gauge", "Maximum PCIe link width (lanes)."),
+    "mlops_gpu_pcie_transmit_bytes_per_second": ("gauge", "PCIe transmit throughput over NVML's 20 ms window."),
+    "mlops_gpu_pcie_receive_bytes_per_second": ("gauge", "PCIe receive throughput over NVML's 20 ms window."),
+    "mlops_gpu_pcie_replays_total": ("counter", "PCIe replays (link-level retransmissions)."),
+    "mlops_gpu_nvlink_transmit_bytes_total": ("counter", "NVLink data bytes transmitted, per link."),
+    "mlops_gpu_nvlink_receive_bytes_total": ("counter", "NVLink data bytes received, per link."),
+    "mlops_gpu_nvlink_errors_total": ("counter", "NVLink data-link errors, per link and type."),
+    "mlops_gpu_ecc_errors_total": ("counter", "Memory ECC errors by type and scope (volatile: since driver load)."),
+    "mlops_gpu_remapped_rows_total": ("counter", "Memory rows remapped, by the error that caused it."),
+    "mlops_gpu_remap_pending": ("gauge", "1 when a row remap waits for a GPU reset."),
+    "mlops_gpu_remap_failure": ("gauge", "1 when a row remap failed (the GPU needs service)."),
+    "mlops_gpu_throttle_seconds_total": ("counter", "Seconds the clocks were held down, per reason."),
+    "mlops_gpu_xid_errors_total": ("counter", "XID errors seen by this exporter's NVML event thread, per XID."),
+    "mlops_gpu_sm_active_ratio": ("gauge", "Fraction of SMs busy (GPM, Hopper and newer)."),
+    "mlops_gpu_tensor_active_ratio": ("gauge", "Fraction of time tensor cores were busy (GPM)."),
+    "mlops_gpu_dram_active_ratio": ("gauge", "Fraction of peak DRAM bandwidth used (GPM)."),
+    "mlops_gpu_graphics_engine_active_ratio": ("gauge", "Fraction of time the graphics/compute engine was busy (GPM)."),
+    "mlops_gpu_persistence_mode": ("gauge", "1 when persistence mode is on."),
+    "mlops_gpu_process_memory_used_bytes": ("gauge", "Device memory used by a process."),
+    "mlops_gpu_process_utilization_ratio": ("gauge", "Fraction of the last period a process's kernels ran (SM)."),
+}
+
+
+_new_tuple = tuple.__new__
+
+
+class _Out:
+    """Families for one round, created on first use so an unsupported field yields no family at all."""
+
+    def __init__(self) -> None:
+        self.families: dict[str, Metric] = {}
+
+    def add(self, name: str, labels: dict[str, str], value: float) -> None:
+        m = self.families.get(name)
+        if m is None:
+            typ, doc = FAMILIES[name]
+            base = name[:-6] if typ == "counter" else name
+            m = self.families[name] = Metric(base, doc, typ)
+        # tuple.__new__ skips the namedtuple's Python-level __new__: ~1100 samples a round add up.
+        m.samples.append(_new_tuple(Sample, (name, labels, float(value), None, None, None)))
+
+    def extend(self, name: str, samples: list[Any]) -> None:
+        m = self.families.get(name)
+        if m is None:
+            typ, doc = FAMILIES[name]
+            m = self.families[name] = Metric(name[:-6] if typ == "counter" else name, doc, typ)
+        m.samples.extend(samples)
+
+
+@dataclass
+class _Mig:
+    handle: Any
+    labels: dict[str, str]
+
+
+@dataclass
+class _Device:
+    index: int
+    handle: Any
+    labels: dict[str, str] = field(default_factory=dict)
+    info: dict[str, str] = field(default_factory=dict)
+    ready: bool = False
+    static: dict[str, float] = field(default_factory=dict)
+    field_ids: list[Any] = field(default_factory=list)
+    gpm: list[Any] | None = None  # two GPM samples, alternating; None where unsupported
+    gpm_primed: bool = False
+    mig_enabled: bool = False
+    proc_util_ts: int = 0
+    link_labels_key: tuple[str | None, str | None] | None = None
+    link_labels: dict[tuple[int, int], dict[str, str]] = field(default_factory=dict)
+    slow: list[tuple[str, list[Any]]] | None = None  # the counters' last samples, per family
+    slow_at: float = 0.0
+    slow_key: tuple[str | None, str | None] | None = None
+
+
+def _address(h: Any) -> int:
+    """A stable key for a device handle: a ctypes pointer's address, or the fake's object id."""
+    if isinstance(h, ctypes._Pointer):
+        return ctypes.cast(h, ctypes.c_void_p).value or 0
+    return id(h)
+
+
+# nvmlFieldValue_t: fieldId u32, scopeId u32, timestamp i64, latencyUsec i64, valueType u32, nvmlReturn u32,
+# value (8-byte union). Decoded with struct from the array's buffer: pynvml's structures run Python
+# hooks on every attribute access, which made reading ~90 NVLink fields a device the collector's top cost.
+_FIELD_VALUE = struct.Struct("<IIqqII8s")
+_VALUE_FORMATS = tuple(struct.Struct(f) for f in ("<d", "<I", "<Q", "<Q", "<q", "<i", "<H"))
+
+
+def _field_values(arr: Any) -> list[tuple[int, int, float | None]]:
+    """(field id, scope id, value or ``None`` where NVML returned an error) for an nvmlFieldValue_t array."""
+    out: list[tuple[int, int, float | None]] = []
+    try:
+        raw = memoryview(arr).cast("B")
+    except TypeError:
+        raw = None
+    if raw is not None and len(raw) == _FIELD_VALUE.size * len(arr):
+        for fid, scope, _ts, _lat, vtype, ret, value in _FIELD_VALUE.iter_unpack(raw):
+            if ret != 0:
+                out.append((fid, scope, None))
+            else:
+                fmt = _VALUE_FORMATS[vtype] if vtype < len(_VALUE_FORMATS) else _VALUE_FORMATS[3]
+                out.append((fid, scope, float(fmt.unpack_from(value)[0])))
+        return out
+    for v in arr:  # not a ctypes buffer (a hand-made stand-in): attribute by attribute
+        if int(v.nvmlReturn) != 0:
+            out.append((int(v.fieldId), int(v.scopeId), None))
+            continue
+        names = ("dVal", "uiVal", "ulVal", "ullVal", "sllVal", "siVal", "usVal")
+        t = int(v.valueType)
+        out.append((int(v.fieldId), int(v.scopeId), float(getattr(v.value, names[t] if t < len(names) else "ullVal"))))
+    return out
+
+
+class XidWatcher:
+    """Counts XID events per (device, XID) from NVML's event set, on its own daemon thread.
+
+    A counter per code (not the last code) so ``increase(mlops_gpu_xid_errors_total[5m]) > 0`` fires
+    once per new error. Counts start when this exporter starts, like any process-local counter.
+    """
+
+    def __init__(self, nvml: Nvml, devices: list[_Device], log: Any) -> None:
+        self.nvml = nvml
+        self.log = log
+        self.by_handle = {_address(d.handle): d.index for d in devices if d.handle is not None}
+        self.counts: dict[tuple[int, int], int] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(devices,), name="gpu-xid-events", daemon=True)
+        self.registered: set[int] = set()
+
+    def start(self) -> XidWatcher:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def snapshot(self) -> dict[tuple[int, int], int]:
+        with self._lock:
+            return dict(self.counts)
+
+    def _run(self, devices: list[_Device]) -> None:
+        nvml = self.nvml
+        try:
+            es = nvml.call("nvmlEventSetCreate")
+            if es is None:
+                return
+            for d in devices:
+                try:
+                    if d.handle is not None and nvml.try_call("nvmlDeviceRegisterEvents", d.handle, EVENT_XID, es)[0]:
+                        self.registered.add(d.index)
+                except GpuLost:
+                    continue
+        except Exception as e:  # a lib that cannot even create an event set: no XID counting
+            self.log.warning("gpu XID event thread not started", error=str(e))
+            return
+        if not self.registered:
+            return
+        wait = nvml.lib.nvmlEventSetWait
+        while not self._stop.is_set():
+            try:
+                data = wait(es, 500)
+            except Exception as e:
+                code = getattr(e, "value", None)
+                if code == 10:  # NVML_ERROR_TIMEOUT: no event in this window
+                    continue
+                if self._stop.wait(1.0):
+                    break
+                continue
+            if int(data.eventType) & EVENT_XID == 0:
+                continue
+            index = self.by_handle.get(_address(data.device))
+            if index is None:
+                continue
+            key = (index, int(data.eventData))
+            with self._lock:
+                self.counts[key] = self.counts.get(key, 0) + 1
+            self.log.warning("gpu XID error", gpu=index, xid=key[1])
+        try:
+            nvml.lib.nvmlEventSetFree(es)
+        except Exception:
+            pass
+
+
+def _loader(config: Mapping[str, Any]) -> Any:
+    if config.get("gpu.backend", "nvml") == "fake":
+        from mlops_obs.collectors.fake_nvml import FakeNvml, ScenarioError, load_scenario
+
+        try:
+            scenario = load_scenario(config.get("gpu.fake-scenario"))
+            fake = FakeNvml(scenario)
+        except ScenarioError as e:
+            raise ConfigError("gpu.fake-scenario", str(e)) from None
+        except (TypeError, ValueError) as e:
+            raise ConfigError("gpu.fake-scenario", f"bad value in scenario: {e}") from None
+        return lambda: fake
+
+    def load_real() -> Any:
+        import pynvml
+
+        return pynvml
+
+    return load_real
 
 
 @register
 class GpuCollector(Collector):
     name = "gpu"
-    help = "NVIDIA GPU health and utilisation through NVML."
+    help = "NVIDIA GPU health, utilisation and per-process memory through NVML."
+    settings = (
+        Setting("gpu.backend", choice_parser("nvml", "fake"), "nvml",
+                "nvml: the real driver through nvidia-ml-py; fake: a simulated node for tests and demos.",
+                choices=("nvml", "fake")),
+        Setting("gpu.fake-scenario", parse_optional_path, None,
+                "YAML/JSON scenario the fake backend plays (default: 8 healthy H100s).", metavar="FILE"),
+        Setting("gpu.processes", parse_bool, True, "Report per-process GPU memory and utilisation.", kind="bool"),
+        Setting("gpu.process-limit", int_parser(0, 10_000), 32,
+                "At most this many processes per GPU get series (the largest by memory).", metavar="N"),
+        Setting("gpu.xid-events", parse_bool, True, "Count XID errors from an NVML event thread.", kind="bool"),
+        Setting("gpu.counter-interval", parse_duration, 5.0,
+                "Re-read counters and slow health state (ECC, NVLink, throttle time, energy) this often; "
+                "0: every round.", metavar="DURATION"),
+        Setting("gpu.nvlink", parse_bool, True, "Report per-link NVLink throughput and error counters.",
+                kind="bool"),
+    )  # fmt: skip
 
-    def __init__(self, config: Any) -> None:
+    def __init__(self, config: Mapping[str, Any], log: Any = None) -> None:
         super().__init__(config)
-        self._nvml: Any = None
+        if log is None:
+            from mlops_obs.logs import get_logger
 
-    def _init(self) -> Any:
-        if self._nvml is None:
-            try:
-                import pynvml
+            log = get_logger(component="gpu")
+        self.log = log
+        self.nvml = Nvml(_loader(config), log)
+        directory = config.get("multiproc-dir")
+        self.attributor = Attributor(Path(directory) if directory else None, config.get("training.retention", 900.0))
+        self.processes = bool(config.get("gpu.processes", True))
+        self.process_limit = int(config.get("gpu.process-limit", 32))
+        self.nvlink = bool(config.get("gpu.nvlink", True))
+        self.xid_enabled = bool(config.get("gpu.xid-events", True))
+        self.counter_interval = float(config.get("gpu.counter-interval", 5.0))
+        self.node = os.environ.get("NODE_NAME") or None
+        self._devices: list[_Device] | None = None
+        self._driver: str | None = None
+        self.xid: XidWatcher | None = None
+        self._limited_logged = False
 
-                pynvml.nvmlInit()
-            except Exception as e:  # NVMLError_LibraryNotFound, DriverNotLoaded, ...
-                raise CollectorUnavailable(f"NVML is not available: {e}") from None
-            self._nvml = pynvml
-        return self._nvml
+    # --- setup ------------------------------------------------------------------------------------
+
+    def _devices_once(self) -> list[_Device]:
+        if self._devices is None:
+            handles = self.nvml.handles()
+            self._driver = self.nvml.text("nvmlSystemGetDriverVersion") or ""
+            self._devices = [_Device(i, h) for i, h in enumerate(handles)]
+            if self.xid_enabled:
+                self.xid = XidWatcher(self.nvml, self._devices, self.log).start()
+        return self._devices
+
+    def _prepare(self, d: _Device) -> None:
+        """Read what does not change while the driver is loaded, once per device."""
+        n = self.nvml
+        if d.handle is None:
+            d.handle = n.call("nvmlDeviceGetHandleByIndex", d.index)
+            if d.handle is None:
+                raise GpuLost("nvmlDeviceGetHandleByIndex")
+        h = d.handle
+        uuid = n.text("nvmlDeviceGetUUID", h) or ""
+        model = n.text("nvmlDeviceGetName", h) or ""
+        d.labels = {"gpu": str(d.index), "uuid": uuid, "model": model}
+        d.link_labels_key = None
+        pci = n.call("nvmlDeviceGetPciInfo", h)
+        d.info = {"driver_version": self._driver or ""}
+        if pci is not None:
+            bus = pci.busId
+            d.info["pci_bus_id"] = bus.decode() if isinstance(bus, bytes) else str(bus)
+        if self.node:
+            d.info["node"] = self.node
+        st: dict[str, float] = {}
+        for key, fn, args in (
+            ("gen_max", "nvmlDeviceGetMaxPcieLinkGeneration", ()),
+            ("width_max", "nvmlDeviceGetMaxPcieLinkWidth", ()),
+            ("slowdown", "nvmlDeviceGetTemperatureThreshold", (THRESHOLD_SLOWDOWN,)),
+            ("shutdown", "nvmlDeviceGetTemperatureThreshold", (THRESHOLD_SHUTDOWN,)),
+        ):
+            v = n.call(fn, h, *args)
+            if v is not None:
+                st[key] = float(v)
+        d.static = st
+        links = 0
+        if self.nvlink:
+            fv = n.call("nvmlDeviceGetFieldValues", h, [FI_NVLINK_LINK_COUNT])
+            if fv is not None:
+                links = int(_field_values(fv)[0][2] or 0)
+        ids: list[Any] = []
+        for link in range(links):
+            ids += [(FI_NVLINK_DATA_TX, link), (FI_NVLINK_DATA_RX, link)]
+            ids += [(fid, link) for fid in FI_NVLINK_ERRORS]
+        d.field_ids = ids
+        arch = n.call("nvmlDeviceGetArchitecture", h)
+        d.gpm = None
+        if arch is not None and int(arch) >= ARCH_HOPPER and int(arch) != 0xFFFFFFFF:
+            support = n.call("nvmlGpmQueryDeviceSupport", h)
+            if support is not None and int(support.isSupportedDevice):
+                s1, s2 = n.call("nvmlGpmSampleAlloc"), n.call("nvmlGpmSampleAlloc")
+                if s1 is not None and s2 is not None:
+                    d.gpm = [s1, s2]
+        mode = n.call("nvmlDeviceGetMigMode", h)
+        d.mig_enabled = bool(mode is not None and int(mode[0]) == 1)
+        d.ready = True
+
+    # --- sampling ----------------------------------------------------------------------------------
 
     def sample(self) -> Iterable[Metric]:
-        nvml = self._init()
-        util = GaugeMetricFamily(
-            "mlops_gpu_utilization_ratio", "Fraction of time a kernel ran.", labels=["gpu", "uuid", "model"]
-        )
-        mem = GaugeMetricFamily("mlops_gpu_memory_used_bytes", "GPU memory in use.", labels=["gpu", "uuid", "model"])
-        for i in range(nvml.nvmlDeviceGetCount()):
-            h = nvml.nvmlDeviceGetHandleByIndex(i)
-            labels = [str(i), nvml.nvmlDeviceGetUUID(h), nvml.nvmlDeviceGetName(h)]
-            util.add_metric(labels, nvml.nvmlDeviceGetUtilizationRates(h).gpu / 100.0)
-            mem.add_metric(labels, float(nvml.nvmlDeviceGetMemoryInfo(h).used))
-        return [util, mem]
+        devices = self._devices_once()
+        out = _Out()
+        out.add("mlops_gpu_devices", {}, len(devices))
+        live_pids: set[int] = set()
+        xids = self.xid.snapshot() if self.xid is not None else {}
+        for d in devices:
+            try:
+                if not d.ready:
+                    self._prepare(d)
+                self._sample_device(d, out, live_pids)
+            except GpuLost:
+                d.ready = False  # re-read identity after a reset brings it back
+                d.slow = None
+                out.add("mlops_gpu_lost", {"gpu": str(d.index)}, 1)
+                continue
+            out.add("mlops_gpu_lost", {"gpu": str(d.index)}, 0)
+        for (index, xid), count in sorted(xids.items()):
+            dev = devices[index]
+            if dev.labels:
+                out.add("mlops_gpu_xid_errors_total", {**dev.labels, "xid": str(xid)}, count)
+        self.attributor.end_round(live_pids)
+        return list(out.families.values())
+
+    def _processes(self, d: _Device, out: _Out, live: set[int]) -> dict[str, str]:
+        """Per-process series; returns the owning rank's labels for the device's own series."""
+        n = self.nvml
+        procs = n.call("nvmlDeviceGetComputeRunningProcesses", d.handle)
+        if procs is None:
+            return {}
+        util: dict[int, float] = {}
+        samples = n.call("nvmlDeviceGetProcessUtilization", d.handle, d.proc_util_ts, not_found=[])
+        if samples is not None:
+            for s in samples:
+                ts = int(s.timeStamp)
+                if ts >= d.proc_util_ts:
+                    d.proc_util_ts = ts
+                util[int(s.pid)] = int(s.smUtil) / 100.0
+        procs = sorted(procs, key=lambda p: -(p.usedGpuMemory or 0))
+        if self.process_limit and len(procs) > self.process_limit:
+            if not self._limited_logged:
+                self._limited_logged = True
+                self.log.warning("more GPU processes than gpu.process-limit; the smallest get no series",
+                                 gpu=d.index, processes=len(procs), limit=self.process_limit)  # fmt: skip
+            procs = procs[: self.process_limit]
+        by_pid: dict[int, dict[str, str]] = {}
+        base = {"gpu": d.labels["gpu"], "uuid": d.labels["uuid"]}
+        for p in procs:
+            pid = int(p.pid)
+            live.add(pid)
+            attr = self.attributor.labels(pid)
+            by_pid[pid] = attr
+            labels = {**base, "pid": str(pid), **attr}
+            if p.usedGpuMemory is not None:
+                out.add("mlops_gpu_process_memory_used_bytes", labels, p.usedGpuMemory)
+            if samples is not None:
+                # A listed process with no utilisation sample in the window ran no kernel: 0 is true.
+                out.add("mlops_gpu_process_utilization_ratio", labels, util.get(pid, 0.0))
+        owner = owner_of(by_pid)
+        return {"job": owner[0], "rank": owner[1]} if owner else {}
+
+    def _sample_device(self, d: _Device, out: _Out, live: set[int]) -> None:
+        n, h = self.nvml, d.handle
+        owner = self._processes(d, out, live) if self.processes else {}
+        lb = {**d.labels, **owner}
+        out.add("mlops_gpu_info", {**d.labels, **d.info}, 1)
+        out.add("mlops_gpu_profiling_supported", lb, int(d.gpm is not None))
+
+        u = n.call("nvmlDeviceGetUtilizationRates", h)
+        if u is not None:
+            out.add("mlops_gpu_utilization_ratio", lb, u.gpu / 100.0)
+            out.add("mlops_gpu_memory_copy_utilization_ratio", lb, u.memory / 100.0)
+        m = n.call("nvmlDeviceGetMemoryInfo", h, NVML_MEMORY_V2)
+        if m is not None:
+            out.add("mlops_gpu_memory_used_bytes", lb, m.used)
+            out.add("mlops_gpu_memory_free_bytes", lb, m.free)
+            out.add("mlops_gpu_memory_reserved_bytes", lb, m.reserved)
+            out.add("mlops_gpu_memory_total_bytes", lb, m.total)
+        else:
+            m1 = n.call("nvmlDeviceGetMemoryInfo", h)
+            if m1 is not None:
+                out.add("mlops_gpu_memory_used_bytes", lb, m1.used)
+                out.add("mlops_gpu_memory_free_bytes", lb, m1.free)
+                out.add("mlops_gpu_memory_total_bytes", lb, m1.total)
+        for name, clock in (("mlops_gpu_sm_clock_hertz", CLOCK_SM), ("mlops_gpu_memory_clock_hertz", CLOCK_MEM)):
+            v = n.call("nvmlDeviceGetClockInfo", h, clock)
+            if v is not None:
+                out.add(name, lb, v * 1e6)
+        v = n.call("nvmlDeviceGetTemperature", h, TEMPERATURE_GPU)
+        if v is not None:
+            out.add("mlops_gpu_temperature_celsius", lb, v)
+
+        fvs = n.call("nvmlDeviceGetFieldValues", h, [FI_MEMORY_TEMP])
+        if fvs is not None:
+            x = _field_values(fvs)[0][2]
+            if x is not None:
+                out.add("mlops_gpu_memory_temperature_celsius", lb, x)
+        st = d.static
+        if "slowdown" in st:
+            out.add("mlops_gpu_slowdown_temperature_celsius", lb, st["slowdown"])
+        if "shutdown" in st:
+            out.add("mlops_gpu_shutdown_temperature_celsius", lb, st["shutdown"])
+
+        v = n.call("nvmlDeviceGetPowerUsage", h)
+        if v is not None:
+            out.add("mlops_gpu_power_usage_watts", lb, v / 1000.0)
+        v = n.call("nvmlDeviceGetEnforcedPowerLimit", h)
+        if v is not None:
+            out.add("mlops_gpu_power_limit_watts", lb, v / 1000.0)
+        v = n.call("nvmlDeviceGetPerformanceState", h)
+        if v is not None and int(v) != PSTATE_UNKNOWN:
+            out.add("mlops_gpu_pstate", lb, v)
+        v = n.call("nvmlDeviceGetFanSpeed", h)
+        if v is not None:
+            out.add("mlops_gpu_fan_speed_ratio", lb, v / 100.0)
+
+        v = n.call("nvmlDeviceGetCurrPcieLinkGeneration", h)
+        if v is not None:
+            out.add("mlops_gpu_pcie_link_generation", lb, v)
+        if "gen_max" in st:
+            out.add("mlops_gpu_pcie_link_generation_max", lb, st["gen_max"])
+        v = n.call("nvmlDeviceGetCurrPcieLinkWidth", h)
+        if v is not None:
+            out.add("mlops_gpu_pcie_link_width", lb, v)
+        if "width_max" in st:
+            out.add("mlops_gpu_pcie_link_width_max", lb, st["width_max"])
+        for name, counter in (("mlops_gpu_pcie_transmit_bytes_per_second", PCIE_TX),
+                              ("mlops_gpu_pcie_receive_bytes_per_second", PCIE_RX)):  # fmt: skip
+            v = n.call("nvmlDeviceGetPcieThroughput", h, counter)
+            if v is not None:
+                out.add(name, lb, v * 1024.0)
+        self._counters(d, out, lb, owner)
+        if d.gpm is not None:
+            self._gpm(d, out, lb)
+        if d.mig_enabled:
+            self._mig(d, out, live)
+
+    def _counters(self, d: _Device, out: _Out, lb: dict[str, str], owner: dict[str, str]) -> None:
+        """Counters and slow-moving health state, re-read every ``gpu.counter-interval``.
+
+        A counter loses no information when read less often (``rate()`` over the same window gives the
+        same answer), only freshness, and these are most of a device's NVML calls and series (90
+        NVLink series on an H100). Between refreshes the last round's samples are reused as they are.
+        """
+        key = (owner.get("job"), owner.get("rank"))
+        now = time.monotonic()
+        if d.slow is not None and d.slow_key == key and now - d.slow_at < self.counter_interval:
+            for name, samples in d.slow:
+                out.extend(name, samples)
+            return
+        n, h = self.nvml, d.handle
+        so = _Out()
+        v = n.call("nvmlDeviceGetTotalEnergyConsumption", h)
+        if v is not None:
+            so.add("mlops_gpu_energy_joules_total", lb, v / 1000.0)
+        v = n.call("nvmlDeviceGetPcieReplayCounter", h)
+        if v is not None:
+            so.add("mlops_gpu_pcie_replays_total", lb, v)
+
+        for etype, ename in ((MEMORY_ERROR_CORRECTED, "corrected"), (MEMORY_ERROR_UNCORRECTED, "uncorrected")):
+            for scope, sname in ((VOLATILE_ECC, "volatile"), (AGGREGATE_ECC, "aggregate")):
+                v = n.call("nvmlDeviceGetTotalEccErrors", h, etype, scope)
+                if v is not None:
+                    so.add("mlops_gpu_ecc_errors_total", {**lb, "type": ename, "scope": sname}, v)
+        rows = n.call("nvmlDeviceGetRemappedRows", h)
+        if rows is not None:
+            corr, unc, pending, failure = rows
+            so.add("mlops_gpu_remapped_rows_total", {**lb, "type": "correctable"}, corr)
+            so.add("mlops_gpu_remapped_rows_total", {**lb, "type": "uncorrectable"}, unc)
+            so.add("mlops_gpu_remap_pending", lb, int(bool(pending)))
+            so.add("mlops_gpu_remap_failure", lb, int(bool(failure)))
+        for policy, reason in THROTTLE_REASONS.items():
+            t = n.call("nvmlDeviceGetViolationStatus", h, policy)
+            if t is not None:
+                so.add("mlops_gpu_throttle_seconds_total", {**lb, "reason": reason}, t.violationTime / 1e9)
+        v = n.call("nvmlDeviceGetPersistenceMode", h)
+        if v is not None:
+            so.add("mlops_gpu_persistence_mode", lb, int(v == 1))
+        fvs = n.call("nvmlDeviceGetFieldValues", h, d.field_ids) if d.field_ids else None
+        if fvs is not None:
+            # Per-link label sets are built once per owner, not ~90 fresh dicts a device a round.
+            if d.link_labels_key != key:
+                d.link_labels_key, d.link_labels = key, {}
+            ll = d.link_labels
+            for fid, scope, x in _field_values(fvs):
+                if x is None:
+                    continue
+                labels = ll.get((fid, scope))
+                if labels is None:
+                    labels = ll[(fid, scope)] = {**lb, "link": str(scope)}
+                    if fid in FI_NVLINK_ERRORS:
+                        labels["type"] = FI_NVLINK_ERRORS[fid]
+                if fid == FI_NVLINK_DATA_TX:
+                    so.add("mlops_gpu_nvlink_transmit_bytes_total", labels, x * 1024)
+                elif fid == FI_NVLINK_DATA_RX:
+                    so.add("mlops_gpu_nvlink_receive_bytes_total", labels, x * 1024)
+                elif fid in FI_NVLINK_ERRORS:
+                    so.add("mlops_gpu_nvlink_errors_total", labels, x)
+        d.slow = [(name, m.samples) for name, m in so.families.items()]
+        d.slow_at, d.slow_key = now, key
+        for name, samples in d.slow:
+            out.extend(name, samples)
+
+    def _gpm(self, d: _Device, out: _Out, lb: dict[str, str]) -> None:
+        """Ratios between this round's GPM sample and the last one: no sleep, the interval is the window."""
+        n = self.nvml
+        assert d.gpm is not None
+        prev, cur = d.gpm
+        if n.call("nvmlGpmSampleGet", d.handle, cur) is None:
+            d.gpm_primed = False
+            return
+        d.gpm = [cur, prev]
+        if not d.gpm_primed:
+            d.gpm_primed = True
+            return
+        lib = n.lib
+        mg = lib.c_nvmlGpmMetricsGet_t()
+        mg.version = GPM_METRICS_GET_VERSION
+        mg.numMetrics = len(GPM)
+        mg.sample1, mg.sample2 = prev, cur
+        ids = list(GPM)
+        for i, mid in enumerate(ids):
+            mg.metrics[i].metricId = mid
+        if n.call("nvmlGpmMetricsGet", mg) is None:
+            return
+        for i, mid in enumerate(ids):
+            m = mg.metrics[i]
+            if int(m.nvmlReturn) == 0:
+                out.add(GPM[mid], lb, max(0.0, min(1.0, float(m.value) / 100.0)))
+
+    def _mig(self, d: _Device, out: _Out, live: set[int]) -> None:
+        """MIG instances as their own label set (gpu_instance, mig_profile) under the parent GPU's labels."""
+        n = self.nvml
+        count = n.call("nvmlDeviceGetMaxMigDeviceCount", d.handle) or 0
+        for i in range(int(count)):
+            mh = n.call("nvmlDeviceGetMigDeviceHandleByIndex", d.handle, i)
+            if mh is None:
+                continue
+            gi = n.call("nvmlDeviceGetGpuInstanceId", mh)
+            name = n.text("nvmlDeviceGetName", mh) or ""
+            profile = name.rsplit(" ", 1)[-1] if " MIG " in name else name
+            lb = {**d.labels, "gpu_instance": str(gi if gi is not None else i), "mig_profile": profile}
+            m = n.call("nvmlDeviceGetMemoryInfo", mh)
+            if m is not None:
+                out.add("mlops_gpu_memory_used_bytes", lb, m.used)
+                out.add("mlops_gpu_memory_free_bytes", lb, m.free)
+                out.add("mlops_gpu_memory_total_bytes", lb, m.total)
+            if self.processes:
+                procs = n.call("nvmlDeviceGetComputeRunningProcesses", mh) or []
+                for p in procs[: self.process_limit or None]:
+                    pid = int(p.pid)
+                    live.add(pid)
+                    if p.usedGpuMemory is not None:
+                        labels = {"gpu": d.labels["gpu"], "uuid": d.labels["uuid"], "pid": str(pid),
+                                  "gpu_instance": lb["gpu_instance"], **self.attributor.labels(pid)}  # fmt: skip
+                        out.add("mlops_gpu_process_memory_used_bytes", labels, p.usedGpuMemory)
 
     def close(self) -> None:
-        if self._nvml is not None:
-            try:
-                self._nvml.nvmlShutdown()
-            except Exception:
-                pass
-            self._nvml = None
+        if self.xid is not None:
+            self.xid.stop()
+        self.nvml.shutdown()
+
+
+__all__ = ["FAMILIES", "CollectorUnavailable", "GpuCollector", "XidWatcher"]

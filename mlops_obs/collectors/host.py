@@ -1,72 +1,437 @@
-"""Host CPU, memory, load, disk I/O and network through psutil, named like node_exporter's series.
+"""Host collector: CPU, load, memory, pressure, disks, file systems, network, InfiniBand, clock.
 
 Names carry the ``mlops_node_`` prefix so they never collide with a node_exporter scraped by the
-same Prometheus, while keeping node_exporter's label vocabulary (``mode``, ``device``).
+same Prometheus, while keeping node_exporter's label vocabulary (``mode``, ``device``, ``mountpoint``)
+so users can reuse their queries. Everything is read straight from ``/proc`` and ``/sys`` (under
+``--path.procfs`` / ``--path.sysfs``, for a sidecar that mounts the host's) and parsed by the pure
+functions in :mod:`host_parse`; a source this kernel or machine does not have (PSI before 4.20 or
+with ``psi=0``, no InfiniBand HCA, no ``MemAvailable``) yields no series at all, never a zero that
+would read as "healthy".
+
+``statvfs`` on a hung NFS mount blocks in the kernel; the sampler's deadline is what keeps that from
+reaching a scrape.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
-from collections.abc import Iterable
+import re
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
-import psutil
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 
 from mlops_obs.collectors import Collector, register
+from mlops_obs.collectors import host_parse as hp
+from mlops_obs.config import Setting, list_parser, parse_bool, parse_path, parse_str
+
+CLK_TCK = float(os.sysconf("SC_CLK_TCK")) if hasattr(os, "sysconf") else 100.0
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+DEFAULT_NET_EXCLUDE = r"^(veth|cali|lxc)"  # per-pod interfaces: unbounded, and counted on the pod anyway
+
+
+def _regex(v: Any) -> re.Pattern[str] | None:
+    s = parse_str(v)
+    if not s:
+        return None
+    try:
+        return re.compile(s)
+    except re.error as e:
+        raise ValueError(f"not a valid regular expression: {e}") from None
+
+
+HOST_SETTINGS: tuple[Setting, ...] = (
+    Setting("path.procfs", parse_path, Path("/proc"), "procfs mount point (the host's, from a container).",
+            metavar="DIR"),
+    Setting("path.sysfs", parse_path, Path("/sys"), "sysfs mount point (the host's, from a container).",
+            metavar="DIR"),
+    Setting("host.per-cpu", parse_bool, False,
+            "Also export mlops_node_cpu_core_seconds_total per CPU (one series per core and mode).", kind="bool"),
+    Setting("host.filesystem-paths", list_parser(parse_path), [Path("/"), Path("/dev/shm")],
+            "Paths whose file system size and free space to export: add the checkpoint and log directories. "
+            "/dev/shm is there because a full one kills DataLoader workers with a bus error.",
+            kind="list", metavar="PATH"),
+    Setting("host.disk-device-exclude", _regex, re.compile(hp.DEFAULT_DISK_EXCLUDE),
+            "Regular expression of block devices to leave out (default: partitions, loop, RAM disks).",
+            metavar="REGEX"),
+    Setting("host.network-device-exclude", _regex, re.compile(DEFAULT_NET_EXCLUDE),
+            "Regular expression of network interfaces to leave out (default: per-pod veth/cali/lxc).",
+            metavar="REGEX"),
+)  # fmt: skip
+
+
+# --- reading (I/O only) ------------------------------------------------------------------------------
+
+
+def read_text(path: Path) -> str | None:
+    """A whole small file, or ``None`` when it is absent or unreadable (PSI disabled reads EOPNOTSUPP)."""
+    try:
+        with open(path, "rb", buffering=0) as f:
+            return f.read().decode("utf-8", "replace")
+    except OSError:
+        return None
+
+
+def read_dir_files(directory: Path) -> dict[str, str]:
+    out: dict[str, str] = {}
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return out
+    for name in names:
+        text = read_text(directory / name)
+        if text is not None:
+            out[name] = text
+    return out
+
+
+class _Timex(ctypes.Structure):
+    # struct timex from include/uapi/linux/timex.h (the 64-bit layout: longs, plus 11 padding ints).
+    _fields_ = [
+        ("modes", ctypes.c_uint),
+        ("offset", ctypes.c_long),
+        ("freq", ctypes.c_long),
+        ("maxerror", ctypes.c_long),
+        ("esterror", ctypes.c_long),
+        ("status", ctypes.c_int),
+        ("constant", ctypes.c_long),
+        ("precision", ctypes.c_long),
+        ("tolerance", ctypes.c_long),
+        ("time_sec", ctypes.c_long),
+        ("time_usec", ctypes.c_long),
+        ("tick", ctypes.c_long),
+        ("ppsfreq", ctypes.c_long),
+        ("jitter", ctypes.c_long),
+        ("shift", ctypes.c_int),
+        ("stabil", ctypes.c_long),
+        ("jitcnt", ctypes.c_long),
+        ("calcnt", ctypes.c_long),
+        ("errcnt", ctypes.c_long),
+        ("stbcnt", ctypes.c_long),
+        ("tai", ctypes.c_int),
+        ("_pad", ctypes.c_int * 11),
+    ]
+
+
+_libc: Any = None
+
+
+def read_timex() -> dict[str, float] | None:
+    """Read-only ``adjtimex(2)`` (modes 0 needs no privilege), as node_exporter's timex collector does."""
+    global _libc
+    try:
+        if _libc is None:
+            _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        tx = _Timex()
+        state = int(_libc.adjtimex(ctypes.byref(tx)))
+    except (OSError, AttributeError):
+        return None
+    if state < 0:
+        return None
+    return hp.timex_values(state, int(tx.offset), int(tx.status), int(tx.maxerror))
+
+
+@dataclass
+class FsUsage:
+    path: str
+    mountpoint: str
+    size_bytes: float
+    avail_bytes: float
+
+
+@dataclass
+class HostReading:
+    """Everything one round read, already parsed; ``None`` / empty means the source is absent."""
+
+    cpu: hp.CpuTimes | None = None
+    load: tuple[float, float, float] | None = None
+    meminfo: dict[str, float] = field(default_factory=dict)
+    pressure: dict[str, dict[str, float]] = field(default_factory=dict)
+    disks: dict[str, hp.DiskStats] = field(default_factory=dict)
+    filesystems: list[FsUsage] = field(default_factory=list)
+    net: dict[str, hp.NetDev] = field(default_factory=dict)
+    ib: dict[tuple[str, str], hp.IbPort] = field(default_factory=dict)
+    timex: dict[str, float] | None = None
+
+
+MOUNT_CACHE_SECONDS = 30.0
+
+
+class MountCache:
+    """Mount points and resolved paths, refreshed every ``MOUNT_CACHE_SECONDS``.
+
+    mountinfo on a Kubernetes node lists hundreds of mounts and ``realpath`` costs an ``lstat`` per
+    path component; both change rarely, while ``statvfs`` (the figures) is called every round.
+    """
+
+    def __init__(self, ttl: float = MOUNT_CACHE_SECONDS) -> None:
+        self.ttl = ttl
+        self._mounts: tuple[float, str, list[tuple[str, str]]] | None = None
+        self._real: dict[str, tuple[float, str]] = {}
+
+    def mounts(self, procfs: Path) -> list[tuple[str, str]]:
+        now = time.monotonic()
+        key = str(procfs)
+        if self._mounts is None or self._mounts[1] != key or now - self._mounts[0] > self.ttl:
+            self._mounts = (now, key, hp.parse_mountinfo(read_text(procfs / "self" / "mountinfo") or ""))
+        return self._mounts[2]
+
+    def realpath(self, path: str) -> str:
+        now = time.monotonic()
+        hit = self._real.get(path)
+        if hit is None or now - hit[0] > self.ttl:
+            if len(self._real) > 256:
+                self._real.clear()
+            hit = (now, os.path.realpath(path))
+            self._real[path] = hit
+        return hit[1]
+
+
+def read_filesystems(paths: Iterable[Path], procfs: Path, cache: MountCache | None = None) -> list[FsUsage]:
+    cache = cache or MountCache(ttl=0.0)
+    mounts = cache.mounts(procfs)
+    out: list[FsUsage] = []
+    seen: set[str] = set()
+    for p in paths:
+        try:
+            real = cache.realpath(str(p))
+            st = os.statvfs(real)
+        except OSError:
+            continue  # a checkpoint directory not created yet: nothing to report, not a failure
+        if real in seen:
+            continue
+        seen.add(real)
+        mp = hp.mountpoint_of(real, mounts) or real
+        out.append(FsUsage(str(p), mp, float(st.f_blocks * st.f_frsize), float(st.f_bavail * st.f_frsize)))
+    return out
+
+
+def read_infiniband(sysfs: Path) -> dict[tuple[str, str], hp.IbPort]:
+    out: dict[tuple[str, str], hp.IbPort] = {}
+    root = sysfs / "class" / "infiniband"
+    try:
+        devices = sorted(os.listdir(root))
+    except OSError:
+        return out
+    for dev in devices:
+        try:
+            ports = sorted(os.listdir(root / dev / "ports"), key=lambda s: (len(s), s))
+        except OSError:
+            continue
+        for port in ports:
+            base = root / dev / "ports" / port
+            counters = read_dir_files(base / "counters")
+            ext = read_dir_files(base / "counters_ext")
+            if counters or ext:
+                out[(dev, port)] = hp.parse_ib_port(counters, ext, read_text(base / "state"), read_text(base / "rate"))
+    return out
+
+
+def read_host(config: Mapping[str, Any], mount_cache: MountCache | None = None) -> HostReading:
+    procfs: Path = Path(config.get("path.procfs") or "/proc")
+    sysfs: Path = Path(config.get("path.sysfs") or "/sys")
+    r = HostReading()
+    stat = read_text(procfs / "stat")
+    if stat is not None:
+        r.cpu = hp.parse_stat(stat, CLK_TCK)
+    load = read_text(procfs / "loadavg")
+    if load is not None:
+        try:
+            r.load = hp.parse_loadavg(load)
+        except ValueError:
+            r.load = None  # a truncated read: skip the load for this round, keep the rest
+    r.meminfo = hp.parse_meminfo(read_text(procfs / "meminfo") or "")
+    for resource in ("cpu", "memory", "io"):
+        text = read_text(procfs / "pressure" / resource)
+        if text is not None:
+            parsed = hp.parse_pressure(text)
+            if parsed:
+                r.pressure[resource] = parsed
+    r.disks = hp.parse_diskstats(
+        read_text(procfs / "diskstats") or "",
+        config.get("host.disk-device-exclude", re.compile(hp.DEFAULT_DISK_EXCLUDE)),
+    )
+    r.filesystems = read_filesystems(config.get("host.filesystem-paths") or [], procfs, mount_cache)
+    r.net = hp.parse_net_dev(
+        read_text(procfs / "net" / "dev") or "",
+        config.get("host.network-device-exclude", re.compile(DEFAULT_NET_EXCLUDE)),
+    )
+    r.ib = read_infiniband(sysfs)
+    r.timex = read_timex()
+    return r
+
+
+# --- families (pure) -------------------------------------------------------------------------------------
+
+
+def families(r: HostReading, per_cpu: bool = False) -> list[Metric]:
+    out: list[Metric] = []
+    if r.cpu is not None and r.cpu.total:
+        cpu = CounterMetricFamily("mlops_node_cpu_seconds", "Seconds all CPUs spent in each mode.", labels=["mode"])
+        for mode, secs in r.cpu.total.items():
+            cpu.add_metric([mode], secs)
+        out.append(cpu)
+        out.append(GaugeMetricFamily("mlops_node_cpus", "Online logical CPUs.", value=len(r.cpu.per_cpu)))
+        if per_cpu:
+            core = CounterMetricFamily(
+                "mlops_node_cpu_core_seconds", "Seconds each CPU spent in each mode.", labels=["cpu", "mode"]
+            )
+            for idx, modes in sorted(r.cpu.per_cpu.items(), key=lambda kv: int(kv[0]) if kv[0].isdigit() else 0):
+                for mode, secs in modes.items():
+                    core.add_metric([idx, mode], secs)
+            out.append(core)
+    if r.load is not None:
+        load = GaugeMetricFamily("mlops_node_load", "Load average.", labels=["window"])
+        for window, value in zip(("1m", "5m", "15m"), r.load):
+            load.add_metric([window], value)
+        out.append(load)
+
+    mem = r.meminfo
+    for key, name, doc in (
+        ("MemTotal", "mlops_node_memory_total_bytes", "Physical memory."),
+        ("MemAvailable", "mlops_node_memory_available_bytes", "Memory available for new work without swapping."),
+        ("SwapTotal", "mlops_node_swap_total_bytes", "Swap space."),
+    ):
+        if key in mem:
+            out.append(GaugeMetricFamily(name, doc, value=mem[key]))
+    if "SwapTotal" in mem and "SwapFree" in mem:
+        out.append(
+            GaugeMetricFamily("mlops_node_swap_used_bytes", "Swap in use.", value=mem["SwapTotal"] - mem["SwapFree"])
+        )
+
+    psi_docs = {
+        ("cpu", "some"): ("waiting", "Seconds some runnable task waited for a CPU (PSI)."),
+        ("memory", "some"): ("waiting", "Seconds some task stalled on memory (reclaim, swap-in) (PSI)."),
+        ("memory", "full"): ("stalled", "Seconds all non-idle tasks stalled on memory at once (PSI)."),
+        ("io", "some"): ("waiting", "Seconds some task waited for I/O (PSI)."),
+        ("io", "full"): ("stalled", "Seconds all non-idle tasks waited for I/O at once (PSI)."),
+    }
+    for (resource, kind), (suffix, doc) in psi_docs.items():
+        total = r.pressure.get(resource, {}).get(kind)
+        if total is not None:
+            out.append(CounterMetricFamily(f"mlops_node_pressure_{resource}_{suffix}_seconds", doc, value=total))
+
+    if r.disks:
+        rd = CounterMetricFamily("mlops_node_disk_read_bytes", "Bytes read from the device.", labels=["device"])
+        wr = CounterMetricFamily("mlops_node_disk_written_bytes", "Bytes written to the device.", labels=["device"])
+        busy = CounterMetricFamily(
+            "mlops_node_disk_io_time_seconds", "Seconds the device had I/O in flight.", labels=["device"]
+        )
+        for dev, d in sorted(r.disks.items()):
+            rd.add_metric([dev], d.read_bytes)
+            wr.add_metric([dev], d.written_bytes)
+            busy.add_metric([dev], d.io_time_seconds)
+        out += [rd, wr, busy]
+
+    if r.filesystems:
+        size = GaugeMetricFamily(
+            "mlops_node_filesystem_size_bytes",
+            "Size of the file system holding the path.",
+            labels=["path", "mountpoint"],
+        )
+        avail = GaugeMetricFamily(
+            "mlops_node_filesystem_avail_bytes",
+            "Space available to unprivileged users on the file system holding the path.",
+            labels=["path", "mountpoint"],
+        )
+        for fs in r.filesystems:
+            size.add_metric([fs.path, fs.mountpoint], fs.size_bytes)
+            avail.add_metric([fs.path, fs.mountpoint], fs.avail_bytes)
+        out += [size, avail]
+
+    if r.net:
+        nets = {
+            "receive_bytes": ("mlops_node_network_receive_bytes", "Bytes received."),
+            "transmit_bytes": ("mlops_node_network_transmit_bytes", "Bytes sent."),
+            "receive_errors": ("mlops_node_network_receive_errors", "Receive errors."),
+            "transmit_errors": ("mlops_node_network_transmit_errors", "Transmit errors."),
+            "receive_drop": ("mlops_node_network_receive_drop", "Inbound packets dropped."),
+            "transmit_drop": ("mlops_node_network_transmit_drop", "Outbound packets dropped."),
+        }
+        fams = {a: CounterMetricFamily(n, d, labels=["device"]) for a, (n, d) in nets.items()}
+        for dev, n in sorted(r.net.items()):
+            for attr, fam in fams.items():
+                fam.add_metric([dev], getattr(n, attr))
+        out += list(fams.values())
+
+    if r.ib:
+        ib_rx = CounterMetricFamily(
+            "mlops_node_infiniband_port_receive_bytes",
+            "Bytes received on the InfiniBand port.",
+            labels=["device", "port"],
+        )
+        ib_tx = CounterMetricFamily(
+            "mlops_node_infiniband_port_transmit_bytes", "Bytes sent on the InfiniBand port.", labels=["device", "port"]
+        )
+        ib_err = CounterMetricFamily(
+            "mlops_node_infiniband_port_errors",
+            "InfiniBand port error counters, by counter name (symbol_error, link_downed, ...).",
+            labels=["device", "port", "type"],
+        )
+        ib_state = GaugeMetricFamily(
+            "mlops_node_infiniband_port_state_id",
+            "InfiniBand port state (IBTA PortState: 4 is ACTIVE, 1 DOWN).",
+            labels=["device", "port"],
+        )
+        ib_rate = GaugeMetricFamily(
+            "mlops_node_infiniband_port_rate_bytes_per_second",
+            "Data rate the InfiniBand link trained at.",
+            labels=["device", "port"],
+        )
+        for (dev, port), p in sorted(r.ib.items()):
+            if p.state_id is not None:
+                ib_state.add_metric([dev, port], float(p.state_id))
+            if p.rate_bytes_per_second is not None:
+                ib_rate.add_metric([dev, port], p.rate_bytes_per_second)
+            if p.receive_bytes is not None:
+                ib_rx.add_metric([dev, port], p.receive_bytes)
+            if p.transmit_bytes is not None:
+                ib_tx.add_metric([dev, port], p.transmit_bytes)
+            for kind, v in sorted(p.errors.items()):
+                ib_err.add_metric([dev, port, kind], v)
+        out += [ib_rx, ib_tx, ib_err, ib_state, ib_rate]
+
+    if r.timex is not None:
+        out.append(
+            GaugeMetricFamily(
+                "mlops_node_timex_offset_seconds",
+                "Clock offset the kernel's discipline is correcting (adjtimex).",
+                value=r.timex["offset_seconds"],
+            )
+        )
+        out.append(
+            GaugeMetricFamily(
+                "mlops_node_timex_sync_status",
+                "1 when the kernel considers the clock synchronised (adjtimex state is not TIME_ERROR).",
+                value=r.timex["sync_status"],
+            )
+        )
+        out.append(
+            GaugeMetricFamily(
+                "mlops_node_timex_maxerror_seconds",
+                "Maximum error bound of the clock reported by the kernel (adjtimex).",
+                value=r.timex["maxerror_seconds"],
+            )
+        )
+    return out
 
 
 @register
 class HostCollector(Collector):
     name = "host"
-    help = "CPU, memory, load, disk I/O and network of this node (psutil)."
+    help = "CPU, load, memory, pressure (PSI), disks, file systems, network, InfiniBand and clock of this node."
+    settings = HOST_SETTINGS
+
+    def __init__(self, config: Mapping[str, Any]) -> None:
+        super().__init__(config)
+        self.mount_cache = MountCache()
 
     def sample(self) -> Iterable[Metric]:
-        cpu = CounterMetricFamily("mlops_node_cpu_seconds", "Seconds all CPUs spent in each mode.", labels=["mode"])
-        for mode, secs in psutil.cpu_times()._asdict().items():
-            cpu.add_metric([mode], float(secs))
-        yield cpu
-        yield GaugeMetricFamily("mlops_node_cpus", "Logical CPUs.", value=psutil.cpu_count() or 0)
-
-        load = GaugeMetricFamily("mlops_node_load", "Load average.", labels=["window"])
-        for window, value in zip(("1m", "5m", "15m"), os.getloadavg()):
-            load.add_metric([window], value)
-        yield load
-
-        vm = psutil.virtual_memory()
-        yield GaugeMetricFamily("mlops_node_memory_total_bytes", "Physical memory.", value=vm.total)
-        yield GaugeMetricFamily(
-            "mlops_node_memory_available_bytes", "Memory available without swapping.", value=vm.available
-        )
-        sw = psutil.swap_memory()
-        yield GaugeMetricFamily("mlops_node_swap_total_bytes", "Swap space.", value=sw.total)
-        yield GaugeMetricFamily("mlops_node_swap_used_bytes", "Swap in use.", value=sw.used)
-
-        disks = psutil.disk_io_counters(perdisk=True) or {}
-        rd = CounterMetricFamily("mlops_node_disk_read_bytes", "Bytes read.", labels=["device"])
-        wr = CounterMetricFamily("mlops_node_disk_written_bytes", "Bytes written.", labels=["device"])
-        busy = CounterMetricFamily("mlops_node_disk_io_time_seconds", "Seconds spent doing I/O.", labels=["device"])
-        for dev, c in sorted(disks.items()):
-            rd.add_metric([dev], float(c.read_bytes))
-            wr.add_metric([dev], float(c.write_bytes))
-            busy_ms = getattr(c, "busy_time", None)
-            if busy_ms is not None:
-                busy.add_metric([dev], busy_ms / 1000.0)
-        yield rd
-        yield wr
-        yield busy
-
-        nics = psutil.net_io_counters(pernic=True) or {}
-        families = {
-            "bytes_recv": CounterMetricFamily("mlops_node_network_receive_bytes", "Bytes received.", labels=["device"]),
-            "bytes_sent": CounterMetricFamily("mlops_node_network_transmit_bytes", "Bytes sent.", labels=["device"]),
-            "errin": CounterMetricFamily("mlops_node_network_receive_errors", "Receive errors.", labels=["device"]),
-            "errout": CounterMetricFamily("mlops_node_network_transmit_errors", "Transmit errors.", labels=["device"]),
-            "dropin": CounterMetricFamily(
-                "mlops_node_network_receive_drop", "Inbound packets dropped.", labels=["device"]
-            ),
-        }
-        for dev, n in sorted(nics.items()):
-            for attr, fam in families.items():
-                fam.add_metric([dev], float(getattr(n, attr)))
-        yield from families.values()
+        return families(read_host(self.config, self.mount_cache), per_cpu=bool(self.config.get("host.per-cpu")))

@@ -1,7 +1,16 @@
-"""Training collector: turns the ranks' snapshot files in ``--multiproc-dir`` into metric families."""
+"""Training collector: turns the ranks' snapshot files in ``--multiproc-dir`` into metric families.
+
+It also computes what no single rank can: the straggler score, NVIDIA's definition (nvidia-resiliency-ext's
+straggler detector) applied across every rank of a job that this sidecar sees: the reference (median
+across ranks) of the ranks' median step compute time over their recent window, divided by the rank's
+own median. 1 is typical, below 0.75 is flagged. Compute time is the step's wall time less the time
+spent waiting in collectives (the DDP comm hook's timing), because in synchronous data parallelism
+every rank's step takes as long as the slowest one; only the time outside the wait tells them apart.
+"""
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Iterable
 from typing import Any
 
@@ -18,7 +27,44 @@ GAUGES = {
     "loss": ("mlops_training_loss", "Last training loss recorded."),
     "grad_norm": ("mlops_training_grad_norm", "Last gradient norm recorded."),
     "learning_rate": ("mlops_training_learning_rate", "Last learning rate recorded."),
+    "mfu": ("mlops_training_mfu_ratio", "Model FLOPs utilisation over the last flush interval (0-1)."),
+    "cuda_memory_allocated": ("mlops_training_cuda_memory_allocated_bytes", "CUDA memory held by tensors."),
+    "cuda_memory_reserved": ("mlops_training_cuda_memory_reserved_bytes", "CUDA memory held by the caching allocator."),
+    "cuda_memory_peak": ("mlops_training_cuda_memory_peak_bytes", "Peak CUDA memory held by tensors."),
 }
+
+# A rank needs this many recent steps before its score means anything (the first steps include warm-up).
+STRAGGLER_MIN_STEPS = 5
+
+
+def straggler_scores(snaps: Iterable[dict[str, Any]]) -> dict[tuple[str, str], float]:
+    """``(job, rank) -> score`` for ranks with enough recent steps, in jobs with at least two such ranks."""
+    medians: dict[str, dict[str, float]] = {}
+    for s in snaps:
+        recent = [float(x) for x in s.get("recent_step_seconds") or [] if isinstance(x, int | float)]
+        if len(recent) < STRAGGLER_MIN_STEPS:
+            continue
+        m = statistics.median(recent)
+        if m > 0:
+            medians.setdefault(str(s.get("job", "")), {})[str(s.get("rank", ""))] = m
+    out: dict[tuple[str, str], float] = {}
+    for job, by_rank in medians.items():
+        if len(by_rank) < 2:
+            continue
+        reference = statistics.median(by_rank.values())
+        for rank, m in by_rank.items():
+            out[(job, rank)] = reference / m
+    return out
+
+
+def _histogram(counts: Any, bounds: tuple[float, ...]) -> list[tuple[str, float]] | None:
+    if not isinstance(counts, list) or len(counts) != len(bounds) + 1:
+        return None
+    cum, buckets = 0, []
+    for bound, c in zip((*bounds, float("inf")), counts):
+        cum += int(c)
+        buckets.append(("+Inf" if bound == float("inf") else repr(float(bound)), float(cum)))
+    return buckets
 
 
 @register
@@ -81,6 +127,27 @@ class TrainingCollector(Collector):
             labels=LABELS,
         )
         world = GaugeMetricFamily("mlops_training_world_size", "Ranks in the job.", labels=LABELS)
+        goodput = counter("mlops_training_goodput_seconds", "Seconds of productive training (steps, less data wait).")
+        badput = CounterMetricFamily(
+            "mlops_training_badput_seconds",
+            "Seconds that were not productive training, by kind (startup, data_loading, checkpoint_save, ...).",
+            labels=[*LABELS, "kind"],
+        )
+        ckpt = HistogramMetricFamily(
+            "mlops_training_checkpoint_duration_seconds", "Wall time of a successful checkpoint save.", labels=LABELS
+        )
+        ckpt_failed = counter("mlops_training_checkpoint_failures", "Checkpoint saves that raised.")
+        ckpt_last = GaugeMetricFamily(
+            "mlops_training_last_checkpoint_timestamp_seconds",
+            "Unix time the last successful checkpoint save finished.",
+            labels=LABELS,
+        )
+        straggler = GaugeMetricFamily(
+            "mlops_training_straggler_score",
+            "Median step compute time across the job's ranks over this rank's; 1 typical, below 0.75 a straggler.",
+            labels=LABELS,
+        )
+        scores = straggler_scores(snaps)
         gauges = {k: GaugeMetricFamily(n, d, labels=LABELS) for k, (n, d) in GAUGES.items()}
 
         for s in snaps:
@@ -92,13 +159,22 @@ class TrainingCollector(Collector):
             nonfinite.add_metric(lv, float(s.get("nonfinite_loss", 0)))
             for phase, secs in sorted((s.get("phase_seconds") or {}).items()):
                 phases.add_metric([*lv, str(phase)], float(secs))
-            counts = s.get("step_buckets") or []
-            if len(counts) == len(snapshot.STEP_BUCKETS) + 1:
-                cum, buckets = 0, []
-                for bound, c in zip((*snapshot.STEP_BUCKETS, float("inf")), counts):
-                    cum += int(c)
-                    buckets.append(("+Inf" if bound == float("inf") else repr(float(bound)), float(cum)))
+            buckets = _histogram(s.get("step_buckets"), snapshot.STEP_BUCKETS)
+            if buckets:
                 hist.add_metric(lv, buckets, float(s.get("step_seconds_sum", 0.0)))
+            goodput.add_metric(lv, float(s.get("goodput_seconds", 0.0)))
+            for kind, secs in sorted((s.get("badput_seconds") or {}).items()):
+                badput.add_metric([*lv, str(kind)], float(secs))
+            # Only ranks that save checkpoints (often rank 0 alone) get checkpoint series.
+            buckets = _histogram(s.get("checkpoint_buckets"), snapshot.CHECKPOINT_BUCKETS)
+            if buckets and (buckets[-1][1] or s.get("failed_checkpoints")):
+                ckpt.add_metric(lv, buckets, float(s.get("checkpoint_seconds_sum", 0.0)))
+                ckpt_failed.add_metric(lv, float(s.get("failed_checkpoints", 0)))
+            if s.get("last_checkpoint_time"):
+                ckpt_last.add_metric(lv, float(s["last_checkpoint_time"]))
+            score = scores.get((lv[0], lv[1]))
+            if score is not None:
+                straggler.add_metric(lv, score)
             if s.get("last_step_time"):
                 heartbeat.add_metric(lv, float(s["last_step_time"]))
             started.add_metric(lv, float(s.get("start_time", 0.0)))
@@ -118,5 +194,11 @@ class TrainingCollector(Collector):
             heartbeat,
             started,
             world,
+            goodput,
+            badput,
+            ckpt,
+            ckpt_failed,
+            ckpt_last,
+            straggler,
             *gauges.values(),
         ]

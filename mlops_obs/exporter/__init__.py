@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import threading
 from collections.abc import Mapping
@@ -11,16 +12,30 @@ from typing import Any
 from mlops_obs import __version__, collectors
 from mlops_obs.config import (
     COMMON_SETTINGS,
+    ConfigError,
     Setting,
+    int_parser,
     parse_listen_address,
+    parse_optional_path,
     parse_str,
     positive_duration,
+    resolve,
 )
+from mlops_obs.exporter import web_config
 from mlops_obs.exporter.sampler import Sampler
 from mlops_obs.exporter.server import ExporterServer
 from mlops_obs.logs import configure, get_logger
 
 DEFAULT_PORT = 9477
+
+
+def needs_restart(key: str) -> bool:
+    """Settings a reload cannot change in a running process: a new socket, a new set of threads."""
+    return (
+        key == "web.listen-address"
+        or key.startswith("log.")
+        or (key.startswith("collector.") and key != "collector.deadline")
+    )
 
 
 def _telemetry_path(v: Any) -> str:
@@ -35,6 +50,11 @@ EXPORTER_SETTINGS: tuple[Setting, ...] = (
             "Address to listen on for the web interface and telemetry.", metavar="HOST:PORT"),
     Setting("web.telemetry-path", _telemetry_path, "/metrics", "Path under which to expose metrics.",
             metavar="PATH"),
+    Setting("web.config.file", parse_optional_path, None,
+            "exporter-toolkit web configuration (TLS, client certificates, bcrypt basic auth). "
+            "Re-read on SIGHUP and POST /-/reload.", metavar="PATH"),
+    Setting("web.max-requests", int_parser(minimum=0), 40,
+            "Requests served at once; more get 503 at once. 0 means no limit.", metavar="N"),
     Setting("sampler.interval", positive_duration, 1.0, "How often collectors sample, off the scrape path.",
             metavar="DURATION"),
     Setting("collector.deadline", positive_duration, 5.0,
@@ -56,20 +76,33 @@ def _build_info() -> bytes:
 
 
 class Exporter:
-    """Collectors + sampler + HTTP server; used by the CLI, the demo and the tests."""
+    """Collectors + sampler + HTTP server; used by the CLI, the demo and the tests.
+
+    Raises :class:`web_config.WebConfigError` for an unusable ``web.config.file`` and ``OSError``
+    when the address cannot be bound.
+    """
 
     def __init__(self, config: Mapping[str, Any], log: Any = None) -> None:
-        self.config = config
+        self.config = dict(config)
+        self.sources: dict[str, str] = dict(getattr(config, "sources", {}) or {})
         self.log = log or get_logger(component="exporter")
-        self.collectors = collectors.build(config)
-        self.sampler = Sampler(self.collectors, config["sampler.interval"], config["collector.deadline"], self.log)
+        web = web_config.load(config.get("web.config.file"))
+        # Collectors share this mapping and read their settings from it every round, so a reload
+        # that updates it in place reaches them (file system paths, multiproc-dir, retention...).
+        self.collectors = collectors.build(self.config)
+        self.sampler = Sampler(
+            self.collectors, config["sampler.interval"], config["collector.deadline"], self.log, static=_build_info()
+        )
         self.server = ExporterServer(
             config["web.listen-address"],
             self.sampler,
             config["web.telemetry-path"],
-            extra=_build_info,
             log=self.log,
+            web=web,
+            max_requests=int(config.get("web.max-requests", 40)),
+            on_reload=self.reload,
         )
+        self._reload_lock = threading.Lock()
 
     @property
     def url(self) -> str:
@@ -85,35 +118,105 @@ class Exporter:
         self.server.server_close()
         self.sampler.stop()
 
+    def _reresolve(self) -> dict[str, Any]:
+        """The configuration as it would be resolved now: same flags, fresh env and config file."""
+        cfg = dict(self.config)
+        path = self.config.get("config.file")
+        if path:
+            fresh = resolve(settings(), {"config.file": path}, known_keys=_all_known_keys())
+            for key, value in fresh.items():
+                if self.sources.get(key) != "flag":
+                    cfg[key] = value
+        return cfg
+
+    def reload(self) -> tuple[bool, str]:
+        """Re-read ``--config.file`` and ``--web.config.file``; on any error keep running as before.
+
+        Returns ``(ok, one-line message)`` for ``POST /-/reload`` and the SIGHUP log line.
+        """
+        with self._reload_lock:
+            try:
+                cfg = self._reresolve()
+                web = web_config.load(cfg.get("web.config.file"))
+            except (ConfigError, web_config.WebConfigError) as e:
+                self.log.error("reload failed; keeping the running configuration", error=str(e))
+                return False, f"reload failed: {e}"
+            restart = sorted(k for k in cfg if needs_restart(k) and cfg[k] != self.config.get(k))
+            for k in restart:
+                cfg[k] = self.config.get(k)
+            self.server.web = web
+            self.server.telemetry_path = cfg["web.telemetry-path"]
+            if int(cfg.get("web.max-requests", 40)) != self.server.max_requests:
+                self.server.set_max_requests(int(cfg.get("web.max-requests", 40)))
+            self.sampler.interval = cfg["sampler.interval"]
+            self.sampler.deadline = cfg["collector.deadline"]
+            self.config.update(cfg)
+            msg = "configuration reloaded"
+            if restart:
+                msg += f"; these need a restart to change: {', '.join(restart)}"
+                self.log.warning("reload: settings that need a restart were not applied", keys=",".join(restart))
+            self.log.info("configuration reloaded", tls=web.tls, basic_auth=bool(web.users))
+            return True, msg
+
+
+def _all_known_keys() -> set[str]:
+    from mlops_obs import cli
+
+    keys: set[str] = set()
+    try:
+        _, per_command = cli.build_parser()
+    except Exception:
+        return keys
+    for group in per_command.values():
+        keys.update(s.key for s in group)
+    return keys
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> list[Setting]:
     return list(settings())
 
 
 def run(cfg: Mapping[str, Any]) -> int:
+    # Signals are taken synchronously with sigwait: a Python handler that set an Event could
+    # deadlock on the Event's own lock if the signal landed while the main thread held it. The mask
+    # is set before any thread starts, so every thread inherits it and only sigwait sees them; it is
+    # restored on the way out for callers that run the command in-process.
+    handled = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, handled)
+    try:
+        return _serve(cfg, handled)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def _serve(cfg: Mapping[str, Any], handled: set[signal.Signals]) -> int:
     configure(cfg["log.level"], cfg["log.format"])
     log = get_logger(component="exporter")
     try:
         exporter = Exporter(cfg, log)
+    except web_config.WebConfigError as e:
+        log.error("bad web config", error=str(e))
+        return 1
     except OSError as e:
         host, port = cfg["web.listen-address"]
         log.error("cannot listen", address=f"{host}:{port}", error=e.strerror or str(e))
         return 1
-    stop = threading.Event()
-
-    def _on_signal(signum: int, frame: Any) -> None:
-        stop.set()
-
-    signal.signal(signal.SIGTERM, _on_signal)
-    signal.signal(signal.SIGINT, _on_signal)
     exporter.start()
     log.info(
         "exporter listening",
         url=exporter.url + cfg["web.telemetry-path"],
         collectors=",".join(c.name for c in exporter.collectors),
+        tls=exporter.server.web.tls,
+        basic_auth=bool(exporter.server.web.users),
         version=__version__,
+        pid=os.getpid(),
     )
-    stop.wait()
+    while True:
+        signum = signal.sigwait(handled)
+        if signum == signal.SIGHUP:
+            exporter.reload()
+        else:
+            break
     log.info("exporter stopping")
     exporter.stop()
     return 0

@@ -2,38 +2,34 @@
 
 Each collector runs on its own daemon thread every ``interval`` seconds and leaves behind its latest
 result already rendered to exposition text. A scrape only concatenates those bytes and adds the
-per-collector ``mlops_scrape_collector_*`` series. A collector whose round has been running for longer
-than ``deadline`` (NVML can hang on a GPU that fell off the bus) is abandoned: its success goes to 0,
-its series are dropped from scrapes, and it is not started again until the hung call returns. Since
-every collector has its own thread, a hang never delays the others nor the HTTP server.
+per-collector ``mlops_scrape_collector_*`` series; when nothing changed since the last scrape it
+returns the very same bytes object (and the server its gzip), so back-to-back scrapes cost almost
+nothing. A collector whose round has been running for longer than ``deadline`` (NVML can hang on a
+GPU that fell off the bus, ``statvfs`` on a dead NFS mount) is abandoned: its success goes to 0, its
+series are dropped from scrapes, and it is not started again until the hung call returns, at which
+point it recovers by itself. Since every collector has its own thread, a hang never delays the
+others nor the HTTP server: Python cannot kill a thread stuck in C, but it can stop waiting for it.
 """
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from prometheus_client.exposition import generate_latest
 from prometheus_client.metrics_core import Metric
 
 from mlops_obs.collectors import Collector, CollectorUnavailable
+from mlops_obs.exporter import exposition
 
-
-class _Families:
-    """Adapter so prometheus_client's serializer can render a list of families."""
-
-    def __init__(self, families: Iterable[Metric]) -> None:
-        self._families = list(families)
-
-    def collect(self) -> Iterable[Metric]:
-        return self._families
+_PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
 def render(families: Iterable[Metric]) -> bytes:
-    return generate_latest(_Families(families))  # type: ignore[arg-type]
+    return exposition.render(families)
 
 
 @dataclass
@@ -47,8 +43,38 @@ class CollectorState:
     error: str | None = None
 
 
+def self_usage() -> tuple[float, float | None]:
+    """This process's CPU seconds (all threads, user + system) and resident bytes (``None`` off Linux)."""
+    t = os.times()
+    rss: float | None = None
+    try:
+        with open("/proc/self/statm", "rb") as f:
+            rss = float(int(f.read().split()[1]) * _PAGE_SIZE)
+    except (OSError, IndexError, ValueError):
+        pass
+    return t.user + t.system, rss
+
+
+def render_self(cpu: float, rss: float | None) -> bytes:
+    out = (
+        "# HELP mlops_exporter_cpu_seconds_total CPU seconds (user + system) the exporter process used.\n"
+        "# TYPE mlops_exporter_cpu_seconds_total counter\n"
+        f"mlops_exporter_cpu_seconds_total {exposition.format_value(cpu)}\n"
+    )
+    if rss is not None:
+        out += (
+            "# HELP mlops_exporter_resident_memory_bytes Resident memory of the exporter process.\n"
+            "# TYPE mlops_exporter_resident_memory_bytes gauge\n"
+            f"mlops_exporter_resident_memory_bytes {exposition.format_value(rss)}\n"
+        )
+    return out.encode()
+
+
 class Sampler:
-    def __init__(self, collectors: list[Collector], interval: float, deadline: float, log: Any) -> None:
+    def __init__(
+        self, collectors: list[Collector], interval: float, deadline: float, log: Any, static: bytes = b""
+    ) -> None:
+        self.static = static  # constant series (build info) appended to every scrape
         self.collectors = collectors
         self.interval = interval
         self.deadline = deadline
@@ -57,12 +83,24 @@ class Sampler:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._reported: dict[str, str | None] = {}
+        # Bumped whenever any rendered part changes; the scrape cache is valid for one generation.
+        self.generation = 0
+        self._gen_lock = threading.Lock()
+        self._self_text = render_self(*self_usage())
+        self._cache: tuple[int, bytes] | None = None
+
+    def _bump(self) -> None:
+        with self._gen_lock:
+            self.generation += 1
 
     def start(self) -> None:
         for c in self.collectors:
             t = threading.Thread(target=self._loop, args=(c,), name=f"sample-{c.name}", daemon=True)
             t.start()
             self._threads.append(t)
+        t = threading.Thread(target=self._self_loop, name="sample-exporter-self", daemon=True)
+        t.start()
+        self._threads.append(t)
 
     def stop(self) -> None:
         self._stop.set()
@@ -95,10 +133,13 @@ class Sampler:
         state.finished_at = t1
         state.rounds += 1
         state.running_since = None
-        self._report(c.name, error, unavailable)
+        self._bump()
+        self._report(c.name, error, unavailable, hung_for=state.duration if state.duration > self.deadline else None)
 
-    def _report(self, name: str, error: str | None, unavailable: bool) -> None:
+    def _report(self, name: str, error: str | None, unavailable: bool, hung_for: float | None = None) -> None:
         """Log a collector's failure when it starts or changes, and its recovery: never every round."""
+        if hung_for is not None:
+            self.log.warning("collector returned after its deadline", collector=name, seconds=round(hung_for, 3))
         if self._reported.get(name, None) == error:
             return
         self._reported[name] = error
@@ -116,6 +157,21 @@ class Sampler:
             if self._stop.wait(max(0.0, self.interval - (time.monotonic() - t0))):
                 return
 
+    def _self_loop(self) -> None:
+        """The exporter's own CPU and RSS, and a watchdog that says when a collector is abandoned."""
+        hung_reported: set[str] = set()
+        while not self._stop.wait(self.interval):
+            self._self_text = render_self(*self_usage())
+            self._bump()
+            hung = set(self.abandoned())
+            for name in sorted(hung - hung_reported):
+                self.log.error(
+                    "collector abandoned: still running past its deadline; its series are dropped",
+                    collector=name,
+                    deadline=self.deadline,
+                )
+            hung_reported = hung
+
     @property
     def ready(self) -> bool:
         """Ready once every collector finished (or was abandoned in) its first round."""
@@ -126,23 +182,34 @@ class Sampler:
                 return False
         return True
 
+    def abandoned(self, now: float | None = None) -> list[str]:
+        now = time.monotonic() if now is None else now
+        return [
+            n for n, s in self.states.items() if s.running_since is not None and now - s.running_since > self.deadline
+        ]
+
     def scrape(self) -> bytes:
+        """The exposition body; the same bytes object as last time when nothing changed."""
+        gen = self.generation
         now = time.monotonic()
+        hung = self.abandoned(now)
+        cached = self._cache
+        if cached is not None and cached[0] == gen and not hung:
+            return cached[1]
         parts: list[bytes] = []
         success_lines = [
-            b"# HELP mlops_scrape_collector_success Whether the collector's last sample succeeded.\n",
+            b"# HELP mlops_scrape_collector_success Whether the collector's last sample succeeded in time.\n",
             b"# TYPE mlops_scrape_collector_success gauge\n",
         ]
         duration_lines = [
-            b"# HELP mlops_scrape_collector_duration_seconds Duration of the collector's last sample.\n",
+            b"# HELP mlops_scrape_collector_duration_seconds Duration of the collector's last sample "
+            b"(of the running one, once past its deadline).\n",
             b"# TYPE mlops_scrape_collector_duration_seconds gauge\n",
         ]
-        stale_after = max(3 * self.interval, self.deadline) + self.deadline
         for name, s in self.states.items():
             running = s.running_since
-            abandoned = running is not None and now - running > self.deadline
-            stale = s.finished_at is None or now - s.finished_at > stale_after
-            ok = s.success and not abandoned and not (stale and s.rounds > 0 and running is not None)
+            abandoned = name in hung
+            ok = s.success and not abandoned
             duration = now - running if abandoned and running is not None else s.duration
             if ok:
                 parts.append(s.text)
@@ -150,4 +217,7 @@ class Sampler:
             duration_lines.append(
                 f'mlops_scrape_collector_duration_seconds{{collector="{name}"}} {duration:.6f}\n'.encode()
             )
-        return b"".join(parts) + b"".join(success_lines) + b"".join(duration_lines)
+        body = b"".join(parts) + b"".join(success_lines) + b"".join(duration_lines) + self._self_text + self.static
+        if not hung:
+            self._cache = (gen, body)
+        return body

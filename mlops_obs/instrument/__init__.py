@@ -4,6 +4,6 @@ No HTTP server runs in the training process: metrics go to a directory shared wi
 ``mlops-obs exporter`` sidecar (``--multiproc-dir``), as explained in :mod:`.snapshot`.
 """
 
-from mlops_obs.instrument.monitor import PHASES, TrainingMonitor
+from mlops_obs.instrument.monitor import BADPUT_KINDS, PHASES, TrainingMonitor
 
-__all__ = ["PHASES", "TrainingMonitor"]
+__all__ = ["BADPUT_KINDS", "PHASES", "TrainingMonitor"]

@@ -33,6 +33,8 @@ SUFFIX = ".rank.json"
 STEP_BUCKETS: tuple[float, ...] = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
 )  # fmt: skip
+# Checkpoint-save buckets (seconds): from an in-memory toy to a multi-terabyte sharded save.
+CHECKPOINT_BUCKETS: tuple[float, ...] = (0.01, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0)
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
 
@@ -48,6 +50,31 @@ def write(directory: Path, job: str, rank: int, data: dict[str, Any]) -> None:
     with open(tmp, "wb") as f:
         f.write(orjson.dumps(data, option=orjson.OPT_SERIALIZE_NUMPY))
     os.replace(tmp, final)
+
+
+def remove_leftovers(directory: Path, job: str, rank: int) -> int:
+    """Delete temp files that earlier incarnations of this (job, rank) left when killed mid-write.
+
+    Only one incarnation of a rank runs at a time, so at start-up every temp file of this rank's name
+    belongs to a dead writer; removing them here keeps a rank that restarts hundreds of times at one
+    file, without the sidecar having to know which processes are alive (it may not share their PID
+    namespace). Returns how many were removed.
+    """
+    prefix = f".{file_name(job, rank)}."
+    mine = f"{prefix}{os.getpid()}.tmp"
+    removed = 0
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return 0
+    for entry in entries:
+        if entry.name.startswith(prefix) and entry.name.endswith(".tmp") and entry.name != mine:
+            try:
+                os.unlink(entry.path)
+                removed += 1
+            except OSError:
+                pass
+    return removed
 
 
 def read(path: Path) -> dict[str, Any] | None:

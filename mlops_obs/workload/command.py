@@ -22,14 +22,17 @@ import orjson
 
 from mlops_obs.config import (
     COMMON_SETTINGS,
+    ConfigError,
     Setting,
     choice_parser,
+    float_parser,
     int_parser,
     parse_optional_path,
     parse_path,
     parse_str,
     positive_duration,
 )
+from mlops_obs.workload.faults import Fault, FaultError, check_world, parse_fault, parse_inject
 
 WORKLOAD_SETTINGS: tuple[Setting, ...] = (
     Setting("world-size", int_parser(1, 64), 2, "Number of rank processes.", metavar="N"),
@@ -46,6 +49,14 @@ WORKLOAD_SETTINGS: tuple[Setting, ...] = (
     Setting("log-every", int_parser(1), 10, "Log a step line every N steps.", metavar="N"),
     Setting("timeout", positive_duration, 600.0, "Collective timeout before a stuck job fails.",
             metavar="DURATION"),
+    Setting("inject", parse_inject, [],
+            "Inject a fault: KIND:key=value,... with KIND nan|straggler|stall|crash|slow-data|oom, e.g. "
+            "stall:rank=1,step=50 or straggler:rank=2,factor=3 (in the environment: ';'-separated).",
+            kind="list", metavar="KIND:K=V,..."),
+    Setting("checkpoint-every", int_parser(0), 0, "Rank 0 saves a checkpoint every N steps (0: never).",
+            metavar="N"),
+    Setting("peak-flops", float_parser(0.0), 0.0,
+            "Peak FLOP/s of one device for MFU (0: known GPUs auto-detected, none on CPU).", metavar="FLOPS"),
 )  # fmt: skip
 
 
@@ -72,10 +83,39 @@ def rank_options(cfg: Mapping[str, Any]) -> dict[str, Any]:
         "log_level": cfg["log.level"],
         "timeout": cfg["timeout"],
         "inject": [str(x) for x in cfg.get("inject") or []],
+        "checkpoint_every": cfg.get("checkpoint-every", 0),
+        "peak_flops": cfg.get("peak-flops", 0.0),
     }
 
 
+def check_faults(cfg: Mapping[str, Any]) -> list[Fault]:
+    """Validate ``--inject`` against this run before any rank starts (one-line :class:`ConfigError`)."""
+    try:
+        faults = [parse_fault(x) for x in cfg.get("inject") or []]
+        check_world(faults, int(cfg["world-size"]))
+    except FaultError as e:
+        raise ConfigError("inject", str(e)) from None
+    for f in faults:
+        if f.kind == "oom" and not _cuda_selected(str(cfg.get("device", "auto"))):
+            raise ConfigError("inject", f"{f}: a CUDA out-of-memory needs a GPU; this run trains on CPU")
+        if f.kind in ("nan", "stall", "crash", "oom") and f.step >= int(cfg["steps"]):
+            raise ConfigError("inject", f"{f}: step {f.step} is never reached with --steps={cfg['steps']}")
+    return faults
+
+
+def _cuda_selected(device: str) -> bool:
+    if device == "cpu":
+        return False
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
 def launch(cfg: Mapping[str, Any], out: Any = sys.stderr) -> int:
+    """Start the ranks and supervise them; raises :class:`ConfigError` for an unusable ``--inject``."""
+    faults = check_faults(cfg)
+    for f in faults:
+        print(f"workload: injecting {f}", file=out)
     log_dir: Path = cfg["log-dir"]
     log_dir.mkdir(parents=True, exist_ok=True)
     if cfg.get("multiproc-dir"):

@@ -11,6 +11,9 @@ import datetime
 import os
 import socket
 import sys
+import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +31,15 @@ def main() -> int:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     from mlops_obs.instrument import TrainingMonitor
+    from mlops_obs.instrument.torch import (
+        NonFiniteLossError,
+        check_loss,
+        register_comm_hook,
+        timed_batches,
+        track_cuda_memory,
+    )
     from mlops_obs.logs import configure, get_logger
+    from mlops_obs.workload.faults import Injector, parse_fault
 
     opts = _options()
     rank = int(os.environ["RANK"])
@@ -62,6 +73,11 @@ def main() -> int:
     log.info("rank starting", world_size=world, backend=backend, device=str(device), pid=os.getpid())
     dist.init_process_group(backend, rank=rank, world_size=world, timeout=timeout)
 
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(128, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10))
+    model = model.to(device)
+    n_params = sum(p.numel() for p in model.parameters())
+    peak = float(opts.get("peak_flops") or 0.0) or None
     monitor = TrainingMonitor(
         job=job,
         rank=rank,
@@ -69,44 +85,99 @@ def main() -> int:
         directory=opts.get("multiproc_dir"),
         node=node,
         flush_interval=float(opts.get("flush_interval", 1.0)),
+        flops_per_sample=6.0 * n_params,  # forward + backward of a dense model: ~6 FLOPs a parameter
+        peak_flops=peak,
     )
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(128, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10))
-    model = model.to(device)
+    if use_cuda:
+        track_cuda_memory(monitor, device)
     ddp = DDP(model, device_ids=[device.index] if use_cuda else None)
+    register_comm_hook(monitor, ddp)
+    faults = Injector([parse_fault(x) for x in opts.get("inject") or []], rank)
     lr = 0.2
     optimizer = torch.optim.SGD(ddp.parameters(), lr=lr)
     criterion = nn.CrossEntropyLoss()
-    gen = torch.Generator().manual_seed(1000 + rank)
     batch = int(opts.get("batch_size", 64))
     steps = int(opts["steps"])
     log_every = int(opts.get("log_every", 10))
-    # A fixed synthetic task (labels from a random linear teacher) so the loss really goes down.
-    teacher = torch.randn(128, 10, generator=torch.Generator().manual_seed(7))
+    ckpt_every = int(opts.get("checkpoint_every") or 0)
+    ckpt_path = log_dir / f"{job}-checkpoint.pt"
 
-    for step in range(steps):
-        with monitor.step(samples=batch):
-            with monitor.phase("data_wait"):
-                x = torch.randn(batch, 128, generator=gen)
-                y = (x @ teacher).argmax(dim=1)
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            with monitor.phase("forward"):
-                loss = criterion(ddp(x), y)
-            with monitor.phase("backward"):
-                loss.backward()
-            with monitor.phase("optimizer"):
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            loss_value = float(loss.item())
-            monitor.record(loss=loss_value, lr=lr)
-        if step % log_every == 0 or step == steps - 1:
-            log.info("step", step=step, loss=round(loss_value, 6))
+    def batches() -> Iterator[tuple[Any, Any]]:
+        """Synthetic data: labels from a fixed random linear teacher, so the loss really goes down."""
+        gen = torch.Generator().manual_seed(1000 + rank)
+        teacher = torch.randn(128, 10, generator=torch.Generator().manual_seed(7))
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            x = torch.randn(batch, 128, generator=gen)
+            y = (x @ teacher).argmax(dim=1)
+            delay = faults.slow_data_delay(time.perf_counter() - t0)
+            if delay:
+                time.sleep(delay)
+            yield x, y
+
+    step = -1
+    compute = 0.0  # this rank's own compute time last step (without waiting), for the straggler fault
+    try:
+        for step, (x, y) in enumerate(timed_batches(monitor, batches())):
+            with monitor.step(samples=batch):
+                t_step, c0 = time.perf_counter(), monitor.collective_seconds
+                if faults.at(faults.crash, step):
+                    raise RuntimeError(f"injected crash at step {step}")
+                if faults.at(faults.stall, step):
+                    _hang(faults.stall.seconds if faults.stall else 0.0)
+                if faults.at(faults.oom, step):
+                    _exhaust_cuda_memory(torch, device)
+                with monitor.phase("forward"):
+                    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                    loss = criterion(ddp(x), y)
+                    if faults.nan_from(step):
+                        loss = loss * float("nan")
+                    slowed = faults.straggler_delay(compute)
+                    if slowed:
+                        time.sleep(slowed)
+                    loss_value = check_loss(monitor, loss, step)
+                with monitor.phase("backward"):
+                    loss.backward()
+                with monitor.phase("optimizer"):
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                monitor.record(lr=lr)
+                compute = time.perf_counter() - t_step - (monitor.collective_seconds - c0) - slowed
+            if step % log_every == 0 or step == steps - 1:
+                log.info("step", step=step, loss=round(loss_value, 6))
+            if ckpt_every and rank == 0 and (step + 1) % ckpt_every == 0:
+                with monitor.checkpoint():
+                    torch.save({"step": step, "model": model.state_dict()}, ckpt_path)
+                log.info("checkpoint saved", step=step, path=str(ckpt_path))
+    except NonFiniteLossError as e:
+        log.error("non-finite loss, stopping", step=e.step, loss=str(e.value))
+        monitor.close()
+        print(f"workload rank {rank}: {e}", file=sys.stderr)
+        return 1
+    except Exception as e:
+        # What a real job's top-level handler leaves: a log line with the traceback, the traceback on
+        # stderr (the re-raise), exit code 1. The final snapshot is written by the monitor at exit.
+        log.exception("rank failed", step=step, error=f"{type(e).__name__}: {e}")
+        log_file.flush()
+        raise
 
     log.info("training finished", steps=steps)
     monitor.close()
     dist.destroy_process_group()
     log_file.flush()
     return 0
+
+
+def _hang(seconds: float) -> None:
+    """A hung rank: blocked, silent, alive (as in a deadlock or a wedged device); 0 = until killed."""
+    threading.Event().wait(seconds if seconds > 0 else None)
+
+
+def _exhaust_cuda_memory(torch: Any, device: Any) -> None:
+    """Allocate 1 GiB blocks until the caching allocator raises a real ``torch.cuda.OutOfMemoryError``."""
+    hoard = []
+    while True:
+        hoard.append(torch.empty(1 << 30, dtype=torch.uint8, device=device))
 
 
 if __name__ == "__main__":

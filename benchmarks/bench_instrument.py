@@ -1,0 +1,197 @@
+"""Cost of instrumenting a training step, side by side with the bare loop and prometheus_client.
+
+Part 1 (``--part step``): per-iteration time of a full step record (``step`` + 3 ``phase`` +
+``record``) with :class:`TrainingMonitor`, the bare loop, and the same record done with plain
+prometheus_client metrics in multiprocess mode (what a training process needs to expose metrics
+without an HTTP server per rank: children resolved once, as its docs advise), in one process, one
+run, interleaved in rounds so that machine noise hits all three alike. Reported as p50/p99 µs and
+ratios.
+
+Part 2 (``--part workload``): throughput (samples/s) of the reference DDP workload with the monitor
+and comm hook on, and with them off (no ``--multiproc-dir``: the no-op mode), alternating runs.
+
+    .venv/bin/python benchmarks/bench_instrument.py            # both parts
+    .venv/bin/python benchmarks/bench_instrument.py --part step --iterations 200000
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import orjson
+
+# prometheus_client picks multiprocess mode at import time from this variable.
+_PROM_DIR = tempfile.mkdtemp(prefix="bench-prom-mp-")
+os.environ["PROMETHEUS_MULTIPROC_DIR"] = _PROM_DIR
+
+from prometheus_client import Counter, Gauge, Histogram  # noqa: E402
+
+from mlops_obs.instrument import TrainingMonitor, snapshot  # noqa: E402
+
+perf_ns = time.perf_counter_ns
+
+
+def bare(n: int, out: list[int]) -> None:
+    loss, g, lr = 0.5, 1.0, 0.1
+    for _ in range(n):
+        t0 = perf_ns()
+        _ = (loss, g, lr)
+        out.append(perf_ns() - t0)
+
+
+def monitored(m: TrainingMonitor) -> Callable[[int, list[int]], None]:
+    step, phase, record = m.step, m.phase, m.record
+
+    def run(n: int, out: list[int]) -> None:
+        loss, g, lr = 0.5, 1.0, 0.1
+        for _ in range(n):
+            t0 = perf_ns()
+            with step(samples=32):
+                with phase("forward"):
+                    pass
+                with phase("backward"):
+                    pass
+                with phase("optimizer"):
+                    pass
+                record(loss=loss, grad_norm=g, lr=lr)
+            out.append(perf_ns() - t0)
+
+    return run
+
+
+def prometheus_multiprocess() -> Callable[[int, list[int]], None]:
+    labels = ["job", "rank", "node"]
+    lv = ("bench", "0", "n")
+    steps = Counter("bench_steps", "", labels).labels(*lv)
+    samples = Counter("bench_samples", "", labels).labels(*lv)
+    hist = Histogram("bench_step_duration_seconds", "", labels, buckets=snapshot.STEP_BUCKETS).labels(*lv)
+    phase_c = Counter("bench_phase_seconds", "", [*labels, "phase"])
+    fwd, bwd, opt = (phase_c.labels(*lv, p) for p in ("forward", "backward", "optimizer"))
+    loss_g = Gauge("bench_loss", "", labels, multiprocess_mode="mostrecent").labels(*lv)
+    grad_g = Gauge("bench_grad_norm", "", labels, multiprocess_mode="mostrecent").labels(*lv)
+    lr_g = Gauge("bench_lr", "", labels, multiprocess_mode="mostrecent").labels(*lv)
+    beat = Gauge("bench_last_step", "", labels, multiprocess_mode="mostrecent").labels(*lv)
+    perf, wall = time.perf_counter, time.time
+
+    def run(n: int, out: list[int]) -> None:
+        loss, g, lr = 0.5, 1.0, 0.1
+        for _ in range(n):
+            t0 = perf_ns()
+            s = perf()
+            p = perf()
+            fwd.inc(perf() - p)
+            p = perf()
+            bwd.inc(perf() - p)
+            p = perf()
+            opt.inc(perf() - p)
+            loss_g.set(loss)
+            grad_g.set(g)
+            lr_g.set(lr)
+            d = perf() - s
+            steps.inc()
+            samples.inc(32)
+            hist.observe(d)
+            beat.set(wall())
+            out.append(perf_ns() - t0)
+
+    return run
+
+
+def pct(xs: list[int], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))] / 1000.0
+
+
+def part_step(iterations: int, rounds: int) -> dict[str, dict[str, float]]:
+    with tempfile.TemporaryDirectory() as d:
+        m = TrainingMonitor("bench", 0, 1, d, node="n", flush_interval=1.0)  # flush thread running, as in use
+        variants = {"bare loop": bare, "TrainingMonitor": monitored(m), "prometheus_client multiprocess":
+                    prometheus_multiprocess()}  # fmt: skip
+        samples: dict[str, list[int]] = {k: [] for k in variants}
+        for fn in variants.values():  # warm-up
+            fn(2000, [])
+        per_round = max(1, iterations // rounds)
+        for _ in range(rounds):
+            for name, fn in variants.items():
+                fn(per_round, samples[name])
+        m.close()
+    return {k: {"p50_us": pct(v, 0.50), "p99_us": pct(v, 0.99), "n": len(v)} for k, v in samples.items()}
+
+
+def _workload_rate(instrumented: bool, steps: int, world: int, root: Path) -> float:
+    run = root / f"run-{time.monotonic_ns()}"
+    args = [sys.executable, "-m", "mlops_obs", "workload", f"--world-size={world}", f"--steps={steps}",
+            f"--log-dir={run / 'logs'}", "--log-every=1", "--device=cpu", "--job=bench"]  # fmt: skip
+    if instrumented:
+        args.append(f"--multiproc-dir={run / 'mp'}")
+    subprocess.run(args, check=True, capture_output=True, timeout=600)
+    rates = []
+    for rank in range(world):
+        lines = [orjson.loads(x) for x in (run / "logs" / f"bench-rank{rank}.jsonl").read_bytes().splitlines()]
+        ts = [x["ts"] for x in lines if x["event"] == "step"]
+        # Skip the first 10% of steps (warm-up); time from log timestamps, identical in both modes.
+        skip = max(1, len(ts) // 10)
+        t0, t1 = (_parse_ts(ts[skip]), _parse_ts(ts[-1]))
+        rates.append((len(ts) - 1 - skip) * 64 / (t1 - t0))
+    return sum(rates)
+
+
+def _parse_ts(s: str) -> float:
+    from datetime import datetime
+
+    return datetime.fromisoformat(s.replace("Z", "+00:00")).timestamp()
+
+
+def part_workload(steps: int, world: int, repeats: int) -> dict[str, float]:
+    with tempfile.TemporaryDirectory() as d:
+        on, off = [], []
+        for _ in range(repeats):
+            off.append(_workload_rate(False, steps, world, Path(d)))
+            on.append(_workload_rate(True, steps, world, Path(d)))
+    return {"off_samples_per_s": statistics.median(off), "on_samples_per_s": statistics.median(on),
+            "off_runs": len(off), "on_runs": len(on)}  # fmt: skip
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--part", choices=("step", "workload", "all"), default="all")
+    ap.add_argument("--iterations", type=int, default=200_000)
+    ap.add_argument("--rounds", type=int, default=20)
+    ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--world-size", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3)
+    a = ap.parse_args()
+    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}, "
+          f"{platform.platform()}")  # fmt: skip
+    if a.part in ("step", "all"):
+        r = part_step(a.iterations, a.rounds)
+        base = r["bare loop"]["p50_us"]
+        print(f"\nper-iteration time, {r['bare loop']['n']} iterations each (µs):")
+        for name, v in r.items():
+            print(f"  {name:32s} p50 {v['p50_us']:6.2f}  p99 {v['p99_us']:6.2f}  net p50 {v['p50_us'] - base:6.2f}")
+        ours = r["TrainingMonitor"]["p50_us"] - base
+        theirs = r["prometheus_client multiprocess"]["p50_us"] - base
+        ours99 = r["TrainingMonitor"]["p99_us"] - base
+        theirs99 = r["prometheus_client multiprocess"]["p99_us"] - base
+        print(f"  prometheus_client multiprocess / TrainingMonitor (net): p50 {theirs / ours:.1f}x, "
+              f"p99 {theirs99 / ours99:.1f}x")  # fmt: skip
+    if a.part in ("workload", "all"):
+        w = part_workload(a.steps, a.world_size, a.repeats)
+        print(f"\nreference workload, {a.world_size} ranks x {a.steps} steps, median of {a.repeats} runs each:")
+        print(f"  without instrumentation: {w['off_samples_per_s']:,.0f} samples/s")
+        print(f"  with instrumentation:    {w['on_samples_per_s']:,.0f} samples/s")
+        print(f"  with / without: {w['on_samples_per_s'] / w['off_samples_per_s']:.3f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,199 @@
+"""The one wrapper every NVML call goes through (the shape of nvitop's ``nvmlQuery``).
+
+Why one wrapper: NVML's failure modes are per function and per device, and each needs the same
+treatment everywhere. ``NotSupported`` (a fan on a passively cooled board, ECC off, no NVLink) means
+"this series does not exist here", never 0, because a 0 would read as "healthy" on a dashboard and
+make ``increase()`` rules silently pass. A function the installed driver lacks is logged once, not
+every second. ``GPU_IS_LOST`` is the one error that must surface, so the collector can report
+``mlops_gpu_lost`` for that device and carry on with the others. The library is initialised lazily
+(importing the collector never touches the driver) and device handles are created once, because
+handle look-ups are among the slow calls on some systems (NVIDIA/k8s-device-plugin#774).
+
+Every call is timed (count, sum, max per function): ``scripts/gpu_check.py`` reports those figures
+from a real GPU, which is how we know which calls to keep off the scrape path.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from mlops_obs.collectors import CollectorUnavailable
+
+# NVML return codes (nvml.h); duplicated so this module never needs pynvml just to compare codes.
+ERROR_UNINITIALIZED = 1
+ERROR_INVALID_ARGUMENT = 2
+ERROR_NOT_SUPPORTED = 3
+ERROR_NO_PERMISSION = 4
+ERROR_NOT_FOUND = 6
+ERROR_TIMEOUT = 10
+ERROR_FUNCTION_NOT_FOUND = 13
+ERROR_GPU_IS_LOST = 15
+
+# Codes that mean "no such value on this device": no series, logged at debug level only.
+_ABSENT = frozenset({ERROR_NOT_SUPPORTED, ERROR_INVALID_ARGUMENT, ERROR_NOT_FOUND})
+
+# How long to wait before trying nvmlInit again after it failed (a driver may be loaded later).
+INIT_RETRY_SECONDS = 30.0
+
+
+class GpuLost(RuntimeError):
+    """NVML says the device fell off the bus (``NVML_ERROR_GPU_IS_LOST``)."""
+
+
+@dataclass
+class CallStats:
+    count: int = 0
+    total: float = 0.0
+    max: float = 0.0
+    samples: list[float] = field(default_factory=list)
+
+
+def _text(v: Any) -> str:
+    """Older bindings return ``bytes`` for names and UUIDs, newer ones ``str``."""
+    return v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v)
+
+
+class Nvml:
+    """Lazily initialised NVML with per-function error policy and call timing.
+
+    ``loader`` returns a ``pynvml``-compatible object (the real module, or
+    :class:`mlops_obs.collectors.fake_nvml.FakeNvml`); it is called on first use, not here.
+    """
+
+    def __init__(self, loader: Callable[[], Any], log: Any = None, keep_samples: bool = False) -> None:
+        self._loader = loader
+        self._log = log
+        self._lib: Any = None
+        self._lock = threading.Lock()
+        self._init_error: str | None = None
+        self._init_failed_at = 0.0
+        self._fns: dict[str, Any] = {}
+        self._logged: set[tuple[str, int]] = set()
+        self._handles: list[Any] | None = None
+        self.keep_samples = keep_samples
+        self.stats: dict[str, CallStats] = {}
+
+    # --- initialisation ---------------------------------------------------------------------------
+
+    @property
+    def lib(self) -> Any:
+        """The initialised binding; raises :class:`CollectorUnavailable` where NVML cannot start."""
+        if self._lib is not None:
+            return self._lib
+        with self._lock:
+            if self._lib is not None:
+                return self._lib
+            now = time.monotonic()
+            if self._init_error is not None and now - self._init_failed_at < INIT_RETRY_SECONDS:
+                raise CollectorUnavailable(self._init_error)
+            try:
+                lib = self._loader()
+                lib.nvmlInit()
+            except CollectorUnavailable:
+                raise
+            except Exception as e:  # NVMLError_LibraryNotFound, DriverNotLoaded, ImportError, ...
+                self._init_error = f"NVML is not available: {e}"
+                self._init_failed_at = now
+                raise CollectorUnavailable(self._init_error) from None
+            self._init_error = None
+            self._lib = lib
+            return lib
+
+    def shutdown(self) -> None:
+        with self._lock:
+            if self._lib is not None:
+                try:
+                    self._lib.nvmlShutdown()
+                except Exception:
+                    pass
+            self._lib = None
+            self._fns.clear()
+            self._handles = None
+
+    # --- calls -------------------------------------------------------------------------------------
+
+    def _fn(self, name: str) -> Any:
+        fn = self._fns.get(name)
+        if fn is None:
+            fn = getattr(self.lib, name, None)
+            if fn is None:
+                self._once(name, ERROR_FUNCTION_NOT_FOUND, "NVML function missing from the binding; no series from it")
+                return None
+            self._fns[name] = fn
+        return fn
+
+    def _once(self, fn: str, code: int, msg: str, level: str = "warning") -> None:
+        key = (fn, code)
+        if key in self._logged:
+            return
+        self._logged.add(key)
+        if self._log is not None:
+            getattr(self._log, level)(msg, function=fn, nvml_error=code)
+
+    def call(self, name: str, *args: Any, not_found: Any = None) -> Any:
+        """Call ``name``; ``None`` where the value does not exist here (``not_found`` for NOT_FOUND).
+
+        Raises :class:`GpuLost` for a device that fell off the bus; never raises another NVML error.
+        """
+        ok, value = self.try_call(name, *args)
+        if ok:
+            return value
+        return not_found if value == ERROR_NOT_FOUND else None
+
+    def try_call(self, name: str, *args: Any) -> tuple[bool, Any]:
+        """``(True, result)``, or ``(False, NVML error code)``: for calls whose success returns ``None``."""
+        fn = self._fn(name)
+        if fn is None:
+            return False, ERROR_FUNCTION_NOT_FOUND
+        t0 = time.perf_counter()
+        try:
+            return True, fn(*args)
+        except Exception as e:
+            code = getattr(e, "value", None)
+            if not isinstance(code, int):
+                raise
+            if code == ERROR_GPU_IS_LOST:
+                raise GpuLost(name) from None
+            if code == ERROR_NOT_FOUND:
+                pass
+            elif code in _ABSENT:
+                self._once(name, code, "NVML value not supported on this device; no series", level="debug")
+            elif code == ERROR_FUNCTION_NOT_FOUND:
+                self._once(name, code, "NVML function not in the installed driver; its series are skipped")
+            else:
+                self._once(name, code, f"NVML call failed: {e}; its series are skipped")
+            return False, code
+        finally:
+            dt = time.perf_counter() - t0
+            st = self.stats.get(name)
+            if st is None:
+                st = self.stats[name] = CallStats()
+            st.count += 1
+            st.total += dt
+            if dt > st.max:
+                st.max = dt
+            if self.keep_samples:
+                st.samples.append(dt)
+
+    def text(self, name: str, *args: Any) -> str | None:
+        v = self.call(name, *args)
+        return None if v is None else _text(v)
+
+    def handles(self) -> list[Any]:
+        """Device handles, created once: handle look-ups can be slow and never change while we run."""
+        if self._handles is None:
+            count = self.call("nvmlDeviceGetCount")
+            if count is None:
+                raise CollectorUnavailable("NVML cannot count devices")
+            hs = []
+            for i in range(int(count)):
+                try:
+                    hs.append(self.call("nvmlDeviceGetHandleByIndex", i))
+                except GpuLost:
+                    hs.append(None)
+            self._handles = hs
+        return self._handles

@@ -1,0 +1,254 @@
+"""Who is using this GPU: pid -> training job/rank, container and pod, with bounded cardinality.
+
+Why this exists: dcgm-exporter's most requested gaps are per-process GPU metrics and empty pod
+labels. NVML tells us the pids on a device; we join them with
+
+* the training snapshots in ``--multiproc-dir`` (each carries the rank's ``pid``, ``job``, ``rank``),
+  so a GPU series says which rank owns the device;
+* ``/proc/<pid>/cgroup`` for the container id and the Kubernetes pod UID (cgroup v1 and v2, the
+  cgroupfs and systemd drivers, docker/containerd/CRI-O);
+* the Kubernetes downward-API variables ``POD_NAME`` / ``POD_NAMESPACE``: read from the process's own
+  ``/proc/<pid>/environ`` where we may, else taken from this sidecar's environment when the process
+  runs in the same pod as the sidecar (same pod UID).
+
+NVML reports pids in the host's namespace while a rank records the pid it sees in its container; the
+``NSpid`` line of ``/proc/<pid>/status`` gives both, so either matches. A pid that two snapshots claim
+(two containers' pid 7) is left unattributed rather than guessed.
+
+Everything read from ``/proc`` is cached per (pid, start time), so a pid reused by a new process is
+read afresh, and the cache only holds pids NVML still reports: an exited process drops its series and
+its cache entry on the next round.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mlops_obs.instrument import snapshot
+
+_CONTAINER_ID = re.compile(
+    r"(?:^|[/-])(?:docker-|cri-containerd-|crio-|containerd-|libpod-)?([0-9a-f]{64})(?:\.scope)?$"
+)
+_POD_UID = re.compile(r"pod([0-9a-f]{8}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{12})")
+
+POD_ENV = ("POD_NAME", "POD_NAMESPACE")
+
+
+@dataclass(frozen=True)
+class CgroupIdentity:
+    container_id: str | None = None
+    pod_uid: str | None = None
+
+
+def parse_cgroup(text: str) -> CgroupIdentity:
+    """Container id and pod UID from a ``/proc/<pid>/cgroup`` file (v1 or v2, any driver)."""
+    container: str | None = None
+    pod: str | None = None
+    for line in text.splitlines():
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        path = parts[2].strip()
+        if not path or path == "/":
+            continue
+        for segment in reversed(path.split("/")):
+            if container is None:
+                m = _CONTAINER_ID.search(segment)
+                if m:
+                    container = m.group(1)
+            if pod is None:
+                p = _POD_UID.search(segment)
+                if p:
+                    pod = p.group(1).replace("_", "-")
+        if container and pod:
+            break
+    return CgroupIdentity(container, pod)
+
+
+def parse_environ(data: bytes, keys: Iterable[str] = POD_ENV) -> dict[str, str]:
+    """The wanted variables from a NUL-separated ``/proc/<pid>/environ``; others are never kept."""
+    wanted = set(keys)
+    out: dict[str, str] = {}
+    for item in data.split(b"\0"):
+        k, sep, v = item.partition(b"=")
+        if sep:
+            key = k.decode("utf-8", "replace")
+            if key in wanted:
+                out[key] = v.decode("utf-8", "replace")
+    return out
+
+
+def parse_nspid(status_text: str) -> tuple[int, ...]:
+    """The pid in each pid namespace, outermost first, from ``/proc/<pid>/status``."""
+    for line in status_text.splitlines():
+        if line.startswith("NSpid:"):
+            try:
+                return tuple(int(x) for x in line.split()[1:])
+            except ValueError:
+                return ()
+    return ()
+
+
+def parse_start_time(stat_text: str) -> int | None:
+    """Field 22 of ``/proc/<pid>/stat`` (clock ticks since boot); the comm field may hold spaces."""
+    tail = stat_text.rpartition(")")[2].split()
+    try:
+        return int(tail[19])
+    except (IndexError, ValueError):
+        return None
+
+
+@dataclass(frozen=True)
+class ProcessIdentity:
+    pids: tuple[int, ...]
+    container_id: str | None
+    pod_uid: str | None
+    pod: str | None
+    namespace: str | None
+
+
+class ProcessResolver:
+    """Reads and caches what ``/proc`` says about a pid; never raises for a pid that vanished."""
+
+    def __init__(self, proc_root: str | Path = "/proc", environ: Mapping[str, str] | None = None) -> None:
+        self.proc = Path(proc_root)
+        env = os.environ if environ is None else environ
+        self.own_pod = env.get("POD_NAME") or None
+        self.own_namespace = env.get("POD_NAMESPACE") or None
+        self.own_pod_uid = self._own_pod_uid()
+        self._cache: dict[int, tuple[int | None, ProcessIdentity]] = {}
+
+    def _read(self, pid: int | str, name: str) -> bytes | None:
+        try:
+            return (self.proc / str(pid) / name).read_bytes()
+        except OSError:
+            return None
+
+    def _own_pod_uid(self) -> str | None:
+        data = self._read("self", "cgroup")
+        return parse_cgroup(data.decode("utf-8", "replace")).pod_uid if data else None
+
+    def identity(self, pid: int) -> ProcessIdentity | None:
+        stat = self._read(pid, "stat")
+        if stat is None:
+            self._cache.pop(pid, None)
+            return None
+        start = parse_start_time(stat.decode("utf-8", "replace"))
+        cached = self._cache.get(pid)
+        if cached is not None and cached[0] == start:
+            return cached[1]
+        status = self._read(pid, "status")
+        nspids = parse_nspid(status.decode("utf-8", "replace")) if status else ()
+        cg_data = self._read(pid, "cgroup")
+        cg = parse_cgroup(cg_data.decode("utf-8", "replace")) if cg_data else CgroupIdentity()
+        env_data = self._read(pid, "environ")  # EACCES for another user's process: fine
+        env = parse_environ(env_data) if env_data else {}
+        pod, ns = env.get("POD_NAME") or None, env.get("POD_NAMESPACE") or None
+        if pod is None and cg.pod_uid is not None and cg.pod_uid == self.own_pod_uid:
+            pod, ns = self.own_pod, self.own_namespace
+        ident = ProcessIdentity(nspids or (pid,), cg.container_id, cg.pod_uid, pod, ns)
+        self._cache[pid] = (start, ident)
+        return ident
+
+    def forget_except(self, live: set[int]) -> None:
+        for pid in list(self._cache):
+            if pid not in live:
+                del self._cache[pid]
+
+
+class RankIndex:
+    """pid -> (job, rank) from the training snapshots; re-read at most every ``refresh`` seconds.
+
+    Read-only: deleting stale snapshots is the training collector's job.
+    """
+
+    def __init__(self, directory: Path | None, retention: float | None = 900.0, refresh: float = 5.0) -> None:
+        self.directory = directory
+        self.retention = retention
+        self.refresh = refresh
+        self._by_pid: dict[int, tuple[str, str] | None] = {}
+        self._read_at = float("-inf")
+
+    def _load(self) -> None:
+        self._read_at = time.monotonic()
+        by_pid: dict[int, tuple[str, str] | None] = {}
+        if self.directory is None:
+            self._by_pid = by_pid
+            return
+        now = time.time()
+        for path in _snapshot_files(self.directory):
+            s = snapshot.read(path)
+            if s is None or "pid" not in s:
+                continue
+            if self.retention is not None and now - float(s.get("updated", 0)) > self.retention:
+                continue
+            try:
+                pid = int(s["pid"])
+            except (TypeError, ValueError):
+                continue
+            owner = (str(s.get("job", "")), str(s.get("rank", "")))
+            # The same pid in two snapshots (two containers' pid namespaces): ambiguous, so nobody.
+            by_pid[pid] = owner if pid not in by_pid or by_pid[pid] == owner else None
+        self._by_pid = by_pid
+
+    def lookup(self, pids: Iterable[int]) -> tuple[str, str] | None:
+        """The owner of the first of ``pids`` (host pid, then namespace pids) that a rank recorded."""
+        pids = tuple(pids)
+        now = time.monotonic()
+        if now - self._read_at > self.refresh or (
+            not any(p in self._by_pid for p in pids) and now - self._read_at > 1.0
+        ):
+            self._load()
+        for p in pids:
+            if p in self._by_pid:
+                return self._by_pid[p]
+        return None
+
+
+def _snapshot_files(directory: Path) -> list[Path]:
+    try:
+        return [Path(e.path) for e in os.scandir(directory) if e.name.endswith(snapshot.SUFFIX)]
+    except OSError:
+        return []
+
+
+class Attributor:
+    """Labels for a GPU process: job, rank, container, pod, namespace (only those known)."""
+
+    def __init__(self, directory: Path | None, retention: float | None = 900.0, proc_root: str | Path = "/proc",
+                 environ: Mapping[str, str] | None = None) -> None:  # fmt: skip
+        self.ranks = RankIndex(directory, retention)
+        self.procs = ProcessResolver(proc_root, environ)
+
+    def labels(self, pid: int) -> dict[str, str]:
+        ident = self.procs.identity(pid)
+        pids = ident.pids if ident is not None else (pid,)
+        if ident is not None and pid not in pids:
+            pids = (pid, *pids)
+        out: dict[str, str] = {}
+        owner = self.ranks.lookup(pids)
+        if owner is not None:
+            out["job"], out["rank"] = owner
+        if ident is not None:
+            if ident.container_id:
+                out["container"] = ident.container_id[:12]
+            if ident.pod:
+                out["pod"] = ident.pod
+            if ident.namespace:
+                out["namespace"] = ident.namespace
+        return out
+
+    def end_round(self, live: set[int]) -> None:
+        self.procs.forget_except(live)
+
+
+def owner_of(labels_by_pid: Mapping[int, Mapping[str, Any]]) -> tuple[str, str] | None:
+    """The single (job, rank) that owns a device, or ``None`` when no rank or several share it."""
+    owners = {(str(v["job"]), str(v["rank"])) for v in labels_by_pid.values() if "job" in v and "rank" in v}
+    return owners.pop() if len(owners) == 1 else None

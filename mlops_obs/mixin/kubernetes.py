@@ -1,0 +1,40 @@
+"""Kubernetes forms of the same output: a ``PrometheusRule`` (prometheus-operator) whose ``spec.groups``
+has the rule-file shape, and a ConfigMap of dashboards labelled for Grafana's dashboard sidecar.
+
+``release`` is set because kube-prometheus-stack's default rule selector ignores objects without it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+NAMESPACE = "monitoring"
+RELEASE = "kube-prometheus-stack"
+
+
+def prometheus_rule(groups: list[dict[str, Any]], name: str = "mlops-obs") -> dict[str, Any]:
+    return {
+        "apiVersion": "monitoring.coreos.com/v1",
+        "kind": "PrometheusRule",
+        "metadata": {
+            "name": name,
+            "namespace": NAMESPACE,
+            "labels": {"app.kubernetes.io/name": "mlops-obs", "release": RELEASE},
+        },
+        "spec": {"groups": groups},
+    }
+
+
+def dashboards_configmap(dashboards: dict[str, str], name: str = "mlops-obs-dashboards") -> dict[str, Any]:
+    """``dashboards``: file name -> JSON text. ``grafana_dashboard: "1"`` is the sidecar's default label."""
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {
+            "name": name,
+            "namespace": NAMESPACE,
+            "labels": {"app.kubernetes.io/name": "mlops-obs", "grafana_dashboard": "1"},
+            "annotations": {"grafana_folder": "mlops-obs"},
+        },
+        "data": dict(sorted(dashboards.items())),
+    }

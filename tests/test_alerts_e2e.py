@@ -1,0 +1,171 @@
+"""End to end with the real binaries: workload with an injected fault -> in-process exporter -> Prometheus
+evaluating the generated rules (e2e profile: same expressions, second-long windows) -> Alertmanager with
+the generated config -> alert-sink -> event store. Also runs every dashboard query against that Prometheus.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from mlops_obs.alert_sink import AlertSink
+from mlops_obs.alertmanager_server import AlertmanagerProcess, alertmanager_binary
+from mlops_obs.mixin import config as mixin_config
+from mlops_obs.mixin import dashboards, grafana
+from mlops_obs.mixin.generate import ALERTS_FILE, RECORDING_FILE, render_files
+from mlops_obs.prometheus_server import PrometheusProcess, find_binary
+
+pytestmark = pytest.mark.timeout(240)
+torch = pytest.importorskip("torch", reason="the reference workload needs torch")
+
+# Panels whose source the reference workload on a CPU-only CI machine cannot produce; every other
+# training, host and exporter panel must return data.
+NO_DATA_HERE = {
+    "Gradient norm": "the reference workload records no gradient norm",
+    "CUDA memory allocated": "CPU-only run",
+    "InfiniBand throughput": "no InfiniBand HCA on CI machines",
+    "InfiniBand errors": "no InfiniBand HCA on CI machines",
+}
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    if not find_binary("prometheus"):
+        pytest.skip("prometheus binary not installed (apt-get install prometheus); CI installs it")
+    if not alertmanager_binary():
+        pytest.skip("prometheus-alertmanager not installed (apt-get install prometheus-alertmanager); CI installs it")
+    from mlops_obs.exporter import Exporter, settings
+    from mlops_obs.logs.store import EventStore
+
+    work = tmp_path_factory.mktemp("e2e")
+    store = EventStore(work / "store")
+    sink = AlertSink(("127.0.0.1", 0), store).start_background()
+    cfg = mixin_config.e2e_profile()
+    files = render_files(cfg, sink_url=sink.url + "/alerts")
+    for rel in (ALERTS_FILE, RECORDING_FILE):
+        (work / Path(rel).name).write_text(files[rel])
+    import yaml
+
+    am = AlertmanagerProcess(work / "am", yaml.safe_load(files["alerts/alertmanager.yml"])).start()
+    mp_dir = work / "multiproc"
+    ex_cfg: dict[str, Any] = {s.key: s.default for s in settings()}
+    ex_cfg.update({"web.listen-address": ("127.0.0.1", 0), "sampler.interval": 0.3, "collector.host": True,
+                   "collector.training": True, "multiproc-dir": mp_dir, "training.retention": 600.0})  # fmt: skip
+    exporter = Exporter(ex_cfg).start()
+    target = exporter.url.split("//", 1)[1].rstrip("/")
+    prom = PrometheusProcess(
+        work / "prom",
+        [target],
+        rule_files=[work / Path(ALERTS_FILE).name, work / Path(RECORDING_FILE).name],
+        alertmanagers=[am.address],
+    ).start()
+    try:
+        yield {"work": work, "store": store, "prom": prom, "am": am, "mp_dir": mp_dir, "cfg": cfg}
+    finally:
+        prom.stop()
+        am.stop()
+        exporter.stop()
+        sink.stop()
+        store.close()
+
+
+def _run_workload(stack: dict[str, Any], job: str, inject: str, steps: int) -> threading.Thread:
+    from mlops_obs.config import COMMON_SETTINGS
+    from mlops_obs.workload.command import WORKLOAD_SETTINGS, launch
+
+    wl: dict[str, Any] = {s.key: s.default for s in COMMON_SETTINGS + WORKLOAD_SETTINGS}
+    wl.update({"world-size": 2, "steps": steps, "log-dir": stack["work"] / "logs", "multiproc-dir": stack["mp_dir"],
+               "job": job, "flush-interval": 0.2, "device": "cpu", "inject": [inject], "checkpoint-every": 50,
+               "timeout": 120.0})  # fmt: skip
+    result: dict[str, int] = {}
+    t = threading.Thread(target=lambda: result.setdefault("rc", launch(wl, io.StringIO())), daemon=True)
+    t.start()
+    return t
+
+
+def _wait_for_alert(stack: dict[str, Any], alertname: str, job: str, timeout: float = 120.0) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for ev in stack["store"].query(kind="alert", job=job):
+            if ev["fields"].get("alertname") == alertname and ev["fields"].get("status") == "firing":
+                return dict(ev)
+        time.sleep(0.5)
+    held = [a["labels"].get("alertname") for a in stack["am"].alerts()]
+    firing = stack["prom"].query("ALERTS")
+    raise AssertionError(f"{alertname} for {job} never reached the store; Alertmanager holds {held}; "
+                         f"Prometheus ALERTS: {[r['metric'] for r in firing]}")  # fmt: skip
+
+
+def test_stalled_rank_alert_reaches_the_store(stack: dict[str, Any]) -> None:
+    """A rank hung mid-training makes TrainingStalled fire and arrive in the store as a kind=alert event."""
+    worker = _run_workload(stack, "e2e-stall", "stall:rank=1,step=150,seconds=14", steps=300)
+    ev = _wait_for_alert(stack, "TrainingStalled", "e2e-stall")
+    assert ev["kind"] == "alert"
+    assert ev["level"] == "critical"
+    assert ev["rank"] in (0, 1)
+    assert ev["fields"]["labels"]["severity"] == "critical"
+    assert ev["fields"]["annotations"]["runbook_url"].endswith("#trainingstalled")
+    assert ev["message"].startswith("[FIRING] TrainingStalled:")
+    _stop_ranks()
+    worker.join(timeout=60)
+    assert not worker.is_alive()
+
+
+def test_straggler_alert_reaches_the_store(stack: dict[str, Any]) -> None:
+    """A rank computing 4x slower is scored a straggler and TrainingStraggler arrives for that rank."""
+    worker = _run_workload(stack, "e2e-straggler", "straggler:rank=1,factor=4", steps=1500)
+    ev = _wait_for_alert(stack, "TrainingStraggler", "e2e-straggler")
+    assert ev["rank"] == 1
+    assert ev["level"] == "warning"
+    _stop_ranks()
+    worker.join(timeout=60)
+    assert not worker.is_alive()
+
+
+def _stop_ranks() -> None:
+    """Terminate the rank processes this test's launcher started (no need to train to the end)."""
+    import psutil
+
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if "mlops_obs.workload.train" in " ".join(child.cmdline()):
+                child.terminate()
+        except psutil.Error:
+            pass
+
+
+def _expand(expr: str) -> str:
+    expr = expr.replace("$__rate_interval", "10s")
+    return re.sub(r"\$\{?(job|node|rank|gpu)\}?", ".*", expr)
+
+
+def test_every_dashboard_query_runs(stack: dict[str, Any]) -> None:
+    """No panel query fails to parse; training, host and exporter panels return data after the runs."""
+    prom: PrometheusProcess = stack["prom"]
+    cfg = stack["cfg"]
+    empty: dict[str, list[str]] = {}
+    for stem, d in dashboards.dashboards(cfg).items():
+        data = grafana.render(d)
+        for v in data["templating"]["list"][1:]:
+            m = re.match(r"label_values\((.*), (\w+)\)$", v["query"])
+            assert m, v["query"]
+            prom.api("series", **{"match[]": _expand(m.group(1))})  # the variable's selector parses
+        for row in d.rows:
+            for p in row.panels:
+                results = [prom.query(_expand(q.expr)) for q in p.queries]  # raises on a parse error
+                if not any(results):
+                    empty.setdefault(stem, []).append(p.title)
+    must = {
+        "training": [t for t in empty.get("training", []) if t not in NO_DATA_HERE],
+        "node": [t for t in empty.get("node", []) if t not in NO_DATA_HERE],
+        "pipeline": [t for t in empty.get("pipeline", []) if t.startswith(("Sidecar", "Collector", "Scrape",
+                                                                           "Exporter"))],
+    }  # fmt: skip
+    assert must == {"training": [], "node": [], "pipeline": []}, empty

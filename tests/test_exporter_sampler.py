@@ -1,0 +1,266 @@
+"""The background sampler: a hung collector never holds up a scrape, and the text writer is exact."""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import pytest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    InfoMetricFamily,
+    SummaryMetricFamily,
+)
+from prometheus_client.exposition import generate_latest
+from prometheus_client.metrics_core import Metric
+from prometheus_client.parser import text_string_to_metric_families
+
+from mlops_obs.collectors import Collector, CollectorUnavailable
+from mlops_obs.exporter.exposition import format_value, render
+from mlops_obs.exporter.sampler import Sampler
+from mlops_obs.exporter.server import ExporterServer
+
+# Generous bounds: these only guard against a hang, they time nothing.
+WAIT = 20.0
+
+
+class RecordingLog:
+    def __init__(self) -> None:
+        self.events: list[tuple[str, str, dict[str, Any]]] = []
+
+    def _add(self, level: str, event: str, **kw: Any) -> None:
+        self.events.append((level, event, kw))
+
+    def info(self, event: str, **kw: Any) -> None:
+        self._add("info", event, **kw)
+
+    def warning(self, event: str, **kw: Any) -> None:
+        self._add("warning", event, **kw)
+
+    def error(self, event: str, **kw: Any) -> None:
+        self._add("error", event, **kw)
+
+
+class HangingCollector(Collector):
+    """Blocks inside sample() while ``hang`` is set, as an NVML call on a lost GPU does."""
+
+    name = "hanging"
+
+    def __init__(self) -> None:
+        super().__init__({})
+        self.hang = threading.Event()
+        self.release = threading.Event()
+        self.inside = threading.Event()
+
+    def sample(self) -> Iterable[Metric]:
+        if self.hang.is_set():
+            self.inside.set()
+            self.release.wait()
+        return [GaugeMetricFamily("test_hanging_value", "From the hanging collector.", value=7)]
+
+
+class SteadyCollector(Collector):
+    name = "steady"
+
+    def __init__(self) -> None:
+        super().__init__({})
+        self.rounds = 0
+
+    def sample(self) -> Iterable[Metric]:
+        self.rounds += 1
+        return [CounterMetricFamily("test_steady_rounds", "Rounds sampled.", value=self.rounds)]
+
+
+class FailingCollector(Collector):
+    name = "failing"
+
+    def __init__(self, exc: Exception) -> None:
+        super().__init__({})
+        self.exc = exc
+
+    def sample(self) -> Iterable[Metric]:
+        raise self.exc
+
+
+def parse(body: bytes) -> dict[str, float]:
+    out = {}
+    for fam in text_string_to_metric_families(body.decode()):
+        for s in fam.samples:
+            key = s.name + ("{" + ",".join(f"{k}={v}" for k, v in sorted(s.labels.items())) + "}" if s.labels else "")
+            out[key] = s.value
+    return out
+
+
+def wait_for(cond: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + WAIT
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture
+def served() -> Any:
+    """A sampler with a hanging and a steady collector, behind a real HTTP server."""
+    hanging, steady = HangingCollector(), SteadyCollector()
+    log = RecordingLog()
+    sampler = Sampler([hanging, steady], interval=0.05, deadline=0.5, log=log)
+    server = ExporterServer(("127.0.0.1", 0), sampler, "/metrics", log=log)
+    sampler.start()
+    server.start_background()
+    yield hanging, steady, sampler, server, log
+    hanging.release.set()
+    server.shutdown()
+    server.server_close()
+    sampler.stop()
+
+
+def scrape(server: ExporterServer) -> dict[str, float]:
+    with urllib.request.urlopen(server.url + "/metrics", timeout=WAIT) as r:
+        return parse(r.read())
+
+
+def test_hanging_collector_is_abandoned_and_recovers(served: Any) -> None:
+    """While sample() is blocked, scrapes return, show success 0 for it, and still serve the others."""
+    hanging, _steady, sampler, server, log = served
+    wait_for(lambda: sampler.ready, "first round")
+    first = scrape(server)
+    assert first["mlops_scrape_collector_success{collector=hanging}"] == 1
+    assert first["test_hanging_value"] == 7
+
+    hanging.hang.set()
+    assert hanging.inside.wait(WAIT)
+    # The hang is still going on for every scrape below: none of them waited for it.
+    wait_for(lambda: scrape(server)["mlops_scrape_collector_success{collector=hanging}"] == 0, "abandonment")
+    during = scrape(server)
+    assert not hanging.release.is_set()
+    assert "test_hanging_value" not in during
+    assert during["mlops_scrape_collector_success{collector=steady}"] == 1
+    assert during["mlops_scrape_collector_duration_seconds{collector=hanging}"] >= sampler.deadline
+    rounds_before = during["test_steady_rounds_total"]
+    wait_for(lambda: scrape(server)["test_steady_rounds_total"] > rounds_before, "the steady collector to go on")
+    with urllib.request.urlopen(server.url + "/-/healthy", timeout=WAIT) as r:
+        assert r.status == 200
+
+    wait_for(lambda: any(e[1].startswith("collector abandoned") for e in log.events), "the watchdog's log line")
+
+    hanging.hang.clear()
+    hanging.release.set()
+    wait_for(lambda: scrape(server).get("test_hanging_value") == 7, "recovery")
+    assert scrape(server)["mlops_scrape_collector_success{collector=hanging}"] == 1
+    assert any(e[1] == "collector returned after its deadline" for e in log.events)
+    abandoned = [e for e in log.events if e[1].startswith("collector abandoned")]
+    assert [e[2]["collector"] for e in abandoned] == ["hanging"]  # once for the whole hang
+
+
+def test_hung_first_round_still_becomes_ready() -> None:
+    """A collector hung from the start does not keep /-/ready at 503 past its deadline."""
+    hanging = HangingCollector()
+    hanging.hang.set()
+    sampler = Sampler([hanging, SteadyCollector()], interval=0.05, deadline=0.2, log=RecordingLog())
+    sampler.start()
+    try:
+        assert hanging.inside.wait(WAIT)
+        wait_for(lambda: sampler.ready, "readiness")
+        body = parse(sampler.scrape())
+        assert body["mlops_scrape_collector_success{collector=hanging}"] == 0
+        assert "test_steady_rounds_total" in body
+    finally:
+        hanging.release.set()
+        sampler.stop()
+
+
+def test_failing_and_unavailable_collectors_are_logged_once() -> None:
+    """An exception or CollectorUnavailable marks only that collector, logged once, not every round."""
+    log = RecordingLog()
+    broken = FailingCollector(RuntimeError("boom"))
+    absent = FailingCollector(CollectorUnavailable("NVML is not available"))
+    absent.name = "absent"  # type: ignore[misc]
+    sampler = Sampler([broken, absent, SteadyCollector()], interval=1.0, deadline=5.0, log=log)
+    for _ in range(3):
+        for c in sampler.collectors:
+            sampler.sample_once(c)
+    body = parse(sampler.scrape())
+    assert body["mlops_scrape_collector_success{collector=failing}"] == 0
+    assert body["mlops_scrape_collector_success{collector=absent}"] == 0
+    assert body["test_steady_rounds_total"] == 3
+    assert [e[0] for e in log.events] == ["error", "warning"]
+    assert log.events[0][2]["error"] == "RuntimeError: boom"
+
+
+def test_unchanged_scrape_is_the_same_bytes_and_self_metrics_present() -> None:
+    """Back-to-back scrapes with no new round reuse the body; the exporter reports its own CPU and RSS."""
+    steady = SteadyCollector()
+    sampler = Sampler([steady], interval=1.0, deadline=5.0, log=RecordingLog(), static=b"# static\n")
+    sampler.sample_once(steady)
+    a, b = sampler.scrape(), sampler.scrape()
+    assert a is b
+    sampler.sample_once(steady)
+    c = sampler.scrape()
+    assert c is not a and parse(c)["test_steady_rounds_total"] == 2
+    body = parse(c)
+    assert body["mlops_exporter_cpu_seconds_total"] > 0
+    assert body["mlops_exporter_resident_memory_bytes"] > 1024 * 1024
+    assert c.endswith(b"# static\n")
+
+
+# --- the text writer ----------------------------------------------------------------------------------
+
+
+def families() -> list[Metric]:
+    c = CounterMetricFamily("t_requests", "Requests with a \\ backslash\nand newline.", labels=["path", "code"])
+    c.add_metric(['/a"quoted"', "200"], 12)
+    c.add_metric(["back\\slash\nnewline", "500"], 1.5e16)
+    g = GaugeMetricFamily("t_temperature_celsius", "Temperature.", labels=["gpu"])
+    g.add_metric(["0"], 41.25)
+    g.add_metric(["1"], float("nan"))
+    g.add_metric(["2"], float("inf"))
+    g.add_metric(["3"], float("-inf"))
+    g.add_metric(["4"], -0.000123)
+    g.add_metric(["5"], 3.0, timestamp=1700000000.5)
+    h = HistogramMetricFamily("t_step_seconds", "Step time.", labels=["rank"])
+    h.add_metric(["0"], [("0.1", 2.0), ("1.0", 5.0), ("+Inf", 6.0)], 3.5)
+    s = SummaryMetricFamily("t_latency_seconds", "Latency.", count_value=4, sum_value=0.8)
+    i = InfoMetricFamily("t_build", "Build.", value={"version": "1.2.3", "commit": "abc"})
+    plain = GaugeMetricFamily("t_devices", "Devices.", value=8)
+    empty = GaugeMetricFamily("t_empty", "A family with no series.", labels=["x"])
+    return [c, g, h, s, i, plain, empty]
+
+
+class _Reg:
+    def collect(self) -> list[Metric]:
+        return families()
+
+
+def _normalised(text: str) -> list[tuple[str, str, str, tuple[tuple[str, str], ...], str]]:
+    out = []
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            v = "nan" if math.isnan(s.value) else repr(float(s.value))
+            out.append((fam.name, fam.type, s.name, tuple(sorted(s.labels.items())), v + f"@{s.timestamp}"))
+    return sorted(out)
+
+
+def test_render_matches_prometheus_client() -> None:
+    """Our writer and generate_latest parse to the same families, types, labels and values."""
+    ours = render(families()).decode()
+    theirs = generate_latest(_Reg()).decode()  # type: ignore[arg-type]
+    assert _normalised(ours) == _normalised(theirs)
+    assert "t_empty" not in ours
+    assert "# TYPE t_requests_total counter" in ours
+    assert "# TYPE t_build_info gauge" in ours
+
+
+@pytest.mark.parametrize(
+    ("value", "text"),
+    [(1.0, "1"), (0.5, "0.5"), (1e20, "1e+20"), (-3.0, "-3"), (float("inf"), "+Inf"), (float("nan"), "NaN")],
+)
+def test_format_value(value: float, text: str) -> None:
+    assert format_value(value) == text

@@ -1,0 +1,393 @@
+"""The GPU collector over the fake NVML backend: every field, every fault, as a user scrapes it."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from mlops_obs.collectors import CollectorUnavailable
+from mlops_obs.collectors.fake_nvml import FakeNvml
+from mlops_obs.collectors.gpu import FAMILIES, GpuCollector
+from mlops_obs.config import ConfigError
+from mlops_obs.exporter.sampler import render
+from tests.conftest import require_binary
+
+Series = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+# A node where every field the collector knows is populated (fan, ECC, NVLink errors, throttling,
+# remapped rows, GPM, processes, MIG on one GPU, an XID at start-up).
+FULL: dict[str, Any] = {
+    "devices": [
+        {
+            "count": 7,
+            "fan_speed": 40,
+            "ecc": {"volatile": {"corrected": 2, "uncorrected": 0}, "aggregate": {"corrected": 9, "uncorrected": 1}},
+            "nvlink_errors": {"replay": 1, "recovery": 0, "crc": 3},
+            "throttle": {"power": 0.3, "thermal": 0.05},
+            "remapped_rows": {"correctable": 2, "uncorrectable": 1, "pending": True, "failure": False},
+            "processes": [{"pid": 999_999_001, "used_memory": 4_000_000_000, "sm_util": 73}],
+            "xid": [13],
+        },
+        {
+            "fan_speed": 40,
+            "ecc": {"volatile": {"corrected": 0, "uncorrected": 0}},
+            "mig": [
+                {
+                    "profile": "3g.40gb",
+                    "gpu_instance": 1,
+                    "memory_total": 42_949_672_960,
+                    "memory_used": 10_000,
+                    "processes": [{"pid": 999_999_002, "used_memory": 10_000}],
+                },
+                {"profile": "3g.40gb", "gpu_instance": 2, "memory_total": 42_949_672_960},
+            ],
+        },
+    ]
+}
+
+
+def scrape_series(text: str) -> Series:
+    out: Series = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def values(series: Series, name: str, **match: str) -> list[float]:
+    return [v for (n, lb), v in series.items() if n == name and all((k, m) in lb for k, m in match.items())]
+
+
+@pytest.fixture
+def gpu(tmp_path: Path) -> Iterator[Callable[..., GpuCollector]]:
+    made: list[GpuCollector] = []
+
+    def make(scenario: dict[str, Any] | None = None, **cfg: Any) -> GpuCollector:
+        config: dict[str, Any] = {"gpu.backend": "fake", "gpu.fake-scenario": None, "gpu.xid-events": True}
+        if scenario is not None:
+            path = tmp_path / f"scenario{len(made)}.yaml"
+            path.write_text(yaml.safe_dump(scenario))
+            config["gpu.fake-scenario"] = path
+        config.update(cfg)
+        c = GpuCollector(config)
+        made.append(c)
+        return c
+
+    yield make
+    for c in made:
+        lib = c.nvml._lib
+        if isinstance(lib, FakeNvml):
+            lib.release()
+        c.close()
+
+
+def sample(c: GpuCollector) -> Series:
+    return scrape_series(render(c.sample()).decode())
+
+
+def fake(c: GpuCollector) -> FakeNvml:
+    lib = c.nvml.lib
+    assert isinstance(lib, FakeNvml)
+    return lib
+
+
+def wait_for(cond: Callable[[], bool], timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.02)
+
+
+def test_every_field_of_a_full_node_is_reported_in_base_units(gpu: Callable[..., GpuCollector]) -> None:
+    """Every family in FAMILIES appears for the full scenario, with values converted to base units."""
+    c = gpu(FULL)
+    c.sample()
+    wait_for(lambda: c.xid is not None and bool(c.xid.snapshot()))
+    time.sleep(0.05)
+    s = sample(c)
+    names = {n for n, _ in s}
+    missing = [f for f in FAMILIES if f not in names]
+    assert missing == []
+    g0 = {"gpu": "0"}
+    assert values(s, "mlops_gpu_devices") == [8.0]
+    assert values(s, "mlops_gpu_utilization_ratio", **g0) == [0.87]
+    assert values(s, "mlops_gpu_sm_clock_hertz", **g0) == [1980e6]
+    assert values(s, "mlops_gpu_power_usage_watts", **g0) == [612.345]
+    assert values(s, "mlops_gpu_power_limit_watts", **g0) == [700.0]
+    assert values(s, "mlops_gpu_fan_speed_ratio", **g0) == [0.4]
+    assert values(s, "mlops_gpu_memory_temperature_celsius", **g0) == [68.0]
+    assert values(s, "mlops_gpu_pcie_transmit_bytes_per_second", **g0) == [1_200_000 * 1024.0]
+    assert values(s, "mlops_gpu_ecc_errors_total", type="uncorrected", scope="aggregate", **g0) == [1.0]
+    assert values(s, "mlops_gpu_remapped_rows_total", type="correctable", **g0) == [2.0]
+    assert values(s, "mlops_gpu_remap_pending", **g0) == [1.0]
+    assert values(s, "mlops_gpu_nvlink_errors_total", link="17", type="crc", **g0) == [3.0]
+    assert len(values(s, "mlops_gpu_nvlink_transmit_bytes_total", **g0)) == 18
+    assert values(s, "mlops_gpu_xid_errors_total", xid="13", **g0) == [1.0]
+    assert values(s, "mlops_gpu_sm_active_ratio", **g0) == [0.715]
+    info = [lb for (n, lb) in s if n == "mlops_gpu_info" and ("gpu", "0") in lb]
+    assert ("driver_version", "550.54.15") in info[0]
+    # Counters carry _total and only counters do.
+    assert all(n.endswith("_total") == (FAMILIES[n][0] == "counter") for n in FAMILIES)
+
+
+def test_full_node_output_passes_promtool_check_metrics(start_exporter: Callable[..., Any], tmp_path: Path) -> None:
+    """promtool check metrics accepts a scrape with every fake-GPU field populated, plus the exporter's own."""
+    promtool = require_binary("promtool")
+    scenario = tmp_path / "full.yaml"
+    scenario.write_text(yaml.safe_dump(FULL))
+    ex = start_exporter(**{"gpu.backend": "fake", "gpu.fake-scenario": scenario, "collector.gpu": True})
+    wait_for(
+        lambda: all(
+            f"{n}{{" in _get(ex.url + "/metrics") for n in ("mlops_gpu_xid_errors_total", "mlops_gpu_sm_active_ratio")
+        )
+    )
+    body = _get(ex.url + "/metrics")
+    assert 'mlops_scrape_collector_success{collector="gpu"} 1' in body
+    for family in FAMILIES:
+        assert re.search(rf"^{family}[{{ ]", body, re.MULTILINE), family
+    r = subprocess.run([promtool, "check", "metrics"], input=body, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def _get(url: str, timeout: float = 10.0) -> str:
+    with urllib.request.urlopen(url, timeout=timeout) as resp:
+        return str(resp.read().decode())
+
+
+def test_not_supported_fields_have_no_series_never_zero(gpu: Callable[..., GpuCollector]) -> None:
+    """A NotSupported value (fan on a passive board, ECC off, no NVLink) yields no series at all."""
+    c = gpu(
+        {
+            "devices": [
+                {
+                    "fan_speed": None,
+                    "ecc": None,
+                    "arch": "ampere",
+                    "not_supported": ["memory_temperature", "nvlink", "nvmlDeviceGetRemappedRows"],
+                }
+            ]
+        }
+    )
+    s = sample(c)
+    names = {n for n, _ in s}
+    for absent in (
+        "mlops_gpu_fan_speed_ratio",
+        "mlops_gpu_ecc_errors_total",
+        "mlops_gpu_memory_temperature_celsius",
+        "mlops_gpu_nvlink_transmit_bytes_total",
+        "mlops_gpu_nvlink_errors_total",
+        "mlops_gpu_remapped_rows_total",
+        "mlops_gpu_remap_pending",
+        "mlops_gpu_sm_active_ratio",
+    ):
+        assert absent not in names, absent
+    assert values(s, "mlops_gpu_temperature_celsius") == [61.0]
+    assert values(s, "mlops_gpu_profiling_supported") == [0.0]
+
+
+def test_lost_gpu_is_reported_and_the_others_still_are(gpu: Callable[..., GpuCollector]) -> None:
+    """A GPU that fell off the bus gets mlops_gpu_lost 1 and no other series; the other GPUs are intact."""
+    c = gpu({"devices": [{"count": 4}]})
+    before = sample(c)
+    fake(c).lose(2)
+    s = sample(c)
+    assert values(s, "mlops_gpu_lost", gpu="2") == [1.0]
+    assert values(s, "mlops_gpu_lost", gpu="1") == [0.0]
+    assert values(s, "mlops_gpu_utilization_ratio", gpu="2") == []
+    assert len(values(s, "mlops_gpu_utilization_ratio")) == 3
+    assert len(values(before, "mlops_gpu_utilization_ratio")) == 4
+    # Back after a reset: its series return.
+    fake(c).devices[2]["lost"] = False
+    assert values(sample(c), "mlops_gpu_utilization_ratio", gpu="2") == [0.87]
+
+
+def test_hanging_nvml_call_is_abandoned_without_delaying_the_scrape(
+    start_exporter: Callable[..., Any], tmp_path: Path
+) -> None:
+    """A hung NVML call: the scrape is still served, gpu success 0, other collectors served, recovery after."""
+    ex = start_exporter(
+        **{
+            "gpu.backend": "fake",
+            "collector.gpu": True,
+            "collector.training": True,
+            "collector.deadline": "0.5s",
+            "sampler.interval": "0.1s",
+        }
+    )
+    url = ex.url + "/metrics"
+    gpu_collector = next(c for c in ex.collectors if c.name == "gpu")
+    wait_for(lambda: 'collector="gpu"} 1' in _get(url))
+    fake(gpu_collector).hang(2, "nvmlDeviceGetPowerUsage")
+
+    def gpu_duration() -> float:
+        return values(scrape_series(_get(url)), "mlops_scrape_collector_duration_seconds", collector="gpu")[0]
+
+    try:
+        wait_for(lambda: gpu_duration() >= 0.5)
+        t0 = time.monotonic()
+        body = _get(url, timeout=5.0)
+        assert time.monotonic() - t0 < 5.0  # generous: the point is that it is served while NVML hangs
+        s = scrape_series(body)
+        assert values(s, "mlops_scrape_collector_success", collector="gpu") == [0.0]
+        assert values(s, "mlops_scrape_collector_success", collector="training") == [1.0]
+        assert not any(n.startswith("mlops_gpu_") for n, _ in s)
+    finally:
+        fake(gpu_collector).release()
+    wait_for(lambda: 'collector="gpu"} 1' in _get(url))
+    assert 'mlops_gpu_power_usage_watts{gpu="2"' in _get(url)
+
+
+def test_xid_events_count_per_code(gpu: Callable[..., GpuCollector]) -> None:
+    """Each XID event adds one to its own code's counter (not a 'last XID' gauge)."""
+    c = gpu({"devices": [{"count": 3}]})
+    sample(c)
+    assert c.xid is not None
+    wait_for(lambda: c.xid is not None and c.xid.registered == {0, 1, 2})
+    f = fake(c)
+    f.inject_xid(1, 79)
+    f.inject_xid(1, 79)
+    f.inject_xid(1, 48)
+    wait_for(lambda: sum(c.xid.snapshot().values()) == 3 if c.xid else False)
+    s = sample(c)
+    assert values(s, "mlops_gpu_xid_errors_total", gpu="1", xid="79") == [2.0]
+    assert values(s, "mlops_gpu_xid_errors_total", gpu="1", xid="48") == [1.0]
+    assert values(s, "mlops_gpu_xid_errors_total", gpu="0") == []
+
+
+def test_xid_registration_not_supported_skips_only_that_gpu(gpu: Callable[..., GpuCollector]) -> None:
+    """A GPU that refuses XID event registration is left out of the event set; the others are watched."""
+    c = gpu({"devices": [{}, {"not_supported": ["xid"]}, {}]})
+    sample(c)
+    wait_for(lambda: c.xid is not None and c.xid.registered == {0, 2})
+    fake(c).inject_xid(2, 31)
+    wait_for(lambda: c.xid is not None and c.xid.snapshot() == {(2, 31): 1})
+
+
+def test_ecc_errors_are_counters_by_type_and_scope(gpu: Callable[..., GpuCollector]) -> None:
+    """ECC errors appear per type and scope and rise as the device reports more."""
+    c = gpu({"devices": [{"ecc": {"volatile": {"corrected": 5, "uncorrected": 0}}}]})
+    s = sample(c)
+    assert values(s, "mlops_gpu_ecc_errors_total", type="corrected", scope="volatile") == [5.0]
+    assert values(s, "mlops_gpu_ecc_errors_total", type="uncorrected", scope="aggregate") == [0.0]
+    fake(c).devices[0]["ecc"]["volatile"]["uncorrected"] = 2
+    assert values(sample(c), "mlops_gpu_ecc_errors_total", type="uncorrected", scope="volatile") == [2.0]
+
+
+def test_throttling_is_seconds_per_reason(gpu: Callable[..., GpuCollector]) -> None:
+    """Violation time becomes a seconds counter per reason that grows only for the active reason."""
+    c = gpu({"devices": [{"throttle": {"thermal": 0.5}}]})
+    first = sample(c)
+    time.sleep(0.2)
+    second = sample(c)
+    t1 = values(first, "mlops_gpu_throttle_seconds_total", reason="thermal")[0]
+    t2 = values(second, "mlops_gpu_throttle_seconds_total", reason="thermal")[0]
+    assert t2 > t1
+    assert values(second, "mlops_gpu_throttle_seconds_total", reason="power") == [0.0]
+    reasons = {dict(lb)["reason"] for n, lb in second if n == "mlops_gpu_throttle_seconds_total"}
+    assert reasons == {
+        "power",
+        "thermal",
+        "sync_boost",
+        "board_limit",
+        "low_utilization",
+        "reliability",
+        "app_clocks",
+        "base_clocks",
+    }
+
+
+def test_gpm_ratios_on_hopper_only_from_the_second_round(gpu: Callable[..., GpuCollector]) -> None:
+    """GPM ratios need two samples (no sleep inside a round); pre-Hopper GPUs say profiling is unsupported."""
+    c = gpu({"devices": [{"arch": "hopper"}, {"arch": "ampere", "name": "NVIDIA A100-SXM4-80GB"}]})
+    first = sample(c)
+    assert values(first, "mlops_gpu_sm_active_ratio") == []
+    second = sample(c)
+    assert values(second, "mlops_gpu_tensor_active_ratio", gpu="0") == [0.48]
+    assert values(second, "mlops_gpu_tensor_active_ratio", gpu="1") == []
+    assert values(second, "mlops_gpu_profiling_supported", gpu="1") == [0.0]
+    assert values(second, "mlops_gpu_profiling_supported", gpu="0") == [1.0]
+
+
+def test_mig_instances_have_their_own_label_set(gpu: Callable[..., GpuCollector]) -> None:
+    """Each MIG instance reports its memory under gpu_instance and mig_profile labels."""
+    c = gpu(FULL)
+    s = sample(c)
+    mig = [
+        (dict(lb), v) for (n, lb), v in s.items() if n == "mlops_gpu_memory_total_bytes" and "gpu_instance" in dict(lb)
+    ]
+    assert sorted(lb["gpu_instance"] for lb, _ in mig) == ["1", "2"]
+    assert all(lb["gpu"] == "7" and lb["mig_profile"] == "3g.40gb" for lb, _ in mig)
+    assert values(s, "mlops_gpu_process_memory_used_bytes", pid="999999002", gpu_instance="1") == [10_000.0]
+
+
+def test_no_nvml_reports_unavailable_once(start_exporter: Callable[..., Any]) -> None:
+    """Without a driver the real backend is unavailable: gpu success 0, one log line, the rest unaffected."""
+    c = GpuCollector({"gpu.backend": "nvml"})
+    try:
+        c.sample()
+    except CollectorUnavailable as e:
+        assert "NVML is not available" in str(e)
+    else:
+        pytest.skip("this machine has a working NVML")
+    finally:
+        c.close()
+    ex = start_exporter(**{"collector.gpu": True, "collector.training": True, "sampler.interval": "0.05s"})
+    records: list[tuple[str, dict[str, Any]]] = []
+
+    class Rec:
+        def __getattr__(self, level: str) -> Callable[..., None]:
+            return lambda msg, **kw: records.append((msg, kw))
+
+    ex.sampler.log = Rec()
+    ex.sampler._reported.clear()
+    wait_for(lambda: ex.sampler.states["gpu"].rounds >= 1)
+    start = ex.sampler.states["gpu"].rounds
+    wait_for(lambda: ex.sampler.states["gpu"].rounds >= start + 5)
+    gpu_lines = [r for r in records if r[1].get("collector") == "gpu"]
+    assert len(gpu_lines) == 1 and gpu_lines[0][0] == "collector unavailable on this machine"
+    s = scrape_series(_get(ex.url + "/metrics"))
+    assert values(s, "mlops_scrape_collector_success", collector="gpu") == [0.0]
+    assert values(s, "mlops_scrape_collector_success", collector="training") == [1.0]
+
+
+def test_bad_scenario_file_is_a_one_line_config_error(tmp_path: Path) -> None:
+    """A scenario that cannot be read or has an unknown field names the setting and the problem."""
+    with pytest.raises(ConfigError, match=r"gpu.fake-scenario: cannot read scenario"):
+        GpuCollector({"gpu.backend": "fake", "gpu.fake-scenario": tmp_path / "missing.yaml"})
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("devices:\n  - {count: 1, fan_sped: 3}\n")
+    with pytest.raises(ConfigError, match=r"unknown device field 'fan_sped'"):
+        GpuCollector({"gpu.backend": "fake", "gpu.fake-scenario": bad})
+
+
+def test_exporter_cli_rejects_a_bad_scenario(tmp_path: Path) -> None:
+    """``mlops-obs exporter`` exits non-zero with one line naming the setting."""
+    import sys
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("[1, 2\n")
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mlops_obs",
+            "exporter",
+            "--gpu.backend=fake",
+            f"--gpu.fake-scenario={bad}",
+            "--web.listen-address=127.0.0.1:0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1].startswith("mlops-obs exporter: error: gpu.fake-scenario:")

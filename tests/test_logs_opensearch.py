@@ -1,0 +1,174 @@
+"""The OpenSearch sink against a local _bulk endpoint: the per-item error matrix, 413 splitting,
+resets, a timeout after the write was applied, setup (template + ISM); and a real cluster when
+``MLOPS_OBS_TEST_OPENSEARCH_URL`` is set."""
+
+from __future__ import annotations
+
+import os
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from mlops_obs.logs.opensearch import (
+    POLICY_NAME,
+    TEMPLATE_NAME,
+    OpenSearchSettings,
+    OpenSearchSink,
+    bulk_lines,
+    chunk_by_bytes,
+    index_for,
+)
+from mlops_obs.logs.shipper import DEAD_LETTER_FILE, Shipper, ShipperOptions, Stats
+from tests.fake_opensearch import FakeOpenSearch
+from tests.logs_helpers import line, reconcile, run_ship, ship_cmd
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeOpenSearch]:
+    f = FakeOpenSearch().start()
+    yield f
+    f.stop()
+
+
+def _events(n: int, stream: str = "s", day: str = "2026-03-04") -> list[dict[str, Any]]:
+    return [
+        {"_id": f"fid-{i}", "@timestamp": f"{day}T00:00:00.{i:06d}Z", "kind": "log", "job": "j", "rank": 0,
+         "node": "n", "level": "info", "message": "m", "seq": i, "source": "/l", "offset": i * 10,
+         "fields": {"stream": stream}}
+        for i in range(1, n + 1)
+    ]  # fmt: skip
+
+
+def _sink(fake: FakeOpenSearch, tmp_path: Path, **kw: Any) -> tuple[OpenSearchSink, Stats]:
+    stats = Stats()
+    settings = OpenSearchSettings(url=fake.url, state_dir=tmp_path, backoff_max_s=0.05, timeout_s=1.0, **kw)
+    return OpenSearchSink(settings, stats=stats), stats
+
+
+def test_index_and_body_shape() -> None:
+    """create actions carry our _id and the daily index of the event's own timestamp."""
+    ev = _events(1)[0]
+    (chunk,) = bulk_lines([ev], "mlops-logs")
+    action, doc, _ = chunk.split(b"\n")
+    assert orjson.loads(action) == {"create": {"_index": "mlops-logs-2026.03.04", "_id": "fid-1"}}
+    assert "_id" not in orjson.loads(doc) and orjson.loads(doc)["seq"] == 1
+    assert index_for("p", "2025-12-31T23:59:59.999999Z") == "p-2025.12.31"
+    assert chunk_by_bytes([b"x" * 10] * 5, 25) == [(0, 2), (2, 4), (4, 5)]
+
+
+def test_setup_installs_template_and_ism_policy(fake: FakeOpenSearch, tmp_path: Path) -> None:
+    """The template maps our fields; the ISM policy deletes after the retention; a rerun is fine."""
+    sink, _ = _sink(fake, tmp_path, retention_s=7 * 86400)
+    sink.send(_events(1), threading.Event())
+    tpl = fake.templates[TEMPLATE_NAME]
+    assert tpl["index_patterns"] == ["mlops-logs-*"]
+    assert tpl["template"]["mappings"]["properties"]["rank"] == {"type": "integer"}
+    policy = fake.policies[POLICY_NAME]["policy"]
+    assert policy["states"][0]["transitions"][0]["conditions"] == {"min_index_age": "7d"}
+    sink2, _ = _sink(fake, tmp_path)
+    sink2.send(_events(2), threading.Event())  # policy exists: 409 is accepted
+    assert fake.count() == 2
+
+
+def test_item_error_matrix(fake: FakeOpenSearch, tmp_path: Path) -> None:
+    """429 and 5xx items are retried, 409 counts as done, 400 is dead-lettered with its reason."""
+    evs = _events(10)
+    # item order: 1:429 2:500 3:503 4:409 5:400 6..10 fine; the retries then succeed
+    fake.item_faults.extend([429, 500, 503, 409, 400])
+    sink, stats = _sink(fake, tmp_path)
+    sink.send(evs, threading.Event())
+    docs = fake.all_docs()
+    assert sorted(docs) == sorted(f"fid-{i}" for i in range(1, 11) if i != 5)
+    assert stats.retries >= 1 and stats.dead_letters == 1
+    dead = [orjson.loads(x) for x in (tmp_path / DEAD_LETTER_FILE).read_bytes().splitlines()]
+    assert len(dead) == 1 and dead[0]["event"]["_id"] == "fid-5" and dead[0]["status"] == 400
+    assert "mapper_parsing_exception" in dead[0]["reason"]
+    reconcile([*docs.values(), *(d["event"] for d in dead)], {"s": 10})
+
+
+def test_request_level_faults_are_retried(fake: FakeOpenSearch, tmp_path: Path) -> None:
+    """A reset connection, a 503 and a 429 on the whole request: retried until acknowledged."""
+    fake.request_faults.extend(["reset", 503, 429])
+    sink, stats = _sink(fake, tmp_path)
+    sink.send(_events(50), threading.Event())
+    assert fake.count() == 50 and stats.retries == 3 and fake.bulk_requests == 4
+
+
+def test_timeout_after_write_applied_gives_409_not_duplicates(fake: FakeOpenSearch, tmp_path: Path) -> None:
+    """The write lands but the answer times out; the retry is answered 409 and nothing doubles."""
+    fake.request_faults.append("timeout")
+    fake.timeout_sleep = 2.0
+    sink, stats = _sink(fake, tmp_path)
+    sink.send(_events(20), threading.Event())
+    assert fake.count() == 20 and fake.statuses[409] == 20 and stats.retries == 1
+
+
+def test_413_splits_the_batch(fake: FakeOpenSearch, tmp_path: Path) -> None:
+    """413 halves the request until it fits; a single document too large is dead-lettered."""
+    evs = _events(64)
+    evs[10]["message"] = "x" * 5000
+    fake.max_body_bytes = 4000
+    sink, stats = _sink(fake, tmp_path)
+    sink.send(evs, threading.Event())
+    assert fake.count() == 63 and stats.dead_letters == 1
+    dead = orjson.loads((tmp_path / DEAD_LETTER_FILE).read_bytes().splitlines()[0])
+    assert dead["status"] == 413 and dead["event"]["_id"] == "fid-11"
+
+
+def test_body_cap_bounds_requests(fake: FakeOpenSearch, tmp_path: Path) -> None:
+    """Bodies are capped by bytes: 1000 events with a 20 KiB cap take many requests, none too big."""
+    fake.max_body_bytes = 20 << 10
+    sink, _ = _sink(fake, tmp_path, max_body_bytes=20 << 10)
+    sink.send(_events(1000), threading.Event())
+    assert fake.count() == 1000 and fake.statuses[413] == 0 and fake.bulk_requests > 10
+
+
+def test_shipper_cli_into_opensearch_with_faults(fake: FakeOpenSearch, tmp_path: Path) -> None:
+    """`mlops-obs ship --once --opensearch` through injected faults: exact, and dead letters kept."""
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    (logs / "a.log").write_bytes(b"".join(line("s", i) for i in range(1, 3001)))
+    fake.request_faults.extend(["reset", 502])
+    fake.item_faults.extend([429] * 5 + [400] + [503] * 5)
+    r = run_ship(ship_cmd([str(logs / "*.log")], opensearch=fake.url, state=tmp_path / "state", once=True,
+                          extra=["--opensearch.backoff-max", "50ms"]))  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    dead = [orjson.loads(x)["event"] for x in (tmp_path / "state" / DEAD_LETTER_FILE).read_bytes().splitlines()]
+    assert len(dead) == 1
+    reconcile([*fake.all_docs().values(), *dead], {"s": 3000})
+    stats = orjson.loads((tmp_path / "state" / "stats.json").read_bytes())
+    assert stats["retries_total"] >= 3 and stats["dead_letters_total"] == 1
+
+
+@pytest.mark.opensearch
+def test_real_opensearch_roundtrip(tmp_path: Path) -> None:
+    """Against a real cluster: setup, ship twice (idempotent), search finds every line once."""
+    url = os.environ.get("MLOPS_OBS_TEST_OPENSEARCH_URL")
+    if not url:
+        pytest.skip("set MLOPS_OBS_TEST_OPENSEARCH_URL to run against a real OpenSearch")
+    from opensearchpy import OpenSearch
+
+    prefix = f"mlops-test-{uuid.uuid4().hex[:8]}"
+    settings = OpenSearchSettings(url=url, state_dir=tmp_path, index_prefix=prefix, verify=False)
+    sink = OpenSearchSink(settings)
+    evs = _events(500)
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    (logs / "a.log").write_bytes(b"".join(line("s", i) for i in range(1, 501)))
+    sh = Shipper(ShipperOptions(sources=[str(logs / "*.log")], state_dir=tmp_path / "st"), sink)
+    sh.run(once=True)
+    sink.send(evs[:1], threading.Event())
+    client = OpenSearch(hosts=[url], verify_certs=False, ssl_show_warn=False)
+    try:
+        client.indices.refresh(index=f"{prefix}-*")
+        hits = client.search(index=f"{prefix}-*", body={"size": 1000, "query": {"match_all": {}}})["hits"]["hits"]
+        reconcile([h["_source"] for h in hits if h["_source"]["fields"].get("stream") == "s" and
+                   h["_source"]["source"] != "/l"], {"s": 500})  # fmt: skip
+    finally:
+        client.indices.delete(index=f"{prefix}-*")
+        sh.close()

@@ -1,0 +1,264 @@
+"""The shipper on real files: every rotation kind while writing, awkward lines, disk full on the
+state directory, the sidecar collector, the CLI, and the reference workload end to end."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from mlops_obs.collectors.shipper import ShipperCollector
+from mlops_obs.logs.shipper import STATE_FILE, Shipper, ShipperOptions, StoreSink
+from mlops_obs.logs.store import EventStore
+from tests.logs_helpers import (
+    REPO,
+    kill9,
+    line,
+    reconcile,
+    run_ship,
+    ship_cmd,
+    start_ship,
+    store_count,
+    store_events,
+    wait_for,
+)
+
+
+def _shipper(tmp_path: Path, sources: list[str], **kw: Any) -> Shipper:
+    opts = ShipperOptions(sources=sources, state_dir=tmp_path / "state", scan_interval=0.05, poll_interval=0.01, **kw)
+    return Shipper(opts, StoreSink(tmp_path / "store"))
+
+
+def _once(tmp_path: Path, sources: list[str], **kw: Any) -> Shipper:
+    sh = _shipper(tmp_path, sources, **kw)
+    sh.run(once=True)
+    sh.close()
+    return sh
+
+
+def test_awkward_lines(tmp_path: Path) -> None:
+    """CRLF, empty lines, invalid UTF-8 (kept, flagged), raw text with inferred levels, a partial last
+    line that is waited for and shipped whole exactly once when its newline arrives."""
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    f = logs / "job-rank2.stderr.log"
+    f.write_bytes(
+        line("s", 1).replace(b"\n", b"\r\n")
+        + b"\n\r\n"
+        + b"NCCL WARN Call to connect returned Connection refused\n"
+        + b'Traceback (most recent call last):\n  File "train.py", line 3, in <module>\nRuntimeError: NCCL error\n'
+        + b"bad \xff\xfe bytes\n"
+        + line("s", 2)[:40]
+    )
+    _once(tmp_path, [str(logs / "*")])
+    evs = store_events(tmp_path / "store")
+    by_msg = {e["message"]: e for e in evs}
+    assert len(evs) == 6
+    assert by_msg["NCCL WARN Call to connect returned Connection refused"]["level"] == "warning"
+    assert by_msg["RuntimeError: NCCL error"]["level"] == "error"
+    assert by_msg['  File "train.py", line 3, in <module>']["level"] == "error"
+    bad = by_msg["bad \\xff\\xfe bytes"]
+    assert bad["fields"]["invalid_utf8"] is True
+    assert bad["job"] == "job" and bad["rank"] == 2  # from the workload's file naming
+    with open(f, "ab") as fh:
+        fh.write(line("s", 2)[40:])
+    _once(tmp_path, [str(logs / "*")])
+    reconcile(store_events(tmp_path / "store"), {"s": 2})
+
+
+def test_ten_megabyte_line_is_split_not_blocking(tmp_path: Path) -> None:
+    """A 10 MB line ships as flagged 1 MiB parts that reassemble exactly; the lines after it flow."""
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    big = line("big", 1, blob="x" * (10 << 20))
+    (logs / "a.log").write_bytes(line("s", 1) + big + line("s", 2) + line("s", 3))
+    sh = _once(tmp_path, [str(logs / "*.log")])
+    evs = store_events(tmp_path / "store")
+    parts = sorted((e for e in evs if "split" in e["fields"]), key=lambda e: e["offset"])
+    assert len(parts) == 11 and parts[-1]["fields"]["split"]["last"] is True
+    assert [p["fields"]["split"]["part"] for p in parts] == list(range(11))
+    assert "".join(p["message"] for p in parts).encode() + b"\n" == big
+    assert sh.stats.lines_split == 1
+    reconcile(evs, {"s": 3})
+
+
+def test_identical_lines_in_same_millisecond_both_kept(tmp_path: Path) -> None:
+    """Byte-identical lines are distinct events (identity is the offset, never the content)."""
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    same = line("s", 1)
+    (logs / "a.log").write_bytes(same + same)
+    _once(tmp_path, [str(logs / "*.log")])
+    evs = store_events(tmp_path / "store")
+    assert len(evs) == 2 and evs[0]["_id"] != evs[1]["_id"] and evs[0]["message"] == evs[1]["message"]
+
+
+def _follow(sh: Shipper) -> threading.Thread:
+    t = threading.Thread(target=sh.run, daemon=True)
+    t.start()
+    return t
+
+
+def _shipped_offsets(sh: Shipper) -> bool:
+    """The shipper acknowledged everything currently in the files it has open."""
+    return all(os.fstat(tf.fd).st_size == tf.state.offset for tf in list(sh.open.values())) and bool(sh.open)
+
+
+@pytest.mark.parametrize("kind", ["rename", "copytruncate", "truncate", "delete_recreate"])
+def test_rotation_while_writing(tmp_path: Path, kind: str) -> None:
+    """Each rotation kind mid-stream, the shipper following: every line once, none twice.
+
+    Truncation in place and delete+recreate destroy unread bytes by definition, so (as with any
+    shipper) the writer rotates those only after the shipper caught up; rename and copytruncate
+    need no such wait.
+    """
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    path = logs / "app.log"
+    sh = _shipper(tmp_path, [str(logs / "app.log*")])
+    t = _follow(sh)
+    seq = 0
+
+    def write(n: int) -> None:
+        nonlocal seq
+        for _ in range(n):
+            seq += 1
+            with open(path, "ab") as f:
+                f.write(line("s", seq))
+
+    write(300)
+    wait_for(lambda: sh.stats.events_shipped >= 1)
+    if kind in ("truncate", "delete_recreate"):
+        wait_for(lambda: _shipped_offsets(sh))
+    if kind == "rename":
+        os.rename(path, logs / "app.log.1")
+    elif kind == "copytruncate":
+        with open(path, "rb") as src, open(logs / "app.log.1", "wb") as dst:
+            dst.write(src.read())
+        os.truncate(path, 0)
+    elif kind == "truncate":
+        os.truncate(path, 0)
+    else:
+        path.unlink()
+    write(300)
+    wait_for(lambda: sh.stats.events_shipped >= seq, timeout=30)
+    sh.stop_event.set()
+    t.join(timeout=30)
+    sh.close()
+    _once(tmp_path, [str(logs / "app.log*")])  # a restart finds nothing more to ship
+    reconcile(store_events(tmp_path / "store"), {"s": seq})
+
+
+def test_disk_full_on_state_dir_then_space_returns(tmp_path: Path) -> None:
+    """ENOSPC on the checkpoint: a clear error, the shipper holds; when space returns, nothing is lost."""
+    logs, store, state = tmp_path / "logs", tmp_path / "store", tmp_path / "state"
+    logs.mkdir()
+    state.mkdir()
+    (logs / "a.log").write_bytes(b"".join(line("s", i) for i in range(1, 2001)))
+    # The checkpoint's temp file is a symlink to /dev/full: the kernel's own ENOSPC on write.
+    tmp = state / (STATE_FILE + ".tmp")
+    tmp.symlink_to("/dev/full")
+    proc = start_ship(ship_cmd([str(logs / "*.log")], store=store, state=state))
+    try:
+        stats = state / "stats.json"
+        wait_for(lambda: stats.exists() and orjson.loads(stats.read_bytes()).get("sink_error"), timeout=60)
+        assert "No space left on device" in orjson.loads(stats.read_bytes())["sink_error"]
+        with open(logs / "a.log", "ab") as f:  # the job keeps writing meanwhile
+            f.write(b"".join(line("s", i) for i in range(2001, 3001)))
+        tmp.unlink()  # space returns
+        wait_for(lambda: (state / STATE_FILE).exists() and store_count(store) >= 3000, timeout=60)
+    finally:
+        kill9(proc)
+    assert proc.stderr is not None
+    err = proc.stderr.read()
+    assert "cannot write checkpoint" in err and "No space left on device" in err
+    r = run_ship(ship_cmd([str(logs / "*.log")], store=store, state=state, once=True))
+    assert r.returncode == 0, r.stderr
+    reconcile(store_events(store), {"s": 3000})
+
+
+def test_collector_exports_shipper_stats(tmp_path: Path) -> None:
+    """The sidecar's shipper collector turns stats.json into the mlops_shipper_* families."""
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    (logs / "a.log").write_bytes(b"".join(line("s", i) for i in range(1, 101)) + b"\npartial")
+    _once(tmp_path, [str(logs / "*.log")])
+    fams = {m.name: m for m in ShipperCollector({"shipper.state-dir": tmp_path / "state"}).sample()}
+    value = {n: m.samples[0].value for n, m in fams.items() if m.samples and n != "mlops_shipper_lag_bytes"}
+    assert value["mlops_shipper_lines_read"] == 101 and value["mlops_shipper_events_shipped"] == 100
+    assert value["mlops_shipper_retries"] == 0 and value["mlops_shipper_dead_letters"] == 0
+    assert value["mlops_shipper_last_success_timestamp_seconds"] > time.time() - 600
+    lag = fams["mlops_shipper_lag_bytes"].samples
+    assert [(s.labels["file"], s.value) for s in lag] == [(str(logs / "a.log"), len(b"partial"))]
+    assert ShipperCollector({"shipper.state-dir": tmp_path / "nothing"}).sample() == []
+    (tmp_path / "state" / "stats.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"stats\.json"):
+        list(ShipperCollector({"shipper.state-dir": tmp_path / "state"}).sample())
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ([], "source: give at least one --source GLOB"),
+        (["--source", "x", "--opensearch", "ftp://h"], "opensearch: expected an http:// or https:// URL"),
+        (["--source", "x", "--store", "s", "--opensearch", "http://h:9200"], "store: give --store or --opensearch"),
+        (["--source", "x", "--ship.batch-events", "0"], "ship.batch-events: must be >= 1"),
+    ],
+)
+def test_cli_bad_input_is_one_line_and_nonzero(tmp_path: Path, args: list[str], message: str) -> None:
+    """Bad flags: one line naming the setting, exit 2."""
+    r = subprocess.run([sys.executable, "-m", "mlops_obs", "ship", *args], cwd=tmp_path, capture_output=True,
+                       text=True, env={**os.environ, "PYTHONPATH": str(REPO)})  # fmt: skip
+    assert r.returncode == 2
+    assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_corrupt_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
+    """A damaged checkpoint stops the shipper with a message saying what to do; no silent re-ship."""
+    (tmp_path / "state").mkdir()
+    (tmp_path / "state" / STATE_FILE).write_text("{garbage")
+    r = run_ship(ship_cmd(["x"], store=tmp_path / "store", state=tmp_path / "state", once=True))
+    assert r.returncode == 1 and "checkpoint" in r.stderr and "unreadable" in r.stderr
+
+
+def test_once_after_the_workload_returns_every_line(tmp_path: Path) -> None:
+    """`mlops-obs workload` then `mlops-obs ship --once` into the store: a query returns every line."""
+    logs = tmp_path / "logs"
+    w = subprocess.run(
+        [sys.executable, "-m", "mlops_obs", "workload", "--world-size", "2", "--steps", "6", "--log-every", "1",
+         "--log-dir", str(logs), "--job", "wl", "--device", "cpu"],
+        cwd=REPO, capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert w.returncode == 0, w.stderr[-2000:]
+    written = {p.name: p.read_bytes().splitlines() for p in sorted(logs.glob("*.jsonl"))}
+    assert len(written) == 2 and all(written.values())
+    r = run_ship(ship_cmd([str(logs / "*")], store=tmp_path / "store", state=tmp_path / "state", once=True))
+    assert r.returncode == 0, r.stderr
+    with EventStore(tmp_path / "store") as s:
+        for rank in (0, 1):
+            evs = s.query(job="wl", rank=rank)
+            lines = [orjson.loads(x) for x in written[f"wl-rank{rank}.jsonl"]]
+            assert [e["seq"] for e in evs if e["seq"] is not None] == [x["seq"] for x in lines]
+            assert [e["message"] for e in evs if e["seq"] is not None] == [x["event"] for x in lines]
+            assert {e["fields"]["run_id"] for e in evs if e["seq"] is not None} == {lines[0]["run_id"]}
+        assert len(s.query(job="wl", text="step")) == sum(1 for x in written.values() for ln in x if b'"step"' in ln)
+
+
+def test_broad_glob_never_ships_the_store_or_state(tmp_path: Path) -> None:
+    """`--source 'dir/**'` around the store and state dirs ships only the logs, not our database."""
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    (logs / "a.log").write_bytes(b"".join(line("s", i) for i in range(1, 51)))
+    for _ in range(2):  # the second run sees the database and checkpoint already there
+        r = run_ship(ship_cmd([str(tmp_path / "**")], store=tmp_path / "store", state=tmp_path / "state", once=True))
+        assert r.returncode == 0, r.stderr
+    evs = store_events(tmp_path / "store")
+    assert {e["source"] for e in evs} == {str(logs / "a.log")}
+    reconcile(evs, {"s": 50})

@@ -1,0 +1,141 @@
+"""alert-sink over real HTTP into the real event store: v4 payloads, idempotent redelivery, bad input."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from mlops_obs.alert_sink import AlertSink, alert_events
+from mlops_obs.logs.store import EventStore
+
+
+def _payload(status: str = "firing", ends: str = "0001-01-01T00:00:00Z") -> dict[str, Any]:
+    return {
+        "version": "4", "groupKey": "{}:{job=\"train-a\"}", "status": status, "receiver": "critical",
+        "groupLabels": {"job": "train-a"}, "commonLabels": {}, "commonAnnotations": {}, "externalURL": "http://am",
+        "truncatedAlerts": 0,
+        "alerts": [{
+            "status": status,
+            "labels": {"alertname": "TrainingStalled", "severity": "critical", "job": "train-a", "rank": "3",
+                       "node": "n7", "instance": "n7:9477"},
+            "annotations": {"summary": "Rank 3 of job train-a has stopped making progress", "runbook_url": "x#y"},
+            "startsAt": "2026-01-02T03:04:05.123Z", "endsAt": ends, "generatorURL": "http://prom/graph",
+            "fingerprint": "abc123",
+        }],
+    }  # fmt: skip
+
+
+@pytest.fixture
+def sink(tmp_path: Path) -> Iterator[tuple[AlertSink, EventStore]]:
+    store = EventStore(tmp_path / "store")
+    s = AlertSink(("127.0.0.1", 0), store).start_background()
+    yield s, store
+    s.stop()
+    store.close()
+
+
+def _post(url: str, body: bytes) -> tuple[int, str]:
+    req = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"}, method="POST")
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def test_redelivery_is_idempotent_and_resolve_is_new(sink: tuple[AlertSink, EventStore]) -> None:
+    """The same notification twice stores one event; its resolve is a second event at endsAt."""
+    s, store = sink
+    body = orjson.dumps(_payload())
+    assert _post(s.url + "/alerts", body) == (200, "stored 1 of 1\n")
+    assert _post(s.url + "/alerts", body) == (200, "stored 0 of 1\n")
+    resolved = orjson.dumps(_payload("resolved", "2026-01-02T03:09:00Z"))
+    assert _post(s.url + "/alerts", resolved)[0] == 200
+    events = store.query(kind="alert")
+    assert [e["fields"]["status"] for e in events] == ["firing", "resolved"]
+    first = events[0]
+    assert first["job"] == "train-a" and first["rank"] == 3 and first["node"] == "n7"
+    assert first["level"] == "critical" and first["@timestamp"] == "2026-01-02T03:04:05.123000Z"
+    assert first["fields"]["alertname"] == "TrainingStalled" and first["fields"]["labels"]["instance"] == "n7:9477"
+    assert first["message"] == "[FIRING] TrainingStalled: Rank 3 of job train-a has stopped making progress"
+    assert events[1]["@timestamp"] == "2026-01-02T03:09:00.000000Z" and events[1]["level"] == "info"
+
+
+@pytest.mark.parametrize(
+    ("body", "why"),
+    [
+        (b"{not json", "not JSON"),
+        (orjson.dumps({**_payload(), "version": "3"}), "version"),
+        (orjson.dumps({**_payload(), "alerts": {}}), "alerts must be a list"),
+        (orjson.dumps({**_payload(), "alerts": [{"labels": {}, "status": "firing"}]}), "startsAt"),
+    ],
+)
+def test_bad_payloads_are_rejected_with_a_reason(sink: tuple[AlertSink, EventStore], body: bytes, why: str) -> None:
+    s, store = sink
+    code, text = _post(s.url + "/alerts", body)
+    assert code == 400 and why in text
+    assert store.count() == 0
+
+
+def test_store_failure_makes_alertmanager_retry(tmp_path: Path) -> None:
+    """A store that cannot write answers 503 (Alertmanager retries) instead of dropping the alert."""
+
+    class Broken:
+        def put(self, events: list[dict[str, Any]]) -> int:
+            raise OSError("disk full")
+
+    s = AlertSink(("127.0.0.1", 0), Broken()).start_background()
+    try:
+        assert _post(s.url + "/alerts", orjson.dumps(_payload()))[0] == 503
+    finally:
+        s.stop()
+
+
+def test_events_fit_the_store_schema() -> None:
+    ev = alert_events(_payload())[0]
+    assert ev["kind"] == "alert" and ev["offset"] == 0 and ev["_id"].startswith("alert-")
+
+
+def test_cli_without_store_is_one_line_error() -> None:
+    out = subprocess.run([sys.executable, "-m", "mlops_obs", "alert-sink"], capture_output=True, text=True,
+                         timeout=60)  # fmt: skip
+    assert out.returncode == 2
+    assert out.stderr.strip().count("\n") == 0 and "store" in out.stderr
+
+
+def test_opensearch_sink_idempotent_and_503_when_down(tmp_path: Path) -> None:
+    """--opensearch: alerts land once (create with our _id); an unavailable cluster answers 503 within the
+    deadline, and the redelivery after it recovers is stored."""
+    from mlops_obs.alert_sink import ALERT_SINK_SETTINGS, OpenSearchPut
+    from mlops_obs.config import resolve
+    from mlops_obs.logs.opensearch import OpenSearchSink, settings_from_config
+    from tests.fake_opensearch import FakeOpenSearch
+
+    fake = FakeOpenSearch().start()
+    cfg = resolve(ALERT_SINK_SETTINGS, {"opensearch": fake.url, "state": str(tmp_path), "opensearch.deadline": "1s",
+                                        "opensearch.backoff-max": "0.2s"}, environ={})  # fmt: skip
+    put = OpenSearchPut(OpenSearchSink(settings_from_config(dict(cfg), tmp_path)), cfg["opensearch.deadline"])
+    s = AlertSink(("127.0.0.1", 0), put).start_background()
+    try:
+        body = orjson.dumps(_payload())
+        assert _post(s.url + "/alerts", body)[0] == 200
+        assert _post(s.url + "/alerts", body)[0] == 200
+        docs = list(fake.all_docs().values())
+        assert len(docs) == 1 and docs[0]["kind"] == "alert" and docs[0]["fields"]["alertname"] == "TrainingStalled"
+        fake.request_faults.extend([503] * 1000)  # the cluster answers but is unavailable
+        resolved = orjson.dumps(_payload("resolved", "2026-01-02T03:09:00Z"))
+        assert _post(s.url + "/alerts", resolved)[0] == 503
+        fake.request_faults.clear()
+        assert _post(s.url + "/alerts", resolved)[0] == 200  # Alertmanager's redelivery
+        assert len(fake.all_docs()) == 2
+    finally:
+        s.stop()
+        fake.stop()

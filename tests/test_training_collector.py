@@ -1,0 +1,134 @@
+"""The training collector: snapshot files -> mlops_training_* families, the cross-rank straggler
+score, and a hand-off directory that stays flat however often a rank restarts."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import random
+import signal
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from mlops_obs.collectors.training import STRAGGLER_MIN_STEPS, TrainingCollector, straggler_scores
+from mlops_obs.exporter.sampler import render
+from mlops_obs.instrument import TrainingMonitor, snapshot
+from mlops_obs.prometheus_server import http_get
+
+
+def _snap(job: str, rank: int, recent: list[float], **extra: Any) -> dict[str, Any]:
+    return {"v": snapshot.SCHEMA_VERSION, "job": job, "rank": rank, "node": "n", "recent_step_seconds": recent,
+            "updated": 0.0, **extra}  # fmt: skip
+
+
+def test_straggler_score_is_reference_median_over_rank_median() -> None:
+    """NVIDIA's definition: median across ranks of per-rank medians, divided by the rank's median."""
+    snaps = [_snap("a", r, [0.1] * 10) for r in range(3)] + [_snap("a", 3, [0.4] * 9 + [0.01])]
+    scores = straggler_scores(snaps)
+    assert scores[("a", "0")] == pytest.approx(1.0)
+    assert scores[("a", "3")] == pytest.approx(0.25)
+
+
+def test_straggler_score_needs_enough_steps_and_two_ranks_per_job() -> None:
+    snaps = [
+        _snap("a", 0, [0.1] * STRAGGLER_MIN_STEPS),
+        _snap("a", 1, [0.1] * (STRAGGLER_MIN_STEPS - 1)),  # warming up: no score
+        _snap("b", 0, [0.3] * 20),  # alone in its job: nothing to compare with
+        _snap("c", 0, [0.1] * 20),
+        _snap("c", 1, [0.2] * 20),
+        _snap("c", 2, ["junk", None]),  # never crashes on a bad file
+    ]
+    assert straggler_scores(snaps) == {("c", "0"): pytest.approx(1.5), ("c", "1"): pytest.approx(0.75)}
+
+
+def test_families_from_real_monitor_snapshots_pass_the_exposition_parser(tmp_path: Path) -> None:
+    for rank in range(2):
+        m = TrainingMonitor("j", rank, 2, tmp_path, node="n", flush_interval=60)
+        for _ in range(STRAGGLER_MIN_STEPS):
+            with m.step(samples=2, tokens=20), m.phase("forward"):
+                m.record(loss=float("nan") if rank else 1.0, lr=0.1)
+        if rank == 0:
+            with m.checkpoint():
+                pass
+        m.close()
+    text = render(TrainingCollector.families(sorted(snapshot.scan(tmp_path), key=lambda s: s["rank"]))).decode()
+    fams = {f.name: f for f in text_string_to_metric_families(text)}
+    for name in ("mlops_training_steps", "mlops_training_goodput_seconds", "mlops_training_badput_seconds",
+                 "mlops_training_checkpoint_duration_seconds", "mlops_training_last_checkpoint_timestamp_seconds",
+                 "mlops_training_straggler_score", "mlops_training_tokens"):  # fmt: skip
+        assert fams[name].samples, name
+    ckpt = {s.labels["rank"] for s in fams["mlops_training_checkpoint_duration_seconds"].samples}
+    assert ckpt == {"0"}  # only the rank that saves has checkpoint series
+    losses = {s.labels["rank"]: s.value for s in fams["mlops_training_loss"].samples}
+    assert losses["0"] == 1.0 and losses["1"] != losses["1"]  # NaN survives the JSON hand-off
+    kinds = {s.labels["kind"] for s in fams["mlops_training_badput_seconds"].samples}
+    assert {"startup", "data_loading", "checkpoint_save"} <= kinds
+
+
+# --- restarts ---------------------------------------------------------------------------------------
+
+
+def _incarnation(directory: str, seed: int) -> None:
+    """One life of rank 1: a few steps, then a clean exit or a SIGKILL (sometimes in the middle of a write)."""
+    rnd = random.Random(seed)
+    m = TrainingMonitor("restart", 1, 4, directory, node="n", flush_interval=0.0005)
+    for _ in range(rnd.randint(STRAGGLER_MIN_STEPS, 20)):
+        with m.step(samples=4), m.phase("forward"):
+            m.record(loss=1.0)
+    m.flush()  # as the flush thread would have by now; it keeps rewriting the file until the end
+    if rnd.random() < 0.5:
+        m.close()
+        os._exit(0)
+    for _ in range(rnd.randint(0, 2000)):  # let the flush thread get somewhere, then die hard
+        pass
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_restarting_a_rank_200_times_keeps_directory_and_scrape_flat(tmp_path: Path, start_exporter: Any) -> None:
+    """The file count, directory bytes, series count and exposition size after 200 restarts equal those
+    after 10: nothing per incarnation accumulates (the failure mode of prometheus_client's multiprocess
+    mode, client_python#204)."""
+    mp = tmp_path / "mp"
+    mp.mkdir()
+    for rank in (0, 2, 3):
+        with TrainingMonitor("restart", rank, 4, mp, node="n", flush_interval=60) as m, m.step(samples=4):
+            pass
+    ex = start_exporter(**{"collector.host": False, "collector.gpu": False, "multiproc-dir": mp})
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload(["mlops_obs.instrument", __name__])  # children fork in ~5 ms
+
+    def restart(n: int, start: int) -> None:
+        for i in range(start, start + n):
+            p = ctx.Process(target=_incarnation, args=(str(mp), i))
+            p.start()
+            p.join(30)
+            assert p.exitcode in (0, -signal.SIGKILL)
+
+    def measure() -> tuple[int, int, int, int, int]:
+        files = list(os.scandir(mp))
+        tmp = len([e for e in files if e.name.endswith(".tmp")])
+        dir_bytes = sum(e.stat().st_size for e in files)
+        # Every incarnation lands in the same file: the sidecar reads the last one's snapshot.
+        body = b""
+        for _ in range(50):
+            _, body = http_get(ex.url + "/metrics")
+            if b'mlops_training_steps_total{job="restart",node="n",rank="1"}' in body:
+                break
+        training = [ln for ln in body.splitlines() if ln.startswith(b"mlops_training_")]
+        return len(files) - tmp, tmp, dir_bytes, len(training), sum(len(ln) for ln in training)
+
+    restart(10, 0)
+    snaps10, tmp10, bytes10, series10, size10 = measure()
+    restart(190, 10)
+    snaps200, tmp200, bytes200, series200, size200 = measure()
+
+    assert snaps10 == snaps200 == 4
+    # At most one temp file: the last incarnation's, if it was killed mid-write (the next one removes it).
+    assert tmp10 <= 1 and tmp200 <= 1
+    assert series200 == series10
+    assert size200 <= size10 * 1.05 + 200  # counters' digits may change; nothing grows per restart
+    one_snapshot = max(e.stat().st_size for e in os.scandir(mp))
+    assert bytes200 <= bytes10 + one_snapshot

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 from types import ModuleType
 
 from mlops_obs import __version__
-from mlops_obs.config import ConfigError, Setting, add_to_parser, resolve
+from mlops_obs.config import ENV_PREFIX, ConfigError, Setting, add_to_parser, resolve
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -41,28 +42,46 @@ def _load(name: str) -> ModuleType:
     return importlib.import_module(COMMANDS[name][0])
 
 
-def build_parser() -> tuple[argparse.ArgumentParser, dict[str, list[Setting]]]:
+def _chosen(argv: Sequence[str]) -> str | None:
+    """The subcommand named on the command line (the first non-option word), if any."""
+    for a in argv:
+        if not a.startswith("-"):
+            return a if a in COMMANDS else None
+    return None
+
+
+def build_parser(only: str | None = None) -> tuple[argparse.ArgumentParser, dict[str, list[Setting]]]:
+    """The parser; with ``only``, just that command's module is imported (``mlops-obs exporter`` should
+    not pay for grafanalib or torch), the others are listed by name and help text."""
     parser = _Parser(prog="mlops-obs", description="Observability and ops for ML training clusters.")
     parser.add_argument("--version", action="version", version=f"mlops-obs {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     per_command: dict[str, list[Setting]] = {}
     for name, (_, help_text) in COMMANDS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)
-        settings = list(_load(name).add_arguments(p))
-        add_to_parser(p, settings)
-        per_command[name] = settings
+        if only is None or name == only:
+            settings = list(_load(name).add_arguments(p))
+            add_to_parser(p, settings)
+            per_command[name] = settings
     return parser, per_command
 
 
+def all_setting_keys() -> set[str]:
+    """Keys of every command: a config file shared between commands may hold any of them."""
+    return {s.key for settings in build_parser()[1].values() for s in settings}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser, per_command = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser, per_command = build_parser(_chosen(argv) or "")
     args = parser.parse_args(argv)
     if not args.command:
         parser.print_help(sys.stderr)
         return 2
-    all_keys = {s.key for settings in per_command.values() for s in settings}
+    has_file = bool(getattr(args, "cfg:config.file", None) or os.environ.get(ENV_PREFIX + "CONFIG_FILE"))
     try:
-        cfg = resolve(per_command[args.command], args, known_keys=all_keys)
+        known = all_setting_keys() if has_file else set()
+        cfg = resolve(per_command[args.command], args, known_keys=known)
     except ConfigError as e:
         print(f"mlops-obs {args.command}: error: {e}", file=sys.stderr)
         return 2

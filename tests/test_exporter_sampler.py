@@ -249,18 +249,41 @@ def _normalised(text: str) -> list[tuple[str, str, str, tuple[tuple[str, str], .
 
 
 def test_render_matches_prometheus_client() -> None:
-    """Our writer and generate_latest parse to the same families, types, labels and values."""
-    ours = render(families()).decode()
-    theirs = generate_latest(_Reg()).decode()  # type: ignore[arg-type]
-    assert _normalised(ours) == _normalised(theirs)
-    assert "t_empty" not in ours
-    assert "# TYPE t_requests_total counter" in ours
-    assert "# TYPE t_build_info gauge" in ours
+    """Our writer is a drop-in for generate_latest: the same bytes, hence the same parsed families."""
+    ours = render(families())
+    assert ours == generate_latest(_Reg())  # type: ignore[arg-type]
+    assert ours == render(families())  # again, now from the label and header caches
+    assert _normalised(ours.decode()) == _normalised(generate_latest(_Reg()).decode())  # type: ignore[arg-type]
+    assert "# TYPE t_requests_total counter" in ours.decode()
+    assert "# TYPE t_build_info gauge" in ours.decode()
+
+
+def test_render_matches_on_real_collector_output() -> None:
+    """Byte-identical on the host collector's real families too (labels sorted, values as Go prints them)."""
+    from mlops_obs.collectors import host
+
+    fams = host.families(host.read_host({"host.filesystem-paths": ["/"]}), per_cpu=True)
+
+    class Reg:
+        def collect(self) -> list[Metric]:
+            return fams
+
+    assert render(fams) == generate_latest(Reg())  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(
     ("value", "text"),
-    [(1.0, "1"), (0.5, "0.5"), (1e20, "1e+20"), (-3.0, "-3"), (float("inf"), "+Inf"), (float("nan"), "NaN")],
+    [
+        (1.0, "1.0"),
+        (0.5, "0.5"),
+        (1e20, "1e+20"),
+        (-3.0, "-3.0"),
+        (12345678.0, "1.2345678e+07"),
+        (float("inf"), "+Inf"),
+        (float("nan"), "NaN"),
+    ],
 )
 def test_format_value(value: float, text: str) -> None:
-    assert format_value(value) == text
+    from prometheus_client.utils import floatToGoString
+
+    assert format_value(value) == text == floatToGoString(value)

@@ -389,3 +389,47 @@ def test_reload_reaches_collector_settings(start_exporter: Callable[..., Any], t
     cf.write_text("host:\n  filesystem-paths: {not: a list}\n")
     code, body, _ = get(ex.url + "/-/reload", method="POST")
     assert code == 500 and b"host.filesystem-paths" in body
+
+
+def test_address_in_use_exits_non_zero_with_one_line(cli_exporter: Any) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        proc, _ = cli_exporter(f"--web.listen-address=127.0.0.1:{port}")
+        out = proc.communicate(timeout=WAIT)[0].decode()
+    assert proc.returncode == 1
+    assert "cannot listen" in out and "Address already in use" in out and "Traceback" not in out
+
+
+def test_idle_connection_flood_is_capped_and_service_resumes() -> None:
+    """Past the connection cap (4 x max-requests, at least 16) a new socket is closed at once."""
+
+    class _Log:
+        def __getattr__(self, name: str) -> Callable[..., None]:
+            return lambda *a, **k: None
+
+    server = ExporterServer(("127.0.0.1", 0), Sampler([], 1.0, 1.0, _Log()), log=_Log(), max_requests=1)
+    server.start_background()
+    host, port = server.server_address[:2]
+    idle = [socket.create_connection((host, port), timeout=WAIT) for _ in range(server.max_connections)]
+    try:
+        deadline = time.monotonic() + WAIT
+        while server.connections < server.max_connections:
+            assert time.monotonic() < deadline, "idle connections never registered"
+            time.sleep(0.02)
+        with socket.create_connection((host, port), timeout=WAIT) as extra:
+            try:
+                extra.sendall(b"GET /-/healthy HTTP/1.1\r\nHost: x\r\n\r\n")
+                answer = extra.recv(1024)
+            except (ConnectionResetError, BrokenPipeError):  # closed with our request unread: a reset
+                answer = b""
+            assert answer == b""  # closed without an answer
+    finally:
+        for c in idle:
+            c.close()
+    try:
+        wait_status(server.url + "/-/healthy", 200)
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -72,7 +72,12 @@ def gpu(tmp_path: Path) -> Iterator[Callable[..., GpuCollector]]:
     made: list[GpuCollector] = []
 
     def make(scenario: dict[str, Any] | None = None, **cfg: Any) -> GpuCollector:
-        config: dict[str, Any] = {"gpu.backend": "fake", "gpu.fake-scenario": None, "gpu.xid-events": True}
+        config: dict[str, Any] = {
+            "gpu.backend": "fake",
+            "gpu.fake-scenario": None,
+            "gpu.xid-events": True,
+            "gpu.counter-interval": 0.0,
+        }
         if scenario is not None:
             path = tmp_path / f"scenario{len(made)}.yaml"
             path.write_text(yaml.safe_dump(scenario))
@@ -280,6 +285,25 @@ def test_ecc_errors_are_counters_by_type_and_scope(gpu: Callable[..., GpuCollect
     assert values(s, "mlops_gpu_ecc_errors_total", type="uncorrected", scope="aggregate") == [0.0]
     fake(c).devices[0]["ecc"]["volatile"]["uncorrected"] = 2
     assert values(sample(c), "mlops_gpu_ecc_errors_total", type="uncorrected", scope="volatile") == [2.0]
+
+
+def test_counters_are_reread_only_every_counter_interval(gpu: Callable[..., GpuCollector]) -> None:
+    """Between refreshes counters are reused without NVML calls; gauges are read every round."""
+    c = gpu({"devices": [{"count": 2, "ecc": {"volatile": {"corrected": 1}}}]}, **{"gpu.counter-interval": 3600.0})
+    first = sample(c)
+    f = fake(c)
+    ecc_calls, power_calls = f.calls["nvmlDeviceGetTotalEccErrors"], f.calls["nvmlDeviceGetPowerUsage"]
+    f.devices[0]["ecc"]["volatile"]["corrected"] = 5
+    f.devices[0]["power_mw"] = 100_000
+    second = sample(c)
+    assert f.calls["nvmlDeviceGetTotalEccErrors"] == ecc_calls
+    assert f.calls["nvmlDeviceGetPowerUsage"] == power_calls + 2
+    assert values(second, "mlops_gpu_power_usage_watts", gpu="0") == [100.0]
+    assert values(second, "mlops_gpu_ecc_errors_total", gpu="0", type="corrected", scope="volatile") == [1.0]
+    assert {n for n, _ in second} >= {n for n, _ in first}  # (GPM ratios join from the second round)
+    c.counter_interval = 0.0
+    third = sample(c)
+    assert values(third, "mlops_gpu_ecc_errors_total", gpu="0", type="corrected", scope="volatile") == [5.0]
 
 
 def test_throttling_is_seconds_per_reason(gpu: Callable[..., GpuCollector]) -> None:

@@ -140,7 +140,11 @@ def test_shipper_cli_into_opensearch_with_faults(fake: FakeOpenSearch, tmp_path:
     assert r.returncode == 0, r.stderr
     dead = [orjson.loads(x)["event"] for x in (tmp_path / "state" / DEAD_LETTER_FILE).read_bytes().splitlines()]
     assert len(dead) == 1
-    reconcile([*fake.all_docs().values(), *dead], {"s": 3000})
+    from opensearchpy import OpenSearch
+
+    hits = OpenSearch(hosts=[fake.url]).search(index="mlops-logs-*", body={"size": 10000})["hits"]["hits"]
+    assert {h["_index"] for h in hits} == {index_for("mlops-logs", h["_source"]["@timestamp"]) for h in hits}
+    reconcile([*(h["_source"] for h in hits), *dead], {"s": 3000})
     stats = orjson.loads((tmp_path / "state" / "stats.json").read_bytes())
     assert stats["retries_total"] >= 3 and stats["dead_letters_total"] == 1
 
@@ -172,3 +176,20 @@ def test_real_opensearch_roundtrip(tmp_path: Path) -> None:
     finally:
         client.indices.delete(index=f"{prefix}-*")
         sh.close()
+
+
+def test_dead_letter_not_doubled_by_a_crash_before_checkpoint(fake: FakeOpenSearch, tmp_path: Path) -> None:
+    """Killed after dead-lettering but before the checkpoint: the re-sent batch's rejected event is
+    not written to the dead-letter file a second time."""
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    (logs / "a.log").write_bytes(b"".join(line("s", i) for i in range(1, 201)))
+    cmd = ship_cmd([str(logs / "*.log")], opensearch=fake.url, state=tmp_path / "state", once=True)
+    fake.item_faults.append(400)  # a mapping error is deterministic: the same item fails each time
+    assert run_ship(cmd, fault="acked:1").returncode == -9
+    fake.item_faults.append(400)
+    r = run_ship(cmd)
+    assert r.returncode == 0, r.stderr
+    dead = [orjson.loads(x)["event"] for x in (tmp_path / "state" / DEAD_LETTER_FILE).read_bytes().splitlines()]
+    assert len(dead) == 1 and fake.statuses[400] == 2
+    reconcile([*fake.all_docs().values(), *dead], {"s": 200})

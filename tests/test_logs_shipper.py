@@ -8,15 +8,19 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import orjson
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from mlops_obs.collectors.shipper import ShipperCollector
 from mlops_obs.logs.shipper import STATE_FILE, Shipper, ShipperOptions, StoreSink
 from mlops_obs.logs.store import EventStore
+from tests.conftest import require_binary
 from tests.logs_helpers import (
     REPO,
     kill9,
@@ -111,7 +115,7 @@ def _shipped_offsets(sh: Shipper) -> bool:
     return all(os.fstat(tf.fd).st_size == tf.state.offset for tf in list(sh.open.values())) and bool(sh.open)
 
 
-@pytest.mark.parametrize("kind", ["rename", "copytruncate", "truncate", "delete_recreate"])
+@pytest.mark.parametrize("kind", ["rename", "rename_out_of_glob", "copytruncate", "truncate", "delete_recreate"])
 def test_rotation_while_writing(tmp_path: Path, kind: str) -> None:
     """Each rotation kind mid-stream, the shipper following: every line once, none twice.
 
@@ -126,11 +130,11 @@ def test_rotation_while_writing(tmp_path: Path, kind: str) -> None:
     t = _follow(sh)
     seq = 0
 
-    def write(n: int) -> None:
+    def write(n: int, to: Path = path) -> None:
         nonlocal seq
         for _ in range(n):
             seq += 1
-            with open(path, "ab") as f:
+            with open(to, "ab") as f:
                 f.write(line("s", seq))
 
     write(300)
@@ -139,6 +143,11 @@ def test_rotation_while_writing(tmp_path: Path, kind: str) -> None:
         wait_for(lambda: _shipped_offsets(sh))
     if kind == "rename":
         os.rename(path, logs / "app.log.1")
+        write(100, logs / "app.log.1")  # the writer's old handle still appends to the renamed file
+    elif kind == "rename_out_of_glob":  # drained through the shipper's open descriptor
+        (tmp_path / "archive").mkdir()
+        os.rename(path, tmp_path / "archive" / "app.log.1")
+        write(100, tmp_path / "archive" / "app.log.1")
     elif kind == "copytruncate":
         with open(path, "rb") as src, open(logs / "app.log.1", "wb") as dst:
             dst.write(src.read())
@@ -262,3 +271,31 @@ def test_broad_glob_never_ships_the_store_or_state(tmp_path: Path) -> None:
     evs = store_events(tmp_path / "store")
     assert {e["source"] for e in evs} == {str(logs / "a.log")}
     reconcile(evs, {"s": 50})
+
+
+def test_exporter_serves_shipper_metrics_and_promtool_accepts_them(
+    start_exporter: Callable[..., Any], tmp_path: Path
+) -> None:
+    """The real sidecar with --shipper.state-dir serves the mlops_shipper_* series, lint-clean."""
+    promtool = require_binary("promtool")
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    (logs / "a.log").write_bytes(b"".join(line("s", i) for i in range(1, 11)))
+    _once(tmp_path, [str(logs / "*.log")])
+    ex = start_exporter(**{"collector.gpu": False, "shipper.state-dir": tmp_path / "state"})
+    deadline = time.monotonic() + 30
+    text = ""
+    while time.monotonic() < deadline:
+        with urllib.request.urlopen(ex.url + "/metrics", timeout=30) as r:
+            text = r.read().decode()
+        if "mlops_shipper_events_shipped_total" in text:
+            break
+        time.sleep(0.1)
+    fams = {f.name: f for f in text_string_to_metric_families(text)}
+    assert fams["mlops_shipper_events_shipped"].samples[0].value == 10
+    assert fams["mlops_shipper_lag_bytes"].samples[0].labels["file"] == str(logs / "a.log")
+    ok = {s.labels["collector"]: s.value for s in fams["mlops_scrape_collector_success"].samples}
+    assert ok["shipper"] == 1
+    shipper_text = "".join(ln + "\n" for ln in text.splitlines() if "mlops_shipper_" in ln)
+    r = subprocess.run([promtool, "check", "metrics"], input=shipper_text.encode(), capture_output=True, timeout=60)
+    assert r.returncode == 0 and not (r.stdout + r.stderr).strip(), (r.stdout + r.stderr).decode()

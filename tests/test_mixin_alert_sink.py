@@ -139,3 +139,31 @@ def test_opensearch_sink_idempotent_and_503_when_down(tmp_path: Path) -> None:
     finally:
         s.stop()
         fake.stop()
+
+
+def test_cli_receives_and_stops_cleanly(tmp_path: Path) -> None:
+    """`mlops-obs alert-sink --store DIR` serves webhooks, and SIGTERM exits 0 with the alert committed."""
+    import signal
+    import time
+
+    from mlops_obs.prometheus_server import free_port, http_get
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "mlops_obs", "alert-sink", f"--web.listen-address=127.0.0.1:{port}",
+                             f"--store={tmp_path / 'store'}"], stderr=subprocess.PIPE)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if http_get(f"http://127.0.0.1:{port}/-/ready", timeout=1)[0] == 200:
+                    break
+            except OSError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, "alert-sink did not start"
+            time.sleep(0.1)
+        assert _post(f"http://127.0.0.1:{port}/alerts", orjson.dumps(_payload()))[0] == 200
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
+    with EventStore(tmp_path / "store") as store:
+        assert [e["fields"]["alertname"] for e in store.query(kind="alert")] == ["TrainingStalled"]

@@ -157,10 +157,13 @@ def test_kubernetes_forms_match_the_files() -> None:
     assert pr["kind"] == "PrometheusRule" and pr["metadata"]["labels"]["release"]
     groups = yaml.safe_load(files[RECORDING_FILE])["groups"] + yaml.safe_load(files[ALERTS_FILE])["groups"]
     assert pr["spec"]["groups"] == groups
-    cm = yaml.safe_load(files["deploy/kubernetes/grafana-dashboards-configmap.yaml"])
-    assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
-    assert sorted(cm["data"]) == sorted(f"{s}.json" for s in dashboards.dashboards(CFG))
-    assert json.loads(cm["data"]["gpu.json"]) == json.loads(files["dashboards/gpu.json"])
+    cms = list(yaml.safe_load_all(files["deploy/kubernetes/grafana-dashboards-configmap.yaml"]))
+    assert all(cm["kind"] == "ConfigMap" and cm["metadata"]["labels"]["grafana_dashboard"] == "1" for cm in cms)
+    data = {k: v for cm in cms for k, v in cm["data"].items()}
+    assert sorted(data) == sorted(f"{s}.json" for s in dashboards.dashboards(CFG))
+    assert json.loads(data["gpu.json"]) == json.loads(files["dashboards/gpu.json"])
+    # kubectl apply's last-applied annotation is limited to 256 KiB per object.
+    assert all(len(yaml.safe_dump(cm)) < 200_000 for cm in cms)
 
 
 def test_e2e_profile_changes_only_durations() -> None:
@@ -172,3 +175,25 @@ def test_e2e_profile_changes_only_durations() -> None:
     strip = re.compile(r"\[\w+\]|offset \w+|> \d+(\.\d+)?$")
     for name in prod:
         assert strip.sub("", prod[name].expr) == strip.sub("", fast[name].expr), name
+
+
+def test_rule_tests_follow_overridden_thresholds(tmp_path: Path) -> None:
+    """With a user's thresholds and selectors, the generated cases still fire and stay quiet as they should."""
+    promtool = require_binary("promtool")
+    cfg = mixin_config.MixinConfig(
+        straggler_score=0.6, gpu_memory_full_ratio=0.9, temperature_margin_celsius=10.0,
+        training_stall_seconds=1800.0, checkpoint_stale_seconds=3600.0, exporter_selector='job="gpu-sidecar"',
+        node_label="node",
+    )  # fmt: skip
+    files = render_files(cfg)
+    for rel in (ALERTS_FILE, RECORDING_FILE):
+        (tmp_path / Path(rel).name).write_text(files[rel])
+    keep = {"TrainingStalled", "TrainingCheckpointStale", "TrainingStraggler", "GpuMemoryNearFull",
+            "GpuTemperatureNearSlowdown", "MlopsExporterDown", "NodeCpuSaturated"}  # fmt: skip
+    spec = rules.rule_tests(cfg, [Path(ALERTS_FILE).name, Path(RECORDING_FILE).name])
+    spec["tests"] = [t for t in spec["tests"] if t["alert_rule_test"][0]["alertname"] in keep]
+    assert len(spec["tests"]) == 2 * len(keep)
+    (tmp_path / "t.yml").write_text(yaml.safe_dump(spec))
+    out = subprocess.run([promtool, "test", "rules", "t.yml"], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=120)  # fmt: skip
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]

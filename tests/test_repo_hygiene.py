@@ -37,3 +37,10 @@ def test_mypy_strict() -> None:
     mypy = _tool("mypy")
     r = subprocess.run([mypy], cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_generated_dashboards_and_alerts_are_current() -> None:
+    """Committed dashboards/ and alerts/ match what `mlops-obs generate` writes from the definitions."""
+    r = subprocess.run([sys.executable, "-m", "mlops_obs", "generate", "--check"], cwd=ROOT,
+                       capture_output=True, text=True)  # fmt: skip
+    assert r.returncode == 0, r.stdout + r.stderr

@@ -109,7 +109,7 @@ def test_straggler_and_slow_data_move_their_metrics(env: Env) -> None:
     """A 4x-slow rank is the only one scored below 0.75 (also in Prometheus); a slow loader shows as that
     rank's data wait; the others wait in the all-reduce; checkpoints, goodput, badput and MFU are exported."""
     steps = 45
-    r = env.workload("slow", steps, "--inject=straggler:rank=1,factor=4", "--inject=slow-data:rank=2,factor=20",
+    r = env.workload("slow", steps, "--inject=straggler:rank=1,factor=4", "--inject=slow-data:rank=2,factor=10",
                      "--checkpoint-every=15", "--peak-flops=1e11")  # fmt: skip
     assert r.returncode == 0, r.stderr
     assert "injecting straggler:rank=1,factor=4" in r.stderr

@@ -93,15 +93,19 @@ class Exporter:
         self.sampler = Sampler(
             self.collectors, config["sampler.interval"], config["collector.deadline"], self.log, static=_build_info()
         )
-        self.server = ExporterServer(
-            config["web.listen-address"],
-            self.sampler,
-            config["web.telemetry-path"],
-            log=self.log,
-            web=web,
-            max_requests=int(config.get("web.max-requests", 40)),
-            on_reload=self.reload,
-        )
+        try:
+            self.server = ExporterServer(
+                config["web.listen-address"],
+                self.sampler,
+                config["web.telemetry-path"],
+                log=self.log,
+                web=web,
+                max_requests=int(config.get("web.max-requests", 40)),
+                on_reload=self.reload,
+            )
+        except OSError:
+            self.sampler.stop()  # releases what the collectors opened (NVML, threads)
+            raise
         self._reload_lock = threading.Lock()
 
     @property

@@ -5,8 +5,9 @@ gzip of an unchanged body is reused. TLS is negotiated on the connection's own t
 accept loop, where one slow or hostile client would stall every other), basic auth follows
 exporter-toolkit's rules (every path, bcrypt, ``WWW-Authenticate`` on 401), and at most
 ``max_requests`` requests are served at once: over that, 503 at once instead of piling up threads,
-as node_exporter's ``--web.max-requests`` does. Idle or slow connections are dropped after
-``REQUEST_TIMEOUT`` seconds so they cannot hold threads forever.
+as node_exporter's ``--web.max-requests`` does. Open connections are capped at four times that (at
+least 16), and idle or slow ones are dropped after ``REQUEST_TIMEOUT`` seconds, so a flood of
+sockets cannot hold threads forever.
 """
 
 from __future__ import annotations
@@ -52,6 +53,8 @@ class ExporterServer(ThreadingHTTPServer):
         self.log = log
         self.web = web or WebConfig()
         self.on_reload = on_reload
+        self.connections = 0
+        self._conn_lock = threading.Lock()
         self.set_max_requests(max_requests)
         self._gzip_cache: tuple[bytes, bytes] | None = None
         super().__init__(address, _Handler)
@@ -59,6 +62,29 @@ class ExporterServer(ThreadingHTTPServer):
     def set_max_requests(self, n: int) -> None:
         self.max_requests = n
         self.slots: threading.BoundedSemaphore | None = threading.BoundedSemaphore(n) if n > 0 else None
+        # Open connections (each holds a thread, idle keep-alives included) are capped too, so a
+        # flood of idle sockets cannot exhaust threads before any request is even read.
+        self.max_connections = 0 if n == 0 else max(16, 4 * n)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self._conn_lock:
+            if self.max_connections and self.connections >= self.max_connections:
+                self.shutdown_request(request)
+                return
+            self.connections += 1
+        try:
+            super().process_request(request, client_address)
+        except Exception:
+            with self._conn_lock:
+                self.connections -= 1
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            with self._conn_lock:
+                self.connections -= 1
 
     @property
     def url(self) -> str:

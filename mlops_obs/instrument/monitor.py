@@ -37,6 +37,8 @@ T = TypeVar("T")
 
 _perf = time.perf_counter
 _wall = time.time
+_bisect = bisect.bisect_left
+_STEP_BUCKETS = snapshot.STEP_BUCKETS
 
 
 def _env_int(*names: str, default: int) -> int:
@@ -73,13 +75,14 @@ class _Step:
         if not m.first_step_time:
             m.first_step_time = _wall()
         self.c0 = m.collective_seconds
-        self.dw0 = m.phase_seconds["data_wait"]
+        self.dw0 = m._data_wait.total
         self.start = _perf()
         return self
 
     def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
         m = self._m
-        dur = _perf() - self.start
+        end = _perf()
+        dur = end - self.start
         if et is not None:
             m.failed_steps += 1
             m.failed_step_seconds += dur
@@ -88,24 +91,26 @@ class _Step:
         m.samples += self.samples
         m.tokens += self.tokens
         m.step_seconds_sum += dur
-        m.goodput_seconds += dur - (m.phase_seconds["data_wait"] - self.dw0)
-        m.step_buckets[bisect.bisect_left(snapshot.STEP_BUCKETS, dur)] += 1
-        r = m._recent
-        r[m._recent_i % len(r)] = dur - (m.collective_seconds - self.c0)
-        m._recent_i += 1
-        m.last_step_time = _wall()
+        m.goodput_seconds += dur - (m._data_wait.total - self.dw0)
+        m.step_buckets[_bisect(_STEP_BUCKETS, dur)] += 1
+        i = m._recent_i
+        m._recent[i % m._window] = dur - (m.collective_seconds - self.c0)
+        m._recent_i = i + 1
+        m.last_step_perf = end  # turned into wall time off the hot path, saving a clock read
 
 
 class _Phase:
-    """Reusable ``with`` target for one phase; collective time reported inside it is not counted twice."""
+    """Reusable ``with`` target for one phase, holding the phase's running total itself (cheaper than a
+    dict update); collective time reported inside it is not counted twice."""
 
-    __slots__ = ("_m", "c0", "name", "start")
+    __slots__ = ("_m", "c0", "name", "start", "total")
 
     def __init__(self, m: TrainingMonitor, name: str) -> None:
         self._m = m
         self.name = name
         self.start = 0.0
         self.c0 = 0.0
+        self.total = 0.0
 
     def __enter__(self) -> _Phase:
         self.c0 = self._m.collective_seconds
@@ -113,9 +118,7 @@ class _Phase:
         return self
 
     def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
-        m = self._m
-        p = m.phase_seconds
-        p[self.name] = p.get(self.name, 0.0) + (_perf() - self.start) - (m.collective_seconds - self.c0)
+        self.total += _perf() - self.start - (self._m.collective_seconds - self.c0)
 
 
 class _Timed:
@@ -144,6 +147,18 @@ class _Timed:
                 m.last_checkpoint_time = _wall()
             else:
                 m.failed_checkpoints += 1
+
+
+class _PhaseTable(dict[str, "_Phase"]):
+    """Phase name -> reusable :class:`_Phase`; a new name gets its phase on first use."""
+
+    def __init__(self, m: TrainingMonitor) -> None:
+        super().__init__((name, _Phase(m, name)) for name in PHASES)
+        self._m = m
+
+    def __missing__(self, name: str) -> _Phase:
+        p = self[name] = _Phase(self._m, str(name))
+        return p
 
 
 class _Null:
@@ -222,7 +237,6 @@ class TrainingMonitor:
         self.collectives = 0
         self.first_step_time = 0.0
         self.step_buckets = [0] * (len(snapshot.STEP_BUCKETS) + 1)
-        self.phase_seconds: dict[str, float] = dict.fromkeys(PHASES, 0.0)
         self.badput_seconds: dict[str, float] = {}
         self.checkpoint_buckets = [0] * (len(snapshot.CHECKPOINT_BUCKETS) + 1)
         self.checkpoint_seconds_sum = 0.0
@@ -230,8 +244,9 @@ class TrainingMonitor:
         self.last_checkpoint_time = 0.0
         self.gauges: dict[str, float] = {}
         self.nonfinite_loss = 0
-        self.last_step_time = 0.0
-        self._recent = [0.0] * max(1, window)
+        self.last_step_perf = 0.0
+        self._window = max(1, window)
+        self._recent = [0.0] * self._window
         self._recent_i = 0
 
         self.flush_errors = 0
@@ -240,7 +255,9 @@ class TrainingMonitor:
         self._samplers: list[Callable[[TrainingMonitor], None]] = []
         self._mfu_mark: tuple[float, int, int] | None = None
         self._step_ctx = _Step(self)
-        self._phases = {name: _Phase(self, name) for name in PHASES}
+        self._phases = _PhaseTable(self)
+        self._data_wait = self._phases["data_wait"]
+        self._collective = self._phases["collective"]
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._closed = False
@@ -255,6 +272,9 @@ class TrainingMonitor:
             self._thread = threading.Thread(target=self._run, name="mlops-obs-flush", daemon=True)
             self._thread.start()
             atexit.register(self.close)
+            # ``monitor.phase(name)`` becomes a C-level dict lookup: the phase objects are reused, and
+            # a Python-level method call would be a fifth of the whole step's cost.
+            self.phase = self._phases.__getitem__  # type: ignore[method-assign,assignment]
 
     # --- hot path ---------------------------------------------------------------------------------
 
@@ -300,11 +320,11 @@ class TrainingMonitor:
         """
         self.collective_seconds += seconds
         self.collectives += 1
-        self.phase_seconds["collective"] += seconds
+        self._collective.total += seconds
 
     def add_data_wait(self, seconds: float) -> None:
         """Time spent waiting for the next batch (the DataLoader wrapper reports it)."""
-        self.phase_seconds["data_wait"] += seconds
+        self._data_wait.total += seconds
 
     # --- rare events ------------------------------------------------------------------------------
 
@@ -341,15 +361,15 @@ class TrainingMonitor:
             yield from iterable
             return
         it = iter(iterable)
-        p = self.phase_seconds
+        p = self._data_wait
         while True:
             t0 = _perf()
             try:
                 item = next(it)
             except StopIteration:
-                p["data_wait"] += _perf() - t0
+                p.total += _perf() - t0
                 return
-            p["data_wait"] += _perf() - t0
+            p.total += _perf() - t0
             yield item
 
     def add_sampler(self, fn: Callable[[TrainingMonitor], None]) -> None:
@@ -361,13 +381,25 @@ class TrainingMonitor:
 
     # --- hand-off ---------------------------------------------------------------------------------
 
+    @property
+    def phase_seconds(self) -> dict[str, float]:
+        """Seconds per phase so far (a copy)."""
+        return {name: p.total for name, p in list(self._phases.items())}
+
+    @property
+    def last_step_time(self) -> float:
+        """Unix time the last step finished (0 before the first), from the step's monotonic end."""
+        if not self.last_step_perf:
+            return 0.0
+        return _wall() - (_perf() - self.last_step_perf)
+
     def state(self) -> dict[str, Any]:
         """The snapshot written for the sidecar; a copy, safe to serialise off the training thread."""
         n = min(self._recent_i, len(self._recent))
         i = self._recent_i
         recent = [self._recent[(i - n + k) % len(self._recent)] for k in range(n)]
         badput = dict(self.badput_seconds)
-        badput["data_loading"] = badput.get("data_loading", 0.0) + self.phase_seconds.get("data_wait", 0.0)
+        badput["data_loading"] = badput.get("data_loading", 0.0) + self._data_wait.total
         if self.failed_step_seconds:
             badput["failed_step"] = badput.get("failed_step", 0.0) + self.failed_step_seconds
         if self.first_step_time:
@@ -388,7 +420,7 @@ class TrainingMonitor:
             "tokens": self.tokens,
             "step_seconds_sum": self.step_seconds_sum,
             "step_buckets": list(self.step_buckets),
-            "phase_seconds": dict(self.phase_seconds),
+            "phase_seconds": self.phase_seconds,
             # JSON has no NaN: a non-finite gauge (the loss that went NaN) travels as "nan"/"inf".
             "gauges": {k: (v if v - v == 0.0 else str(v)) for k, v in list(self.gauges.items())},
             "nonfinite_loss": self.nonfinite_loss,

@@ -27,6 +27,7 @@ from mlops_obs.logs.redact import RedactSecrets
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warn": logging.WARNING, "warning": logging.WARNING,
            "error": logging.ERROR, "critical": logging.CRITICAL}  # fmt: skip
 FORMATS = ("json", "logfmt", "console", "auto")
+_configured = False
 
 
 class SequenceNumber:
@@ -43,21 +44,30 @@ class SequenceNumber:
 class JobStamp:
     """Adds the bound context (job, rank, node, run_id), ``level``, ``ts`` and ``seq`` in one step.
 
-    One fused processor instead of four: on a training node every microsecond of logging is taken
-    from the step, and each processor call costs as much as the work it does.
+    One fused processor with the timestamp and counter inlined, instead of four processors: on a
+    training node every microsecond of logging is taken from the step, and each Python call costs
+    about as much as the work it wraps. ``ts`` is formatted like :class:`UTCTimestamp`.
     """
 
     def __init__(self, context: Mapping[str, Any] | None = None) -> None:
-        self._context = dict(context or {})
-        self._ts = UTCTimestamp("ts")
-        self._seq = SequenceNumber()
+        self._context = tuple(dict(context or {}).items())
+        self._counter = itertools.count(1)
+        self._sec = -1
+        self._prefix = ""
 
     def __call__(self, logger: Any, method: str, event_dict: dict[str, Any]) -> dict[str, Any]:
-        for k, v in self._context.items():
-            event_dict.setdefault(k, v)
+        for k, v in self._context:
+            if k not in event_dict:
+                event_dict[k] = v
         event_dict["level"] = "warning" if method == "warn" else method
-        self._ts(logger, method, event_dict)
-        return self._seq(logger, method, event_dict)
+        now = time.time()
+        sec = int(now)
+        if sec != self._sec:
+            self._prefix = _dt.datetime.fromtimestamp(sec, tz=_dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.")
+            self._sec = sec
+        event_dict["ts"] = f"{self._prefix}{int((now - sec) * 1_000_000):06d}Z"
+        event_dict["seq"] = next(self._counter)
+        return event_dict
 
 
 class UTCTimestamp:
@@ -148,6 +158,8 @@ def configure(
         cache_logger_on_first_use=True,
     )
     structlog.contextvars.clear_contextvars()
+    global _configured
+    _configured = True
     if capture_stdlib:
         root = logging.getLogger()
         for h in list(root.handlers):
@@ -170,4 +182,9 @@ def _binary(stream: IO[Any]) -> IO[bytes]:
 
 
 def get_logger(**initial: Any) -> Any:
+    """A logger for this process. After :func:`configure` it is a concrete bound logger (no lazy
+    proxy in front of every call, as structlog's performance guide advises); before, the lazy proxy,
+    so a module-level logger still follows the configuration made later."""
+    if _configured:
+        return structlog.get_logger().bind(**initial)
     return structlog.get_logger(**initial)

@@ -232,6 +232,7 @@ class Shipper:
         self._last_stats = 0.0
         self._checkpoint_error: str | None = None
         self._deferred: dict[tuple[int, int], float] = {}
+        self._unreadable: set[str] = set()
         self._load_state()
 
     # --- state ---
@@ -423,8 +424,12 @@ class Shipper:
     def _adopt(self, path: str, seen: set[str], now: float) -> bool:
         try:
             fd = os.open(path, os.O_RDONLY)
-        except OSError:
+        except OSError as e:
+            if path not in self._unreadable:  # say it once, not every scan
+                self._unreadable.add(path)
+                self._say("error", "cannot open log file", path=path, error=e.strerror)
             return False
+        self._unreadable.discard(path)
         try:
             st = os.fstat(fd)
             head = _head(fd)
@@ -470,11 +475,16 @@ class Shipper:
         next scan treats the file as new. Without this, the tail of a new line would ship under the
         old id and its lines twice.
         """
-        data = os.pread(tf.fd, self.opts.read_chunk, tf.buf_start + len(tf.buf))
+        try:
+            data = os.pread(tf.fd, self.opts.read_chunk, tf.buf_start + len(tf.buf))
+            head = os.pread(tf.fd, tf.state.head_len, 0) if data else b""
+        except OSError as e:  # EIO on a failing disk, a vanished network mount: retry on later rounds
+            self._say("error", "cannot read log file", path=tf.state.path, error=e.strerror)
+            tf.eof = True
+            return False
         if not data:
             tf.eof = True
             return False
-        head = os.pread(tf.fd, tf.state.head_len, 0)
         if _hash(head) != tf.state.head_hash:
             tf.eof = True
             self._last_scan = 0.0  # rescan now

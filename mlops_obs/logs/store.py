@@ -126,9 +126,10 @@ def _row(ev: Mapping[str, Any]) -> tuple[Any, ...]:
     fields = ev.get("fields")
     if fields is None:
         fields = {}
-    elif not isinstance(fields, Mapping):
+    elif type(fields) is not dict and not isinstance(fields, Mapping):
         raise EventError(f"event {eid!r}: fields must be a mapping")
-    job, node, level, rank, seq, off = (ev.get(k) for k in ("job", "node", "level", "rank", "seq", "offset"))
+    get = ev.get
+    job, node, level, rank, seq, off = get("job"), get("node"), get("level"), get("rank"), get("seq"), get("offset")
     if job is not None and type(job) is not str:
         job = str(job)
     if node is not None and type(node) is not str:
@@ -141,9 +142,10 @@ def _row(ev: Mapping[str, Any]) -> tuple[Any, ...]:
         seq = _opt_int(seq, "seq", eid)
     if type(off) is not int:
         off = _opt_int(off, "offset", eid) or 0
-    msg = ev.get("message", "")
+    msg = get("message", "")
+    src = get("source", "")
     return (eid, ts, kind, job, rank, node, level, msg if type(msg) is str else str(msg), seq,
-            str(ev.get("source", "")), off, orjson.dumps(fields, default=str))  # fmt: skip
+            src if type(src) is str else str(src), off, orjson.dumps(fields, default=str))  # fmt: skip
 
 
 class EventStore:

@@ -8,6 +8,7 @@ comparison and a diff of a regenerated file shows exactly what a definition chan
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -50,8 +51,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> list[Setting]:
     return list(COMMON_SETTINGS + GENERATE_SETTINGS)
 
 
-def _yaml(data: Any) -> str:
-    return HEADER + yaml.safe_dump(data, sort_keys=True, width=10_000, allow_unicode=True, default_flow_style=False)
+class _Dumper(yaml.SafeDumper):
+    """No ``&id001`` anchors for repeated objects: generated files are read by people and diffed."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
+def _yaml(data: Any, *more: Any) -> str:
+    docs = [data, *more]
+    return HEADER + "---\n".join(
+        yaml.dump(d, Dumper=_Dumper, sort_keys=True, width=10_000, allow_unicode=True, default_flow_style=False)
+        for d in docs
+    )
 
 
 def render_files(cfg: mixin_config.MixinConfig, sink_url: str | None = None) -> dict[str, str]:
@@ -68,9 +80,9 @@ def render_files(cfg: mixin_config.MixinConfig, sink_url: str | None = None) -> 
     files[RULE_TESTS_FILE] = _yaml(rules.rule_tests(cfg, ["../../" + ALERTS_FILE, "../../" + RECORDING_FILE]))
     all_groups = recording_groups["groups"] + alert_groups["groups"]
     files["deploy/kubernetes/prometheus-rule.yaml"] = _yaml(kubernetes.prometheus_rule(all_groups))
-    files["deploy/kubernetes/grafana-dashboards-configmap.yaml"] = _yaml(
-        kubernetes.dashboards_configmap(dashboards_json)
-    )
+    compact = {name: json.dumps(json.loads(text), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+               for name, text in dashboards_json.items()}  # fmt: skip
+    files["deploy/kubernetes/grafana-dashboards-configmap.yaml"] = _yaml(*kubernetes.dashboards_configmaps(compact))
     files["docs/runbooks.md"] = runbooks.render(cfg)
     return files
 

@@ -25,16 +25,21 @@ def prometheus_rule(groups: list[dict[str, Any]], name: str = "mlops-obs") -> di
     }
 
 
-def dashboards_configmap(dashboards: dict[str, str], name: str = "mlops-obs-dashboards") -> dict[str, Any]:
-    """``dashboards``: file name -> JSON text. ``grafana_dashboard: "1"`` is the sidecar's default label."""
-    return {
-        "apiVersion": "v1",
-        "kind": "ConfigMap",
-        "metadata": {
-            "name": name,
-            "namespace": NAMESPACE,
-            "labels": {"app.kubernetes.io/name": "mlops-obs", "grafana_dashboard": "1"},
-            "annotations": {"grafana_folder": "mlops-obs"},
-        },
-        "data": dict(sorted(dashboards.items())),
-    }
+def dashboards_configmaps(dashboards: dict[str, str], prefix: str = "mlops-obs-dashboard") -> list[dict[str, Any]]:
+    """One ConfigMap per dashboard (``file name -> JSON text``), labelled ``grafana_dashboard: "1"`` (the
+    sidecar's default). One each, as kube-prometheus does, because ``kubectl apply`` keeps a copy in an
+    annotation limited to 256 KiB, which all dashboards together would exceed."""
+    return [
+        {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {
+                "name": f"{prefix}-{name.removesuffix('.json')}",
+                "namespace": NAMESPACE,
+                "labels": {"app.kubernetes.io/name": "mlops-obs", "grafana_dashboard": "1"},
+                "annotations": {"grafana_folder": "mlops-obs"},
+            },
+            "data": {name: text},
+        }
+        for name, text in sorted(dashboards.items())
+    ]

@@ -104,10 +104,6 @@ def recording_rules(cfg: MixinConfig) -> list[Recording]:
             f"sum by (job) (rate(mlops_training_samples_total{selector(t)}[{rw}]))",
         ),
         Recording(
-            "job_rank:mlops_training_samples:rate_recent",
-            f"sum without (node) (rate(mlops_training_samples_total{selector(t)}[{rw}]))",
-        ),
-        Recording(
             "job_rank:mlops_training_phase_seconds:ratio_rate_recent",
             f"rate(mlops_training_phase_seconds_total{selector(t)}[{rw}]) / ignoring (phase) group_left () "
             f"sum without (phase) (rate(mlops_training_phase_seconds_total{selector(t)}[{rw}]))",
@@ -265,7 +261,7 @@ def gpu_alerts(c: MixinConfig) -> list[Alert]:
         Alert(
             "GpuPcieLinkDegraded",
             "gpu",
-            f"mlops_gpu_pcie_link_width{selector(s)} < mlops_gpu_pcie_link_width_max{selector(s)}",
+            f"mlops_gpu_pcie_link_width{selector(s)} < {on} group_left () mlops_gpu_pcie_link_width_max{selector(s)}",
             c.for_medium,
             "warning",
             f"{where} runs its PCIe link below full width",

@@ -9,7 +9,9 @@ from mlops_obs.mixin.rules import alerts
 ACTIONS: dict[str, str] = {
     "GpuXidCritical": "Cordon/drain the node. Look the code up in NVIDIA's XID catalogue; 48/63/64/92/94/95: reset "
     "the GPU (`nvidia-smi -r`) once idle; 79: reboot; repeated codes on one GPU: RMA. Restart the job from its last "
-    "checkpoint elsewhere.",
+    "checkpoint elsewhere. Note: the rule also fires for an XID counter it has not seen before (a first XID of a "
+    "code starts its counter at 1, which `increase()` cannot see), so right after a Prometheus restart with an "
+    "empty TSDB, old XIDs re-announce themselves once.",
     "GpuXidError": "Check `dmesg | grep -i xid` on the node and the job's log at that time. Unknown codes are "
     "usually driver issues: compare the driver version (`mlops_gpu_info`) with the rest of the fleet.",
     "GpuEccUncorrectedErrors": "Drain the node; the job on that GPU likely crashed or produced bad results. Reset "

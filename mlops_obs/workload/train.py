@@ -150,7 +150,10 @@ def main() -> int:
                     torch.save({"step": step, "model": model.state_dict()}, ckpt_path)
                 log.info("checkpoint saved", step=step, path=str(ckpt_path))
     except NonFiniteLossError as e:
+        # A job with a loss check stops here, on the rank that saw it; its peers block in the next
+        # all-reduce until the launcher stops them.
         log.error("non-finite loss, stopping", step=e.step, loss=str(e.value))
+        log_file.flush()
         monitor.close()
         print(f"workload rank {rank}: {e}", file=sys.stderr)
         return 1

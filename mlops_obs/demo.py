@@ -48,6 +48,17 @@ def _say(msg: str) -> None:
     print(msg, file=sys.stdout, flush=True)
 
 
+def _loss(snap: dict[str, Any]) -> str | None:
+    """The last loss, formatted; snapshots write a NaN or infinite loss as a string."""
+    v = (snap.get("gauges") or {}).get("loss")
+    if v is None:
+        return None
+    try:
+        return f"{float(v):.4f}"
+    except (TypeError, ValueError):
+        return str(v)
+
+
 def _progress(mp_dir: Path, steps: int, world: int) -> str:
     snaps = {int(s["rank"]): s for s in snapshot.scan(mp_dir)}
     parts = []
@@ -56,13 +67,15 @@ def _progress(mp_dir: Path, steps: int, world: int) -> str:
         if s is None:
             parts.append(f"rank{r}: starting")
         else:
-            loss = (s.get("gauges") or {}).get("loss")
-            parts.append(f"rank{r}: {s['steps']}/{steps}" + (f" loss={loss:.3f}" if loss is not None else ""))
+            loss = _loss(s)
+            parts.append(f"rank{r}: {s['steps']}/{steps}" + (f" loss={loss}" if loss is not None else ""))
     return "  ".join(parts)
 
 
 def run(cfg: Mapping[str, Any]) -> int:
-    from mlops_obs.exporter import EXPORTER_SETTINGS, Exporter
+    from mlops_obs.config import resolve
+    from mlops_obs.exporter import Exporter
+    from mlops_obs.exporter import settings as exporter_settings
     from mlops_obs.logs import configure, get_logger
     from mlops_obs.workload.command import WORKLOAD_SETTINGS, launch
 
@@ -72,10 +85,13 @@ def run(cfg: Mapping[str, Any]) -> int:
     steps, world = int(cfg["steps"]), int(cfg["world-size"])
     _say(f"mlops-obs demo: work directory {workdir}")
 
-    ex_cfg: dict[str, Any] = {s.key: s.default for s in EXPORTER_SETTINGS}
-    ex_cfg.update({"web.listen-address": cfg["web.listen-address"], "sampler.interval": 0.5,
-                   "collector.host": True, "collector.gpu": True, "collector.training": True,
-                   "multiproc-dir": mp_dir, "training.retention": 3600.0})  # fmt: skip
+    host, port = cfg["web.listen-address"]
+    ex_cfg = resolve(
+        exporter_settings(),
+        {"web.listen-address": f"{host}:{port}", "sampler.interval": "0.5s", "multiproc-dir": str(mp_dir),
+         "training.retention": "1h", "host.filesystem-paths": ["/", str(workdir)]},
+        environ={},
+    )  # fmt: skip
     exporter = Exporter(ex_cfg, get_logger(component="exporter")).start()
     metrics_url = exporter.url + "/metrics"
     _say(f"  exporter:   {metrics_url}")
@@ -127,9 +143,9 @@ def _summary(mp_dir: Path, prom: PrometheusProcess | None, world: int, steps: in
         n = max(1, int(s["steps"]))
         mean_ms = 1000.0 * float(s["step_seconds_sum"]) / n
         sps = float(s["samples"]) / max(1e-9, float(s["step_seconds_sum"]))
-        loss = (s.get("gauges") or {}).get("loss")
+        loss = _loss(s)
         _say(f"  rank {s['rank']}: {s['steps']} steps, {s['samples']} samples, mean step {mean_ms:.2f} ms, "
-             f"{sps:,.0f} samples/s, final loss {loss:.4f}" if loss is not None else "")  # fmt: skip
+             f"{sps:,.0f} samples/s" + (f", final loss {loss}" if loss is not None else ""))  # fmt: skip
     if prom is None:
         return
     try:
@@ -144,6 +160,19 @@ def _summary(mp_dir: Path, prom: PrometheusProcess | None, world: int, steps: in
     for r in prom.query("mlops_training_steps_total"):
         _say(f"  mlops_training_steps_total{{job={r['metric'].get('job')!r}, rank={r['metric'].get('rank')!r}}} "
              f"= {float(r['value'][1]):.0f}")  # fmt: skip
+    scores = prom.query("mlops_training_straggler_score")
+    if scores:
+        shown = ", ".join(f"rank {r['metric'].get('rank')}: {float(r['value'][1]):.2f}" for r in scores)
+        _say(f"  straggler score (1 = typical, < 0.75 flagged): {shown}")
+    phases = prom.query('sum by (phase) (mlops_training_phase_seconds_total{job="demo"})')
+    total = sum(float(r["value"][1]) for r in phases)
+    if total > 0:
+        shown = ", ".join(
+            f"{r['metric'].get('phase')} {100 * float(r['value'][1]) / total:.0f}%"
+            for r in sorted(phases, key=lambda r: -float(r["value"][1]))
+            if float(r["value"][1]) > 0
+        )
+        _say(f"  where step time went: {shown}")
     for expr, label in (
         ("sum(count by (__name__) ({__name__=~'mlops_node_.+'}))", "host series"),
         ("count(mlops_scrape_collector_success == 1)", "collectors succeeding"),

@@ -40,8 +40,8 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "setup: installing Python packages into .venv"
   # torch first, pinned: a bare `torch` requirement would pull a multi-GB CUDA build.
   .venv/bin/python -m pip install -q --disable-pip-version-check 'torch==2.13.0' 2>&1 | grep -v 'is ignored' || true
-  .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[torch,dev]' 2>&1 | grep -v 'is ignored' || true
-  .venv/bin/python -c 'import mlops_obs, torch, prometheus_client, structlog' || { echo "setup: install failed" >&2; exit 1; }
+  .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[torch,integrations,dev]' 2>&1 | grep -v 'is ignored' || true
+  .venv/bin/python -c 'import mlops_obs, torch, prometheus_client, structlog, lightning, transformers' || { echo "setup: install failed" >&2; exit 1; }
   echo "$want" > "$stamp"
 fi
 echo "setup: ready (.venv/bin/mlops-obs)"

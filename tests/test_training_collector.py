@@ -7,6 +7,7 @@ import multiprocessing
 import os
 import random
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -113,10 +114,11 @@ def test_restarting_a_rank_200_times_keeps_directory_and_scrape_flat(tmp_path: P
         dir_bytes = sum(e.stat().st_size for e in files)
         # Every incarnation lands in the same file: the sidecar reads the last one's snapshot.
         body = b""
-        for _ in range(50):
+        for _ in range(200):  # the sampler picks the file up on its next round
             _, body = http_get(ex.url + "/metrics")
             if b'mlops_training_steps_total{job="restart",node="n",rank="1"}' in body:
                 break
+            time.sleep(0.05)
         training = [ln for ln in body.splitlines() if ln.startswith(b"mlops_training_")]
         return len(files) - tmp, tmp, dir_bytes, len(training), sum(len(ln) for ln in training)
 

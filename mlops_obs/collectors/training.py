@@ -127,6 +127,12 @@ class TrainingCollector(Collector):
             labels=LABELS,
         )
         world = GaugeMetricFamily("mlops_training_world_size", "Ranks in the job.", labels=LABELS)
+        finished = GaugeMetricFamily(
+            "mlops_training_finished",
+            "1 once the rank closed its monitor (training ended or the process exited), so a silent heartbeat "
+            "is not a stall.",
+            labels=LABELS,
+        )
         goodput = counter("mlops_training_goodput_seconds", "Seconds of productive training (steps, less data wait).")
         badput = CounterMetricFamily(
             "mlops_training_badput_seconds",
@@ -179,6 +185,7 @@ class TrainingCollector(Collector):
                 heartbeat.add_metric(lv, float(s["last_step_time"]))
             started.add_metric(lv, float(s.get("start_time", 0.0)))
             world.add_metric(lv, float(s.get("world_size", 1)))
+            finished.add_metric(lv, 1.0 if s.get("closed") else 0.0)
             for k, fam in gauges.items():
                 v = (s.get("gauges") or {}).get(k)
                 if v is not None:
@@ -194,6 +201,7 @@ class TrainingCollector(Collector):
             heartbeat,
             started,
             world,
+            finished,
             goodput,
             badput,
             ckpt,

@@ -33,6 +33,8 @@ _HEADER_CACHE_MAX = 4096
 # ``k="v",...`` text is kept. Bounded: cleared when full, never grows with churn.
 _label_cache: dict[tuple[tuple[str, str], ...], str] = {}
 _LABEL_CACHE_MAX = 50_000
+_value_cache: dict[float, str] = {}
+_VALUE_CACHE_MAX = 20_000
 
 
 def _escape_label_value(v: str) -> str:
@@ -59,6 +61,18 @@ def format_value(v: float) -> str:
     return s
 
 
+def _cached_value(v: float) -> str:
+    """``format_value`` through a bounded cache: thresholds, totals, limits and flags repeat every round."""
+    text = _value_cache.get(v)
+    if text is None:
+        text = format_value(v)
+        if v == v:  # NaN never equals itself: caching it would only add keys
+            if len(_value_cache) >= _VALUE_CACHE_MAX:
+                _value_cache.clear()
+            _value_cache[v] = text
+    return text
+
+
 def _header(name: str, mtype: str, documentation: str) -> str:
     key = (name, mtype, documentation)
     h = _header_cache.get(key)
@@ -74,6 +88,7 @@ def render(families: Iterable[Metric]) -> bytes:
     """Byte for byte what ``generate_latest`` writes for these families (the tests hold it to that)."""
     out: list[str] = []
     append = out.append
+    value = _cached_value
     for metric in families:
         mtype = metric.type
         name = metric.name
@@ -94,9 +109,9 @@ def render(families: Iterable[Metric]) -> bytes:
                     if len(_label_cache) >= _LABEL_CACHE_MAX:
                         _label_cache.clear()  # label sets churned (processes came and went): start over
                     _label_cache[key] = body
-                line = f"{s.name}{{{body}}} {format_value(s.value)}"
+                line = f"{s.name}{{{body}}} {value(s.value)}"
             else:
-                line = f"{s.name} {format_value(s.value)}"
+                line = f"{s.name} {value(s.value)}"
             if s.timestamp is not None:
                 line += f" {int(float(s.timestamp) * 1000):d}"
             if s.name in om_names:

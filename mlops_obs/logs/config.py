@@ -168,6 +168,24 @@ def configure(
         root.addHandler(_StdlibToStructlog())
         root.setLevel(min_level)
         logging.captureWarnings(True)
+        _reroute_private_library_loggers()
+
+
+# Libraries that give their loggers a stderr handler of their own and stop propagation (torch's
+# ``torch._logging`` does this for ``torch`` and ``torch.distributed`` once torch is imported), so their
+# records would bypass the root handler and reach the job's stream only as unstructured stderr text.
+_REROUTED_PREFIXES = ("torch",)
+
+
+def _reroute_private_library_loggers() -> None:
+    for name, lg in list(logging.root.manager.loggerDict.items()):
+        if not isinstance(lg, logging.Logger) or lg.propagate:
+            continue
+        if name.split(".", 1)[0] in _REROUTED_PREFIXES:
+            for h in list(lg.handlers):
+                if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler):
+                    lg.removeHandler(h)
+            lg.propagate = True
 
 
 def _isatty(stream: IO[Any]) -> bool:

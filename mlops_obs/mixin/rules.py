@@ -41,6 +41,8 @@ class Alert:
     fires: Case
     quiet: Case
     extra_labels: Labels = field(default_factory=dict)
+    # Further cases where the alert must stay quiet (a known false positive it guards against).
+    also_quiet: tuple[Case, ...] = ()
 
     def rule(self, cfg: MixinConfig) -> dict[str, Any]:
         return {
@@ -529,18 +531,33 @@ def training_alerts(c: MixinConfig) -> list[Alert]:
         Alert(
             "TrainingStalled",
             "training",
-            f"time() - mlops_training_last_step_timestamp_seconds{selector(t)} > {c.training_stall_seconds:g}",
+            # A rank that closed its monitor (training finished) keeps its last heartbeat until the sidecar's
+            # retention forgets it: that silence is not a stall.
+            f"(time() - mlops_training_last_step_timestamp_seconds{selector(t)} > {c.training_stall_seconds:g})"
+            f" unless on (job, rank) (mlops_training_finished{selector(t)} == 1)",
             c.for_stall,
             "critical",
             f"{who} has stopped making progress",
             f"{who} has not finished a step for more than {c.training_stall_seconds:g}s: a hung collective, "
             "a dead peer or a stuck data loader. Check its logs around the last step.",
             Case(
-                {f"mlops_training_last_step_timestamp_seconds{tl}": f"0+60x10 600x{stall_at + 5}"},
+                {
+                    f"mlops_training_last_step_timestamp_seconds{tl}": f"0+60x10 600x{stall_at + 5}",
+                    f"mlops_training_finished{tl}": f"0x{stall_at + 15}",
+                },
                 f"{stall_at}m",
                 (tr,),
             ),
             Case({f"mlops_training_last_step_timestamp_seconds{tl}": f"0+60x{stall_at + 5}"}, f"{stall_at}m"),
+            also_quiet=(
+                Case(
+                    {
+                        f"mlops_training_last_step_timestamp_seconds{tl}": f"0+60x10 600x{stall_at + 5}",
+                        f"mlops_training_finished{tl}": f"0x10 1x{stall_at + 5}",
+                    },
+                    f"{stall_at}m",
+                ),
+            ),
         ),
         Alert(
             "TrainingStraggler",
@@ -818,7 +835,7 @@ def rule_tests(cfg: MixinConfig, rule_files: list[str]) -> dict[str, Any]:
     for a in alerts(cfg):
         if "$value" in a.summary + a.description:
             raise ValueError(f"{a.name}: annotations with $value cannot be unit-tested exactly; use thresholds")
-        for case, firing in ((a.fires, True), (a.quiet, False)):
+        for case, firing in ((a.fires, True), (a.quiet, False), *((q, False) for q in a.also_quiet)):
             if firing and not case.alerts:
                 raise ValueError(f"{a.name}: the firing case expects no alert")
             exp = []

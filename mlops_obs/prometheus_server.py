@@ -6,40 +6,24 @@ directory, and a small client for the HTTP API. Never a system service.
 
 from __future__ import annotations
 
-import shutil
-import socket
-import subprocess
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import orjson
-import yaml
+
+from mlops_obs.child_process import ChildServer, find_binary, free_port, http_get
+
+__all__ = ["PrometheusProcess", "find_binary", "free_port", "http_get"]
 
 
-def find_binary(name: str) -> str | None:
-    return shutil.which(name) or (f"/usr/bin/{name}" if Path(f"/usr/bin/{name}").exists() else None)
+class PrometheusProcess(ChildServer):
+    name = "prometheus"
+    binaries = ("prometheus",)
+    apt_package = "prometheus"
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def http_get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as r:
-            return int(r.status), bytes(r.read())
-    except urllib.error.HTTPError as e:
-        return int(e.code), bytes(e.read())
-
-
-class PrometheusProcess:
     def __init__(
         self,
         workdir: Path,
@@ -52,20 +36,13 @@ class PrometheusProcess:
         job_name: str = "mlops-obs",
         binary: str | None = None,
     ) -> None:
-        self.workdir = Path(workdir)
+        super().__init__(workdir, binary)
         self.targets = list(targets)
         self.scrape_interval = scrape_interval
         self.evaluation_interval = evaluation_interval
         self.rule_files = list(rule_files)
         self.alertmanagers = list(alertmanagers)
         self.job_name = job_name
-        self.binary = binary or find_binary("prometheus")
-        self.port = 0
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
 
     def config(self) -> dict[str, Any]:
         cfg: dict[str, Any] = {
@@ -90,56 +67,14 @@ class PrometheusProcess:
             cfg["alerting"] = {"alertmanagers": [{"static_configs": [{"targets": self.alertmanagers}]}]}
         return cfg
 
-    def start(self, timeout: float = 30.0) -> PrometheusProcess:
-        if not self.binary:
-            raise FileNotFoundError("prometheus binary not found (apt-get install prometheus)")
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        cfg_path = self.workdir / "prometheus.yml"
-        cfg_path.write_text(yaml.safe_dump(self.config(), sort_keys=False))
-        self.port = free_port()
-        log = open(self.workdir / "prometheus.log", "ab")  # noqa: SIM115 - closed with the process
-        self.proc = subprocess.Popen(
-            [
-                self.binary,
-                f"--config.file={cfg_path}",
-                f"--storage.tsdb.path={self.workdir / 'data'}",
-                f"--web.listen-address=127.0.0.1:{self.port}",
-                "--web.enable-lifecycle",
-                "--log.level=warn",
-            ],
-            stdout=log,
-            stderr=log,
-            stdin=subprocess.DEVNULL,
-        )
-        log.close()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                tail = (self.workdir / "prometheus.log").read_text(errors="replace")[-2000:]
-                raise RuntimeError(f"prometheus exited with {self.proc.returncode}: {tail}")
-            try:
-                if http_get(self.url + "/-/ready", timeout=1)[0] == 200:
-                    return self
-            except OSError:
-                pass
-            time.sleep(0.1)
-        self.stop()
-        raise TimeoutError("prometheus did not become ready")
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-    def __enter__(self) -> PrometheusProcess:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+    def flags(self, config_path: Path) -> list[str]:
+        return [
+            f"--config.file={config_path}",
+            f"--storage.tsdb.path={self.workdir / 'data'}",
+            f"--web.listen-address=127.0.0.1:{self.port}",
+            "--web.enable-lifecycle",
+            "--log.level=warn",
+        ]
 
     # --- HTTP API ---------------------------------------------------------------------------------
 

@@ -1,0 +1,108 @@
+"""Run a Prometheus-family binary (prometheus, alertmanager) as a child process on a free loopback port.
+
+The demo and the tests need the real binaries, never system services: a generated config in a private
+work directory, a port picked free on 127.0.0.1, readiness awaited on ``/-/ready``, and a clean stop.
+Subclasses say which binary, which config and which flags.
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any, ClassVar, Self
+
+import yaml
+
+
+def find_binary(*names: str) -> str | None:
+    for name in names:
+        found = shutil.which(name) or (f"/usr/bin/{name}" if Path(f"/usr/bin/{name}").exists() else None)
+        if found:
+            return found
+    return None
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def http_get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return int(r.status), bytes(r.read())
+    except urllib.error.HTTPError as e:
+        return int(e.code), bytes(e.read())
+
+
+class ChildServer:
+    name: ClassVar[str]  # used for file names and messages
+    binaries: ClassVar[tuple[str, ...]]  # names to look for on PATH, first found wins
+    apt_package: ClassVar[str]
+
+    def __init__(self, workdir: Path, binary: str | None = None) -> None:
+        self.workdir = Path(workdir)
+        self.binary = binary or find_binary(*self.binaries)
+        self.port = 0
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def config(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def flags(self, config_path: Path) -> list[str]:
+        raise NotImplementedError
+
+    def start(self, timeout: float = 30.0) -> Self:
+        if not self.binary:
+            raise FileNotFoundError(f"{self.name} binary not found (apt-get install {self.apt_package})")
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        cfg_path = self.workdir / f"{self.name}.yml"
+        cfg_path.write_text(yaml.safe_dump(self.config(), sort_keys=False))
+        self.port = free_port()
+        log_path = self.workdir / f"{self.name}.log"
+        with open(log_path, "ab") as log:
+            self.proc = subprocess.Popen(
+                [self.binary, *self.flags(cfg_path)], stdout=log, stderr=log, stdin=subprocess.DEVNULL
+            )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                tail = log_path.read_text(errors="replace")[-2000:]
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}: {tail}")
+            try:
+                if http_get(self.url + "/-/ready", timeout=1)[0] == 200:
+                    return self
+            except OSError:
+                pass
+            time.sleep(0.1)
+        self.stop()
+        raise TimeoutError(f"{self.name} did not become ready within {timeout:g}s")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -3,8 +3,11 @@
 
 Reproduce with::
 
-    .venv/bin/python benchmarks/bench_logs.py            # ~1 minute on a 2-core VM
+    .venv/bin/python benchmarks/bench_logs.py            # ~2 minutes on a 2-core VM
     .venv/bin/python benchmarks/bench_logs.py --quick    # smaller counts
+
+Rates are CPU time (so "per core"), best of 3 runs (best of 2 for the shipper): the 2-core VM is
+shared, and a run that shares its core is slower in CPU time too.
 
 1. Job-side logging to a file, events/s per core (CPU time of the logging loop): ours
    (``mlops_obs.logs.configure(..., "json")``: fused stamp processor, redaction, orjson) against
@@ -52,10 +55,19 @@ from mlops_obs.logs.store import EventStore
 CTX = {"job": "bench", "rank": 0, "node": "n1", "run_id": "r1"}
 
 
+REPEATS = 3
+
+
 def cpu_rate(n: int, fn: Any) -> float:
     t0 = time.process_time()
     fn()
     return n / max(time.process_time() - t0, 1e-9)
+
+
+def best_rate(n: int, fn: Any, repeats: int | None = None) -> float:
+    """Best of ``repeats`` CPU-time rates: on a VM whose cores are shared, a run that shared its core
+    (SMT sibling, cache) with another job is slower in CPU time too; the best run is the code's cost."""
+    return max(cpu_rate(n, fn) for _ in range(repeats or REPEATS))
 
 
 def bench_logging(n: int, tmp: Path) -> dict[str, float]:
@@ -67,7 +79,7 @@ def bench_logging(n: int, tmp: Path) -> dict[str, float]:
 
     with open(tmp / "ours.jsonl", "wb") as f:
         configure("info", "json", stream=f, context=CTX, capture_stdlib=False)
-        out["ours"] = cpu_rate(n, lambda: loop(get_logger()))
+        out["ours"] = best_rate(n, lambda: loop(get_logger()))
 
     with open(tmp / "structlog.jsonl", "w") as f:
         structlog.reset_defaults()
@@ -84,7 +96,7 @@ def bench_logging(n: int, tmp: Path) -> dict[str, float]:
             cache_logger_on_first_use=True,
         )
         structlog.contextvars.bind_contextvars(**CTX)
-        out["structlog_default_json"] = cpu_rate(n, lambda: loop(structlog.get_logger()))
+        out["structlog_default_json"] = best_rate(n, lambda: loop(structlog.get_logger()))
         structlog.contextvars.clear_contextvars()
         structlog.reset_defaults()
 
@@ -101,7 +113,7 @@ def bench_logging(n: int, tmp: Path) -> dict[str, float]:
         h.setFormatter(JsonFormatter())
         lg.addHandler(h)
         lg.setLevel(logging.INFO)
-        out["stdlib_json"] = cpu_rate(
+        out["stdlib_json"] = best_rate(
             n, lambda: [lg.info("step", extra={"kv": {"step": i, "loss": 0.25, "lr": 3e-4}}) for i in range(n)]
         )
         lg.removeHandler(h)
@@ -121,17 +133,31 @@ def bench_shipper(n: int, tmp: Path) -> dict[str, float]:
     logs = tmp / "logs"
     logs.mkdir()
     write_lines(logs / "bench-rank0.jsonl", n)
+    naive = _naive_loader(logs)
     out: dict[str, float] = {}
-    sh = Shipper(ShipperOptions(sources=[str(logs / "*.jsonl")], state_dir=tmp / "state"), StoreSink(tmp / "store"))
-    out["ours"] = cpu_rate(n, lambda: sh.run(once=True))
-    sh.close()
-    with EventStore(tmp / "store") as s:
-        assert s.count() == n, s.count()
+    rates = []
+    for rep in range(2):  # best of 2, each into a fresh store from a fresh checkpoint
+        sh = Shipper(
+            ShipperOptions(sources=[str(logs / "*.jsonl")], state_dir=tmp / f"state{rep}"),
+            StoreSink(tmp / f"store{rep}"),
+        )
+        rates.append(cpu_rate(n, lambda: sh.run(once=True)))  # noqa: B023 - called within the iteration
+        sh.close()
+        with EventStore(tmp / f"store{rep}") as s:
+            assert s.count() == n, s.count()
+    out["ours"] = max(rates)
 
-    naive_dir = tmp / "naive"
-    EventStore(naive_dir).close()  # same schema and indexes
+    rates = []
+    for rep in range(2):
+        naive_dir = tmp / f"naive{rep}"
+        EventStore(naive_dir).close()  # same schema and indexes
+        rates.append(cpu_rate(n, lambda: naive(naive_dir)))  # noqa: B023 - called within the iteration
+    out["naive_insert_per_line"] = max(rates)
+    return out
 
-    def naive() -> None:
+
+def _naive_loader(logs: Path) -> Any:
+    def naive(naive_dir: Path) -> None:
         db = sqlite3.connect(naive_dir / "events.sqlite3", isolation_level=None)
         db.execute("PRAGMA synchronous=FULL")
         db.execute("BEGIN")
@@ -153,8 +179,7 @@ def bench_shipper(n: int, tmp: Path) -> dict[str, float]:
         db.execute("COMMIT")
         db.close()
 
-    out["naive_insert_per_line"] = cpu_rate(n, naive)
-    return out
+    return naive
 
 
 def bench_bulk(n: int) -> dict[str, float]:
@@ -173,7 +198,7 @@ def bench_bulk(n: int) -> dict[str, float]:
         lines = bulk_lines(evs, "mlops-logs")
         b"".join(lines)
 
-    out["ours"] = cpu_rate(n, ours)
+    out["ours"] = best_rate(n, ours)
     serializer = OpenSearch(hosts=["http://127.0.0.1:9"]).transport.serializer
 
     def helpers() -> None:
@@ -183,7 +208,7 @@ def bench_bulk(n: int) -> dict[str, float]:
         for _, chunk in _chunk_actions(map(expand_action, actions), 5000, 5 << 20, serializer):
             "\n".join(chunk)
 
-    out["opensearch_py_helpers"] = cpu_rate(n, helpers)
+    out["opensearch_py_helpers"] = best_rate(n, helpers)
     return out
 
 

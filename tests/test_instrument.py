@@ -173,3 +173,129 @@ def test_unwritable_directory_never_raises_into_the_loop(tmp_path: Path) -> None
         pass
     m.close()
     assert m.steps == 1 and m.flush_errors >= 2
+
+
+def _scripted_run(m: TrainingMonitor, now: list[float], fold: bool) -> None:
+    """Steps, phases, collectives, data wait and a failed step on a fake clock, folding after every
+    action when ``fold`` (so every interval is cut open by a fold at least once)."""
+
+    def tick(dt: float) -> None:
+        now[0] += dt
+        if fold:
+            m._fold()
+
+    for i in range(6):
+        try:
+            with m.step(samples=4, tokens=40):
+                tick(0.5)
+                with m.phase("data_wait"):
+                    tick(0.25)
+                tick(0.125)
+                with m.phase("forward"):
+                    tick(1.0)
+                with m.phase("backward"):
+                    tick(0.5)
+                    m.add_collective(0.25)  # reported inside backward: moves to "collective"
+                    tick(0.5)
+                m.add_data_wait(0.0625)
+                tick(0.0625)
+                if i == 4:
+                    raise KeyError("boom")
+        except KeyError:
+            pass
+        tick(2.0)  # between steps: not in any step
+        m.add_data_wait(0.5)
+    # A step still open at the end: not counted yet, and its phase only up to its exit.
+    m.step(samples=100).__enter__()
+    with m.phase("forward"):
+        tick(3.0)
+
+
+@pytest.mark.parametrize("fold", [False, True])
+def test_folded_figures_are_exact_wherever_the_folds_fall(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fold: bool
+) -> None:
+    """The hot path only queues clock readings; the fold must give the same figures as per-step
+    bookkeeping would, whether it runs once or cuts every step and phase open."""
+    from mlops_obs.instrument import monitor as mod
+
+    now = [1000.0]
+    monkeypatch.setattr(mod, "_perf", lambda: now[0])
+    m = TrainingMonitor("j", 0, 1, tmp_path, flush_interval=3600, window=4)
+    _scripted_run(m, now, fold)
+    step = 0.5 + 0.25 + 0.125 + 1.0 + 1.0 + 0.0625  # 2.9375 s, of which 0.25 collective, 0.3125 data wait
+    assert (m.steps, m.failed_steps, m.samples, m.tokens) == (5, 1, 20, 200)
+    assert m.step_seconds_sum == pytest.approx(5 * step)
+    assert m.failed_step_seconds == pytest.approx(step)
+    assert m.goodput_seconds == pytest.approx(5 * (step - 0.25 - 0.0625))
+    assert sum(m.step_buckets) == 5 and m.step_buckets[snapshot.STEP_BUCKETS.index(5.0)] == 5
+    phases = m.phase_seconds
+    assert phases["forward"] == pytest.approx(6 * 1.0 + 3.0)
+    assert phases["backward"] == pytest.approx(6 * (1.0 - 0.25))
+    assert phases["collective"] == pytest.approx(6 * 0.25)
+    assert phases["data_wait"] == pytest.approx(6 * (0.25 + 0.0625 + 0.5))
+    s = m.state()
+    assert s["recent_step_seconds"] == pytest.approx([step - 0.25] * 4)
+    assert s["last_step_time"] > 0 and m.first_step_time > 0
+    m._stop.set()
+
+
+def test_concurrent_folds_lose_and_double_count_nothing(tmp_path: Path) -> None:
+    """The flush thread (every millisecond), a reader thread and a collective-reporting thread all
+    run while the training thread steps: every step, sample and bucket is counted exactly once."""
+    import threading
+
+    m = TrainingMonitor("j", 0, 1, tmp_path, flush_interval=0.001, window=8)
+    stop = threading.Event()
+    reads: list[int] = []
+
+    def reader() -> None:
+        while not stop.is_set():
+            reads.append(m.state()["steps"])
+
+    def reporter() -> None:
+        while not stop.is_set():
+            m.add_collective(1e-6)
+            time.sleep(0)
+
+    threads = [threading.Thread(target=reader), threading.Thread(target=reporter)]
+    for t in threads:
+        t.start()
+    n = 20_000
+    try:
+        for i in range(n):
+            with m.step(samples=2, tokens=3):
+                with m.phase("forward"):
+                    pass
+                if i % 1000 == 999:
+                    time.sleep(0.001)  # let the other threads in mid-step
+                with m.phase("backward"):
+                    pass
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    m.close()
+    s = _read(tmp_path)
+    assert (s["steps"], s["samples"], s["tokens"], s["failed_steps"]) == (n, 2 * n, 3 * n, 0)
+    assert sum(s["step_buckets"]) == n  # type: ignore[arg-type]
+    assert reads == sorted(reads) and len(reads) > 1  # monotonic: no fold ever undid another
+    assert len(s["recent_step_seconds"]) == 8  # type: ignore[arg-type]
+    assert float(s["goodput_seconds"]) == pytest.approx(float(s["step_seconds_sum"]))  # type: ignore[arg-type]
+    assert not m._step_events and all(not p.events for p in m._phases.values())
+
+
+def test_training_thread_folds_itself_when_the_flush_thread_is_behind(tmp_path: Path) -> None:
+    """With no flush for an hour, the queued readings stay bounded: the step exit folds them."""
+    from mlops_obs.instrument import monitor as mod
+
+    m = TrainingMonitor("j", 0, 1, tmp_path, flush_interval=3600)
+    longest = 0
+    n = 3 * mod._SYNC_FOLD_EVENTS
+    for _ in range(n):
+        with m.step(samples=1), m.phase("forward"):
+            pass
+        longest = max(longest, len(m._step_events), len(m._phases["forward"].events))
+    assert longest <= mod._SYNC_FOLD_EVENTS + 1
+    assert (m.steps, m.samples, sum(m.step_buckets)) == (n, n, n)
+    m.close()

@@ -23,6 +23,8 @@ from typing import Any
 
 from mlops_obs.collectors import CollectorUnavailable
 
+_perf_counter = time.perf_counter
+
 # NVML return codes (nvml.h); duplicated so this module never needs pynvml just to compare codes.
 ERROR_UNINITIALIZED = 1
 ERROR_INVALID_ARGUMENT = 2
@@ -139,45 +141,66 @@ class Nvml:
 
         Raises :class:`GpuLost` for a device that fell off the bus; never raises another NVML error.
         """
-        ok, value = self.try_call(name, *args)
-        if ok:
-            return value
-        return not_found if value == ERROR_NOT_FOUND else None
+        # The success path of try_call, inlined: the GPU collector makes ~150 calls a round, and
+        # the wrapper cost as much as a (fake) NVML call itself.
+        fn = self._fns.get(name)
+        if fn is None:
+            fn = self._fn(name)
+            if fn is None:
+                return None
+        t0 = _perf_counter()
+        try:
+            value = fn(*args)
+        except Exception as e:
+            self._timed(name, _perf_counter() - t0)
+            code = self._failed(name, e)
+            return not_found if code == ERROR_NOT_FOUND else None
+        self._timed(name, _perf_counter() - t0)
+        return value
 
     def try_call(self, name: str, *args: Any) -> tuple[bool, Any]:
         """``(True, result)``, or ``(False, NVML error code)``: for calls whose success returns ``None``."""
-        fn = self._fn(name)
+        fn = self._fns.get(name)
         if fn is None:
-            return False, ERROR_FUNCTION_NOT_FOUND
-        t0 = time.perf_counter()
+            fn = self._fn(name)
+            if fn is None:
+                return False, ERROR_FUNCTION_NOT_FOUND
+        t0 = _perf_counter()
         try:
-            return True, fn(*args)
+            value = fn(*args)
         except Exception as e:
-            code = getattr(e, "value", None)
-            if not isinstance(code, int):
-                raise
-            if code == ERROR_GPU_IS_LOST:
-                raise GpuLost(name) from None
-            if code == ERROR_NOT_FOUND:
-                pass
-            elif code in _ABSENT:
-                self._once(name, code, "NVML value not supported on this device; no series", level="debug")
-            elif code == ERROR_FUNCTION_NOT_FOUND:
-                self._once(name, code, "NVML function not in the installed driver; its series are skipped")
-            else:
-                self._once(name, code, f"NVML call failed: {e}; its series are skipped")
-            return False, code
-        finally:
-            dt = time.perf_counter() - t0
-            st = self.stats.get(name)
-            if st is None:
-                st = self.stats[name] = CallStats()
-            st.count += 1
-            st.total += dt
-            if dt > st.max:
-                st.max = dt
-            if self.keep_samples:
-                st.samples.append(dt)
+            self._timed(name, _perf_counter() - t0)
+            return False, self._failed(name, e)
+        self._timed(name, _perf_counter() - t0)
+        return True, value
+
+    def _timed(self, name: str, dt: float) -> None:
+        st = self.stats.get(name)
+        if st is None:
+            st = self.stats[name] = CallStats()
+        st.count += 1
+        st.total += dt
+        if dt > st.max:
+            st.max = dt
+        if self.keep_samples:
+            st.samples.append(dt)
+
+    def _failed(self, name: str, e: Exception) -> int:
+        """The NVML error code of ``e``, logged per policy; raises GpuLost, and re-raises non-NVML errors."""
+        code = getattr(e, "value", None)
+        if not isinstance(code, int):
+            raise e
+        if code == ERROR_GPU_IS_LOST:
+            raise GpuLost(name) from None
+        if code == ERROR_NOT_FOUND:
+            pass
+        elif code in _ABSENT:
+            self._once(name, code, "NVML value not supported on this device; no series", level="debug")
+        elif code == ERROR_FUNCTION_NOT_FOUND:
+            self._once(name, code, "NVML function not in the installed driver; its series are skipped")
+        else:
+            self._once(name, code, f"NVML call failed: {e}; its series are skipped")
+        return code
 
     def text(self, name: str, *args: Any) -> str | None:
         v = self.call(name, *args)

@@ -67,6 +67,8 @@ GPM_METRICS_GET_VERSION = 1
 GPM = {2: "mlops_gpu_sm_active_ratio", 5: "mlops_gpu_tensor_active_ratio", 10: "mlops_gpu_dram_active_ratio",
        1: "mlops_gpu_graphics_engine_active_ratio"}  # fmt: skip
 
+_GPM_IDS = tuple(GPM)
+
 # Perf policy id -> reason label (nvmlPerfPolicyType_t).
 THROTTLE_REASONS = {0: "power", 1: "thermal", 2: "sync_boost", 3: "board_limit", 4: "low_utilization",
                     5: "reliability", 10: "app_clocks", 11: "base_clocks"}  # fmt: skip
@@ -163,11 +165,14 @@ class _Device:
     field_ids: list[Any] = field(default_factory=list)
     gpm: list[Any] | None = None  # two GPM samples, alternating; None where unsupported
     gpm_primed: bool = False
+    gpm_request: Any = None  # the nvmlGpmMetricsGet_t request, reused round after round
     mig_enabled: bool = False
     proc_util_ts: int = 0
     link_labels_key: tuple[str | None, str | None] | None = None
     link_labels: dict[tuple[int, int], dict[str, str]] = field(default_factory=dict)
     slow: list[tuple[str, list[Any]]] | None = None  # the counters' last samples, per family
+    rare: dict[str, Any] = field(default_factory=dict)  # settings-like gauges, read with the counters
+    rare_at: float = float("-inf")
     slow_at: float = 0.0
     slow_key: tuple[str | None, str | None] | None = None
 
@@ -318,8 +323,8 @@ class GpuCollector(Collector):
                 "At most this many processes per GPU get series (the largest by memory).", metavar="N"),
         Setting("gpu.xid-events", parse_bool, True, "Count XID errors from an NVML event thread.", kind="bool"),
         Setting("gpu.counter-interval", parse_duration, 5.0,
-                "Re-read counters and slow health state (ECC, NVLink, throttle time, energy) this often; "
-                "0: every round.", metavar="DURATION"),
+                "Re-read counters and slow health state (ECC, NVLink, throttle time, energy, power limit, "
+                "PCIe link generation and width) this often; 0: every round.", metavar="DURATION"),
         Setting("gpu.nvlink", parse_bool, True, "Report per-link NVLink throughput and error counters.",
                 kind="bool"),
     )  # fmt: skip
@@ -398,6 +403,7 @@ class GpuCollector(Collector):
         d.field_ids = ids
         arch = n.call("nvmlDeviceGetArchitecture", h)
         d.gpm = None
+        d.gpm_request = None
         if arch is not None and int(arch) >= ARCH_HOPPER and int(arch) != 0xFFFFFFFF:
             support = n.call("nvmlGpmQueryDeviceSupport", h)
             if support is not None and int(support.isSupportedDevice):
@@ -424,6 +430,7 @@ class GpuCollector(Collector):
             except GpuLost:
                 d.ready = False  # re-read identity after a reset brings it back
                 d.slow = None
+                d.rare_at = float("-inf")
                 out.add("mlops_gpu_lost", {"gpu": str(d.index)}, 1)
                 continue
             out.add("mlops_gpu_lost", {"gpu": str(d.index)}, 0)
@@ -471,8 +478,20 @@ class GpuCollector(Collector):
         owner = owner_of(by_pid)
         return {"job": owner[0], "rank": owner[1]} if owner else {}
 
+    def _rare(self, d: _Device, refresh: bool, fn: str) -> Any:
+        """A gauge that only an administrator or a link retrain changes (power limit, PCIe link
+        generation and width): read with the counters, every ``gpu.counter-interval``, and reused in
+        between, in its usual place among the series. Three NVML calls fewer per device a round."""
+        if refresh:
+            d.rare[fn] = self.nvml.call(fn, d.handle)
+        return d.rare.get(fn)
+
     def _sample_device(self, d: _Device, out: _Out, live: set[int]) -> None:
         n, h = self.nvml, d.handle
+        now = time.monotonic()
+        rare = now - d.rare_at >= self.counter_interval
+        if rare:
+            d.rare_at = now
         owner = self._processes(d, out, live) if self.processes else {}
         lb = {**d.labels, **owner}
         out.add("mlops_gpu_info", {**d.labels, **d.info}, 1)
@@ -516,7 +535,7 @@ class GpuCollector(Collector):
         v = n.call("nvmlDeviceGetPowerUsage", h)
         if v is not None:
             out.add("mlops_gpu_power_usage_watts", lb, v / 1000.0)
-        v = n.call("nvmlDeviceGetEnforcedPowerLimit", h)
+        v = self._rare(d, rare, "nvmlDeviceGetEnforcedPowerLimit")
         if v is not None:
             out.add("mlops_gpu_power_limit_watts", lb, v / 1000.0)
         v = n.call("nvmlDeviceGetPerformanceState", h)
@@ -526,12 +545,12 @@ class GpuCollector(Collector):
         if v is not None:
             out.add("mlops_gpu_fan_speed_ratio", lb, v / 100.0)
 
-        v = n.call("nvmlDeviceGetCurrPcieLinkGeneration", h)
+        v = self._rare(d, rare, "nvmlDeviceGetCurrPcieLinkGeneration")
         if v is not None:
             out.add("mlops_gpu_pcie_link_generation", lb, v)
         if "gen_max" in st:
             out.add("mlops_gpu_pcie_link_generation_max", lb, st["gen_max"])
-        v = n.call("nvmlDeviceGetCurrPcieLinkWidth", h)
+        v = self._rare(d, rare, "nvmlDeviceGetCurrPcieLinkWidth")
         if v is not None:
             out.add("mlops_gpu_pcie_link_width", lb, v)
         if "width_max" in st:
@@ -625,18 +644,23 @@ class GpuCollector(Collector):
         if not d.gpm_primed:
             d.gpm_primed = True
             return
-        lib = n.lib
-        mg = lib.c_nvmlGpmMetricsGet_t()
-        mg.version = GPM_METRICS_GET_VERSION
-        mg.numMetrics = len(GPM)
+        ids = _GPM_IDS
+        mg = d.gpm_request
+        if mg is None:
+            # The request (a ~10 KB structure with room for every GPM metric) is built once per
+            # device: NVML only reads its inputs and overwrites each metric's result on every call.
+            mg = n.lib.c_nvmlGpmMetricsGet_t()
+            mg.version = GPM_METRICS_GET_VERSION
+            mg.numMetrics = len(ids)
+            for i, mid in enumerate(ids):
+                mg.metrics[i].metricId = mid
+            d.gpm_request = mg
         mg.sample1, mg.sample2 = prev, cur
-        ids = list(GPM)
-        for i, mid in enumerate(ids):
-            mg.metrics[i].metricId = mid
         if n.call("nvmlGpmMetricsGet", mg) is None:
             return
+        metrics = mg.metrics
         for i, mid in enumerate(ids):
-            m = mg.metrics[i]
+            m = metrics[i]
             if int(m.nvmlReturn) == 0:
                 out.add(GPM[mid], lb, max(0.0, min(1.0, float(m.value) / 100.0)))
 

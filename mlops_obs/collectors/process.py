@@ -15,13 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
+from prometheus_client.samples import Sample
 
 from mlops_obs.collectors import Collector, register
 from mlops_obs.collectors import host_parse as hp
 from mlops_obs.collectors.host import CLK_TCK, PAGE_SIZE, read_text
-from mlops_obs.instrument import snapshot
+from mlops_obs.collectors.training import cached_scan
 
 LABELS = ["job", "rank", "pid"]
 # A snapshot's start_time is taken when the rank's monitor starts, after the interpreter did; this
@@ -40,8 +40,32 @@ class RankProcess:
     open_fds: int | None
 
 
+# Boot time per procfs root: it cannot change while the machine is up, so /proc/stat (one line per
+# CPU and interrupt: kilobytes on a big node) is read once instead of every round.
+_btime: dict[str, float | None] = {}
+
+
+def _boot_time(procfs: str) -> float | None:
+    if procfs not in _btime:
+        bt = hp.parse_btime(read_text(Path(procfs, "stat")) or "")
+        if bt is None:
+            return None  # not cached: a fixture or a procfs that appears later gets another chance
+        _btime[procfs] = bt
+    return _btime[procfs]
+
+
+def _read(path: str) -> str | None:
+    try:
+        with open(path, "rb", buffering=0) as f:
+            return f.read().decode("utf-8", "replace")
+    except OSError:
+        return None
+
+
 def read_rank_processes(snaps: Iterable[dict[str, Any]], procfs: Path) -> list[RankProcess]:
-    btime = hp.parse_btime(read_text(procfs / "stat") or "")
+    # Plain string paths: pathlib's joins cost more than the reads of these tiny files.
+    root = os.fspath(procfs)
+    btime = _boot_time(root)
     out: list[RankProcess] = []
     seen: set[int] = set()
     for s in snaps:
@@ -51,7 +75,8 @@ def read_rank_processes(snaps: Iterable[dict[str, Any]], procfs: Path) -> list[R
             continue
         if pid <= 0 or pid in seen:
             continue
-        text = read_text(procfs / str(pid) / "stat")
+        base = f"{root}/{pid}"
+        text = _read(base + "/stat")
         if text is None:
             continue  # the rank exited
         try:
@@ -63,7 +88,7 @@ def read_rank_processes(snaps: Iterable[dict[str, Any]], procfs: Path) -> list[R
         if started is not None and isinstance(snap_start, int | float) and started > snap_start + PID_REUSE_SLACK_S:
             continue
         try:
-            fds: int | None = len(os.listdir(procfs / str(pid) / "fd"))
+            fds: int | None = len(os.listdir(base + "/fd"))
         except OSError:
             fds = None  # another user's process: /proc/<pid>/fd needs ptrace access
         seen.add(pid)
@@ -75,24 +100,31 @@ def read_rank_processes(snaps: Iterable[dict[str, Any]], procfs: Path) -> list[R
     return out
 
 
+_new_tuple = tuple.__new__
+
+
 def families(procs: list[RankProcess]) -> list[Metric]:
-    cpu = CounterMetricFamily(
-        "mlops_process_cpu_seconds", "User and system CPU seconds of the training rank's process.", labels=LABELS
-    )
-    rss = GaugeMetricFamily(
-        "mlops_process_resident_memory_bytes", "Resident memory of the training rank's process.", labels=LABELS
-    )
-    threads = GaugeMetricFamily("mlops_process_threads", "Threads of the training rank's process.", labels=LABELS)
-    fds = GaugeMetricFamily(
-        "mlops_process_open_fds", "Open file descriptors of the training rank's process.", labels=LABELS
-    )
+    """The four families, built as plain ``Metric`` objects: the same samples ``*MetricFamily.add_metric``
+    makes (one label dict per rank, shared by its four series), without its per-sample zip and dict."""
+    cpu = Metric("mlops_process_cpu_seconds", "User and system CPU seconds of the training rank's process.", "counter")
+    rss = Metric("mlops_process_resident_memory_bytes", "Resident memory of the training rank's process.", "gauge")
+    threads = Metric("mlops_process_threads", "Threads of the training rank's process.", "gauge")
+    fds = Metric("mlops_process_open_fds", "Open file descriptors of the training rank's process.", "gauge")
     for p in sorted(procs, key=lambda p: (p.job, p.rank, p.pid)):
-        lv = [p.job, p.rank, str(p.pid)]
-        cpu.add_metric(lv, p.cpu_seconds)
-        rss.add_metric(lv, p.rss_bytes)
-        threads.add_metric(lv, float(p.threads))
+        labels = {"job": p.job, "rank": p.rank, "pid": str(p.pid)}
+        cpu.samples.append(
+            _new_tuple(Sample, ("mlops_process_cpu_seconds_total", labels, p.cpu_seconds, None, None, None))
+        )
+        rss.samples.append(
+            _new_tuple(Sample, ("mlops_process_resident_memory_bytes", labels, p.rss_bytes, None, None, None))
+        )
+        threads.samples.append(
+            _new_tuple(Sample, ("mlops_process_threads", labels, float(p.threads), None, None, None))
+        )
         if p.open_fds is not None:
-            fds.add_metric(lv, float(p.open_fds))
+            fds.samples.append(
+                _new_tuple(Sample, ("mlops_process_open_fds", labels, float(p.open_fds), None, None, None))
+            )
     return [cpu, rss, threads, fds]
 
 
@@ -106,5 +138,5 @@ class ProcessCollector(Collector):
         if not directory:
             return []
         # No retention here: deleting stale snapshots is the training collector's job.
-        snaps = list(snapshot.scan(Path(directory), retention=None))
+        snaps = list(cached_scan(directory, retention=None))
         return families(read_rank_processes(snaps, Path(self.config.get("path.procfs") or "/proc")))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from typing import Any
 
 from prometheus_client.metrics_core import Metric
 
@@ -35,6 +36,13 @@ _label_cache: dict[tuple[tuple[str, str], ...], str] = {}
 _LABEL_CACHE_MAX = 50_000
 _value_cache: dict[float, str] = {}
 _VALUE_CACHE_MAX = 20_000
+# A family's rendered text, kept with the samples it was rendered from. Most families come back
+# unchanged round after round (limits, thresholds, identities, and a GPU's counters between two
+# ``gpu.counter-interval`` refreshes reuse the very same sample objects), and comparing two sample
+# lists is a C-level walk that stops at the first difference, many times cheaper than rendering.
+# Equality is the same notion of "same" the label and value caches already use.
+_family_cache: dict[tuple[str, str, str], tuple[list[Any], str]] = {}
+_FAMILY_CACHE_MAX = 4096
 
 
 def _escape_label_value(v: str) -> str:
@@ -88,38 +96,64 @@ def render(families: Iterable[Metric]) -> bytes:
     """Byte for byte what ``generate_latest`` writes for these families (the tests hold it to that)."""
     out: list[str] = []
     append = out.append
-    value = _cached_value
+    cache = _family_cache
     for metric in families:
-        mtype = metric.type
-        name = metric.name
-        if mtype == "counter":
-            name += "_total"
-        elif mtype == "info":
-            name += "_info"
-        append(_header(name, _TYPE_NAMES.get(mtype, "untyped"), metric.documentation))
-        om: dict[str, list[str]] = {}
-        om_names = (metric.name + "_created", metric.name + "_gsum", metric.name + "_gcount")
-        for s in metric.samples:
-            labels = s.labels
-            if labels:
-                key = tuple(labels.items())
-                body = _label_cache.get(key)
-                if body is None:
-                    body = ",".join([f'{k}="{_escape_label_value(str(v))}"' for k, v in sorted(key)])
-                    if len(_label_cache) >= _LABEL_CACHE_MAX:
-                        _label_cache.clear()  # label sets churned (processes came and went): start over
-                    _label_cache[key] = body
-                line = f"{s.name}{{{body}}} {value(s.value)}"
-            else:
-                line = f"{s.name} {value(s.value)}"
-            if s.timestamp is not None:
-                line += f" {int(float(s.timestamp) * 1000):d}"
-            if s.name in om_names:
-                # OpenMetrics-only samples go in a gauge family of their own, as generate_latest does.
-                om.setdefault(s.name[len(metric.name) :], []).append(line + "\n")
-            else:
-                append(line + "\n")
-        for suffix, lines in sorted(om.items()):
-            append(_header(metric.name + suffix, "gauge", metric.documentation))
-            out.extend(lines)
+        samples = metric.samples
+        if type(samples) is not list:
+            samples = list(samples)
+        key = (metric.name, metric.type, metric.documentation)
+        hit = cache.get(key)
+        if hit is not None and hit[0] == samples:
+            append(hit[1])
+            continue
+        text = _render_family(metric, samples)
+        if len(cache) >= _FAMILY_CACHE_MAX:
+            cache.clear()  # family names churned: start over rather than grow
+        cache[key] = (samples.copy(), text)
+        append(text)
     return "".join(out).encode("utf-8")
+
+
+def _render_family(metric: Metric, samples: list[Any]) -> str:
+    out: list[str] = []
+    append = out.append
+    labels_get = _label_cache.get
+    values_get = _value_cache.get
+    mtype = metric.type
+    name = metric.name
+    if mtype == "counter":
+        name += "_total"
+    elif mtype == "info":
+        name += "_info"
+    append(_header(name, _TYPE_NAMES.get(mtype, "untyped"), metric.documentation))
+    om: dict[str, list[str]] = {}
+    om_names = (metric.name + "_created", metric.name + "_gsum", metric.name + "_gcount")
+    # Fields by index (Sample is a tuple: name, labels, value, timestamp, ...), caches by bound
+    # ``get``: this loop runs for every sample of every family that changed.
+    for s in samples:
+        sname, labels, val, ts = s[0], s[1], s[2], s[3]
+        text = values_get(val)
+        if text is None:
+            text = _cached_value(val)
+        if labels:
+            key = tuple(labels.items())
+            body = labels_get(key)
+            if body is None:
+                body = ",".join([f'{k}="{_escape_label_value(str(v))}"' for k, v in sorted(key)])
+                if len(_label_cache) >= _LABEL_CACHE_MAX:
+                    _label_cache.clear()  # label sets churned (processes came and went): start over
+                _label_cache[key] = body
+            line = f"{sname}{{{body}}} {text}\n"
+        else:
+            line = f"{sname} {text}\n"
+        if ts is not None:
+            line = f"{line[:-1]} {int(float(ts) * 1000):d}\n"
+        if sname in om_names:
+            # OpenMetrics-only samples go in a gauge family of their own, as generate_latest does.
+            om.setdefault(sname[len(metric.name) :], []).append(line)
+        else:
+            append(line)
+    for suffix, lines in sorted(om.items()):
+        append(_header(metric.name + suffix, "gauge", metric.documentation))
+        out.extend(lines)
+    return "".join(out)

@@ -11,8 +11,11 @@ Loggers are level-filtered and cached, as structlog's performance guide recommen
 from __future__ import annotations
 
 import datetime as _dt
+import io
 import itertools
 import logging
+import os
+import stat
 import sys
 import time
 from collections.abc import Mapping
@@ -22,7 +25,7 @@ import orjson
 import structlog
 from structlog.tracebacks import ExceptionDictTransformer
 
-from mlops_obs.logs.redact import RedactSecrets
+from mlops_obs.logs.redact import MASK, SECRET_KEY, RedactSecrets, _maybe_secret, _redact_value, redact_text
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warn": logging.WARNING, "warning": logging.WARNING,
            "error": logging.ERROR, "critical": logging.CRITICAL}  # fmt: skip
@@ -54,18 +57,20 @@ class JobStamp:
         self._counter = itertools.count(1)
         self._sec = -1
         self._prefix = ""
+        self._prefix_b = b""
 
     def __call__(self, logger: Any, method: str, event_dict: dict[str, Any]) -> dict[str, Any]:
         for k, v in self._context:
             if k not in event_dict:
                 event_dict[k] = v
         event_dict["level"] = "warning" if method == "warn" else method
-        now = time.time()
-        sec = int(now)
+        us = time.time_ns() // 1000  # integer microseconds: no float rounding, cheaper to format
+        sec = us // 1_000_000
         if sec != self._sec:
             self._prefix = _dt.datetime.fromtimestamp(sec, tz=_dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.")
+            self._prefix_b = self._prefix.encode()
             self._sec = sec
-        event_dict["ts"] = f"{self._prefix}{int((now - sec) * 1_000_000):06d}Z"
+        event_dict["ts"] = f"{self._prefix}{us - sec * 1_000_000:06d}Z"
         event_dict["seq"] = next(self._counter)
         return event_dict
 
@@ -95,6 +100,204 @@ class UTCTimestamp:
 def _render_json(logger: Any, method: str, event_dict: dict[str, Any]) -> bytes:
     """One JSON line; non-JSON values (paths, tensors) become their ``str``."""
     return orjson.dumps(event_dict, default=str)
+
+
+_SIMPLE_TYPES = (str, int, float, bool, type(None))
+_os_write = os.write
+
+
+class JsonLines(JobStamp):
+    """The whole JSON-file pipeline in one processor: stamp, redaction, tracebacks, orjson; returns bytes.
+
+    Why fused: at ~5 us per event, each extra Python call and dict pass is a visible share of the
+    budget. The common event (no ``exc_info``, no key that the stamp would overwrite) takes a fast
+    path that renders only the caller's keys with orjson and appends the bound context, ``level``,
+    ``ts`` and ``seq`` as bytes: the context is redacted and serialised once, here, instead of per
+    event. The output is byte-for-byte what the four separate processors produce (same keys, same
+    order: the caller's keys, then the context, ``level``, ``ts``, ``seq``). Anything else (an
+    exception, a key colliding with the context or the stamp, a non-JSON context value) goes
+    through the separate processors, in the original order, sharing the same counter.
+    """
+
+    def __init__(self, context: Mapping[str, Any] | None = None, *, redact: bool = True) -> None:
+        super().__init__(context)
+        self._redactor = RedactSecrets() if redact else None
+        self._exc = structlog.processors.ExceptionRenderer(ExceptionDictTransformer(show_locals=False))
+        ctx = dict(self._context)
+        self._reserved = frozenset(ctx) | {"level", "ts", "seq", "exc_info"}
+        self._fast = all(type(v) in _SIMPLE_TYPES for v in ctx.values())
+        if self._redactor is not None:
+            ctx = self._redactor(None, "info", ctx)
+        try:
+            self._ctx = orjson.dumps(ctx, default=str)[1:-1].decode() if ctx else ""
+        except orjson.JSONEncodeError:  # e.g. an int over 64 bits: every event raises, as before
+            self._ctx, self._fast = "", False
+        self._heads: dict[str, tuple[bytes, bytes]] = {}
+        self._skip = self._redactor._skip if self._redactor is not None else frozenset()
+        self._actions: dict[str, int] = self._redactor._secret_key if self._redactor is not None else {}
+
+    def _head(self, method: str) -> tuple[bytes, bytes]:
+        """``,<context>,"level":"<level>","ts":"`` (and without the comma, after an empty dict)."""
+        level = orjson.dumps("warning" if method == "warn" else method).decode()
+        mid = f'{self._ctx},"level":{level},"ts":"' if self._ctx else f'"level":{level},"ts":"'
+        heads = self._heads[method] = (("," + mid).encode(), mid.encode())
+        return heads
+
+    def _slow(self, logger: Any, method: str, event_dict: dict[str, Any]) -> bytes:
+        event_dict = JobStamp.__call__(self, logger, method, event_dict)
+        if self._redactor is not None:
+            event_dict = self._redactor(logger, method, event_dict)
+        return _render_json(logger, method, cast(dict[str, Any], self._exc(logger, method, event_dict)))
+
+    def __call__(self, logger: Any, method: str, event_dict: dict[str, Any]) -> bytes:  # type: ignore[override]
+        if not self._fast or not self._reserved.isdisjoint(event_dict):
+            return self._slow(logger, method, event_dict)
+        if self._redactor is not None:
+            # RedactSecrets, inlined (same cache, same decisions): numbers and short strings cost
+            # one type test each.
+            actions = self._actions
+            for k, v in event_dict.items():
+                t = type(v)
+                if t is int or t is float:
+                    continue
+                if t is str:
+                    if len(v) < 8:  # too short for any secret shape: only the key can make it one
+                        action = actions.get(k)
+                        if action is None:
+                            action = actions[k] = 0 if k in self._skip else 1 if SECRET_KEY.search(k) else 2
+                        if action == 1 and v != "":
+                            event_dict[k] = MASK
+                        continue
+                elif v is None or t is bool:
+                    continue
+                action = actions.get(k)
+                if action is None:
+                    action = actions[k] = 0 if k in self._skip else 1 if SECRET_KEY.search(k) else 2
+                if action == 0:
+                    continue
+                if action == 1:
+                    if v != "":
+                        event_dict[k] = MASK
+                elif t is str:
+                    if _maybe_secret(v):
+                        event_dict[k] = redact_text(v)
+                else:
+                    event_dict[k] = _redact_value(None, v)
+        heads = self._heads.get(method) or self._head(method)
+        us = time.time_ns() // 1000
+        sec = us // 1_000_000
+        if sec != self._sec:
+            self._prefix = _dt.datetime.fromtimestamp(sec, tz=_dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.")
+            self._prefix_b = self._prefix.encode()
+            self._sec = sec
+        body = orjson.dumps(event_dict, default=str)
+        # one bytes %-format: cheaper than an f-string, an encode and a concatenation
+        return b'%s%s%s%06dZ","seq":%d}' % (
+            body[:-1],
+            heads[len(body) == 2],
+            self._prefix_b,
+            us - sec * 1_000_000,
+            next(self._counter),
+        )
+
+
+class FdLogger:
+    """Writes each line with one ``os.write`` on the file's descriptor: no buffer, no flush call.
+
+    Every line still reaches the kernel before the logging call returns, so a ``kill -9`` right after
+    it loses nothing (the page cache outlives the process; no fsync, as before). A single write of
+    a whole line on a regular file is not interleaved with other threads' lines, so no lock either.
+    Used only for regular files opened in binary mode (the job's ``*.jsonl``); anything else keeps
+    structlog's ``BytesLogger``.
+    """
+
+    def __init__(self, file: IO[bytes]) -> None:
+        file.flush()  # whatever the caller wrote before stays before our lines
+        self._file = file
+        self._fd = file.fileno()
+
+    def msg(self, message: bytes) -> None:
+        if self._file.closed:
+            raise ValueError("I/O operation on closed file.")
+        data = message + b"\n"
+        n = os.write(self._fd, data)
+        if n != len(data):
+            self._finish(data[n:])
+
+    def _finish(self, rest: bytes) -> None:
+        """After a short write (a signal, a nearly full disk): write the rest of the line."""
+        while rest:
+            rest = rest[os.write(self._fd, rest) :]
+
+    log = debug = info = warn = warning = error = err = critical = fatal = exception = failure = msg
+
+
+def _fd_logger_factory(stream: IO[bytes]) -> Any:
+    """``FdLogger`` for a regular file with a descriptor, else structlog's ``BytesLogger``."""
+    try:
+        regular = isinstance(stream, io.BufferedWriter | io.FileIO) and stat.S_ISREG(os.fstat(stream.fileno()).st_mode)
+    except (OSError, ValueError, io.UnsupportedOperation):
+        regular = False
+    if not regular:
+        return structlog.BytesLoggerFactory(file=cast(BinaryIO, stream))
+    logger = FdLogger(stream)
+    return lambda *args: logger
+
+
+def _fast_bound_logger(min_level: int) -> type[Any]:
+    """structlog's level-filtering bound logger, with each enabled level method done in one call.
+
+    structlog's own method goes through four Python calls (the method, ``_maybe_interpolate``,
+    ``_proxy_to_logger``, ``_process_event``) and re-packs the keywords twice; for a ~5 us event
+    that is a third of the cost. This subclass builds the event dict the same way (bound context,
+    then the keywords, then ``event``), runs the same configured processors, honours ``DropEvent``
+    and calls the same method of the wrapped logger; everything else (``bind``, ``exception``,
+    ``log``, the async methods) is structlog's.
+    """
+    base = structlog.make_filtering_bound_logger(min_level)
+
+    def make(name: str) -> Any:
+        def meth(self: Any, event: Any, *args: Any, **kw: Any) -> Any:
+            if args:
+                event = event % (args[0] if len(args) == 1 and isinstance(args[0], Mapping) and args[0] else args)
+            ctx = self._context
+            ed: Any = {**ctx, **kw} if ctx else kw  # same keys and order as structlog's copy() + update()
+            if event is not None:
+                ed["event"] = event
+            logger = self._logger
+            try:
+                for proc in self._processors:
+                    ed = proc(logger, name, ed)
+            except structlog.DropEvent:
+                return None
+            if type(ed) is bytes and type(logger) is FdLogger:  # FdLogger.msg, inlined
+                if logger._file.closed:
+                    raise ValueError("I/O operation on closed file.")
+                data = ed + b"\n"
+                n = _os_write(logger._fd, data)
+                if n != len(data):
+                    logger._finish(data[n:])
+                return None
+            if isinstance(ed, str | bytes | bytearray):
+                return getattr(logger, name)(ed)
+            if isinstance(ed, tuple):
+                return getattr(logger, name)(*ed[0], **ed[1])
+            if isinstance(ed, dict):
+                return getattr(logger, name)(**ed)
+            raise ValueError("Last processor didn't return an appropriate value.")
+
+        meth.__name__ = name
+        return meth
+
+    ns: dict[str, Any] = {}
+    for level, name in ((logging.DEBUG, "debug"), (logging.INFO, "info"), (logging.WARNING, "warning"),
+                        (logging.ERROR, "error"), (logging.CRITICAL, "critical")):  # fmt: skip
+        if level >= min_level:
+            ns[name] = make(name)
+    for alias, name in (("warn", "warning"), ("fatal", "critical"), ("msg", "info")):
+        if name in ns:
+            ns[alias] = ns[name]
+    return type(f"Fast{base.__name__}", (base,), ns)
 
 
 class _StdlibToStructlog(logging.Handler):
@@ -139,9 +342,9 @@ def configure(
     if redact:
         processors.append(RedactSecrets())
     if json_out:
-        processors.append(structlog.processors.ExceptionRenderer(ExceptionDictTransformer(show_locals=False)))
-        processors.append(_render_json)
-        factory: Any = structlog.BytesLoggerFactory(file=cast(BinaryIO, _binary(out)))
+        # The same four steps (stamp, redaction, tracebacks, orjson), fused: see JsonLines.
+        processors = [JsonLines(context, redact=redact)]
+        factory: Any = _fd_logger_factory(_binary(out))
     elif fmt == "console":
         processors.append(structlog.dev.ConsoleRenderer(timestamp_key="ts"))
         factory = structlog.PrintLoggerFactory(file=cast(TextIO, out))
@@ -153,7 +356,7 @@ def configure(
     min_level = _LEVELS.get(level, logging.INFO)
     structlog.configure(
         processors=processors,
-        wrapper_class=structlog.make_filtering_bound_logger(min_level),
+        wrapper_class=_fast_bound_logger(min_level) if json_out else structlog.make_filtering_bound_logger(min_level),
         logger_factory=factory,
         cache_logger_on_first_use=True,
     )

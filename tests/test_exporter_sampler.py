@@ -287,3 +287,25 @@ def test_format_value(value: float, text: str) -> None:
     from prometheus_client.utils import floatToGoString
 
     assert format_value(value) == text == floatToGoString(value)
+
+
+def test_render_reuse_never_serves_old_values() -> None:
+    """The per-family render cache is keyed on the samples: a changed value renders anew, equal to
+    prometheus_client's output every time."""
+    from prometheus_client.core import GaugeMetricFamily
+    from prometheus_client.exposition import generate_latest
+
+    from mlops_obs.exporter.exposition import render as fast_render
+
+    class _Reg:
+        def __init__(self, fams: list[Any]) -> None:
+            self.fams = fams
+
+        def collect(self) -> list[Any]:
+            return self.fams
+
+    for value in (1.0, 1.0, 2.5, 1.0, float("nan")):
+        fam = GaugeMetricFamily("mlops_test_value", "A value.", labels=["gpu"])
+        fam.add_metric(["0"], value)
+        fam.add_metric(["1"], 7.0)
+        assert fast_render([fam]) == generate_latest(_Reg([fam]))  # type: ignore[arg-type]

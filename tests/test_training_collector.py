@@ -134,3 +134,19 @@ def test_restarting_a_rank_200_times_keeps_directory_and_scrape_flat(tmp_path: P
     assert size200 <= size10 * 1.05 + 200  # counters' digits may change; nothing grows per restart
     one_snapshot = max(e.stat().st_size for e in os.scandir(mp))
     assert bytes200 <= bytes10 + one_snapshot
+
+
+def test_cached_scan_sees_rewrites_and_deletes_like_the_plain_scan(tmp_path: Path) -> None:
+    """The shared cache never serves a stale snapshot: a rewritten file is parsed again, a dead one goes."""
+    from mlops_obs.collectors.training import cached_scan
+
+    now = 1_000_000.0
+    snapshot.write(tmp_path, "j", 0, {**_snap("j", 0, [0.1]), "updated": now, "steps": 1})
+    snapshot.write(tmp_path, "j", 1, {**_snap("j", 1, [0.1]), "updated": now - 3600, "steps": 9})
+    first = sorted(cached_scan(tmp_path, retention=60, now=now), key=lambda s: s["rank"])
+    assert [(s["rank"], s["steps"]) for s in first] == [(0, 1)]
+    assert not (tmp_path / snapshot.file_name("j", 1)).exists()  # retention deleted the dead rank's file
+    snapshot.write(tmp_path, "j", 0, {**_snap("j", 0, [0.1]), "updated": now + 1, "steps": 2})
+    again = list(cached_scan(tmp_path, retention=60, now=now + 1))
+    assert [s["steps"] for s in again] == [2]
+    assert again == list(snapshot.scan(tmp_path, retention=60, now=now + 1))

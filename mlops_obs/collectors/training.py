@@ -12,10 +12,7 @@ from __future__ import annotations
 
 import functools
 import itertools
-import os
 import statistics
-import threading
-import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -39,70 +36,15 @@ GAUGES = {
     "cuda_memory_peak": ("mlops_training_cuda_memory_peak_bytes", "Peak CUDA memory held by tensors."),
 }
 
-# Parsed snapshots per directory: file name -> ((inode, mtime_ns, size), data). A rank replaces its
-# file with os.replace, so an unchanged (inode, mtime, size) is the very same content: the sampler
-# re-reads the directory every second, while a rank typically rewrites its file only once per flush
-# interval, and the process collector and this one scan the same files in the same second.
-_scan_cache: dict[str, dict[str, tuple[tuple[int, int, int], dict[str, Any]]]] = {}
-_scan_lock = threading.Lock()
+# One cache for the collectors that read the ranks' snapshots (training, process) in the same round.
+SCAN_CACHE = snapshot.ScanCache()
 
 
 def cached_scan(
     directory: str | Path, retention: float | None = None, now: float | None = None
 ) -> Iterator[dict[str, Any]]:
-    """:func:`snapshot.scan`, with the same results and clean-up, that parses only files that changed.
-
-    The snapshots it yields are shared between calls and callers: read them, never modify them.
-    """
-    now = time.time() if now is None else now
-    key_dir = os.fspath(directory)
-    try:
-        entries = list(os.scandir(key_dir))
-    except OSError:
-        return
-    with _scan_lock:
-        old = _scan_cache.get(key_dir, {})
-    fresh: dict[str, tuple[tuple[int, int, int], dict[str, Any]]] = {}
-    out: list[dict[str, Any]] = []
-    suffix = snapshot.SUFFIX
-    for entry in entries:
-        name = entry.name
-        if name.startswith("."):
-            # A temp file older than a minute belongs to a writer that died mid-write.
-            if name.endswith(".tmp"):
-                try:
-                    if now - entry.stat().st_mtime > 60:
-                        os.unlink(entry.path)
-                except OSError:
-                    pass
-            continue
-        if not name.endswith(suffix):
-            continue
-        try:
-            st = entry.stat()
-        except OSError:
-            continue
-        stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
-        hit = old.get(name)
-        if hit is not None and hit[0] == stamp:
-            data: dict[str, Any] | None = hit[1]
-        else:
-            data = snapshot.read(Path(entry.path))
-        if data is None:
-            continue
-        if retention is not None and now - float(data.get("updated", 0)) > retention:
-            try:
-                os.unlink(entry.path)
-            except OSError:
-                pass
-            continue
-        fresh[name] = (stamp, data)
-        out.append(data)
-    with _scan_lock:
-        if len(_scan_cache) >= 64 and key_dir not in _scan_cache:
-            _scan_cache.clear()
-        _scan_cache[key_dir] = fresh
-    yield from out
+    """:func:`snapshot.scan` through the shared cache: only changed files are parsed again."""
+    return snapshot.scan(directory, retention=retention, now=now, cache=SCAN_CACHE)
 
 
 # A rank needs this many recent steps before its score means anything (the first steps include warm-up).

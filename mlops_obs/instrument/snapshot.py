@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import re
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -88,26 +89,70 @@ def read(path: Path) -> dict[str, Any] | None:
     return data
 
 
-def scan(directory: Path, retention: float | None = None, now: float | None = None) -> Iterator[dict[str, Any]]:
-    """All live snapshots; files not updated within ``retention`` seconds are deleted (dead ranks)."""
+class ScanCache:
+    """Parsed snapshots per directory, keyed by file name and (inode, mtime_ns, size).
+
+    A rank replaces its file with ``os.replace``, so an unchanged (inode, mtime, size) is the very same
+    content: the sidecar re-reads the directory every sampling round while a rank rewrites its file only
+    once per flush interval, and several collectors scan the same files in the same second. The cached
+    snapshots are shared between callers: read them, never modify them.
+    """
+
+    def __init__(self, max_directories: int = 64) -> None:
+        self._dirs: dict[str, dict[str, tuple[tuple[int, int, int], dict[str, Any]]]] = {}
+        self._lock = threading.Lock()
+        self._max = max_directories
+
+    def get(self, directory: str) -> dict[str, tuple[tuple[int, int, int], dict[str, Any]]]:
+        with self._lock:
+            return self._dirs.get(directory, {})
+
+    def put(self, directory: str, files: dict[str, tuple[tuple[int, int, int], dict[str, Any]]]) -> None:
+        with self._lock:
+            if len(self._dirs) >= self._max and directory not in self._dirs:
+                self._dirs.clear()
+            self._dirs[directory] = files
+
+
+def scan(
+    directory: str | os.PathLike[str],
+    retention: float | None = None,
+    now: float | None = None,
+    cache: ScanCache | None = None,
+) -> Iterator[dict[str, Any]]:
+    """All live snapshots; files not updated within ``retention`` seconds are deleted (dead ranks).
+
+    With a ``cache``, a file is parsed again only when its (inode, mtime, size) changed.
+    """
     now = time.time() if now is None else now
+    key_dir = os.fspath(directory)
     try:
-        entries = list(os.scandir(directory))
+        entries = list(os.scandir(key_dir))
     except OSError:
         return
+    old = cache.get(key_dir) if cache is not None else {}
+    fresh: dict[str, tuple[tuple[int, int, int], dict[str, Any]]] = {}
+    out: list[dict[str, Any]] = []
     for entry in entries:
-        if entry.name.startswith("."):
+        name = entry.name
+        if name.startswith("."):
             # A temp file older than a minute belongs to a writer that died mid-write.
-            if entry.name.endswith(".tmp"):
+            if name.endswith(".tmp"):
                 try:
                     if now - entry.stat().st_mtime > 60:
                         os.unlink(entry.path)
                 except OSError:
                     pass
             continue
-        if not entry.name.endswith(SUFFIX):
+        if not name.endswith(SUFFIX):
             continue
-        data = read(Path(entry.path))
+        try:
+            st = entry.stat()
+        except OSError:
+            continue
+        stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+        hit = old.get(name)
+        data = hit[1] if hit is not None and hit[0] == stamp else read(Path(entry.path))
         if data is None:
             continue
         if retention is not None and now - float(data.get("updated", 0)) > retention:
@@ -116,4 +161,8 @@ def scan(directory: Path, retention: float | None = None, now: float | None = No
             except OSError:
                 pass
             continue
-        yield data
+        fresh[name] = (stamp, data)
+        out.append(data)
+    if cache is not None:
+        cache.put(key_dir, fresh)
+    yield from out

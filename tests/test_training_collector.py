@@ -114,9 +114,13 @@ def test_restarting_a_rank_200_times_keeps_directory_and_scrape_flat(tmp_path: P
         dir_bytes = sum(e.stat().st_size for e in files)
         # Every incarnation lands in the same file: the sidecar reads the last one's snapshot.
         body = b""
-        for _ in range(200):  # the sampler picks the file up on its next round
+        # The last incarnation is dead and its file final; a scrape reflects it only after the sampler's
+        # next rounds (a round taken while that incarnation had just started shows it with 0 steps: no
+        # heartbeat, loss or straggler series yet). Wait for two rounds, then for rank 1's heartbeat.
+        time.sleep(0.5)
+        for _ in range(200):
             _, body = http_get(ex.url + "/metrics")
-            if b'mlops_training_steps_total{job="restart",node="n",rank="1"}' in body:
+            if b'mlops_training_last_step_timestamp_seconds{job="restart",node="n",rank="1"}' in body:
                 break
             time.sleep(0.05)
         training = [ln for ln in body.splitlines() if ln.startswith(b"mlops_training_")]

@@ -117,7 +117,10 @@ def test_exporter_process_serves_valid_metrics(tmp_path: Path) -> None:
 
 def test_disabled_collector_is_absent(start_exporter: object) -> None:
     ex = start_exporter(**{"collector.host": "false", "collector.gpu": "false"})  # type: ignore[operator]
-    time.sleep(0.5)
+    deadline = time.monotonic() + 30
+    while http_get(ex.url + "/-/ready")[0] != 200:  # every enabled collector finished its first round
+        assert time.monotonic() < deadline, "exporter never became ready"
+        time.sleep(0.05)
     body = http_get(ex.url + "/metrics")[1].decode()
     assert "mlops_node_cpu_seconds_total" not in body
     assert 'collector="host"' not in body

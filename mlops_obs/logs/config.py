@@ -25,7 +25,7 @@ import orjson
 import structlog
 from structlog.tracebacks import ExceptionDictTransformer
 
-from mlops_obs.logs.redact import MASK, SECRET_KEY, RedactSecrets, _maybe_secret, _redact_value, redact_text
+from mlops_obs.logs.redact import MASK, RedactSecrets, _maybe_secret, _redact_value, key_action, redact_text
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warn": logging.WARNING, "warning": logging.WARNING,
            "error": logging.ERROR, "critical": logging.CRITICAL}  # fmt: skip
@@ -153,8 +153,8 @@ class JsonLines(JobStamp):
         if not self._fast or not self._reserved.isdisjoint(event_dict):
             return self._slow(logger, method, event_dict)
         if self._redactor is not None:
-            # RedactSecrets, inlined (same cache, same decisions): numbers and short strings cost
-            # one type test each.
+            # RedactSecrets, inlined (same cache, same key_action decisions: 0 leave, 1 mask, 2 scan):
+            # numbers and short strings cost one type test each.
             actions = self._actions
             for k, v in event_dict.items():
                 t = type(v)
@@ -164,7 +164,7 @@ class JsonLines(JobStamp):
                     if len(v) < 8:  # too short for any secret shape: only the key can make it one
                         action = actions.get(k)
                         if action is None:
-                            action = actions[k] = 0 if k in self._skip else 1 if SECRET_KEY.search(k) else 2
+                            action = actions[k] = key_action(k, self._skip)
                         if action == 1 and v != "":
                             event_dict[k] = MASK
                         continue
@@ -172,7 +172,7 @@ class JsonLines(JobStamp):
                     continue
                 action = actions.get(k)
                 if action is None:
-                    action = actions[k] = 0 if k in self._skip else 1 if SECRET_KEY.search(k) else 2
+                    action = actions[k] = key_action(k, self._skip)
                 if action == 0:
                     continue
                 if action == 1:

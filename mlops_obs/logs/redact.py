@@ -91,6 +91,17 @@ def _redact_value(key: str | None, value: Any, depth: int = 0) -> Any:
     return value
 
 
+LEAVE, MASK_VALUE, SCAN_VALUE = 0, 1, 2
+
+
+def key_action(key: str, skip: frozenset[str]) -> int:
+    """What redaction does with a key's values, decided once per key and cached by the callers:
+    leave them (our own fields), mask them whole (the key names a secret), or scan them for secret shapes."""
+    if key in skip:
+        return LEAVE
+    return MASK_VALUE if SECRET_KEY.search(key) else SCAN_VALUE
+
+
 class RedactSecrets:
     """structlog processor: scrub secrets from every value (nested up to 4 levels) before rendering.
 
@@ -110,7 +121,7 @@ class RedactSecrets:
                 continue
             action = cache.get(k)
             if action is None:
-                action = cache[k] = 0 if k in self._skip else 1 if SECRET_KEY.search(k) else 2
+                action = cache[k] = key_action(k, self._skip)
             if action == 0:
                 continue
             if action == 1:

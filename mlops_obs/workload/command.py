@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ from typing import Any
 
 import orjson
 
+from mlops_obs.child_process import free_port
 from mlops_obs.config import (
     COMMON_SETTINGS,
     ConfigError,
@@ -62,12 +62,6 @@ WORKLOAD_SETTINGS: tuple[Setting, ...] = (
 
 def add_arguments(parser: argparse.ArgumentParser) -> list[Setting]:
     return list(COMMON_SETTINGS + WORKLOAD_SETTINGS)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def rank_options(cfg: Mapping[str, Any]) -> dict[str, Any]:

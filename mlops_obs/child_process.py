@@ -67,6 +67,8 @@ class ChildServer:
         raise NotImplementedError
 
     def start(self, timeout: float = 30.0) -> Self:
+        if self.proc is not None and self.proc.poll() is None:
+            return self  # already running: a second start would orphan the first child
         if not self.binary:
             raise FileNotFoundError(f"{self.name} binary not found (apt-get install {self.apt_package})")
         self.workdir.mkdir(parents=True, exist_ok=True)

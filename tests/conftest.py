@@ -11,6 +11,24 @@ import pytest
 from mlops_obs.prometheus_server import find_binary
 
 
+@pytest.fixture(scope="session", autouse=True)
+def no_process_left_behind() -> Iterator[None]:
+    """Every Prometheus, Alertmanager, exporter or rank a test starts is gone when the session ends:
+    a leaked child keeps a port and CPU on the CI machine, and means a missing stop() somewhere."""
+    import psutil
+
+    yield
+    leaked = psutil.Process().children(recursive=True)
+    names = []
+    for p in leaked:
+        try:
+            names.append(" ".join(p.cmdline())[:120])
+            p.kill()
+        except psutil.Error:
+            names.append(str(p.pid))
+    assert not leaked, f"test session left child processes running: {names}"
+
+
 def require_binary(name: str) -> str:
     path = find_binary(name)
     if path is None:

@@ -334,7 +334,7 @@ def test_prometheus_scrapes_through_tls_and_basic_auth(
             )
             return cfg
 
-    with SecurePrometheus(tmp_path / "prom", [target]).start() as prom:
+    with SecurePrometheus(tmp_path / "prom", [target]) as prom:
         prom.wait_for('mlops_exporter_build_info{job="mlops-obs"}', timeout=WAIT)
         health = prom.targets_health()
         assert [t["health"] for t in health] == ["up"], health

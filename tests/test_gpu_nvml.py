@@ -123,10 +123,14 @@ def test_init_failure_is_unavailable_and_not_retried_every_round() -> None:
 
 
 def test_calls_are_timed_per_function() -> None:
-    """Each call's latency is recorded by function, for the real-GPU check's report."""
+    """With timing on (the real-GPU check turns it on), each call's latency is recorded by function."""
     nv, _, _ = make()
+    h = nv.handles()[0]
+    nv.call("nvmlDeviceGetTemperature", h, 0)
+    assert "nvmlDeviceGetTemperature" not in nv.stats  # off by default: the exporter exports no timings
+    nv.keep_samples = True
     h = nv.handles()[0]
     for _ in range(4):
         nv.call("nvmlDeviceGetTemperature", h, 0)
     st = nv.stats["nvmlDeviceGetTemperature"]
-    assert st.count == 4 and st.max >= st.total / 4 > 0
+    assert st.count == 4 and st.max >= st.total / 4 > 0 and len(st.samples) == 4

@@ -15,6 +15,7 @@ from mlops_obs.collectors.fake_nvml import FakeNvml
 from mlops_obs.collectors.gpu import GpuCollector
 from mlops_obs.collectors.gpu_process import (
     Attributor,
+    ProcessResolver,
     parse_cgroup,
     parse_environ,
     parse_nspid,
@@ -115,6 +116,23 @@ def test_pod_from_the_sidecars_env_when_in_the_same_pod(tmp_path: Path) -> None:
     (proc / "self" / "cgroup").write_text("0::/\n")  # the sidecar is in another pod
     other = Attributor(None, proc_root=proc, environ={"POD_NAME": "job-0"})
     assert other.labels(100) == {"container": CID[:12]}
+
+
+def test_reused_pid_is_resolved_again_once_the_cached_identity_is_due(tmp_path: Path) -> None:
+    """Within ``revalidate`` seconds the cached identity is trusted without reading /proc; after it, a
+    pid whose start time changed (a new process under the same number) is resolved from scratch."""
+    proc = tmp_path / "proc"
+    _fake_proc(proc, 300, "300", CGROUPS["v1 cgroupfs kubepods"][0], None)
+    trusting, checking = ProcessResolver(proc, {}, revalidate=3600.0), ProcessResolver(proc, {}, revalidate=0.0)
+    first = trusting.identity(300)
+    assert first is not None and first.container_id == CID
+    assert checking.identity(300) == first
+    # pid 300 exits and a process outside any container gets the same pid (another start time)
+    (proc / "300" / "stat").write_text("300 (bash) S 1 1 1 0 -1 0 0 0 0 0 0 0 0 0 20 0 1 0 9999 1 1\n")
+    (proc / "300" / "cgroup").write_text("0::/user.slice\n")
+    assert trusting.identity(300) == first  # not due yet: no /proc read
+    again = checking.identity(300)
+    assert again is not None and again.container_id is None
 
 
 def test_ambiguous_pid_is_not_attributed(tmp_path: Path) -> None:

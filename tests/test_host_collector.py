@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import socket
@@ -16,7 +17,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from mlops_obs.collectors import host_parse as hp
-from mlops_obs.collectors.host import DEFAULT_NET_EXCLUDE, HostCollector, read_timex
+from mlops_obs.collectors.host import DEFAULT_NET_EXCLUDE, HostCollector, ProcFiles, read_timex
 from mlops_obs.collectors.process import ProcessCollector
 from mlops_obs.exporter.exposition import render
 from mlops_obs.instrument import snapshot
@@ -193,13 +194,36 @@ def test_process_collector_follows_a_real_process(tmp_path: Path) -> None:
         assert s[("mlops_process_threads", lv)] >= 1
         assert s[("mlops_process_resident_memory_bytes", lv)] > 1024 * 1024
         assert s[("mlops_process_open_fds", lv)] >= 3
+        cpu0 = s[("mlops_process_cpu_seconds_total", lv)]
+        assert samples(render(collector.sample()))[("mlops_process_cpu_seconds_total", lv)] >= cpu0  # kept fd
+        assert list(collector.files._fds) == [f"/proc/{child.pid}/stat"]
     finally:
         child.kill()
         child.wait()
         if child.stdout is not None:
             child.stdout.close()
     assert samples(render(collector.sample())) == {}
+    assert collector.files._fds == {}  # the exited process's descriptor is closed, not kept
 
 
 def test_process_collector_without_directory_is_empty() -> None:
     assert list(ProcessCollector({"multiproc-dir": None}).sample()) == []
+
+
+def test_proc_files_reread_kept_descriptors_and_reopen_regular_files(tmp_path: Path) -> None:
+    """A procfs file is kept open and re-read fresh; a regular file replaced by a rename is seen."""
+    files = ProcFiles()
+    first = files.read("/proc/uptime")
+    time.sleep(0.05)
+    second = files.read("/proc/uptime")
+    assert first and second and first != second  # new content through the same kept descriptor
+    assert list(files._fds) == ["/proc/uptime"]
+    f = tmp_path / "stat"
+    f.write_text("one")
+    assert files.read(str(f)) == "one"
+    (tmp_path / "new").write_text("two")
+    os.replace(tmp_path / "new", f)
+    assert files.read(str(f)) == "two" and str(f) not in files._fds
+    assert files.read(str(tmp_path / "absent")) is None
+    files.close()
+    assert files._fds == {}

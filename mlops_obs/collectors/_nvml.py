@@ -60,13 +60,18 @@ def _text(v: Any) -> str:
 
 
 class Nvml:
-    """Lazily initialised NVML with per-function error policy and call timing.
+    """Lazily initialised NVML with per-function error policy and, on request, call timing.
+
+    Timing is off in the exporter (nothing exports it, and two clock reads and a stats update a
+    call were a tenth of the GPU collector's round); ``scripts/gpu_check.py`` turns it on.
 
     ``loader`` returns a ``pynvml``-compatible object (the real module, or
     :class:`mlops_obs.collectors.fake_nvml.FakeNvml`); it is called on first use, not here.
     """
 
-    def __init__(self, loader: Callable[[], Any], log: Any = None, keep_samples: bool = False) -> None:
+    def __init__(
+        self, loader: Callable[[], Any], log: Any = None, keep_samples: bool = False, timing: bool = False
+    ) -> None:
         self._loader = loader
         self._log = log
         self._lib: Any = None
@@ -76,8 +81,19 @@ class Nvml:
         self._fns: dict[str, Any] = {}
         self._logged: set[tuple[str, int]] = set()
         self._handles: list[Any] | None = None
-        self.keep_samples = keep_samples
+        self.timing = timing or keep_samples
+        self._keep_samples = keep_samples
         self.stats: dict[str, CallStats] = {}
+
+    @property
+    def keep_samples(self) -> bool:
+        """Keep every call's latency (for percentiles), not only count, total and max; implies timing."""
+        return self._keep_samples
+
+    @keep_samples.setter
+    def keep_samples(self, on: bool) -> None:
+        self._keep_samples = on
+        self.timing = self.timing or on
 
     # --- initialisation ---------------------------------------------------------------------------
 
@@ -148,6 +164,12 @@ class Nvml:
             fn = self._fn(name)
             if fn is None:
                 return None
+        if not self.timing:
+            try:
+                return fn(*args)
+            except Exception as e:
+                code = self._failed(name, e)
+                return not_found if code == ERROR_NOT_FOUND else None
         t0 = _perf_counter()
         try:
             value = fn(*args)
@@ -169,9 +191,11 @@ class Nvml:
         try:
             value = fn(*args)
         except Exception as e:
-            self._timed(name, _perf_counter() - t0)
+            if self.timing:
+                self._timed(name, _perf_counter() - t0)
             return False, self._failed(name, e)
-        self._timed(name, _perf_counter() - t0)
+        if self.timing:
+            self._timed(name, _perf_counter() - t0)
         return True, value
 
     def _timed(self, name: str, dt: float) -> None:

@@ -47,6 +47,8 @@ from mlops_obs.config import (
     parse_duration,
     parse_optional_path,
 )
+from mlops_obs.exporter.exposition import Labels
+from mlops_obs.exporter.exposition import labels as label_set
 
 # NVML constants used here (nvml.h), so the module imports without pynvml's shared library.
 CLOCK_SM, CLOCK_MEM = 1, 2
@@ -132,6 +134,8 @@ class _Out:
         self.families: dict[str, Metric] = {}
 
     def add(self, name: str, labels: dict[str, str], value: float) -> None:
+        if type(labels) is not Labels:
+            labels = label_set(labels)  # interned: the renderer reads its text instead of sorting and escaping
         m = self.families.get(name)
         if m is None:
             typ, doc = FAMILIES[name]
@@ -158,7 +162,7 @@ class _Mig:
 class _Device:
     index: int
     handle: Any
-    labels: dict[str, str] = field(default_factory=dict)
+    labels: Labels = field(default_factory=lambda: label_set({}))
     info: dict[str, str] = field(default_factory=dict)
     ready: bool = False
     static: dict[str, float] = field(default_factory=dict)
@@ -169,7 +173,7 @@ class _Device:
     mig_enabled: bool = False
     proc_util_ts: int = 0
     link_labels_key: tuple[str | None, str | None] | None = None
-    link_labels: dict[tuple[int, int], dict[str, str]] = field(default_factory=dict)
+    link_labels: dict[tuple[int, int], Labels] = field(default_factory=dict)
     slow: list[tuple[str, list[Any]]] | None = None  # the counters' last samples, per family
     rare: dict[str, Any] = field(default_factory=dict)  # settings-like gauges, read with the counters
     rare_at: float = float("-inf")
@@ -214,6 +218,23 @@ def _field_values(arr: Any) -> list[tuple[int, int, float | None]]:
         t = int(v.valueType)
         out.append((int(v.fieldId), int(v.scopeId), float(getattr(v.value, names[t] if t < len(names) else "ullVal"))))
     return out
+
+
+def _gpm_results(mg: Any, count: int) -> list[tuple[int, float]]:
+    """(nvmlReturn, value) of the first ``count`` metrics of an nvmlGpmMetricsGet_t, read from its memory
+    in one copy: pynvml's structures run a Python hook on every attribute read."""
+    metric = type(mg.metrics)._type_
+    ret_off, val_off, size = metric.nvmlReturn.offset, metric.value.offset, ctypes.sizeof(metric)
+    layout = _GPM_LAYOUTS.get((ret_off, val_off, size))
+    if layout is None:
+        layout = _GPM_LAYOUTS[(ret_off, val_off, size)] = struct.Struct(
+            f"<{ret_off}xI{val_off - ret_off - 4}xd{size - val_off - 8}x"
+        )
+    raw = ctypes.string_at(ctypes.addressof(mg) + type(mg).metrics.offset, size * count)
+    return list(layout.iter_unpack(raw))
+
+
+_GPM_LAYOUTS: dict[tuple[int, int, int], struct.Struct] = {}
 
 
 class XidWatcher:
@@ -371,7 +392,7 @@ class GpuCollector(Collector):
         h = d.handle
         uuid = n.text("nvmlDeviceGetUUID", h) or ""
         model = n.text("nvmlDeviceGetName", h) or ""
-        d.labels = {"gpu": str(d.index), "uuid": uuid, "model": model}
+        d.labels = label_set({"gpu": str(d.index), "uuid": uuid, "model": model})
         d.link_labels_key = None
         pci = n.call("nvmlDeviceGetPciInfo", h)
         d.info = {"driver_version": self._driver or ""}
@@ -463,13 +484,12 @@ class GpuCollector(Collector):
                                  gpu=d.index, processes=len(procs), limit=self.process_limit)  # fmt: skip
             procs = procs[: self.process_limit]
         by_pid: dict[int, dict[str, str]] = {}
-        base = {"gpu": d.labels["gpu"], "uuid": d.labels["uuid"]}
         for p in procs:
             pid = int(p.pid)
             live.add(pid)
             attr = self.attributor.labels(pid)
             by_pid[pid] = attr
-            labels = {**base, "pid": str(pid), **attr}
+            labels = label_set({"gpu": d.labels["gpu"], "uuid": d.labels["uuid"], "pid": str(pid), **attr})
             if p.usedGpuMemory is not None:
                 out.add("mlops_gpu_process_memory_used_bytes", labels, p.usedGpuMemory)
             if samples is not None:
@@ -493,8 +513,8 @@ class GpuCollector(Collector):
         if rare:
             d.rare_at = now
         owner = self._processes(d, out, live) if self.processes else {}
-        lb = {**d.labels, **owner}
-        out.add("mlops_gpu_info", {**d.labels, **d.info}, 1)
+        lb = label_set({**d.labels, **owner}) if owner else d.labels
+        out.add("mlops_gpu_info", label_set({**d.labels, **d.info}), 1)
         out.add("mlops_gpu_profiling_supported", lb, int(d.gpm is not None))
 
         u = n.call("nvmlDeviceGetUtilizationRates", h)
@@ -618,9 +638,8 @@ class GpuCollector(Collector):
                     continue
                 labels = ll.get((fid, scope))
                 if labels is None:
-                    labels = ll[(fid, scope)] = {**lb, "link": str(scope)}
-                    if fid in FI_NVLINK_ERRORS:
-                        labels["type"] = FI_NVLINK_ERRORS[fid]
+                    extra = {"type": FI_NVLINK_ERRORS[fid]} if fid in FI_NVLINK_ERRORS else {}
+                    labels = ll[(fid, scope)] = label_set({**lb, "link": str(scope), **extra})
                 if fid == FI_NVLINK_DATA_TX:
                     so.add("mlops_gpu_nvlink_transmit_bytes_total", labels, x * 1024)
                 elif fid == FI_NVLINK_DATA_RX:
@@ -658,11 +677,9 @@ class GpuCollector(Collector):
         mg.sample1, mg.sample2 = prev, cur
         if n.call("nvmlGpmMetricsGet", mg) is None:
             return
-        metrics = mg.metrics
-        for i, mid in enumerate(ids):
-            m = metrics[i]
-            if int(m.nvmlReturn) == 0:
-                out.add(GPM[mid], lb, max(0.0, min(1.0, float(m.value) / 100.0)))
+        for mid, (ret, value) in zip(ids, _gpm_results(mg, len(ids))):
+            if ret == 0:
+                out.add(GPM[mid], lb, max(0.0, min(1.0, value / 100.0)))
 
     def _mig(self, d: _Device, out: _Out, live: set[int]) -> None:
         """MIG instances as their own label set (gpu_instance, mig_profile) under the parent GPU's labels."""

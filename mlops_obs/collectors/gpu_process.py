@@ -113,17 +113,31 @@ class ProcessIdentity:
     namespace: str | None
 
 
+# A cached identity is trusted this long before /proc/<pid>/stat is read again to catch a reused
+# pid. NVML lists a pid only while it holds a CUDA context, so a pid that exits and comes back on
+# another process that opens a context within these seconds is the only case it misses, for at
+# most these seconds; re-reading every round was a tenth of the GPU collector's cost.
+REVALIDATE_SECONDS = 5.0
+
+
 class ProcessResolver:
     """Reads and caches what ``/proc`` says about a pid; never raises for a pid that vanished."""
 
-    def __init__(self, proc_root: str | Path = "/proc", environ: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        proc_root: str | Path = "/proc",
+        environ: Mapping[str, str] | None = None,
+        revalidate: float = REVALIDATE_SECONDS,
+    ) -> None:
         self.proc = Path(proc_root)
         self._root = os.fspath(proc_root)
         env = os.environ if environ is None else environ
         self.own_pod = env.get("POD_NAME") or None
         self.own_namespace = env.get("POD_NAMESPACE") or None
         self.own_pod_uid = self._own_pod_uid()
-        self._cache: dict[int, tuple[int | None, ProcessIdentity]] = {}
+        self.revalidate = revalidate
+        # pid -> (start time in ticks, identity, monotonic time it was last checked against /proc)
+        self._cache: dict[int, tuple[int | None, ProcessIdentity, float]] = {}
 
     def _read(self, pid: int | str, name: str) -> bytes | None:
         # A plain string path: /proc/<pid>/stat is read for every GPU process every round, and
@@ -139,13 +153,17 @@ class ProcessResolver:
         return parse_cgroup(data.decode("utf-8", "replace")).pod_uid if data else None
 
     def identity(self, pid: int) -> ProcessIdentity | None:
+        cached = self._cache.get(pid)
+        now = time.monotonic()
+        if cached is not None and now - cached[2] < self.revalidate:
+            return cached[1]
         stat = self._read(pid, "stat")
         if stat is None:
             self._cache.pop(pid, None)
             return None
         start = parse_start_time(stat.decode("utf-8", "replace"))
-        cached = self._cache.get(pid)
         if cached is not None and cached[0] == start:
+            self._cache[pid] = (start, cached[1], now)
             return cached[1]
         status = self._read(pid, "status")
         nspids = parse_nspid(status.decode("utf-8", "replace")) if status else ()
@@ -157,7 +175,7 @@ class ProcessResolver:
         if pod is None and cg.pod_uid is not None and cg.pod_uid == self.own_pod_uid:
             pod, ns = self.own_pod, self.own_namespace
         ident = ProcessIdentity(nspids or (pid,), cg.container_id, cg.pod_uid, pod, ns)
-        self._cache[pid] = (start, ident)
+        self._cache[pid] = (start, ident, now)
         return ident
 
     def forget_except(self, live: set[int]) -> None:

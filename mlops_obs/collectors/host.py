@@ -79,6 +79,78 @@ def read_text(path: Path) -> str | None:
         return None
 
 
+_CHUNK = 65536
+
+
+def _pread_all(fd: int) -> bytes:
+    data = os.pread(fd, _CHUNK, 0)
+    if len(data) < _CHUNK:
+        return data
+    parts = [data]
+    while len(data) == _CHUNK:  # /proc/stat on a big node, diskstats with many devices
+        data = os.pread(fd, _CHUNK, sum(map(len, parts)))
+        parts.append(data)
+    return b"".join(parts)
+
+
+class ProcFiles:
+    """Kernel-generated files kept open and re-read with ``pread(2)`` from offset 0, every round.
+
+    Why: procfs regenerates a file's content on each read from offset 0, so opening and closing it
+    every second (a path walk and two more syscalls, for ~10 files a round on a VM where syscalls are
+    slow) buys nothing. Only files that report size 0, as procfs's generated files do, are kept open:
+    a regular file (a test fixture, a copied tree) may be replaced by a rename, which an open
+    descriptor would never see. A read that fails closes the descriptor; the next round opens again.
+    """
+
+    def __init__(self) -> None:
+        self._fds: dict[str, int] = {}
+
+    def read(self, path: str) -> str | None:
+        fd = self._fds.get(path)
+        if fd is None:
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                return None
+            try:
+                generated = os.fstat(fd).st_size == 0
+            except OSError:
+                generated = False
+            if not generated:
+                try:
+                    return _pread_all(fd).decode("utf-8", "replace")
+                except OSError:
+                    return None
+                finally:
+                    os.close(fd)
+            self._fds[path] = fd
+        try:
+            return _pread_all(fd).decode("utf-8", "replace")
+        except OSError:  # PSI disabled reads EOPNOTSUPP; a vanished device file; retried next round
+            del self._fds[path]
+            os.close(fd)
+            return None
+
+    def retain(self, paths: Iterable[str]) -> None:
+        """Close the descriptors of every other path (per-process files of processes that are gone)."""
+        keep = set(paths)
+        for path in [p for p in self._fds if p not in keep]:
+            os.close(self._fds.pop(path))
+
+    def close(self) -> None:
+        fds, self._fds = self._fds, {}
+        for fd in fds.values():
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+def _read_text_str(path: str) -> str | None:
+    return read_text(Path(path))
+
+
 def read_dir_files(directory: Path) -> dict[str, str]:
     out: dict[str, str] = {}
     try:
@@ -234,33 +306,38 @@ def read_infiniband(sysfs: Path) -> dict[tuple[str, str], hp.IbPort]:
     return out
 
 
-def read_host(config: Mapping[str, Any], mount_cache: MountCache | None = None) -> HostReading:
+def read_host(
+    config: Mapping[str, Any], mount_cache: MountCache | None = None, files: ProcFiles | None = None
+) -> HostReading:
+    """One round of reads; ``files`` (the collector's, kept across rounds) saves re-opening procfs files."""
     procfs: Path = Path(config.get("path.procfs") or "/proc")
     sysfs: Path = Path(config.get("path.sysfs") or "/sys")
+    read = files.read if files is not None else _read_text_str
+    proc = os.fspath(procfs)
     r = HostReading()
-    stat = read_text(procfs / "stat")
+    stat = read(f"{proc}/stat")
     if stat is not None:
         r.cpu = hp.parse_stat(stat, CLK_TCK)
-    load = read_text(procfs / "loadavg")
+    load = read(f"{proc}/loadavg")
     if load is not None:
         try:
             r.load = hp.parse_loadavg(load)
         except ValueError:
             r.load = None  # a truncated read: skip the load for this round, keep the rest
-    r.meminfo = hp.parse_meminfo(read_text(procfs / "meminfo") or "")
+    r.meminfo = hp.parse_meminfo(read(f"{proc}/meminfo") or "")
     for resource in ("cpu", "memory", "io"):
-        text = read_text(procfs / "pressure" / resource)
+        text = read(f"{proc}/pressure/{resource}")
         if text is not None:
             parsed = hp.parse_pressure(text)
             if parsed:
                 r.pressure[resource] = parsed
     r.disks = hp.parse_diskstats(
-        read_text(procfs / "diskstats") or "",
+        read(f"{proc}/diskstats") or "",
         config.get("host.disk-device-exclude", re.compile(hp.DEFAULT_DISK_EXCLUDE)),
     )
     r.filesystems = read_filesystems(config.get("host.filesystem-paths") or [], procfs, mount_cache)
     r.net = hp.parse_net_dev(
-        read_text(procfs / "net" / "dev") or "",
+        read(f"{proc}/net/dev") or "",
         config.get("host.network-device-exclude", re.compile(DEFAULT_NET_EXCLUDE)),
     )
     r.ib = read_infiniband(sysfs)
@@ -432,6 +509,12 @@ class HostCollector(Collector):
     def __init__(self, config: Mapping[str, Any]) -> None:
         super().__init__(config)
         self.mount_cache = MountCache()
+        self.files = ProcFiles()
 
     def sample(self) -> Iterable[Metric]:
-        return families(read_host(self.config, self.mount_cache), per_cpu=bool(self.config.get("host.per-cpu")))
+        return families(
+            read_host(self.config, self.mount_cache, self.files), per_cpu=bool(self.config.get("host.per-cpu"))
+        )
+
+    def close(self) -> None:
+        self.files.close()

@@ -10,7 +10,7 @@ its series disappear with it, so cardinality follows the live ranks.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +20,7 @@ from prometheus_client.samples import Sample
 
 from mlops_obs.collectors import Collector, register
 from mlops_obs.collectors import host_parse as hp
-from mlops_obs.collectors.host import CLK_TCK, PAGE_SIZE, read_text
+from mlops_obs.collectors.host import CLK_TCK, PAGE_SIZE, ProcFiles, read_text
 from mlops_obs.collectors.training import cached_scan
 
 LABELS = ["job", "rank", "pid"]
@@ -62,9 +62,18 @@ def _read(path: str) -> str | None:
         return None
 
 
-def read_rank_processes(snaps: Iterable[dict[str, Any]], procfs: Path) -> list[RankProcess]:
+def read_rank_processes(
+    snaps: Iterable[dict[str, Any]], procfs: Path, files: ProcFiles | None = None
+) -> list[RankProcess]:
+    """``files`` keeps each rank's ``/proc/<pid>/stat`` open between rounds (the collector's own).
+
+    A kept descriptor belongs to the process it was opened for: once that process exits, reads fail
+    (and the descriptor is closed) even if the pid is reused, so it can never report another process.
+    """
     # Plain string paths: pathlib's joins cost more than the reads of these tiny files.
     root = os.fspath(procfs)
+    read = files.read if files is not None else _read
+    used: list[str] = []
     btime = _boot_time(root)
     out: list[RankProcess] = []
     seen: set[int] = set()
@@ -76,7 +85,8 @@ def read_rank_processes(snaps: Iterable[dict[str, Any]], procfs: Path) -> list[R
         if pid <= 0 or pid in seen:
             continue
         base = f"{root}/{pid}"
-        text = _read(base + "/stat")
+        used.append(base + "/stat")
+        text = read(base + "/stat")
         if text is None:
             continue  # the rank exited
         try:
@@ -97,6 +107,8 @@ def read_rank_processes(snaps: Iterable[dict[str, Any]], procfs: Path) -> list[R
                 str(s.get("job", "")), str(s.get("rank", "")), pid, st.cpu_seconds, st.rss_bytes, st.threads, fds
             )
         )
+    if files is not None:
+        files.retain(used)
     return out
 
 
@@ -133,10 +145,17 @@ class ProcessCollector(Collector):
     name = "process"
     help = "CPU, RSS, threads and open files of the training ranks found in --multiproc-dir."
 
+    def __init__(self, config: Mapping[str, Any]) -> None:
+        super().__init__(config)
+        self.files = ProcFiles()
+
     def sample(self) -> Iterable[Metric]:
         directory = self.config.get("multiproc-dir")
         if not directory:
             return []
         # No retention here: deleting stale snapshots is the training collector's job.
         snaps = list(cached_scan(directory, retention=None))
-        return families(read_rank_processes(snaps, Path(self.config.get("path.procfs") or "/proc")))
+        return families(read_rank_processes(snaps, Path(self.config.get("path.procfs") or "/proc"), self.files))
+
+    def close(self) -> None:
+        self.files.close()

@@ -10,18 +10,17 @@ every rank's step takes as long as the slowest one; only the time outside the wa
 
 from __future__ import annotations
 
-import functools
-import itertools
 import statistics
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.metrics_core import Metric
+from prometheus_client.samples import Sample
 
 from mlops_obs.collectors import Collector, register
 from mlops_obs.config import Setting, parse_duration, parse_optional_path
+from mlops_obs.exporter.exposition import Labels, labels
 from mlops_obs.instrument import snapshot
 
 LABELS = ["job", "rank", "node"]
@@ -81,16 +80,75 @@ def _median_sorted(xs: list[float]) -> float:
     return xs[mid] if n % 2 else (xs[mid - 1] + xs[mid]) / 2.0
 
 
-@functools.cache
-def _bucket_labels(bounds: tuple[float, ...]) -> tuple[str, ...]:
-    return (*(repr(float(b)) for b in bounds), "+Inf")
+_new_sample = tuple.__new__  # skips Sample's Python-level __new__ (a namedtuple)
+
+# The families in their exposition order: name -> (type, help). Counters without their _total suffix.
+FAMILIES: dict[str, tuple[str, str]] = {
+    "mlops_training_steps": ("counter", "Training steps completed."),
+    "mlops_training_failed_steps": ("counter", "Steps that raised an exception."),
+    "mlops_training_samples": ("counter", "Training samples processed."),
+    "mlops_training_tokens": ("counter", "Training tokens processed."),
+    "mlops_training_nonfinite_loss": ("counter", "Steps whose loss was NaN or infinite."),
+    "mlops_training_phase_seconds": ("counter", "Seconds spent in each phase of the step."),
+    "mlops_training_step_duration_seconds": ("histogram", "Wall time of one training step."),
+    "mlops_training_last_step_timestamp_seconds": ("gauge", "Unix time the last step finished."),
+    "mlops_training_process_start_time_seconds": ("gauge", "Unix time this rank's process started."),
+    "mlops_training_world_size": ("gauge", "Ranks in the job."),
+    "mlops_training_finished": (
+        "gauge",
+        "1 once the rank closed its monitor (training ended or the process exited), so a silent heartbeat "
+        "is not a stall.",
+    ),
+    "mlops_training_goodput_seconds": ("counter", "Seconds of productive training (steps, less data wait)."),
+    "mlops_training_badput_seconds": (
+        "counter",
+        "Seconds that were not productive training, by kind (startup, data_loading, checkpoint_save, ...).",
+    ),
+    "mlops_training_checkpoint_duration_seconds": ("histogram", "Wall time of a successful checkpoint save."),
+    "mlops_training_checkpoint_failures": ("counter", "Checkpoint saves that raised."),
+    "mlops_training_last_checkpoint_timestamp_seconds": (
+        "gauge",
+        "Unix time the last successful checkpoint save finished.",
+    ),
+    "mlops_training_straggler_score": (
+        "gauge",
+        "Median step compute time across the job's ranks over this rank's; 1 typical, below 0.75 a straggler.",
+    ),
+    **{name: ("gauge", doc) for name, doc in GAUGES.values()},
+}
+_PER_RANK_COUNTERS = (
+    "mlops_training_steps",
+    "mlops_training_failed_steps",
+    "mlops_training_samples",
+    "mlops_training_tokens",
+    "mlops_training_nonfinite_loss",
+)
+
+# (rank's label set, bucket bounds) -> the label sets of its buckets: the same every round.
+_bucket_sets: dict[tuple[Labels, tuple[float, ...]], tuple[Labels, ...]] = {}
 
 
-def _histogram(counts: Any, bounds: tuple[float, ...]) -> list[tuple[str, float]] | None:
-    if not isinstance(counts, list) or len(counts) != len(bounds) + 1:
-        return None
-    cum = list(itertools.accumulate(map(int, counts)))
-    return list(zip(_bucket_labels(bounds), map(float, cum)))
+def _valid_counts(counts: Any, bounds: tuple[float, ...]) -> bool:
+    return isinstance(counts, list) and len(counts) == len(bounds) + 1
+
+
+def _histogram(out: list[Any], name: str, lb: Labels, counts: Any, bounds: tuple[float, ...], total: Any) -> None:
+    """Buckets, count and sum in prometheus_client's order; nothing for a malformed bucket list."""
+    if not _valid_counts(counts, bounds):
+        return
+    sets = _bucket_sets.get((lb, bounds))
+    if sets is None:
+        if len(_bucket_sets) >= 10_000:
+            _bucket_sets.clear()
+        les = (*(repr(float(b)) for b in bounds), "+Inf")
+        sets = _bucket_sets[(lb, bounds)] = tuple(labels({**lb, "le": le}) for le in les)
+    bucket = name + "_bucket"
+    cum = 0.0
+    for ls, c in zip(sets, counts):
+        cum += int(c)
+        out.append(_new_sample(Sample, (bucket, ls, cum, None, None, None)))
+    out.append(_new_sample(Sample, (name + "_count", lb, cum, None, None, None)))
+    out.append(_new_sample(Sample, (name + "_sum", lb, float(total), None, None, None)))
 
 
 @register
@@ -137,111 +195,78 @@ class TrainingCollector(Collector):
 
     @staticmethod
     def families(snaps: list[dict[str, Any]]) -> list[Metric]:
-        def counter(name: str, doc: str) -> CounterMetricFamily:
-            return CounterMetricFamily(name, doc, labels=LABELS)
+        """The families for these snapshots, every family present even when empty.
 
-        steps = counter("mlops_training_steps", "Training steps completed.")
-        failed = counter("mlops_training_failed_steps", "Steps that raised an exception.")
-        samples = counter("mlops_training_samples", "Training samples processed.")
-        tokens = counter("mlops_training_tokens", "Training tokens processed.")
-        nonfinite = counter("mlops_training_nonfinite_loss", "Steps whose loss was NaN or infinite.")
-        phases = CounterMetricFamily(
-            "mlops_training_phase_seconds",
-            "Seconds spent in each phase of the step.",
-            labels=[*LABELS, "phase"],
-        )
-        hist = HistogramMetricFamily(
-            "mlops_training_step_duration_seconds", "Wall time of one training step.", labels=LABELS
-        )
-        heartbeat = GaugeMetricFamily(
-            "mlops_training_last_step_timestamp_seconds", "Unix time the last step finished.", labels=LABELS
-        )
-        started = GaugeMetricFamily(
-            "mlops_training_process_start_time_seconds",
-            "Unix time this rank's process started.",
-            labels=LABELS,
-        )
-        world = GaugeMetricFamily("mlops_training_world_size", "Ranks in the job.", labels=LABELS)
-        finished = GaugeMetricFamily(
-            "mlops_training_finished",
-            "1 once the rank closed its monitor (training ended or the process exited), so a silent heartbeat "
-            "is not a stall.",
-            labels=LABELS,
-        )
-        goodput = counter("mlops_training_goodput_seconds", "Seconds of productive training (steps, less data wait).")
-        badput = CounterMetricFamily(
-            "mlops_training_badput_seconds",
-            "Seconds that were not productive training, by kind (startup, data_loading, checkpoint_save, ...).",
-            labels=[*LABELS, "kind"],
-        )
-        ckpt = HistogramMetricFamily(
-            "mlops_training_checkpoint_duration_seconds", "Wall time of a successful checkpoint save.", labels=LABELS
-        )
-        ckpt_failed = counter("mlops_training_checkpoint_failures", "Checkpoint saves that raised.")
-        ckpt_last = GaugeMetricFamily(
-            "mlops_training_last_checkpoint_timestamp_seconds",
-            "Unix time the last successful checkpoint save finished.",
-            labels=LABELS,
-        )
-        straggler = GaugeMetricFamily(
-            "mlops_training_straggler_score",
-            "Median step compute time across the job's ranks over this rank's; 1 typical, below 0.75 a straggler.",
-            labels=LABELS,
-        )
+        Built straight into prometheus_client's ``Metric``/``Sample`` types with interned label sets
+        (see :class:`mlops_obs.exporter.exposition.Labels`): ``add_metric`` zips a fresh label dict
+        and builds a namedtuple through Python code per sample, which for 8 ranks was most of this
+        collector's round.
+        """
+        fams = {name: Metric(name, doc, typ) for name, (typ, doc) in FAMILIES.items()}
+        steps, failed, samples_f, tokens, nonfinite = (fams[n].samples for n in _PER_RANK_COUNTERS)
+        phases = fams["mlops_training_phase_seconds"].samples
+        hist = fams["mlops_training_step_duration_seconds"].samples
+        heartbeat = fams["mlops_training_last_step_timestamp_seconds"].samples
+        started = fams["mlops_training_process_start_time_seconds"].samples
+        world = fams["mlops_training_world_size"].samples
+        finished = fams["mlops_training_finished"].samples
+        goodput = fams["mlops_training_goodput_seconds"].samples
+        badput = fams["mlops_training_badput_seconds"].samples
+        ckpt = fams["mlops_training_checkpoint_duration_seconds"].samples
+        ckpt_failed = fams["mlops_training_checkpoint_failures"].samples
+        ckpt_last = fams["mlops_training_last_checkpoint_timestamp_seconds"].samples
+        straggler = fams["mlops_training_straggler_score"].samples
+        gauges = [(k, fams[name].samples) for k, (name, _) in GAUGES.items()]
         scores = straggler_scores(snaps)
-        gauges = {k: GaugeMetricFamily(n, d, labels=LABELS) for k, (n, d) in GAUGES.items()}
+        new = _new_sample
 
         for s in snaps:
-            lv = [str(s.get("job", "")), str(s.get("rank", "")), str(s.get("node", ""))]
-            steps.add_metric(lv, float(s.get("steps", 0)))
-            failed.add_metric(lv, float(s.get("failed_steps", 0)))
-            samples.add_metric(lv, float(s.get("samples", 0)))
-            tokens.add_metric(lv, float(s.get("tokens", 0)))
-            nonfinite.add_metric(lv, float(s.get("nonfinite_loss", 0)))
-            for phase, secs in sorted((s.get("phase_seconds") or {}).items()):
-                phases.add_metric([*lv, str(phase)], float(secs))
-            buckets = _histogram(s.get("step_buckets"), snapshot.STEP_BUCKETS)
-            if buckets:
-                hist.add_metric(lv, buckets, float(s.get("step_seconds_sum", 0.0)))
-            goodput.add_metric(lv, float(s.get("goodput_seconds", 0.0)))
-            for kind, secs in sorted((s.get("badput_seconds") or {}).items()):
-                badput.add_metric([*lv, str(kind)], float(secs))
+            get = s.get
+            job, rank = str(get("job", "")), str(get("rank", ""))
+            lb = labels({"job": job, "rank": rank, "node": str(get("node", ""))})
+            steps.append(new(Sample, ("mlops_training_steps_total", lb, float(get("steps", 0)), None, None, None)))
+            failed.append(new(Sample, ("mlops_training_failed_steps_total", lb, float(get("failed_steps", 0)),
+                                       None, None, None)))  # fmt: skip
+            samples_f.append(new(Sample, ("mlops_training_samples_total", lb, float(get("samples", 0)), None, None,
+                                          None)))  # fmt: skip
+            tokens.append(new(Sample, ("mlops_training_tokens_total", lb, float(get("tokens", 0)), None, None, None)))
+            nonfinite.append(new(Sample, ("mlops_training_nonfinite_loss_total", lb, float(get("nonfinite_loss", 0)),
+                                          None, None, None)))  # fmt: skip
+            for phase, secs in sorted((get("phase_seconds") or {}).items()):
+                phases.append(new(Sample, ("mlops_training_phase_seconds_total", labels({**lb, "phase": str(phase)}),
+                                           float(secs), None, None, None)))  # fmt: skip
+            _histogram(hist, "mlops_training_step_duration_seconds", lb, get("step_buckets"), snapshot.STEP_BUCKETS,
+                       get("step_seconds_sum", 0.0))  # fmt: skip
+            goodput.append(new(Sample, ("mlops_training_goodput_seconds_total", lb, float(get("goodput_seconds", 0.0)),
+                                        None, None, None)))  # fmt: skip
+            for kind, secs in sorted((get("badput_seconds") or {}).items()):
+                badput.append(new(Sample, ("mlops_training_badput_seconds_total", labels({**lb, "kind": str(kind)}),
+                                           float(secs), None, None, None)))  # fmt: skip
             # Only ranks that save checkpoints (often rank 0 alone) get checkpoint series.
-            buckets = _histogram(s.get("checkpoint_buckets"), snapshot.CHECKPOINT_BUCKETS)
-            if buckets and (buckets[-1][1] or s.get("failed_checkpoints")):
-                ckpt.add_metric(lv, buckets, float(s.get("checkpoint_seconds_sum", 0.0)))
-                ckpt_failed.add_metric(lv, float(s.get("failed_checkpoints", 0)))
-            if s.get("last_checkpoint_time"):
-                ckpt_last.add_metric(lv, float(s["last_checkpoint_time"]))
-            score = scores.get((lv[0], lv[1]))
+            counts: Any = get("checkpoint_buckets")
+            saved = sum(map(int, counts)) if _valid_counts(counts, snapshot.CHECKPOINT_BUCKETS) else None
+            if saved is not None and (saved > 0 or get("failed_checkpoints")):
+                _histogram(ckpt, "mlops_training_checkpoint_duration_seconds", lb, counts, snapshot.CHECKPOINT_BUCKETS,
+                           get("checkpoint_seconds_sum", 0.0))  # fmt: skip
+                ckpt_failed.append(new(Sample, ("mlops_training_checkpoint_failures_total", lb,
+                                                float(get("failed_checkpoints", 0)), None, None, None)))  # fmt: skip
+            if get("last_checkpoint_time"):
+                ckpt_last.append(new(Sample, ("mlops_training_last_checkpoint_timestamp_seconds", lb,
+                                              float(s["last_checkpoint_time"]), None, None, None)))  # fmt: skip
+            score = scores.get((job, rank))
             if score is not None:
-                straggler.add_metric(lv, score)
-            if s.get("last_step_time"):
-                heartbeat.add_metric(lv, float(s["last_step_time"]))
-            started.add_metric(lv, float(s.get("start_time", 0.0)))
-            world.add_metric(lv, float(s.get("world_size", 1)))
-            finished.add_metric(lv, 1.0 if s.get("closed") else 0.0)
-            for k, fam in gauges.items():
-                v = (s.get("gauges") or {}).get(k)
+                straggler.append(new(Sample, ("mlops_training_straggler_score", lb, score, None, None, None)))
+            if get("last_step_time"):
+                heartbeat.append(new(Sample, ("mlops_training_last_step_timestamp_seconds", lb,
+                                              float(s["last_step_time"]), None, None, None)))  # fmt: skip
+            started.append(new(Sample, ("mlops_training_process_start_time_seconds", lb,
+                                        float(get("start_time", 0.0)), None, None, None)))  # fmt: skip
+            world.append(new(Sample, ("mlops_training_world_size", lb, float(get("world_size", 1)), None, None, None)))
+            finished.append(new(Sample, ("mlops_training_finished", lb, 1.0 if get("closed") else 0.0, None, None,
+                                         None)))  # fmt: skip
+            g = get("gauges") or {}
+            for k, fam in gauges:
+                v = g.get(k)
                 if v is not None:
-                    fam.add_metric(lv, float(v))
-        return [
-            steps,
-            failed,
-            samples,
-            tokens,
-            nonfinite,
-            phases,
-            hist,
-            heartbeat,
-            started,
-            world,
-            finished,
-            goodput,
-            badput,
-            ckpt,
-            ckpt_failed,
-            ckpt_last,
-            straggler,
-            *gauges.values(),
-        ]
+                    fam.append(new(Sample, (GAUGES[k][0], lb, float(v), None, None, None)))
+        return list(fams.values())

@@ -51,6 +51,47 @@ def _escape_label_value(v: str) -> str:
     return v
 
 
+class Labels(dict[str, str]):
+    """An immutable label set that carries its rendered ``k="v",...`` text.
+
+    Why: a collector hands the same label set to many samples (a GPU's ~40 gauges share one), and
+    the renderer would otherwise build and hash a tuple of its items for every sample to find the
+    text in ``_label_cache``. Interned through :func:`labels`, the set is built once per round (or
+    once per run) and rendering a sample reads one attribute. A plain ``dict`` everywhere else
+    (prometheus_client, tests), so it cannot be changed after its text was rendered.
+    """
+
+    __slots__ = ("text",)
+
+    def __init__(self, items: Iterable[tuple[str, str]]) -> None:
+        super().__init__(items)
+        self.text = ",".join([f'{k}="{_escape_label_value(v)}"' for k, v in sorted(self.items())])
+
+    def __hash__(self) -> int:  # type: ignore[override]
+        # Immutable, so usable as a key; equal sets render the same text, so they hash alike.
+        return hash(self.text)
+
+    def _immutable(self, *args: Any, **kwargs: Any) -> Any:
+        raise TypeError("Labels are immutable: build a new set with labels({**old, ...})")
+
+    __setitem__ = __delitem__ = update = pop = popitem = setdefault = clear = __ior__ = _immutable  # type: ignore[assignment]
+
+
+_interned: dict[tuple[tuple[str, str], ...], Labels] = {}
+_INTERNED_MAX = 50_000
+
+
+def labels(mapping: dict[str, Any]) -> Labels:
+    """The interned :class:`Labels` for ``mapping`` (values turned to ``str``); bounded like the caches above."""
+    key = tuple(mapping.items())
+    got = _interned.get(key)
+    if got is None:
+        if len(_interned) >= _INTERNED_MAX:
+            _interned.clear()  # label sets churned (processes came and went): start over
+        got = _interned[key] = Labels([(k, v if type(v) is str else str(v)) for k, v in key])
+    return got
+
+
 def format_value(v: float) -> str:
     """prometheus_client's ``floatToGoString``, inlined: ``+Inf``, ``-Inf``, ``NaN``, ``1.0``, ``1.2345678e+07``."""
     if v != v:
@@ -136,13 +177,18 @@ def _render_family(metric: Metric, samples: list[Any]) -> str:
         if text is None:
             text = _cached_value(val)
         if labels:
-            key = tuple(labels.items())
-            body = labels_get(key)
-            if body is None:
-                body = ",".join([f'{k}="{_escape_label_value(str(v))}"' for k, v in sorted(key)])
-                if len(_label_cache) >= _LABEL_CACHE_MAX:
-                    _label_cache.clear()  # label sets churned (processes came and went): start over
-                _label_cache[key] = body
+            if type(labels) is Labels:
+                body = labels.text
+            else:
+                key = tuple(labels.items())
+                cached = labels_get(key)
+                if cached is not None:
+                    body = cached
+                else:
+                    body = ",".join([f'{k}="{_escape_label_value(str(v))}"' for k, v in sorted(key)])
+                    if len(_label_cache) >= _LABEL_CACHE_MAX:
+                        _label_cache.clear()  # label sets churned (processes came and went): start over
+                    _label_cache[key] = body
             line = f"{sname}{{{body}}} {text}\n"
         else:
             line = f"{sname} {text}\n"

@@ -3,7 +3,7 @@
 
 Reproduce with::
 
-    .venv/bin/python benchmarks/bench_exporter.py            # ~1.5 minutes on a 2-core VM
+    .venv/bin/python benchmarks/bench_exporter.py            # ~3 minutes on a 2-core VM
 
 The reference node: 8 fake H100s with the full field set (NVLink, ECC, throttling, GPM, one process
 each), the host collector, and 8 training ranks (real processes using the SDK, writing snapshots to
@@ -17,9 +17,13 @@ process on a loopback port:
   way most Python exporters (nvitop's, gpustat-exporter's) read NVML.
 
 Phase 1 scrapes the four round-robin (keep-alive, ``Accept-Encoding: gzip`` as Prometheus sends)
-and reports p50/p99. Phase 2 scrapes each every ``--cpu-scrape-interval`` seconds (default 1 s, so
-the naive exporter reads NVML as often as our sampler does) for ``--duration`` seconds and reports
-CPU seconds per wall second (% of one core) from ``/proc/<pid>/stat``, and the RSS at the end.
+and reports p50/p99. Phase 2 gives each target a CPU window of ``--duration`` seconds in turn, scraping
+it every ``--cpu-scrape-interval`` seconds (default 1 s, so the naive exporter reads NVML as often as
+our sampler does), and reports CPU seconds per wall second (% of one core) from ``/proc/<pid>/stat``,
+and the RSS at the end. During a target's window the other exporters are paused (SIGSTOP) while the
+training ranks keep running: on a 2-core machine the naive exporter's ~50 ms of work a second would
+otherwise be charged, through contention and evicted caches, to whoever is measured beside it.
+``--cpu-mode=together`` runs one window with everything running, as earlier versions did.
 
 The fake NVML answers instantly unless ``--nvml-latency-us`` is given; real NVML calls take tens of
 microseconds to tens of milliseconds (``scripts/gpu_check.py`` measures them on a GPU), which the
@@ -34,6 +38,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -171,6 +176,25 @@ class Target:
         return 0
 
 
+def cpu_window(measured: list[Target], scraped: list[Target], duration: float, interval: float) -> dict[str, float]:
+    """CPU seconds per wall second of each measured target over ``duration``, scraping every ``interval``."""
+    for t in scraped:  # a fresh connection: a paused server may have timed the idle one out
+        if t.conn is not None:
+            t.conn.close()
+            t.conn = None
+    cpu0 = {t.name: t.cpu_seconds() for t in measured}
+    w0 = time.monotonic()
+    next_scrape = w0
+    while time.monotonic() - w0 < duration:
+        if time.monotonic() >= next_scrape:
+            for t in scraped:
+                t.scrape()
+            next_scrape += interval
+        time.sleep(0.05)
+    wall = time.monotonic() - w0
+    return {t.name: (t.cpu_seconds() - cpu0[t.name]) / wall for t in measured}
+
+
 def wait_ready(t: Target, timeout: float = 60.0) -> None:
     deadline = time.monotonic() + timeout
     while True:
@@ -205,7 +229,14 @@ def machine() -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     ap.add_argument("--scrapes", type=int, default=200, help="Scrapes per target in the latency phase.")
-    ap.add_argument("--duration", type=float, default=40.0, help="Seconds of the CPU phase.")
+    ap.add_argument("--duration", type=float, default=30.0, help="Seconds of each CPU window.")
+    ap.add_argument(
+        "--cpu-mode",
+        choices=("alone", "together"),
+        default="alone",
+        help="alone: each target's CPU window runs with the other exporters paused (SIGSTOP), the training "
+        "ranks still running, so no target's work inflates another's figure; together: one window, all running.",
+    )
     ap.add_argument("--cpu-scrape-interval", type=float, default=1.0, help="Seconds between scrapes, CPU phase.")
     ap.add_argument("--nvml-latency-us", type=float, default=0.0, help="Simulated latency of each fake NVML call.")
     ap.add_argument("--json", type=Path, help="Also write the results here.")
@@ -291,20 +322,24 @@ def main(argv: list[str] | None = None) -> int:
                 t.latencies.append(t.scrape())
 
         print(
-            f"CPU phase: {args.duration:.0f}s, one scrape per target every {args.cpu_scrape_interval:g}s ...",
+            f"CPU phase ({args.cpu_mode}): {args.duration:.0f}s windows, "
+            f"a scrape every {args.cpu_scrape_interval:g}s ...",
             file=sys.stderr,
         )
-        cpu0 = {t.name: t.cpu_seconds() for t in targets}
-        w0 = time.monotonic()
-        next_scrape = w0
-        while time.monotonic() - w0 < args.duration:
-            if time.monotonic() >= next_scrape:
-                for t in targets:
-                    t.scrape()
-                next_scrape += args.cpu_scrape_interval
-            time.sleep(0.05)
-        wall = time.monotonic() - w0
-        cpu = {t.name: (t.cpu_seconds() - cpu0[t.name]) / wall for t in targets}
+        if args.cpu_mode == "together":
+            cpu = cpu_window(targets, targets, args.duration, args.cpu_scrape_interval)
+        else:
+            cpu = {}
+            for t in targets:
+                others = [o for o in targets if o is not t]
+                for o in others:
+                    o.proc.send_signal(signal.SIGSTOP)
+                try:
+                    time.sleep(1.0)  # let the measured one settle after the previous window
+                    cpu.update(cpu_window([t], [t], args.duration, args.cpu_scrape_interval))
+                finally:
+                    for o in others:
+                        o.proc.send_signal(signal.SIGCONT)
         rss = {t.name: t.rss_bytes() for t in targets}
     finally:
         for p in procs:
@@ -332,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"machine: {machine()}")
     print(
         f"nvml call latency (simulated): {args.nvml_latency_us:g} us; sampling interval 1 s; "
-        f"CPU phase {args.duration:g} s with a scrape every {args.cpu_scrape_interval:g} s"
+        f"CPU windows of {args.duration:g} s ({args.cpu_mode}) with a scrape every {args.cpu_scrape_interval:g} s"
     )
     print(header)
     for r in rows:

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mlops_obs.instrument import snapshot
+from mlops_obs.collectors.training import cached_scan
 
 _CONTAINER_ID = re.compile(
     r"(?:^|[/-])(?:docker-|cri-containerd-|crio-|containerd-|libpod-)?([0-9a-f]{64})(?:\.scope)?$"
@@ -204,9 +204,9 @@ class RankIndex:
             self._by_pid = by_pid
             return
         now = time.time()
-        for path in _snapshot_files(self.directory):
-            s = snapshot.read(path)
-            if s is None or "pid" not in s:
+        # Through the training collector's parse cache: the files it parsed this round are not parsed again.
+        for s in cached_scan(self.directory, retention=None):
+            if "pid" not in s:
                 continue
             if self.retention is not None and now - float(s.get("updated", 0)) > self.retention:
                 continue
@@ -231,13 +231,6 @@ class RankIndex:
             if p in self._by_pid:
                 return self._by_pid[p]
         return None
-
-
-def _snapshot_files(directory: Path) -> list[Path]:
-    try:
-        return [Path(e.path) for e in os.scandir(directory) if e.name.endswith(snapshot.SUFFIX)]
-    except OSError:
-        return []
 
 
 class Attributor:

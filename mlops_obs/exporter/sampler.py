@@ -38,6 +38,7 @@ class CollectorState:
     success: bool = False
     duration: float = 0.0
     rounds: int = 0
+    cpu_seconds: float = 0.0  # thread CPU time of all rounds so far: which collector the sidecar's CPU goes to
     running_since: float | None = None
     finished_at: float | None = None
     error: str | None = None
@@ -88,12 +89,14 @@ class Sampler:
         self._gen_lock = threading.Lock()
         self._self_text = render_self(*self_usage())
         self._cache: tuple[int, bytes] | None = None
+        self._epoch = time.monotonic()
 
     def _bump(self) -> None:
         with self._gen_lock:
             self.generation += 1
 
     def start(self) -> None:
+        self._epoch = time.monotonic()
         for c in self.collectors:
             t = threading.Thread(target=self._loop, args=(c,), name=f"sample-{c.name}", daemon=True)
             t.start()
@@ -116,6 +119,7 @@ class Sampler:
         state = self.states[c.name]
         t0 = time.monotonic()
         state.running_since = t0
+        cpu0 = time.thread_time()
         error: str | None = None
         text = b""
         unavailable = False
@@ -126,6 +130,7 @@ class Sampler:
         except Exception as e:
             error = f"{type(e).__name__}: {e}"
         t1 = time.monotonic()
+        state.cpu_seconds += time.thread_time() - cpu0
         state.text = text if error is None else b""
         state.success = error is None
         state.error = error
@@ -150,17 +155,27 @@ class Sampler:
         else:
             self.log.error("collector failed", collector=name, error=error)
 
+    def _wait_next_round(self) -> bool:
+        """Sleep until the next multiple of the interval since start; True when stopping.
+
+        Every loop wakes on the same grid, so the process wakes once a second rather than once per
+        thread at scattered times, and a round that overran skips to the next slot instead of
+        running back to back.
+        """
+        now = time.monotonic()
+        next_round = self._epoch + (int((now - self._epoch) / self.interval) + 1) * self.interval
+        return self._stop.wait(next_round - now)
+
     def _loop(self, c: Collector) -> None:
         while not self._stop.is_set():
-            t0 = time.monotonic()
             self.sample_once(c)
-            if self._stop.wait(max(0.0, self.interval - (time.monotonic() - t0))):
+            if self._wait_next_round():
                 return
 
     def _self_loop(self) -> None:
         """The exporter's own CPU and RSS, and a watchdog that says when a collector is abandoned."""
         hung_reported: set[str] = set()
-        while not self._stop.wait(self.interval):
+        while not self._wait_next_round():
             self._self_text = render_self(*self_usage())
             self._bump()
             hung = set(self.abandoned())
@@ -206,6 +221,11 @@ class Sampler:
             b"(of the running one, once past its deadline).\n",
             b"# TYPE mlops_scrape_collector_duration_seconds gauge\n",
         ]
+        cpu_lines = [
+            b"# HELP mlops_scrape_collector_cpu_seconds_total CPU seconds the collector's sampling rounds used "
+            b"(its thread's CPU time, rendering included).\n",
+            b"# TYPE mlops_scrape_collector_cpu_seconds_total counter\n",
+        ]
         for name, s in self.states.items():
             running = s.running_since
             abandoned = name in hung
@@ -217,7 +237,17 @@ class Sampler:
             duration_lines.append(
                 f'mlops_scrape_collector_duration_seconds{{collector="{name}"}} {duration:.6f}\n'.encode()
             )
-        body = b"".join(parts) + b"".join(success_lines) + b"".join(duration_lines) + self._self_text + self.static
+            cpu_lines.append(
+                f'mlops_scrape_collector_cpu_seconds_total{{collector="{name}"}} {s.cpu_seconds:.6f}\n'.encode()
+            )
+        body = (
+            b"".join(parts)
+            + b"".join(success_lines)
+            + b"".join(duration_lines)
+            + b"".join(cpu_lines)
+            + self._self_text
+            + self.static
+        )
         if not hung:
             self._cache = (gen, body)
         return body

@@ -78,10 +78,13 @@ def remove_leftovers(directory: Path, job: str, rank: int) -> int:
     return removed
 
 
-def read(path: Path) -> dict[str, Any] | None:
+def read(path: str | os.PathLike[str]) -> dict[str, Any] | None:
     """One snapshot, or ``None`` when the file vanished or is not ours (never raises on bad input)."""
     try:
-        data = orjson.loads(path.read_bytes())
+        # An unbuffered plain open: the sidecar reads every rank's file every round, and pathlib's
+        # read_bytes (a buffered reader behind a Path) costs more than the read itself.
+        with open(path, "rb", buffering=0) as f:
+            data = orjson.loads(f.read())
     except (OSError, orjson.JSONDecodeError):
         return None
     if not isinstance(data, dict) or data.get("v") != SCHEMA_VERSION:
@@ -102,6 +105,18 @@ class ScanCache:
         self._dirs: dict[str, dict[str, tuple[tuple[int, int, int], dict[str, Any]]]] = {}
         self._lock = threading.Lock()
         self._max = max_directories
+        self._scan_locks: dict[str, threading.Lock] = {}
+
+    def scanning(self, directory: str) -> threading.Lock:
+        """Held for a whole scan of ``directory``: collectors that wake together then parse a changed
+        file once (the second waits and finds it cached) instead of both parsing it at the same time."""
+        with self._lock:
+            lock = self._scan_locks.get(directory)
+            if lock is None:
+                if len(self._scan_locks) >= self._max:
+                    self._scan_locks.clear()
+                lock = self._scan_locks[directory] = threading.Lock()
+            return lock
 
     def get(self, directory: str) -> dict[str, tuple[tuple[int, int, int], dict[str, Any]]]:
         with self._lock:
@@ -124,12 +139,20 @@ def scan(
 
     With a ``cache``, a file is parsed again only when its (inode, mtime, size) changed.
     """
-    now = time.time() if now is None else now
     key_dir = os.fspath(directory)
+    if cache is None:
+        yield from _scan(key_dir, retention, time.time() if now is None else now, None)
+        return
+    with cache.scanning(key_dir):
+        out = _scan(key_dir, retention, time.time() if now is None else now, cache)
+    yield from out
+
+
+def _scan(key_dir: str, retention: float | None, now: float, cache: ScanCache | None) -> list[dict[str, Any]]:
     try:
         entries = list(os.scandir(key_dir))
     except OSError:
-        return
+        return []
     old = cache.get(key_dir) if cache is not None else {}
     fresh: dict[str, tuple[tuple[int, int, int], dict[str, Any]]] = {}
     out: list[dict[str, Any]] = []
@@ -152,7 +175,7 @@ def scan(
             continue
         stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
         hit = old.get(name)
-        data = hit[1] if hit is not None and hit[0] == stamp else read(Path(entry.path))
+        data = hit[1] if hit is not None and hit[0] == stamp else read(entry.path)
         if data is None:
             continue
         if retention is not None and now - float(data.get("updated", 0)) > retention:
@@ -165,4 +188,4 @@ def scan(
         out.append(data)
     if cache is not None:
         cache.put(key_dir, fresh)
-    yield from out
+    return out

@@ -10,12 +10,13 @@ file's fingerprint id and the byte offset, so identical lines stay two events.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from typing import Any
 
 import orjson
 
 from mlops_obs.logs.redact import redact_text
-from mlops_obs.logs.store import format_timestamp
+from mlops_obs.logs.store import ParsedEvents, format_timestamp
 
 _LEVEL_ALIASES = {"warn": "warning", "err": "error", "fatal": "critical", "crit": "critical", "trace": "debug",
                   "notice": "info", "information": "info"}  # fmt: skip
@@ -97,7 +98,75 @@ class LineParser:
     def _structured(self, rec: dict[str, Any], offset: int) -> dict[str, Any]:
         # The job-side logger's keys are tried first, directly: this runs for every line.
         pop = rec.pop
-        ts_raw = pop("ts", None)
+        return self._finish(rec, offset, pop("ts", None), pop("event", None), pop("level", None),
+                            pop("rank", self.rank), pop("seq", None))  # fmt: skip
+
+    def json_lines(self, lines: list[bytes], offsets: Iterable[int], out: ParsedEvents) -> int:
+        """Events for the leading run of ``lines`` that are JSON objects (at ``offsets``), added to
+        ``out``; returns how many lines were taken (the first other line stops the run).
+
+        The shipper's hot path: the per-file values are read once, each line is parsed and mapped
+        while its record is still in the CPU cache, straight into the batch's columns, and a record
+        in the job-side logger's own shape (canonical ``ts``, string ``event``, a known ``level``,
+        integer or absent ``rank`` and ``seq``) is mapped inline; any other record takes
+        :meth:`_finish`, so the events are those of :meth:`parse` either way.
+        """
+        loads, decode_error = orjson.loads, orjson.JSONDecodeError
+        job0, rank0, node0 = self.job, self.rank, self.node
+        known = _KNOWN_LEVELS
+        finish = self._finish
+        add_ts, add_job, add_rank, add_node = out.tss.append, out.jobs.append, out.ranks.append, out.nodes.append
+        add_level, add_msg, add_seq = out.levels.append, out.msgs.append, out.seqs.append
+        add_off, add_fields = out.offs.append, out.fields.append
+        last_ts = self.last_ts
+        taken = 0
+        for line, offset in zip(lines, offsets):
+            if line[0] != 123:  # "{" (the caller passes no empty line)
+                break
+            try:
+                rec = loads(line)
+            except decode_error:
+                break
+            if type(rec) is not dict:
+                break
+            taken += 1
+            pop = rec.pop
+            ts, msg, level = pop("ts", None), pop("event", None), pop("level", None)
+            rank, seq = pop("rank", rank0), pop("seq", None)
+            if (
+                type(ts) is str
+                and len(ts) == 27
+                and ts[26] == "Z"
+                and type(msg) is str
+                and type(level) is str
+                and level in known
+                and (rank is None or type(rank) is int)
+                and (seq is None or type(seq) is int)
+            ):
+                last_ts = ts
+                add_ts(ts)
+                add_job(pop("job", job0))
+                add_rank(rank)
+                add_node(pop("node", node0))
+                add_level(level)
+                add_msg(msg)
+                add_seq(seq)
+                add_off(offset)
+                add_fields(rec)
+            else:
+                self.last_ts = last_ts
+                out.append(finish(rec, offset, ts, msg, level, rank, seq))
+                last_ts = self.last_ts
+        self.last_ts = last_ts
+        if taken:
+            self.in_traceback = False
+        return taken
+
+    def _finish(
+        self, rec: dict[str, Any], offset: int, ts_raw: Any, msg: Any, level: Any, rank: Any, seq: Any
+    ) -> dict[str, Any]:
+        """The event for ``rec`` once its main keys were popped (``None`` where absent)."""
+        pop = rec.pop
         if ts_raw is None:
             ts_raw = next((pop(k) for k in _TS_KEYS if k in rec), None)
         ts = self.last_ts
@@ -109,22 +178,18 @@ class LineParser:
                     ts = self.last_ts = format_timestamp(ts_raw)
                 except (ValueError, OverflowError, OSError):
                     rec["ts_invalid"] = ts_raw
-        msg = pop("event", None)
         if msg is None:
             msg = next((pop(k) for k in _MSG_KEYS if k in rec), "")
-        level = pop("level", None)
         if level is None:
             level = next((pop(k) for k in _LEVEL_KEYS if k in rec), None)
-        if level is not None and level not in _KNOWN_LEVELS:
+        if level is not None and (type(level) is not str or level not in _KNOWN_LEVELS):
             level = normalize_level(level)
-        rank = pop("rank", self.rank)
         if rank is not None and type(rank) is not int:
             try:
                 rank = int(rank)
             except (TypeError, ValueError):
                 rec["rank_invalid"] = rank
                 rank = None
-        seq = pop("seq", None)
         if seq is not None and type(seq) is not int:
             rec["seq_invalid"] = seq
             seq = None

@@ -290,18 +290,15 @@ def main() -> int:
         sh = bench_shipper(n_ship, tmp) if "shipper" in only else None
         bk = bench_bulk(n_bulk) if "bulk" in only else None
         lat = bench_latency(n_lat, tmp) if "latency" in only else None
-    if lg:
-        print(f"\n1. job-side logging to a file ({n_log} events), events/s per core")
-        for k, v in lg.items():
-            print(f"   {k:28s} {v:12,.0f}   ours/this = {lg['ours'] / v:5.2f}x")
-    if sh:
-        print(f"\n2. shipper into the embedded store ({n_ship} lines), events/s per core")
-        for k, v in sh.items():
-            print(f"   {k:28s} {v:12,.0f}   ours/this = {sh['ours'] / v:5.2f}x")
-    if bk:
-        print(f"\n3. _bulk body build ({n_bulk} docs), docs/s per core")
-        for k, v in bk.items():
-            print(f"   {k:28s} {v:12,.0f}   ours/this = {bk['ours'] / v:5.2f}x")
+    for title, rates in (
+        (f"1. job-side logging to a file ({n_log} events), events/s per core", lg),
+        (f"2. shipper into the embedded store ({n_ship} lines), events/s per core", sh),
+        (f"3. _bulk body build ({n_bulk} docs), docs/s per core", bk),
+    ):
+        if rates:
+            print(f"\n{title}")
+            for k, v in rates.items():
+                print(f"   {k:28s} {v:12,.0f}   ours/this = {rates['ours'] / v:5.2f}x")
     if lat:
         print(f"\n4. follow latency, line written -> queryable in the store ({n_lat} lines)")
         print(f"   p50 {lat['p50_s'] * 1000:.0f} ms   p90 {lat['p90_s'] * 1000:.0f} ms")

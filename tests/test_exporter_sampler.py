@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import gzip
 import math
 import threading
 import time
 import urllib.request
+import zlib
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -24,7 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from mlops_obs.collectors import Collector, CollectorUnavailable
 from mlops_obs.exporter.exposition import format_value, render
 from mlops_obs.exporter.sampler import Sampler
-from mlops_obs.exporter.server import ExporterServer
+from mlops_obs.exporter.server import ExporterServer, PieceGzip
 
 # Generous bounds: these only guard against a hang, they time nothing.
 WAIT = 20.0
@@ -309,3 +311,53 @@ def test_render_reuse_never_serves_old_values() -> None:
         fam.add_metric(["0"], value)
         fam.add_metric(["1"], 7.0)
         assert fast_render([fam]) == generate_latest(_Reg([fam]))  # type: ignore[arg-type]
+
+
+class BigCollector(Collector):
+    """Enough text that the server compresses it; ``bump`` changes one value so the text changes."""
+
+    name = "big"
+
+    def __init__(self) -> None:
+        super().__init__({})
+        self.value = 0
+
+    def sample(self) -> Iterable[Metric]:
+        g = GaugeMetricFamily("test_big_value", "Many series.", labels=["i"])
+        for i in range(500):
+            g.add_metric([str(i)], float(i + self.value))
+        return [g]
+
+
+def test_gzip_scrape_decodes_to_the_plain_body_as_pieces_change() -> None:
+    """The gzip body (compressed piece by piece, only changed pieces again) is one valid gzip member
+    whose content is exactly the plain body, round after round, whichever piece changed."""
+    big, steady = BigCollector(), SteadyCollector()
+    sampler = Sampler([big, steady], interval=1.0, deadline=5.0, log=RecordingLog(), static=b"# static\n")
+    server = ExporterServer(("127.0.0.1", 0), sampler, "/metrics", log=RecordingLog())
+    server.start_background()
+    try:
+        for step in range(5):
+            if step != 2:
+                sampler.sample_once(steady)  # the small piece and the per-scrape lines change
+            if step in (1, 4):
+                big.value += 1  # the big piece changes too
+                sampler.sample_once(big)
+            if step == 0:
+                sampler.sample_once(big)
+            plain = sampler.scrape()
+            req = urllib.request.Request(server.url + "/metrics", headers={"Accept-Encoding": "gzip"})
+            with urllib.request.urlopen(req, timeout=WAIT) as r:
+                assert r.headers["Content-Encoding"] == "gzip"
+                z = r.read()
+            d = zlib.decompressobj(31)  # strict: a single member, consumed to its end, trailer checked
+            assert d.decompress(z) == plain and d.eof and d.unused_data == b""
+            assert gzip.decompress(z) == plain
+            assert parse(plain)["test_big_value{i=0}"] == big.value
+    finally:
+        server.shutdown()
+        server.server_close()
+    pg = PieceGzip()
+    pieces = (b"a" * 3000, b"", b"b\n" * 10, b"tail\n")
+    for p in (pieces, (pieces[0], b"c" * 10, pieces[3]), (b"x", *pieces)):
+        assert gzip.decompress(pg.compress(p)) == b"".join(p)

@@ -227,3 +227,26 @@ def test_proc_files_reread_kept_descriptors_and_reopen_regular_files(tmp_path: P
     assert files.read(str(tmp_path / "absent")) is None
     files.close()
     assert files._fds == {}
+
+
+def test_open_fds_from_procfs_size_match_a_listing() -> None:
+    """The stat(2) size of /proc/<pid>/fd (Linux 6.2+) is used as the fd count only on procfs, and
+    gives what listing the directory gives; a plain directory (a fixture) is always listed."""
+    from mlops_obs.collectors import process as proc_mod
+
+    assert proc_mod._is_procfs("/proc")
+    assert not proc_mod._is_procfs(str(FIX / "proc" / "gpu-node"))
+    child = subprocess.Popen(
+        [sys.executable, "-c", "import os, sys, time; fds = [os.open(os.devnull, os.O_RDONLY) for _ in range(9)]; "
+         "print('ready', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        assert child.stdout is not None and child.stdout.readline().strip() == b"ready"
+        fd_dir = f"/proc/{child.pid}/fd"
+        assert proc_mod.count_fds(fd_dir, True) == len(os.listdir(fd_dir)) >= 12
+        assert proc_mod.count_fds(fd_dir, False) == len(os.listdir(fd_dir))
+    finally:
+        child.kill()
+        child.wait()
+    assert proc_mod.count_fds(fd_dir, True) is None  # exited

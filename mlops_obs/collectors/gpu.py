@@ -37,7 +37,7 @@ from prometheus_client.samples import Sample
 
 from mlops_obs.collectors import Collector, CollectorUnavailable, register
 from mlops_obs.collectors._nvml import GpuLost, Nvml
-from mlops_obs.collectors.gpu_process import Attributor, owner_of
+from mlops_obs.collectors.gpu_process import Attributor
 from mlops_obs.config import (
     ConfigError,
     Setting,
@@ -47,7 +47,7 @@ from mlops_obs.config import (
     parse_duration,
     parse_optional_path,
 )
-from mlops_obs.exporter.exposition import Labels
+from mlops_obs.exporter.exposition import Labels, family
 from mlops_obs.exporter.exposition import labels as label_set
 
 # NVML constants used here (nvml.h), so the module imports without pynvml's shared library.
@@ -127,29 +127,40 @@ FAMILIES: dict[str, tuple[str, str]] = {
 _new_tuple = tuple.__new__
 
 
+# name -> (family name, help, type): the arguments of each family's ``Metric``.
+_FAMILY_ARGS = {name: (name[:-6] if typ == "counter" else name, doc, typ) for name, (typ, doc) in FAMILIES.items()}
+
+
 class _Out:
-    """Families for one round, created on first use so an unsupported field yields no family at all."""
+    """Samples for one round, per family, in first-use order: an unsupported field yields no family at all.
+
+    Plain lists until :meth:`metrics`: ~1,100 samples a round, so each ``add`` does as little as it can.
+    """
+
+    __slots__ = ("lists",)
 
     def __init__(self) -> None:
-        self.families: dict[str, Metric] = {}
+        self.lists: dict[str, list[Any]] = {}
 
     def add(self, name: str, labels: dict[str, str], value: float) -> None:
         if type(labels) is not Labels:
             labels = label_set(labels)  # interned: the renderer reads its text instead of sorting and escaping
-        m = self.families.get(name)
-        if m is None:
-            typ, doc = FAMILIES[name]
-            base = name[:-6] if typ == "counter" else name
-            m = self.families[name] = Metric(base, doc, typ)
+        lst = self.lists.get(name)
+        if lst is None:
+            lst = self.lists[name] = []
         # tuple.__new__ skips the namedtuple's Python-level __new__: ~1100 samples a round add up.
-        m.samples.append(_new_tuple(Sample, (name, labels, float(value), None, None, None)))
+        lst.append(_new_tuple(Sample, (name, labels, float(value), None, None, None)))
 
     def extend(self, name: str, samples: list[Any]) -> None:
-        m = self.families.get(name)
-        if m is None:
-            typ, doc = FAMILIES[name]
-            m = self.families[name] = Metric(name[:-6] if typ == "counter" else name, doc, typ)
-        m.samples.extend(samples)
+        lst = self.lists.get(name)
+        if lst is None:
+            self.lists[name] = samples.copy()  # a copy: the caller's list is reused next round
+        else:
+            lst.extend(samples)
+
+    def metrics(self) -> list[Metric]:
+        args = _FAMILY_ARGS
+        return [family(*args[name], lst) for name, lst in self.lists.items()]
 
 
 @dataclass
@@ -162,6 +173,7 @@ class _Mig:
 class _Device:
     index: int
     handle: Any
+    lost_labels: Labels = field(init=False)  # {gpu}: what mlops_gpu_lost carries
     labels: Labels = field(default_factory=lambda: label_set({}))
     info: dict[str, str] = field(default_factory=dict)
     ready: bool = False
@@ -170,6 +182,7 @@ class _Device:
     gpm: list[Any] | None = None  # two GPM samples, alternating; None where unsupported
     gpm_primed: bool = False
     gpm_request: Any = None  # the nvmlGpmMetricsGet_t request, reused round after round
+    gpm_reader: tuple[struct.Struct, int, int] | None = None  # how to read its results (see _gpm_reader)
     mig_enabled: bool = False
     proc_util_ts: int = 0
     link_labels_key: tuple[str | None, str | None] | None = None
@@ -179,6 +192,12 @@ class _Device:
     rare_at: float = float("-inf")
     slow_at: float = 0.0
     slow_key: tuple[str | None, str | None] | None = None
+    info_labels: Labels = field(default_factory=lambda: label_set({}))
+    owner_labels: tuple[tuple[str, str], Labels] | None = None  # the owning rank and the device's labels with it
+    proc_labels: dict[int, tuple[dict[str, str], Labels]] = field(default_factory=dict)  # pid -> (attribution, labels)
+
+    def __post_init__(self) -> None:
+        self.lost_labels = label_set({"gpu": str(self.index)})
 
 
 def _address(h: Any) -> int:
@@ -220,9 +239,10 @@ def _field_values(arr: Any) -> list[tuple[int, int, float | None]]:
     return out
 
 
-def _gpm_results(mg: Any, count: int) -> list[tuple[int, float]]:
-    """(nvmlReturn, value) of the first ``count`` metrics of an nvmlGpmMetricsGet_t, read from its memory
-    in one copy: pynvml's structures run a Python hook on every attribute read."""
+def _gpm_reader(mg: Any, count: int) -> tuple[struct.Struct, int, int]:
+    """How to read the (nvmlReturn, value) of the first ``count`` metrics of an nvmlGpmMetricsGet_t
+    from its memory in one copy: pynvml's structures run a Python hook on every attribute read.
+    Returns (layout of one metric, offset of the metrics array, bytes to copy); built once per request."""
     metric = type(mg.metrics)._type_
     ret_off, val_off, size = metric.nvmlReturn.offset, metric.value.offset, ctypes.sizeof(metric)
     layout = _GPM_LAYOUTS.get((ret_off, val_off, size))
@@ -230,8 +250,13 @@ def _gpm_results(mg: Any, count: int) -> list[tuple[int, float]]:
         layout = _GPM_LAYOUTS[(ret_off, val_off, size)] = struct.Struct(
             f"<{ret_off}xI{val_off - ret_off - 4}xd{size - val_off - 8}x"
         )
-    raw = ctypes.string_at(ctypes.addressof(mg) + type(mg).metrics.offset, size * count)
-    return list(layout.iter_unpack(raw))
+    return layout, type(mg).metrics.offset, size * count
+
+
+def _gpm_results(mg: Any, reader: tuple[struct.Struct, int, int]) -> list[tuple[int, float]]:
+    """(nvmlReturn, value) of the metrics ``reader`` (from :func:`_gpm_reader`) describes."""
+    layout, offset, length = reader
+    return list(layout.iter_unpack(ctypes.string_at(ctypes.addressof(mg) + offset, length)))
 
 
 _GPM_LAYOUTS: dict[tuple[int, int, int], struct.Struct] = {}
@@ -394,6 +419,8 @@ class GpuCollector(Collector):
         model = n.text("nvmlDeviceGetName", h) or ""
         d.labels = label_set({"gpu": str(d.index), "uuid": uuid, "model": model})
         d.link_labels_key = None
+        d.owner_labels = None
+        d.proc_labels = {}
         pci = n.call("nvmlDeviceGetPciInfo", h)
         d.info = {"driver_version": self._driver or ""}
         if pci is not None:
@@ -401,6 +428,7 @@ class GpuCollector(Collector):
             d.info["pci_bus_id"] = bus.decode() if isinstance(bus, bytes) else str(bus)
         if self.node:
             d.info["node"] = self.node
+        d.info_labels = label_set({**d.labels, **d.info})
         st: dict[str, float] = {}
         for key, fn, args in (
             ("gen_max", "nvmlDeviceGetMaxPcieLinkGeneration", ()),
@@ -425,6 +453,7 @@ class GpuCollector(Collector):
         arch = n.call("nvmlDeviceGetArchitecture", h)
         d.gpm = None
         d.gpm_request = None
+        d.gpm_reader = None
         if arch is not None and int(arch) >= ARCH_HOPPER and int(arch) != 0xFFFFFFFF:
             support = n.call("nvmlGpmQueryDeviceSupport", h)
             if support is not None and int(support.isSupportedDevice):
@@ -452,22 +481,22 @@ class GpuCollector(Collector):
                 d.ready = False  # re-read identity after a reset brings it back
                 d.slow = None
                 d.rare_at = float("-inf")
-                out.add("mlops_gpu_lost", {"gpu": str(d.index)}, 1)
+                out.add("mlops_gpu_lost", d.lost_labels, 1)
                 continue
-            out.add("mlops_gpu_lost", {"gpu": str(d.index)}, 0)
+            out.add("mlops_gpu_lost", d.lost_labels, 0)
         for (index, xid), count in sorted(xids.items()):
             dev = devices[index]
             if dev.labels:
                 out.add("mlops_gpu_xid_errors_total", {**dev.labels, "xid": str(xid)}, count)
         self.attributor.end_round(live_pids)
-        return list(out.families.values())
+        return out.metrics()
 
-    def _processes(self, d: _Device, out: _Out, live: set[int]) -> dict[str, str]:
-        """Per-process series; returns the owning rank's labels for the device's own series."""
+    def _processes(self, d: _Device, out: _Out, live: set[int]) -> tuple[str, str] | None:
+        """Per-process series; returns the (job, rank) that owns the device, if exactly one does."""
         n = self.nvml
         procs = n.call("nvmlDeviceGetComputeRunningProcesses", d.handle)
         if procs is None:
-            return {}
+            return None
         util: dict[int, float] = {}
         samples = n.call("nvmlDeviceGetProcessUtilization", d.handle, d.proc_util_ts, not_found=[])
         if samples is not None:
@@ -476,27 +505,48 @@ class GpuCollector(Collector):
                 if ts >= d.proc_util_ts:
                     d.proc_util_ts = ts
                 util[int(s.pid)] = int(s.smUtil) / 100.0
-        procs = sorted(procs, key=lambda p: -(p.usedGpuMemory or 0))
+        if len(procs) > 1:
+            procs = sorted(procs, key=lambda p: -(p.usedGpuMemory or 0))
         if self.process_limit and len(procs) > self.process_limit:
             if not self._limited_logged:
                 self._limited_logged = True
                 self.log.warning("more GPU processes than gpu.process-limit; the smallest get no series",
                                  gpu=d.index, processes=len(procs), limit=self.process_limit)  # fmt: skip
             procs = procs[: self.process_limit]
-        by_pid: dict[int, dict[str, str]] = {}
+        owners: set[tuple[str, str]] = set()
+        attribute = self.attributor.labels
+        cache = d.proc_labels
+        seen: dict[int, tuple[dict[str, str], Labels]] = {}
+        lists = out.lists
         for p in procs:
             pid = int(p.pid)
             live.add(pid)
-            attr = self.attributor.labels(pid)
-            by_pid[pid] = attr
-            labels = label_set({"gpu": d.labels["gpu"], "uuid": d.labels["uuid"], "pid": str(pid), **attr})
-            if p.usedGpuMemory is not None:
-                out.add("mlops_gpu_process_memory_used_bytes", labels, p.usedGpuMemory)
+            attr = attribute(pid)
+            # The attributor hands back the same dict while nothing about the pid changed, so the
+            # label set built from it last round is still right.
+            hit = cache.get(pid)
+            if hit is None or hit[0] is not attr:
+                hit = (attr, label_set({"gpu": d.labels["gpu"], "uuid": d.labels["uuid"], "pid": str(pid), **attr}))
+            seen[pid] = hit
+            labels = hit[1]
+            if "job" in attr and "rank" in attr:
+                owners.add((str(attr["job"]), str(attr["rank"])))
+            used = p.usedGpuMemory
+            if used is not None:
+                lst = lists.get("mlops_gpu_process_memory_used_bytes")
+                if lst is None:
+                    lst = lists["mlops_gpu_process_memory_used_bytes"] = []
+                lst.append(_new_tuple(Sample, ("mlops_gpu_process_memory_used_bytes", labels, float(used), None,
+                                               None, None)))  # fmt: skip
             if samples is not None:
                 # A listed process with no utilisation sample in the window ran no kernel: 0 is true.
-                out.add("mlops_gpu_process_utilization_ratio", labels, util.get(pid, 0.0))
-        owner = owner_of(by_pid)
-        return {"job": owner[0], "rank": owner[1]} if owner else {}
+                lst = lists.get("mlops_gpu_process_utilization_ratio")
+                if lst is None:
+                    lst = lists["mlops_gpu_process_utilization_ratio"] = []
+                lst.append(_new_tuple(Sample, ("mlops_gpu_process_utilization_ratio", labels,
+                                               float(util.get(pid, 0.0)), None, None, None)))  # fmt: skip
+        d.proc_labels = seen  # only the pids listed this round stay cached
+        return owners.pop() if len(owners) == 1 else None
 
     def _rare(self, d: _Device, refresh: bool, fn: str) -> Any:
         """A gauge that only an administrator or a link retrain changes (power limit, PCIe link
@@ -508,92 +558,113 @@ class GpuCollector(Collector):
 
     def _sample_device(self, d: _Device, out: _Out, live: set[int]) -> None:
         n, h = self.nvml, d.handle
+        call = n.call
         now = time.monotonic()
         rare = now - d.rare_at >= self.counter_interval
         if rare:
             d.rare_at = now
-        owner = self._processes(d, out, live) if self.processes else {}
-        lb = label_set({**d.labels, **owner}) if owner else d.labels
-        out.add("mlops_gpu_info", label_set({**d.labels, **d.info}), 1)
-        out.add("mlops_gpu_profiling_supported", lb, int(d.gpm is not None))
-
-        u = n.call("nvmlDeviceGetUtilizationRates", h)
-        if u is not None:
-            out.add("mlops_gpu_utilization_ratio", lb, u.gpu / 100.0)
-            out.add("mlops_gpu_memory_copy_utilization_ratio", lb, u.memory / 100.0)
-        m = n.call("nvmlDeviceGetMemoryInfo", h, NVML_MEMORY_V2)
-        if m is not None:
-            out.add("mlops_gpu_memory_used_bytes", lb, m.used)
-            out.add("mlops_gpu_memory_free_bytes", lb, m.free)
-            out.add("mlops_gpu_memory_reserved_bytes", lb, m.reserved)
-            out.add("mlops_gpu_memory_total_bytes", lb, m.total)
+        owner = self._processes(d, out, live) if self.processes else None
+        if owner is None:
+            lb = d.labels
+        elif d.owner_labels is not None and d.owner_labels[0] == owner:
+            lb = d.owner_labels[1]
         else:
-            m1 = n.call("nvmlDeviceGetMemoryInfo", h)
-            if m1 is not None:
-                out.add("mlops_gpu_memory_used_bytes", lb, m1.used)
-                out.add("mlops_gpu_memory_free_bytes", lb, m1.free)
-                out.add("mlops_gpu_memory_total_bytes", lb, m1.total)
-        for name, clock in (("mlops_gpu_sm_clock_hertz", CLOCK_SM), ("mlops_gpu_memory_clock_hertz", CLOCK_MEM)):
-            v = n.call("nvmlDeviceGetClockInfo", h, clock)
-            if v is not None:
-                out.add(name, lb, v * 1e6)
-        v = n.call("nvmlDeviceGetTemperature", h, TEMPERATURE_GPU)
-        if v is not None:
-            out.add("mlops_gpu_temperature_celsius", lb, v)
+            lb = label_set({**d.labels, "job": owner[0], "rank": owner[1]})
+            d.owner_labels = (owner, lb)
+        lists = out.lists
+        get = lists.get
+        new = _new_tuple
 
-        fvs = n.call("nvmlDeviceGetFieldValues", h, [FI_MEMORY_TEMP])
+        # Every series below shares the device's label set: appended straight to the family's list
+        # (what _Out.add does, without its per-call label check), ~40 times a device a round.
+        def put(name: str, value: float) -> None:
+            lst = get(name)
+            if lst is None:
+                lst = lists[name] = []
+            lst.append(new(Sample, (name, lb, float(value), None, None, None)))
+
+        out.add("mlops_gpu_info", d.info_labels, 1)
+        put("mlops_gpu_profiling_supported", int(d.gpm is not None))
+
+        u = call("nvmlDeviceGetUtilizationRates", h)
+        if u is not None:
+            put("mlops_gpu_utilization_ratio", u.gpu / 100.0)
+            put("mlops_gpu_memory_copy_utilization_ratio", u.memory / 100.0)
+        m = call("nvmlDeviceGetMemoryInfo", h, NVML_MEMORY_V2)
+        if m is not None:
+            put("mlops_gpu_memory_used_bytes", m.used)
+            put("mlops_gpu_memory_free_bytes", m.free)
+            put("mlops_gpu_memory_reserved_bytes", m.reserved)
+            put("mlops_gpu_memory_total_bytes", m.total)
+        else:
+            m1 = call("nvmlDeviceGetMemoryInfo", h)
+            if m1 is not None:
+                put("mlops_gpu_memory_used_bytes", m1.used)
+                put("mlops_gpu_memory_free_bytes", m1.free)
+                put("mlops_gpu_memory_total_bytes", m1.total)
+        v = call("nvmlDeviceGetClockInfo", h, CLOCK_SM)
+        if v is not None:
+            put("mlops_gpu_sm_clock_hertz", v * 1e6)
+        v = call("nvmlDeviceGetClockInfo", h, CLOCK_MEM)
+        if v is not None:
+            put("mlops_gpu_memory_clock_hertz", v * 1e6)
+        v = call("nvmlDeviceGetTemperature", h, TEMPERATURE_GPU)
+        if v is not None:
+            put("mlops_gpu_temperature_celsius", v)
+
+        fvs = call("nvmlDeviceGetFieldValues", h, [FI_MEMORY_TEMP])
         if fvs is not None:
             x = _field_values(fvs)[0][2]
             if x is not None:
-                out.add("mlops_gpu_memory_temperature_celsius", lb, x)
+                put("mlops_gpu_memory_temperature_celsius", x)
         st = d.static
         if "slowdown" in st:
-            out.add("mlops_gpu_slowdown_temperature_celsius", lb, st["slowdown"])
+            put("mlops_gpu_slowdown_temperature_celsius", st["slowdown"])
         if "shutdown" in st:
-            out.add("mlops_gpu_shutdown_temperature_celsius", lb, st["shutdown"])
+            put("mlops_gpu_shutdown_temperature_celsius", st["shutdown"])
 
-        v = n.call("nvmlDeviceGetPowerUsage", h)
+        v = call("nvmlDeviceGetPowerUsage", h)
         if v is not None:
-            out.add("mlops_gpu_power_usage_watts", lb, v / 1000.0)
+            put("mlops_gpu_power_usage_watts", v / 1000.0)
         v = self._rare(d, rare, "nvmlDeviceGetEnforcedPowerLimit")
         if v is not None:
-            out.add("mlops_gpu_power_limit_watts", lb, v / 1000.0)
-        v = n.call("nvmlDeviceGetPerformanceState", h)
+            put("mlops_gpu_power_limit_watts", v / 1000.0)
+        v = call("nvmlDeviceGetPerformanceState", h)
         if v is not None and int(v) != PSTATE_UNKNOWN:
-            out.add("mlops_gpu_pstate", lb, v)
-        v = n.call("nvmlDeviceGetFanSpeed", h)
+            put("mlops_gpu_pstate", v)
+        v = call("nvmlDeviceGetFanSpeed", h)
         if v is not None:
-            out.add("mlops_gpu_fan_speed_ratio", lb, v / 100.0)
+            put("mlops_gpu_fan_speed_ratio", v / 100.0)
 
         v = self._rare(d, rare, "nvmlDeviceGetCurrPcieLinkGeneration")
         if v is not None:
-            out.add("mlops_gpu_pcie_link_generation", lb, v)
+            put("mlops_gpu_pcie_link_generation", v)
         if "gen_max" in st:
-            out.add("mlops_gpu_pcie_link_generation_max", lb, st["gen_max"])
+            put("mlops_gpu_pcie_link_generation_max", st["gen_max"])
         v = self._rare(d, rare, "nvmlDeviceGetCurrPcieLinkWidth")
         if v is not None:
-            out.add("mlops_gpu_pcie_link_width", lb, v)
+            put("mlops_gpu_pcie_link_width", v)
         if "width_max" in st:
-            out.add("mlops_gpu_pcie_link_width_max", lb, st["width_max"])
-        for name, counter in (("mlops_gpu_pcie_transmit_bytes_per_second", PCIE_TX),
-                              ("mlops_gpu_pcie_receive_bytes_per_second", PCIE_RX)):  # fmt: skip
-            v = n.call("nvmlDeviceGetPcieThroughput", h, counter)
-            if v is not None:
-                out.add(name, lb, v * 1024.0)
-        self._counters(d, out, lb, owner)
+            put("mlops_gpu_pcie_link_width_max", st["width_max"])
+        v = call("nvmlDeviceGetPcieThroughput", h, PCIE_TX)
+        if v is not None:
+            put("mlops_gpu_pcie_transmit_bytes_per_second", v * 1024.0)
+        v = call("nvmlDeviceGetPcieThroughput", h, PCIE_RX)
+        if v is not None:
+            put("mlops_gpu_pcie_receive_bytes_per_second", v * 1024.0)
+        self._counters(d, out, lb, owner or (None, None))
         if d.gpm is not None:
             self._gpm(d, out, lb)
         if d.mig_enabled:
             self._mig(d, out, live)
 
-    def _counters(self, d: _Device, out: _Out, lb: dict[str, str], owner: dict[str, str]) -> None:
+    def _counters(self, d: _Device, out: _Out, lb: dict[str, str], key: tuple[str | None, str | None]) -> None:
         """Counters and slow-moving health state, re-read every ``gpu.counter-interval``.
 
         A counter loses no information when read less often (``rate()`` over the same window gives the
         same answer), only freshness, and these are most of a device's NVML calls and series (90
         NVLink series on an H100). Between refreshes the last round's samples are reused as they are.
         """
-        key = (owner.get("job"), owner.get("rank"))
         now = time.monotonic()
         if d.slow is not None and d.slow_key == key and now - d.slow_at < self.counter_interval:
             for name, samples in d.slow:
@@ -646,7 +717,7 @@ class GpuCollector(Collector):
                     so.add("mlops_gpu_nvlink_receive_bytes_total", labels, x * 1024)
                 elif fid in FI_NVLINK_ERRORS:
                     so.add("mlops_gpu_nvlink_errors_total", labels, x)
-        d.slow = [(name, m.samples) for name, m in so.families.items()]
+        d.slow = list(so.lists.items())
         d.slow_at, d.slow_key = now, key
         for name, samples in d.slow:
             out.extend(name, samples)
@@ -674,10 +745,15 @@ class GpuCollector(Collector):
             for i, mid in enumerate(ids):
                 mg.metrics[i].metricId = mid
             d.gpm_request = mg
-        mg.sample1, mg.sample2 = prev, cur
+            d.gpm_reader = _gpm_reader(mg, len(ids))
+        # Through the fields' descriptors: pynvml's __setattr__ hook only re-encodes str values.
+        cls = type(mg)
+        cls.sample1.__set__(mg, prev)
+        cls.sample2.__set__(mg, cur)
         if n.call("nvmlGpmMetricsGet", mg) is None:
             return
-        for mid, (ret, value) in zip(ids, _gpm_results(mg, len(ids))):
+        assert d.gpm_reader is not None
+        for mid, (ret, value) in zip(ids, _gpm_results(mg, d.gpm_reader)):
             if ret == 0:
                 out.add(GPM[mid], lb, max(0.0, min(1.0, value / 100.0)))
 

@@ -222,14 +222,20 @@ class RankIndex:
     def lookup(self, pids: Iterable[int]) -> tuple[str, str] | None:
         """The owner of the first of ``pids`` (host pid, then namespace pids) that a rank recorded."""
         pids = tuple(pids)
-        now = time.monotonic()
-        if now - self._read_at > self.refresh or (
-            not any(p in self._by_pid for p in pids) and now - self._read_at > 1.0
-        ):
+        age = time.monotonic() - self._read_at
+        if age > self.refresh:
             self._load()
+        elif age > 1.0:
+            by_pid = self._by_pid
+            for p in pids:
+                if p in by_pid:
+                    break
+            else:
+                self._load()
+        by_pid = self._by_pid
         for p in pids:
-            if p in self._by_pid:
-                return self._by_pid[p]
+            if p in by_pid:
+                return by_pid[p]
         return None
 
 
@@ -240,14 +246,21 @@ class Attributor:
                  environ: Mapping[str, str] | None = None) -> None:  # fmt: skip
         self.ranks = RankIndex(directory, retention)
         self.procs = ProcessResolver(proc_root, environ)
+        # pid -> (identity, owner, labels): the last answer, handed out again while neither changed.
+        self._last: dict[int, tuple[ProcessIdentity | None, tuple[str, str] | None, dict[str, str]]] = {}
 
     def labels(self, pid: int) -> dict[str, str]:
+        """The process's labels; the very same dict as last time while its identity and owner are the
+        same, so a caller can keep what it built from it (callers must not modify it)."""
         ident = self.procs.identity(pid)
         pids = ident.pids if ident is not None else (pid,)
         if ident is not None and pid not in pids:
             pids = (pid, *pids)
-        out: dict[str, str] = {}
         owner = self.ranks.lookup(pids)
+        last = self._last.get(pid)
+        if last is not None and last[0] is ident and last[1] == owner:
+            return last[2]
+        out: dict[str, str] = {}
         if owner is not None:
             out["job"], out["rank"] = owner
         if ident is not None:
@@ -257,10 +270,15 @@ class Attributor:
                 out["pod"] = ident.pod
             if ident.namespace:
                 out["namespace"] = ident.namespace
+        self._last[pid] = (ident, owner, out)
         return out
 
     def end_round(self, live: set[int]) -> None:
         self.procs.forget_except(live)
+        last = self._last
+        if len(last) > len(live):
+            for pid in [p for p in last if p not in live]:
+                del last[pid]
 
 
 def owner_of(labels_by_pid: Mapping[int, Mapping[str, Any]]) -> tuple[str, str] | None:

@@ -24,12 +24,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
+from prometheus_client.samples import Sample
 
 from mlops_obs.collectors import Collector, register
 from mlops_obs.collectors import host_parse as hp
 from mlops_obs.config import Setting, list_parser, parse_bool, parse_path, parse_str
+from mlops_obs.exporter.exposition import family
+from mlops_obs.exporter.exposition import labels as label_set
 
 CLK_TCK = float(os.sysconf("SC_CLK_TCK")) if hasattr(os, "sysconf") else 100.0
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
@@ -70,7 +72,7 @@ HOST_SETTINGS: tuple[Setting, ...] = (
 # --- reading (I/O only) ------------------------------------------------------------------------------
 
 
-def read_text(path: Path) -> str | None:
+def read_text(path: str | os.PathLike[str]) -> str | None:
     """A whole small file, or ``None`` when it is absent or unreadable (PSI disabled reads EOPNOTSUPP)."""
     try:
         with open(path, "rb", buffering=0) as f:
@@ -151,14 +153,15 @@ def _read_text_str(path: str) -> str | None:
     return read_text(Path(path))
 
 
-def read_dir_files(directory: Path) -> dict[str, str]:
+def read_dir_files(directory: str | os.PathLike[str]) -> dict[str, str]:
     out: dict[str, str] = {}
+    base = os.fspath(directory)
     try:
-        names = os.listdir(directory)
+        names = os.listdir(base)
     except OSError:
         return out
     for name in names:
-        text = read_text(directory / name)
+        text = read_text(f"{base}/{name}")  # a plain string: pathlib's joins cost more than these reads
         if text is not None:
             out[name] = text
     return out
@@ -287,23 +290,30 @@ def read_filesystems(paths: Iterable[Path], procfs: Path, cache: MountCache | No
 
 def read_infiniband(sysfs: Path) -> dict[tuple[str, str], hp.IbPort]:
     out: dict[tuple[str, str], hp.IbPort] = {}
-    root = sysfs / "class" / "infiniband"
+    # Plain string paths, read every round: pathlib's joins cost more than the listing itself.
+    root = f"{os.fspath(sysfs)}/class/infiniband"
     try:
         devices = sorted(os.listdir(root))
     except OSError:
         return out
     for dev in devices:
         try:
-            ports = sorted(os.listdir(root / dev / "ports"), key=lambda s: (len(s), s))
+            ports = sorted(os.listdir(f"{root}/{dev}/ports"), key=lambda s: (len(s), s))
         except OSError:
             continue
         for port in ports:
-            base = root / dev / "ports" / port
-            counters = read_dir_files(base / "counters")
-            ext = read_dir_files(base / "counters_ext")
+            base = f"{root}/{dev}/ports/{port}"
+            counters = read_dir_files(f"{base}/counters")
+            ext = read_dir_files(f"{base}/counters_ext")
             if counters or ext:
-                out[(dev, port)] = hp.parse_ib_port(counters, ext, read_text(base / "state"), read_text(base / "rate"))
+                out[(dev, port)] = hp.parse_ib_port(
+                    counters, ext, read_text(f"{base}/state"), read_text(f"{base}/rate")
+                )
     return out
+
+
+# The /proc/meminfo lines the families use.
+MEMINFO_KEYS = ("MemTotal", "MemAvailable", "SwapTotal", "SwapFree")
 
 
 def read_host(
@@ -324,7 +334,7 @@ def read_host(
             r.load = hp.parse_loadavg(load)
         except ValueError:
             r.load = None  # a truncated read: skip the load for this round, keep the rest
-    r.meminfo = hp.parse_meminfo(read(f"{proc}/meminfo") or "")
+    r.meminfo = hp.parse_meminfo_keys(read(f"{proc}/meminfo") or "", MEMINFO_KEYS)
     for resource in ("cpu", "memory", "io"):
         text = read(f"{proc}/pressure/{resource}")
         if text is not None:
@@ -348,27 +358,56 @@ def read_host(
 # --- families (pure) -------------------------------------------------------------------------------------
 
 
+_new_tuple = tuple.__new__
+_NO_LABELS = label_set({})
+
+_PSI_DOCS = {
+    ("cpu", "some"): ("waiting", "Seconds some runnable task waited for a CPU (PSI)."),
+    ("memory", "some"): ("waiting", "Seconds some task stalled on memory (reclaim, swap-in) (PSI)."),
+    ("memory", "full"): ("stalled", "Seconds all non-idle tasks stalled on memory at once (PSI)."),
+    ("io", "some"): ("waiting", "Seconds some task waited for I/O (PSI)."),
+    ("io", "full"): ("stalled", "Seconds all non-idle tasks waited for I/O at once (PSI)."),
+}
+_NETS = {
+    "receive_bytes": ("mlops_node_network_receive_bytes", "Bytes received."),
+    "transmit_bytes": ("mlops_node_network_transmit_bytes", "Bytes sent."),
+    "receive_errors": ("mlops_node_network_receive_errors", "Receive errors."),
+    "transmit_errors": ("mlops_node_network_transmit_errors", "Transmit errors."),
+    "receive_drop": ("mlops_node_network_receive_drop", "Inbound packets dropped."),
+    "transmit_drop": ("mlops_node_network_transmit_drop", "Outbound packets dropped."),
+}
+
+
+def _sample(name: str, labels: dict[str, str], value: float) -> Any:
+    return _new_tuple(Sample, (name, labels, value, None, None, None))
+
+
+def _one(name: str, doc: str, typ: str, value: float) -> Metric:
+    """A family of one unlabelled series: what ``CounterMetricFamily``/``GaugeMetricFamily(value=...)`` hold."""
+    return family(name, doc, typ, [_sample(name + "_total" if typ == "counter" else name, _NO_LABELS, value)])
+
+
 def families(r: HostReading, per_cpu: bool = False) -> list[Metric]:
+    """The host families, built as the ``Counter``/``GaugeMetricFamily`` + ``add_metric`` calls would
+    (same names, label sets, values, order), straight into ``Metric``/``Sample`` with interned label
+    sets: ``add_metric`` zips a fresh dict and runs a namedtuple's Python ``__new__`` per sample."""
     out: list[Metric] = []
     if r.cpu is not None and r.cpu.total:
-        cpu = CounterMetricFamily("mlops_node_cpu_seconds", "Seconds all CPUs spent in each mode.", labels=["mode"])
-        for mode, secs in r.cpu.total.items():
-            cpu.add_metric([mode], secs)
-        out.append(cpu)
-        out.append(GaugeMetricFamily("mlops_node_cpus", "Online logical CPUs.", value=len(r.cpu.per_cpu)))
+        out.append(family("mlops_node_cpu_seconds", "Seconds all CPUs spent in each mode.", "counter",
+                          [_sample("mlops_node_cpu_seconds_total", label_set({"mode": mode}), secs)
+                           for mode, secs in r.cpu.total.items()]))  # fmt: skip
+        out.append(_one("mlops_node_cpus", "Online logical CPUs.", "gauge", len(r.cpu.per_cpu)))
         if per_cpu:
-            core = CounterMetricFamily(
-                "mlops_node_cpu_core_seconds", "Seconds each CPU spent in each mode.", labels=["cpu", "mode"]
-            )
+            core: list[Any] = []
             for idx, modes in sorted(r.cpu.per_cpu.items(), key=lambda kv: int(kv[0]) if kv[0].isdigit() else 0):
                 for mode, secs in modes.items():
-                    core.add_metric([idx, mode], secs)
-            out.append(core)
+                    core.append(_sample("mlops_node_cpu_core_seconds_total", label_set({"cpu": idx, "mode": mode}),
+                                        secs))  # fmt: skip
+            out.append(family("mlops_node_cpu_core_seconds", "Seconds each CPU spent in each mode.", "counter", core))
     if r.load is not None:
-        load = GaugeMetricFamily("mlops_node_load", "Load average.", labels=["window"])
-        for window, value in zip(("1m", "5m", "15m"), r.load):
-            load.add_metric([window], value)
-        out.append(load)
+        out.append(family("mlops_node_load", "Load average.", "gauge",
+                          [_sample("mlops_node_load", label_set({"window": window}), value)
+                           for window, value in zip(("1m", "5m", "15m"), r.load)]))  # fmt: skip
 
     mem = r.meminfo
     for key, name, doc in (
@@ -377,126 +416,94 @@ def families(r: HostReading, per_cpu: bool = False) -> list[Metric]:
         ("SwapTotal", "mlops_node_swap_total_bytes", "Swap space."),
     ):
         if key in mem:
-            out.append(GaugeMetricFamily(name, doc, value=mem[key]))
+            out.append(_one(name, doc, "gauge", mem[key]))
     if "SwapTotal" in mem and "SwapFree" in mem:
-        out.append(
-            GaugeMetricFamily("mlops_node_swap_used_bytes", "Swap in use.", value=mem["SwapTotal"] - mem["SwapFree"])
-        )
+        out.append(_one("mlops_node_swap_used_bytes", "Swap in use.", "gauge", mem["SwapTotal"] - mem["SwapFree"]))
 
-    psi_docs = {
-        ("cpu", "some"): ("waiting", "Seconds some runnable task waited for a CPU (PSI)."),
-        ("memory", "some"): ("waiting", "Seconds some task stalled on memory (reclaim, swap-in) (PSI)."),
-        ("memory", "full"): ("stalled", "Seconds all non-idle tasks stalled on memory at once (PSI)."),
-        ("io", "some"): ("waiting", "Seconds some task waited for I/O (PSI)."),
-        ("io", "full"): ("stalled", "Seconds all non-idle tasks waited for I/O at once (PSI)."),
-    }
-    for (resource, kind), (suffix, doc) in psi_docs.items():
+    for (resource, kind), (suffix, doc) in _PSI_DOCS.items():
         total = r.pressure.get(resource, {}).get(kind)
         if total is not None:
-            out.append(CounterMetricFamily(f"mlops_node_pressure_{resource}_{suffix}_seconds", doc, value=total))
+            out.append(_one(f"mlops_node_pressure_{resource}_{suffix}_seconds", doc, "counter", total))
 
     if r.disks:
-        rd = CounterMetricFamily("mlops_node_disk_read_bytes", "Bytes read from the device.", labels=["device"])
-        wr = CounterMetricFamily("mlops_node_disk_written_bytes", "Bytes written to the device.", labels=["device"])
-        busy = CounterMetricFamily(
-            "mlops_node_disk_io_time_seconds", "Seconds the device had I/O in flight.", labels=["device"]
-        )
+        rd: list[Any] = []
+        wr: list[Any] = []
+        busy: list[Any] = []
         for dev, d in sorted(r.disks.items()):
-            rd.add_metric([dev], d.read_bytes)
-            wr.add_metric([dev], d.written_bytes)
-            busy.add_metric([dev], d.io_time_seconds)
-        out += [rd, wr, busy]
+            lb = label_set({"device": dev})
+            rd.append(_sample("mlops_node_disk_read_bytes_total", lb, d.read_bytes))
+            wr.append(_sample("mlops_node_disk_written_bytes_total", lb, d.written_bytes))
+            busy.append(_sample("mlops_node_disk_io_time_seconds_total", lb, d.io_time_seconds))
+        out += [
+            family("mlops_node_disk_read_bytes", "Bytes read from the device.", "counter", rd),
+            family("mlops_node_disk_written_bytes", "Bytes written to the device.", "counter", wr),
+            family("mlops_node_disk_io_time_seconds", "Seconds the device had I/O in flight.", "counter", busy),
+        ]
 
     if r.filesystems:
-        size = GaugeMetricFamily(
-            "mlops_node_filesystem_size_bytes",
-            "Size of the file system holding the path.",
-            labels=["path", "mountpoint"],
-        )
-        avail = GaugeMetricFamily(
-            "mlops_node_filesystem_avail_bytes",
-            "Space available to unprivileged users on the file system holding the path.",
-            labels=["path", "mountpoint"],
-        )
+        size: list[Any] = []
+        avail: list[Any] = []
         for fs in r.filesystems:
-            size.add_metric([fs.path, fs.mountpoint], fs.size_bytes)
-            avail.add_metric([fs.path, fs.mountpoint], fs.avail_bytes)
-        out += [size, avail]
+            lb = label_set({"path": fs.path, "mountpoint": fs.mountpoint})
+            size.append(_sample("mlops_node_filesystem_size_bytes", lb, fs.size_bytes))
+            avail.append(_sample("mlops_node_filesystem_avail_bytes", lb, fs.avail_bytes))
+        out += [
+            family("mlops_node_filesystem_size_bytes", "Size of the file system holding the path.", "gauge", size),
+            family("mlops_node_filesystem_avail_bytes",
+                   "Space available to unprivileged users on the file system holding the path.", "gauge", avail),
+        ]  # fmt: skip
 
     if r.net:
-        nets = {
-            "receive_bytes": ("mlops_node_network_receive_bytes", "Bytes received."),
-            "transmit_bytes": ("mlops_node_network_transmit_bytes", "Bytes sent."),
-            "receive_errors": ("mlops_node_network_receive_errors", "Receive errors."),
-            "transmit_errors": ("mlops_node_network_transmit_errors", "Transmit errors."),
-            "receive_drop": ("mlops_node_network_receive_drop", "Inbound packets dropped."),
-            "transmit_drop": ("mlops_node_network_transmit_drop", "Outbound packets dropped."),
-        }
-        fams = {a: CounterMetricFamily(n, d, labels=["device"]) for a, (n, d) in nets.items()}
+        nets: dict[str, list[Any]] = {attr: [] for attr in _NETS}
         for dev, n in sorted(r.net.items()):
-            for attr, fam in fams.items():
-                fam.add_metric([dev], getattr(n, attr))
-        out += list(fams.values())
+            lb = label_set({"device": dev})
+            for attr, (name, _) in _NETS.items():
+                nets[attr].append(_sample(name + "_total", lb, getattr(n, attr)))
+        out += [family(name, doc, "counter", nets[attr]) for attr, (name, doc) in _NETS.items()]
 
     if r.ib:
-        ib_rx = CounterMetricFamily(
-            "mlops_node_infiniband_port_receive_bytes",
-            "Bytes received on the InfiniBand port.",
-            labels=["device", "port"],
-        )
-        ib_tx = CounterMetricFamily(
-            "mlops_node_infiniband_port_transmit_bytes", "Bytes sent on the InfiniBand port.", labels=["device", "port"]
-        )
-        ib_err = CounterMetricFamily(
-            "mlops_node_infiniband_port_errors",
-            "InfiniBand port error counters, by counter name (symbol_error, link_downed, ...).",
-            labels=["device", "port", "type"],
-        )
-        ib_state = GaugeMetricFamily(
-            "mlops_node_infiniband_port_state_id",
-            "InfiniBand port state (IBTA PortState: 4 is ACTIVE, 1 DOWN).",
-            labels=["device", "port"],
-        )
-        ib_rate = GaugeMetricFamily(
-            "mlops_node_infiniband_port_rate_bytes_per_second",
-            "Data rate the InfiniBand link trained at.",
-            labels=["device", "port"],
-        )
+        ib_rx: list[Any] = []
+        ib_tx: list[Any] = []
+        ib_err: list[Any] = []
+        ib_state: list[Any] = []
+        ib_rate: list[Any] = []
         for (dev, port), p in sorted(r.ib.items()):
+            lb = label_set({"device": dev, "port": port})
             if p.state_id is not None:
-                ib_state.add_metric([dev, port], float(p.state_id))
+                ib_state.append(_sample("mlops_node_infiniband_port_state_id", lb, float(p.state_id)))
             if p.rate_bytes_per_second is not None:
-                ib_rate.add_metric([dev, port], p.rate_bytes_per_second)
+                ib_rate.append(_sample("mlops_node_infiniband_port_rate_bytes_per_second", lb,
+                                       p.rate_bytes_per_second))  # fmt: skip
             if p.receive_bytes is not None:
-                ib_rx.add_metric([dev, port], p.receive_bytes)
+                ib_rx.append(_sample("mlops_node_infiniband_port_receive_bytes_total", lb, p.receive_bytes))
             if p.transmit_bytes is not None:
-                ib_tx.add_metric([dev, port], p.transmit_bytes)
+                ib_tx.append(_sample("mlops_node_infiniband_port_transmit_bytes_total", lb, p.transmit_bytes))
             for kind, v in sorted(p.errors.items()):
-                ib_err.add_metric([dev, port, kind], v)
-        out += [ib_rx, ib_tx, ib_err, ib_state, ib_rate]
+                ib_err.append(_sample("mlops_node_infiniband_port_errors_total",
+                                      label_set({"device": dev, "port": port, "type": kind}), v))  # fmt: skip
+        out += [
+            family("mlops_node_infiniband_port_receive_bytes", "Bytes received on the InfiniBand port.", "counter",
+                   ib_rx),
+            family("mlops_node_infiniband_port_transmit_bytes", "Bytes sent on the InfiniBand port.", "counter", ib_tx),
+            family("mlops_node_infiniband_port_errors",
+                   "InfiniBand port error counters, by counter name (symbol_error, link_downed, ...).", "counter",
+                   ib_err),
+            family("mlops_node_infiniband_port_state_id",
+                   "InfiniBand port state (IBTA PortState: 4 is ACTIVE, 1 DOWN).", "gauge", ib_state),
+            family("mlops_node_infiniband_port_rate_bytes_per_second", "Data rate the InfiniBand link trained at.",
+                   "gauge", ib_rate),
+        ]  # fmt: skip
 
     if r.timex is not None:
-        out.append(
-            GaugeMetricFamily(
-                "mlops_node_timex_offset_seconds",
-                "Clock offset the kernel's discipline is correcting (adjtimex).",
-                value=r.timex["offset_seconds"],
-            )
-        )
-        out.append(
-            GaugeMetricFamily(
-                "mlops_node_timex_sync_status",
-                "1 when the kernel considers the clock synchronised (adjtimex state is not TIME_ERROR).",
-                value=r.timex["sync_status"],
-            )
-        )
-        out.append(
-            GaugeMetricFamily(
-                "mlops_node_timex_maxerror_seconds",
-                "Maximum error bound of the clock reported by the kernel (adjtimex).",
-                value=r.timex["maxerror_seconds"],
-            )
-        )
+        out.append(_one("mlops_node_timex_offset_seconds",
+                        "Clock offset the kernel's discipline is correcting (adjtimex).", "gauge",
+                        r.timex["offset_seconds"]))  # fmt: skip
+        out.append(_one("mlops_node_timex_sync_status",
+                        "1 when the kernel considers the clock synchronised (adjtimex state is not TIME_ERROR).",
+                        "gauge", r.timex["sync_status"]))  # fmt: skip
+        out.append(_one("mlops_node_timex_maxerror_seconds",
+                        "Maximum error bound of the clock reported by the kernel (adjtimex).", "gauge",
+                        r.timex["maxerror_seconds"]))  # fmt: skip
     return out
 
 

@@ -9,11 +9,12 @@ its series disappear with it, so cardinality follows the live ranks.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from prometheus_client.metrics_core import Metric
 from prometheus_client.samples import Sample
@@ -22,6 +23,8 @@ from mlops_obs.collectors import Collector, register
 from mlops_obs.collectors import host_parse as hp
 from mlops_obs.collectors.host import CLK_TCK, PAGE_SIZE, ProcFiles, read_text
 from mlops_obs.collectors.training import cached_scan
+from mlops_obs.exporter.exposition import Labels, family
+from mlops_obs.exporter.exposition import labels as label_set
 
 LABELS = ["job", "rank", "pid"]
 # A snapshot's start_time is taken when the rank's monitor starts, after the interpreter did; this
@@ -29,8 +32,10 @@ LABELS = ["job", "rank", "pid"]
 PID_REUSE_SLACK_S = 2.0
 
 
-@dataclass(frozen=True)
-class RankProcess:
+class RankProcess(NamedTuple):
+    """One rank's figures for a round (a named tuple: built for every rank every second, and a frozen
+    dataclass's ``__init__`` costs three times as much)."""
+
     job: str
     rank: str
     pid: int
@@ -62,6 +67,49 @@ def _read(path: str) -> str | None:
         return None
 
 
+PROC_SUPER_MAGIC = 0x9FA0
+# procfs root -> whether it is a real procfs, where stat(2) of /proc/<pid>/fd reports the open fd count.
+_procfs_roots: dict[str, bool] = {}
+
+
+def _is_procfs(root: str) -> bool:
+    """Whether ``root`` is a procfs mount (statfs's f_type), so a directory's size means what procfs
+    says it does; a fixture tree (a plain directory) is not, and is always listed."""
+    got = _procfs_roots.get(root)
+    if got is None:
+        got = False
+        try:
+            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+            buf = ctypes.create_string_buffer(256)  # struct statfs: f_type (a long) comes first
+            if libc.statfs(os.fsencode(root), buf) == 0:
+                got = ctypes.c_long.from_buffer(buf).value == PROC_SUPER_MAGIC
+        except (OSError, AttributeError):
+            pass
+        _procfs_roots[root] = got
+    return got
+
+
+def count_fds(fd_dir: str, procfs: bool) -> int | None:
+    """Open descriptors of a process, ``None`` where ``/proc/<pid>/fd`` may not be read.
+
+    On procfs since Linux 6.2 the directory's size is that count: one ``stat`` instead of opening,
+    reading and closing the directory (listing a rank's descriptors was most of this collector's
+    round). The access check keeps the answer the same as listing: another user's process stays
+    ``None`` although the kernel would report its size. Older kernels report 0: listed then.
+    """
+    try:
+        if procfs and _access(fd_dir, os.R_OK, effective_ids=True):
+            n = os.stat(fd_dir).st_size
+            if n > 0:
+                return n
+        return len(os.listdir(fd_dir))
+    except OSError:
+        return None  # another user's process (/proc/<pid>/fd needs ptrace access), or it exited
+
+
+_access = os.access if os.access in os.supports_effective_ids else (lambda path, mode, effective_ids: True)
+
+
 def read_rank_processes(
     snaps: Iterable[dict[str, Any]], procfs: Path, files: ProcFiles | None = None
 ) -> list[RankProcess]:
@@ -75,6 +123,7 @@ def read_rank_processes(
     read = files.read if files is not None else _read
     used: list[str] = []
     btime = _boot_time(root)
+    procfs_real = _is_procfs(root)
     out: list[RankProcess] = []
     seen: set[int] = set()
     for s in snaps:
@@ -97,10 +146,7 @@ def read_rank_processes(
         started = None if btime is None else btime + st.start_ticks / CLK_TCK
         if started is not None and isinstance(snap_start, int | float) and started > snap_start + PID_REUSE_SLACK_S:
             continue
-        try:
-            fds: int | None = len(os.listdir(base + "/fd"))
-        except OSError:
-            fds = None  # another user's process: /proc/<pid>/fd needs ptrace access
+        fds = count_fds(base + "/fd", procfs_real)
         seen.add(pid)
         out.append(
             RankProcess(
@@ -115,15 +161,25 @@ def read_rank_processes(
 _new_tuple = tuple.__new__
 
 
+# (job, rank, pid) -> the rank's interned label set, shared by its four series round after round.
+_rank_sets: dict[tuple[str, str, int], Labels] = {}
+
+
 def families(procs: list[RankProcess]) -> list[Metric]:
     """The four families, built as plain ``Metric`` objects: the same samples ``*MetricFamily.add_metric``
-    makes (one label dict per rank, shared by its four series), without its per-sample zip and dict."""
-    cpu = Metric("mlops_process_cpu_seconds", "User and system CPU seconds of the training rank's process.", "counter")
-    rss = Metric("mlops_process_resident_memory_bytes", "Resident memory of the training rank's process.", "gauge")
-    threads = Metric("mlops_process_threads", "Threads of the training rank's process.", "gauge")
-    fds = Metric("mlops_process_open_fds", "Open file descriptors of the training rank's process.", "gauge")
+    makes (one label set per rank, shared by its four series), without its per-sample zip and dict."""
+    cpu = family("mlops_process_cpu_seconds", "User and system CPU seconds of the training rank's process.",
+                 "counter", [])  # fmt: skip
+    rss = family("mlops_process_resident_memory_bytes", "Resident memory of the training rank's process.", "gauge", [])
+    threads = family("mlops_process_threads", "Threads of the training rank's process.", "gauge", [])
+    fds = family("mlops_process_open_fds", "Open file descriptors of the training rank's process.", "gauge", [])
     for p in sorted(procs, key=lambda p: (p.job, p.rank, p.pid)):
-        labels = {"job": p.job, "rank": p.rank, "pid": str(p.pid)}
+        key = (p.job, p.rank, p.pid)
+        labels = _rank_sets.get(key)
+        if labels is None:
+            if len(_rank_sets) >= 10_000:
+                _rank_sets.clear()
+            labels = _rank_sets[key] = label_set({"job": p.job, "rank": p.rank, "pid": str(p.pid)})
         cpu.samples.append(
             _new_tuple(Sample, ("mlops_process_cpu_seconds_total", labels, p.cpu_seconds, None, None, None))
         )

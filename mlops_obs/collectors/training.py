@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import statistics
 from collections.abc import Iterable, Iterator
+from itertools import accumulate
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ from prometheus_client.samples import Sample
 
 from mlops_obs.collectors import Collector, register
 from mlops_obs.config import Setting, parse_duration, parse_optional_path
-from mlops_obs.exporter.exposition import Labels, labels
+from mlops_obs.exporter.exposition import Labels, family, labels
 from mlops_obs.instrument import snapshot
 
 LABELS = ["job", "rank", "node"]
@@ -126,6 +127,21 @@ _PER_RANK_COUNTERS = (
 
 # (rank's label set, bucket bounds) -> the label sets of its buckets: the same every round.
 _bucket_sets: dict[tuple[Labels, tuple[float, ...]], tuple[Labels, ...]] = {}
+# (rank's label set, extra label, its value) -> the label set with it (phase, kind): the same every round.
+_extra_sets: dict[tuple[Labels, str, str], Labels] = {}
+# (job, rank, node) -> the rank's label set.
+_rank_sets: dict[tuple[str, str, str], Labels] = {}
+
+
+def _with(lb: Labels, key: str, value: Any) -> Labels:
+    """``labels({**lb, key: str(value)})``, looked up by (set, key, value) instead of built and interned."""
+    v = value if type(value) is str else str(value)
+    got = _extra_sets.get((lb, key, v))
+    if got is None:
+        if len(_extra_sets) >= 10_000:
+            _extra_sets.clear()
+        got = _extra_sets[(lb, key, v)] = labels({**lb, key: v})
+    return got
 
 
 def _valid_counts(counts: Any, bounds: tuple[float, ...]) -> bool:
@@ -143,11 +159,11 @@ def _histogram(out: list[Any], name: str, lb: Labels, counts: Any, bounds: tuple
         les = (*(repr(float(b)) for b in bounds), "+Inf")
         sets = _bucket_sets[(lb, bounds)] = tuple(labels({**lb, "le": le}) for le in les)
     bucket = name + "_bucket"
-    cum = 0.0
-    for ls, c in zip(sets, counts):
-        cum += int(c)
-        out.append(_new_sample(Sample, (bucket, ls, cum, None, None, None)))
-    out.append(_new_sample(Sample, (name + "_count", lb, cum, None, None, None)))
+    new = _new_sample
+    # Cumulative counts as float sums in bucket order (the same additions a running total makes).
+    cums = list(accumulate(map(int, counts), initial=0.0))
+    out.extend([new(Sample, (bucket, ls, cum, None, None, None)) for ls, cum in zip(sets, cums[1:])])
+    out.append(new(Sample, (name + "_count", lb, cums[-1], None, None, None)))
     out.append(_new_sample(Sample, (name + "_sum", lb, float(total), None, None, None)))
 
 
@@ -202,7 +218,7 @@ class TrainingCollector(Collector):
         and builds a namedtuple through Python code per sample, which for 8 ranks was most of this
         collector's round.
         """
-        fams = {name: Metric(name, doc, typ) for name, (typ, doc) in FAMILIES.items()}
+        fams = {name: family(name, doc, typ, []) for name, (typ, doc) in FAMILIES.items()}
         steps, failed, samples_f, tokens, nonfinite = (fams[n].samples for n in _PER_RANK_COUNTERS)
         phases = fams["mlops_training_phase_seconds"].samples
         hist = fams["mlops_training_step_duration_seconds"].samples
@@ -223,7 +239,13 @@ class TrainingCollector(Collector):
         for s in snaps:
             get = s.get
             job, rank = str(get("job", "")), str(get("rank", ""))
-            lb = labels({"job": job, "rank": rank, "node": str(get("node", ""))})
+            key = (job, rank, str(get("node", "")))
+            known = _rank_sets.get(key)
+            if known is None:
+                if len(_rank_sets) >= 10_000:
+                    _rank_sets.clear()
+                known = _rank_sets[key] = labels({"job": key[0], "rank": key[1], "node": key[2]})
+            lb = known
             steps.append(new(Sample, ("mlops_training_steps_total", lb, float(get("steps", 0)), None, None, None)))
             failed.append(new(Sample, ("mlops_training_failed_steps_total", lb, float(get("failed_steps", 0)),
                                        None, None, None)))  # fmt: skip
@@ -233,14 +255,14 @@ class TrainingCollector(Collector):
             nonfinite.append(new(Sample, ("mlops_training_nonfinite_loss_total", lb, float(get("nonfinite_loss", 0)),
                                           None, None, None)))  # fmt: skip
             for phase, secs in sorted((get("phase_seconds") or {}).items()):
-                phases.append(new(Sample, ("mlops_training_phase_seconds_total", labels({**lb, "phase": str(phase)}),
+                phases.append(new(Sample, ("mlops_training_phase_seconds_total", _with(lb, "phase", phase),
                                            float(secs), None, None, None)))  # fmt: skip
             _histogram(hist, "mlops_training_step_duration_seconds", lb, get("step_buckets"), snapshot.STEP_BUCKETS,
                        get("step_seconds_sum", 0.0))  # fmt: skip
             goodput.append(new(Sample, ("mlops_training_goodput_seconds_total", lb, float(get("goodput_seconds", 0.0)),
                                         None, None, None)))  # fmt: skip
             for kind, secs in sorted((get("badput_seconds") or {}).items()):
-                badput.append(new(Sample, ("mlops_training_badput_seconds_total", labels({**lb, "kind": str(kind)}),
+                badput.append(new(Sample, ("mlops_training_badput_seconds_total", _with(lb, "kind", kind),
                                            float(secs), None, None, None)))  # fmt: skip
             # Only ranks that save checkpoints (often rank 0 alone) get checkpoint series.
             counts: Any = get("checkpoint_buckets")

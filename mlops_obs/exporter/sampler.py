@@ -89,6 +89,7 @@ class Sampler:
         self._gen_lock = threading.Lock()
         self._self_text = render_self(*self_usage())
         self._cache: tuple[int, bytes] | None = None
+        self._parts: tuple[bytes, tuple[bytes, ...]] | None = None
         self._epoch = time.monotonic()
 
     def _bump(self) -> None:
@@ -129,6 +130,10 @@ class Sampler:
             error, unavailable = str(e), True
         except Exception as e:
             error = f"{type(e).__name__}: {e}"
+        if text == state.text:
+            # The very same bytes object as last round when nothing changed: the server keeps the
+            # compressed form of each collector's text by identity, so it is not compressed again.
+            text = state.text
         t1 = time.monotonic()
         state.cpu_seconds += time.thread_time() - cpu0
         state.text = text if error is None else b""
@@ -240,14 +245,16 @@ class Sampler:
             cpu_lines.append(
                 f'mlops_scrape_collector_cpu_seconds_total{{collector="{name}"}} {s.cpu_seconds:.6f}\n'.encode()
             )
-        body = (
-            b"".join(parts)
-            + b"".join(success_lines)
-            + b"".join(duration_lines)
-            + b"".join(cpu_lines)
-            + self._self_text
-            + self.static
-        )
+        tail = b"".join(success_lines) + b"".join(duration_lines) + b"".join(cpu_lines) + self._self_text + self.static
+        parts.append(tail)
+        body = b"".join(parts)  # one copy of ~200 KB, not a join and then a concatenation
+        self._parts = (body, tuple(parts))
         if not hung:
             self._cache = (gen, body)
         return body
+
+    def parts(self, body: bytes) -> tuple[bytes, ...] | None:
+        """The pieces ``body`` (the last :meth:`scrape`'s) was joined from: each collector's text, then
+        the per-scrape lines. The server compresses a piece once, not the whole body every scrape."""
+        last = self._parts
+        return last[1] if last is not None and last[0] is body else None

@@ -361,3 +361,28 @@ def test_gzip_scrape_decodes_to_the_plain_body_as_pieces_change() -> None:
     pieces = (b"a" * 3000, b"", b"b\n" * 10, b"tail\n")
     for p in (pieces, (pieces[0], b"c" * 10, pieces[3]), (b"x", *pieces)):
         assert gzip.decompress(pg.compress(p)) == b"".join(p)
+
+
+class BusyCollector(SteadyCollector):
+    """Burns a known amount of its own thread's CPU each round."""
+
+    name = "busy"
+
+    def sample(self) -> Iterable[Metric]:
+        end = time.thread_time() + 0.02
+        while time.thread_time() < end:
+            pass
+        return super().sample()
+
+
+def test_collector_cpu_seconds_counts_each_collectors_own_rounds() -> None:
+    """mlops_scrape_collector_cpu_seconds_total is each collector's thread CPU, so the busy one is charged
+    its 20 ms a round and the idle one next to it almost nothing."""
+    busy, steady = BusyCollector(), SteadyCollector()
+    sampler = Sampler([busy, steady], interval=1.0, deadline=5.0, log=RecordingLog())
+    for _ in range(3):
+        sampler.sample_once(busy)
+        sampler.sample_once(steady)
+    body = parse(sampler.scrape())
+    assert body["mlops_scrape_collector_cpu_seconds_total{collector=busy}"] >= 0.06
+    assert body["mlops_scrape_collector_cpu_seconds_total{collector=steady}"] < 0.03

@@ -28,7 +28,6 @@ import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from mlops_obs.collectors.training import cached_scan
 
@@ -279,9 +278,3 @@ class Attributor:
         if len(last) > len(live):
             for pid in [p for p in last if p not in live]:
                 del last[pid]
-
-
-def owner_of(labels_by_pid: Mapping[int, Mapping[str, Any]]) -> tuple[str, str] | None:
-    """The single (job, rank) that owns a device, or ``None`` when no rank or several share it."""
-    owners = {(str(v["job"]), str(v["rank"])) for v in labels_by_pid.values() if "job" in v and "rank" in v}
-    return owners.pop() if len(owners) == 1 else None

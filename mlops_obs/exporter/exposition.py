@@ -94,7 +94,7 @@ def labels(mapping: dict[str, Any]) -> Labels:
     return got
 
 
-_family_protos: dict[tuple[str, str, str], tuple[str, str, str, str]] = {}
+_family_protos: dict[tuple[str, str, str], dict[str, Any]] = {}
 _new_metric = Metric.__new__
 
 
@@ -108,12 +108,11 @@ def family(name: str, documentation: str, typ: str, samples: list[Any]) -> Metri
     key = (name, documentation, typ)
     proto = _family_protos.get(key)
     if proto is None:
-        first = Metric(name, documentation, typ)
-        proto = (first.name, first.documentation, first.unit, first.type)
+        proto = dict(vars(Metric(name, documentation, typ)))  # every attribute this prometheus_client sets
         if len(_family_protos) < _HEADER_CACHE_MAX:
             _family_protos[key] = proto
     m = _new_metric(Metric)
-    m.name, m.documentation, m.unit, m.type = proto
+    vars(m).update(proto)
     m.samples = samples
     return m
 
@@ -202,7 +201,8 @@ def _render_family(metric: Metric, samples: list[Any]) -> str:
     # that share a name (a family's samples mostly do), by identity.
     prev_name = None
     is_om = False
-    for sname, labels, val, ts, _exemplar, _native in samples:
+    for s in samples:
+        sname, labels, val, ts = s[0], s[1], s[2], s[3]  # by index: Sample grew fields across versions
         text = values_get(val)
         if text is None:
             text = _cached_value(val)

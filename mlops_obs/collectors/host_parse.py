@@ -57,23 +57,25 @@ def parse_loadavg(text: str) -> tuple[float, float, float]:
     return float(parts[0]), float(parts[1]), float(parts[2])
 
 
+def _meminfo_value(rest: str) -> float | None:
+    """The value after ``Key:`` in bytes (``kB`` there means KiB); unit-less values are counts."""
+    parts = rest.split()
+    if not parts:
+        return None
+    try:
+        value = float(parts[0])
+    except ValueError:
+        return None
+    return value * 1024 if len(parts) > 1 and parts[1] == "kB" else value
+
+
 def parse_meminfo(text: str) -> dict[str, float]:
     """``/proc/meminfo`` in bytes (``kB`` there means KiB); unit-less lines are counts."""
     out: dict[str, float] = {}
     for line in text.splitlines():
         key, sep, rest = line.partition(":")
-        if not sep:
-            continue
-        parts = rest.split()
-        if not parts:
-            continue
-        try:
-            value = float(parts[0])
-        except ValueError:
-            continue
-        if len(parts) > 1 and parts[1] == "kB":
-            value *= 1024
-        out[key.strip()] = value
+        if sep and (value := _meminfo_value(rest)) is not None:
+            out[key.strip()] = value
     return out
 
 
@@ -88,16 +90,9 @@ def parse_meminfo_keys(text: str, keys: Iterable[str]) -> dict[str, float]:
         if i < 0:
             continue
         j = t.find("\n", i + 1)
-        parts = t[i + len(key) + 2 : j if j >= 0 else len(t)].split()
-        if not parts:
-            continue
-        try:
-            value = float(parts[0])
-        except ValueError:
-            continue
-        if len(parts) > 1 and parts[1] == "kB":
-            value *= 1024
-        out[key] = value
+        value = _meminfo_value(t[i + len(key) + 2 : j if j >= 0 else len(t)])
+        if value is not None:
+            out[key] = value
     return out
 
 

@@ -8,6 +8,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -213,11 +214,17 @@ def test_process_collector_without_directory_is_empty() -> None:
 def test_proc_files_reread_kept_descriptors_and_reopen_regular_files(tmp_path: Path) -> None:
     """A procfs file is kept open and re-read fresh; a regular file replaced by a rename is seen."""
     files = ProcFiles()
-    first = files.read("/proc/uptime")
-    time.sleep(0.05)
-    second = files.read("/proc/uptime")
-    assert first and second and first != second  # new content through the same kept descriptor
-    assert list(files._fds) == ["/proc/uptime"]
+    comm = f"/proc/self/task/{threading.get_native_id()}/comm"  # this thread's name: ours to change
+    original = files.read(comm)
+    assert original
+    try:
+        with open(comm, "w") as w:
+            w.write("procfiles-test")
+        # new content through the same kept descriptor
+        assert files.read(comm) == "procfiles-test\n" and list(files._fds) == [comm]
+    finally:
+        with open(comm, "w") as w:
+            w.write(original.strip())
     f = tmp_path / "stat"
     f.write_text("one")
     assert files.read(str(f)) == "one"

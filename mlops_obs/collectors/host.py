@@ -149,10 +149,6 @@ class ProcFiles:
                 pass
 
 
-def _read_text_str(path: str) -> str | None:
-    return read_text(Path(path))
-
-
 def read_dir_files(directory: str | os.PathLike[str]) -> dict[str, str]:
     out: dict[str, str] = {}
     base = os.fspath(directory)
@@ -322,7 +318,7 @@ def read_host(
     """One round of reads; ``files`` (the collector's, kept across rounds) saves re-opening procfs files."""
     procfs: Path = Path(config.get("path.procfs") or "/proc")
     sysfs: Path = Path(config.get("path.sysfs") or "/sys")
-    read = files.read if files is not None else _read_text_str
+    read = files.read if files is not None else read_text
     proc = os.fspath(procfs)
     r = HostReading()
     stat = read(f"{proc}/stat")

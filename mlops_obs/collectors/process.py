@@ -59,14 +59,6 @@ def _boot_time(procfs: str) -> float | None:
     return _btime[procfs]
 
 
-def _read(path: str) -> str | None:
-    try:
-        with open(path, "rb", buffering=0) as f:
-            return f.read().decode("utf-8", "replace")
-    except OSError:
-        return None
-
-
 PROC_SUPER_MAGIC = 0x9FA0
 # procfs root -> whether it is a real procfs, where stat(2) of /proc/<pid>/fd reports the open fd count.
 _procfs_roots: dict[str, bool] = {}
@@ -120,7 +112,7 @@ def read_rank_processes(
     """
     # Plain string paths: pathlib's joins cost more than the reads of these tiny files.
     root = os.fspath(procfs)
-    read = files.read if files is not None else _read
+    read = files.read if files is not None else read_text
     used: list[str] = []
     btime = _boot_time(root)
     procfs_real = _is_procfs(root)

@@ -71,6 +71,7 @@ class CallLatency:
     p50_us: float
     p99_us: float
     max_us: float
+    cpu_p50_us: float = float("nan")  # the calling thread's CPU time: what the sidecar's CPU budget pays
 
 
 @dataclass
@@ -78,10 +79,12 @@ class Report:
     machine: dict[str, str]
     checks: list[Check]
     latencies: list[CallLatency]
+    loaded_latencies: list[CallLatency] = field(default_factory=list)
     round_ms: list[float] = field(default_factory=list)
     scrape_ms: list[float] = field(default_factory=list)
     exporter: dict[str, float] = field(default_factory=dict)
     workload_rc: int | None = None
+    collector_cpu_pct: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -110,6 +113,15 @@ def by_gpu(series: Series, name: str) -> dict[str, float]:
         if n == name and "gpu" in labels and "gpu_instance" not in labels and "link" not in labels:
             out[labels["gpu"]] = v
     return out
+
+
+def collector_cpu(series: Series) -> dict[str, float]:
+    """``{collector: CPU seconds so far}`` from ``mlops_scrape_collector_cpu_seconds_total``."""
+    return {
+        dict(lb).get("collector", "?"): v
+        for (n, lb), v in series.items()
+        if n == "mlops_scrape_collector_cpu_seconds_total"
+    }
 
 
 def percentile(values: Iterable[float], q: float) -> float:
@@ -205,10 +217,7 @@ def evaluate(scrapes: list[Scrape], job: str = JOB, power_tolerance: float = 1.0
 
     ranks: set[str] = set()
     for s in training:
-        for (n, lb), _ in s.series.items():
-            labels = dict(lb)
-            if n == "mlops_gpu_process_memory_used_bytes" and labels.get("job") == job:
-                ranks.add(labels.get("rank", "?"))
+        ranks |= evaluate_ranks(s.series, job)
     checks.append(
         Check(
             "training processes attributed to the job",
@@ -219,6 +228,15 @@ def evaluate(scrapes: list[Scrape], job: str = JOB, power_tolerance: float = 1.0
     return checks
 
 
+def evaluate_ranks(series: Series, job: str = JOB) -> set[str]:
+    """The ranks of ``job`` whose processes the exporter attributed on a GPU in one scrape."""
+    return {
+        dict(lb).get("rank", "?")
+        for (n, lb), _ in series.items()
+        if n == "mlops_gpu_process_memory_used_bytes" and dict(lb).get("job") == job
+    }
+
+
 def latencies(stats: Mapping[str, Any]) -> list[CallLatency]:
     """Per NVML function: calls, p50/p99/max in microseconds, slowest first."""
     out = []
@@ -226,12 +244,28 @@ def latencies(stats: Mapping[str, Any]) -> list[CallLatency]:
         samples = list(getattr(st, "samples", []) or [])
         if not samples:
             continue
+        cpu = list(getattr(st, "cpu_samples", []) or [])
         out.append(
             CallLatency(
-                fn, len(samples), percentile(samples, 0.5) * 1e6, percentile(samples, 0.99) * 1e6, max(samples) * 1e6
+                fn,
+                len(samples),
+                percentile(samples, 0.5) * 1e6,
+                percentile(samples, 0.99) * 1e6,
+                max(samples) * 1e6,
+                percentile(cpu, 0.5) * 1e6,
             )
         )
     return sorted(out, key=lambda c: -c.p50_us)
+
+
+def latency_table(title: str, rows: list[CallLatency]) -> list[str]:
+    lines = ["", f"## {title}", "", "| function | calls | p50 us | p99 us | max us | CPU p50 us |"]
+    lines.append("|---|---|---|---|---|---|")
+    lines += [
+        f"| {c.function} | {c.calls} | {c.p50_us:.1f} | {c.p99_us:.1f} | {c.max_us:.1f} | {c.cpu_p50_us:.1f} |"
+        for c in rows
+    ]
+    return lines
 
 
 def render_report(r: Report) -> str:
@@ -255,16 +289,16 @@ def render_report(r: Report) -> str:
             f"Exporter: {r.exporter.get('cpu_pct', float('nan')):.2f}% of one core, "
             f"RSS {r.exporter.get('rss_mib', float('nan')):.1f} MiB"
         ]
+    if r.collector_cpu_pct:
+        lines += ["Per collector (% of one core): " + ", ".join(f"{k} {v:.2f}" for k, v in r.collector_cpu_pct.items())]
     if r.workload_rc is not None:
         lines += [f"Workload exit code: {r.workload_rc}"]
-    lines += [
-        "",
-        "## NVML call latency (real driver)",
-        "",
-        "| function | calls | p50 us | p99 us | max us |",
-        "|---|---|---|---|---|",
-    ]
-    lines += [f"| {c.function} | {c.calls} | {c.p50_us:.1f} | {c.p99_us:.1f} | {c.max_us:.1f} |" for c in r.latencies]
+    lines += latency_table("NVML call latency, GPU idle (real driver; first calls open the device)", r.latencies)
+    if r.loaded_latencies:
+        lines += latency_table(
+            "NVML call latency while training (every call every round, and calls the collector avoids)",
+            r.loaded_latencies,
+        )
     if r.notes:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in r.notes]
     return "\n".join(lines) + "\n"
@@ -312,10 +346,15 @@ def preflight() -> dict[str, str]:
     }
 
 
-def measure_nvml(rounds: int) -> tuple[list[CallLatency], list[float]]:
-    from mlops_obs.collectors.gpu import GpuCollector
+def measure_nvml(rounds: int, every_call: bool = False) -> tuple[list[CallLatency], list[float]]:
+    """Per-call latency over ``rounds`` collector rounds; ``every_call`` also reads the counters and
+    per-process utilisation every round and times the calls the collector avoids (PCIe throughput,
+    per-process utilisation from timestamp 0), so their cost is on record."""
+    from mlops_obs.collectors import gpu as gpu_module
 
-    c = GpuCollector({"gpu.backend": "nvml", "gpu.xid-events": False})
+    c = gpu_module.GpuCollector(
+        {"gpu.backend": "nvml", "gpu.xid-events": False, "gpu.counter-interval": 0.0 if every_call else 5.0}
+    )
     c.nvml.keep_samples = True
     times = []
     try:
@@ -324,7 +363,29 @@ def measure_nvml(rounds: int) -> tuple[list[CallLatency], list[float]]:
             list(c.sample())
             times.append((time.perf_counter() - t0) * 1e3)
             time.sleep(0.05)
-        return latencies(c.nvml.stats), times
+        rows = latencies(c.nvml.stats)
+        if every_call:
+            lib, handle = c.nvml.lib, c.nvml.handles()[0]
+            probes = (
+                ("nvmlDeviceGetPcieThroughput (fallback, not called)", lib.nvmlDeviceGetPcieThroughput,
+                 (handle, gpu_module.PCIE_TX)),
+                ("nvmlDeviceGetProcessUtilization from timestamp 0", lib.nvmlDeviceGetProcessUtilization, (handle, 0)),
+            )  # fmt: skip
+            for label, fn, args in probes:
+                wall, cpu = [], []
+                for _ in range(5):
+                    c0, t0 = time.thread_time(), time.perf_counter()
+                    try:
+                        fn(*args)
+                    except Exception:
+                        pass
+                    wall.append(time.perf_counter() - t0)
+                    cpu.append(time.thread_time() - c0)
+                rows.append(
+                    CallLatency(label, 5, percentile(wall, 0.5) * 1e6, percentile(wall, 0.99) * 1e6, max(wall) * 1e6,
+                                percentile(cpu, 0.5) * 1e6)
+                )  # fmt: skip
+        return rows, times
     finally:
         c.close()
 
@@ -366,22 +427,28 @@ def run(args: argparse.Namespace) -> Report:
         t0 = time.perf_counter()
         with urllib.request.urlopen(url, timeout=10) as resp:
             body = resp.read().decode()
-        scrapes.append(Scrape(time.time(), phase, parse_scrape(body), time.perf_counter() - t0))
+        took = time.perf_counter() - t0  # the scrape alone, not our parsing of it
+        scrapes.append(Scrape(time.time(), phase, parse_scrape(body), took))
+        if phase == "training" and args.scrape_output:
+            args.scrape_output.write_text(body)  # the last training scrape, for promtool and the docs
 
     try:
-        for _ in range(100):
+        ready = url.rsplit("/", 1)[0] + "/-/ready"
+        for _ in range(150):  # as a readiness probe would: the first round opens NVML, which takes a while
             try:
-                scrape("idle")
-                break
-            except OSError:
+                with urllib.request.urlopen(ready, timeout=10):
+                    break
+            except OSError:  # refused while starting, 503 until every collector finished a round
                 if exporter.poll() is not None:
                     raise NoGpu(f"the exporter exited with {exporter.returncode}") from None
                 time.sleep(0.2)
+        scrape("idle")
         time.sleep(2.5)  # a few sampler rounds for the idle baseline
         for _ in range(3):
             scrape("idle")
             time.sleep(1)
         cpu0 = scrapes[-1].series.get(("mlops_exporter_cpu_seconds_total", ()), 0.0)
+        per0 = collector_cpu(scrapes[-1].series)
         t_cpu0 = time.monotonic()
         world = args.world_size or int(machine["GPU"].split(" x ")[0])
         workload = subprocess.Popen(
@@ -405,6 +472,8 @@ def run(args: argparse.Namespace) -> Report:
         while workload.poll() is None and time.monotonic() < deadline - 15:
             time.sleep(1)
             scrape("training")
+            if not report.loaded_latencies and evaluate_ranks(scrapes[-1].series):
+                report.loaded_latencies, _ = measure_nvml(10, every_call=True)
         if workload.poll() is None:
             report.notes.append(
                 f"workload stopped at the {args.budget:.0f}s budget before finishing {args.steps} steps"
@@ -420,10 +489,10 @@ def run(args: argparse.Namespace) -> Report:
             scrape("after")
         cpu1 = scrapes[-1].series.get(("mlops_exporter_cpu_seconds_total", ()), 0.0)
         rss = scrapes[-1].series.get(("mlops_exporter_resident_memory_bytes", ()), float("nan"))
-        report.exporter = {
-            "cpu_pct": 100 * (cpu1 - cpu0) / max(1e-9, time.monotonic() - t_cpu0),
-            "rss_mib": rss / 2**20,
-        }
+        wall = max(1e-9, time.monotonic() - t_cpu0)
+        report.exporter = {"cpu_pct": 100 * (cpu1 - cpu0) / wall, "rss_mib": rss / 2**20}
+        per1 = collector_cpu(scrapes[-1].series)
+        report.collector_cpu_pct = {k: 100 * (v - per0.get(k, 0.0)) / wall for k, v in sorted(per1.items())}
     finally:
         if workload is not None and workload.poll() is None:
             workload.kill()
@@ -447,6 +516,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--world-size", type=int, default=0, help="Ranks (default: one per GPU).")
     ap.add_argument("--budget", type=float, default=270.0, help="Seconds for the whole check (at most 300).")
     ap.add_argument("--output", type=Path, help="Also write the Markdown report here (e.g. under docs/).")
+    ap.add_argument("--scrape-output", type=Path, help="Write the last /metrics body seen during training here.")
     args = ap.parse_args(argv)
     if not 30 <= args.budget <= 300:
         print("gpu_check: --budget must be between 30 and 300 seconds", file=sys.stderr)

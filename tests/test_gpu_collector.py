@@ -39,6 +39,7 @@ FULL: dict[str, Any] = {
         },
         {
             "fan_speed": 40,
+            "not_supported": ["pcie_counters", "throttle_fields"],  # an older driver: the direct getters instead
             "ecc": {"volatile": {"corrected": 0, "uncorrected": 0}},
             "mig": [
                 {
@@ -130,7 +131,11 @@ def test_every_field_of_a_full_node_is_reported_in_base_units(gpu: Callable[...,
     assert values(s, "mlops_gpu_power_limit_watts", **g0) == [700.0]
     assert values(s, "mlops_gpu_fan_speed_ratio", **g0) == [0.4]
     assert values(s, "mlops_gpu_memory_temperature_celsius", **g0) == [68.0]
-    assert values(s, "mlops_gpu_pcie_transmit_bytes_per_second", **g0) == [1_200_000 * 1024.0]
+    # PCIe bytes as counters where the driver has them (1.2 GB/s in the scenario), else the sampled rate.
+    assert 0 < values(s, "mlops_gpu_pcie_transmit_bytes_total", **g0)[0] <= 1_200_000 * 1024.0 * 60
+    assert values(s, "mlops_gpu_pcie_transmit_bytes_per_second", **g0) == []
+    assert values(s, "mlops_gpu_pcie_receive_bytes_per_second", gpu="7") == [2_400_000 * 1024.0]
+    assert values(s, "mlops_gpu_pcie_receive_bytes_total", gpu="7") == []
     assert values(s, "mlops_gpu_ecc_errors_total", type="uncorrected", scope="aggregate", **g0) == [1.0]
     assert values(s, "mlops_gpu_remapped_rows_total", type="correctable", **g0) == [2.0]
     assert values(s, "mlops_gpu_remap_pending", **g0) == [1.0]
@@ -197,6 +202,49 @@ def test_not_supported_fields_have_no_series_never_zero(gpu: Callable[..., GpuCo
         assert absent not in names, absent
     assert values(s, "mlops_gpu_temperature_celsius") == [61.0]
     assert values(s, "mlops_gpu_profiling_supported") == [0.0]
+
+
+def test_a_not_supported_call_is_not_repeated_every_round(gpu: Callable[..., GpuCollector]) -> None:
+    """NotSupported is remembered per call and device (a real H200 spent 1 ms a round on its fan query),
+    and asked again after ABSENT_RETRY_SECONDS, so support that appears later is picked up."""
+    c = gpu({"devices": [{"fan_speed": None}, {"fan_speed": 40}]})
+    for _ in range(5):
+        s = sample(c)
+    calls = fake(c).calls
+    assert calls["nvmlDeviceGetFanSpeed"] == 1 + 5  # gpu 0 once, gpu 1 every round
+    assert values(s, "mlops_gpu_fan_speed_ratio", gpu="0") == []
+    fake(c).devices[0]["fan_speed"] = 55
+    c.nvml._absent = {k: (0.0, args) for k, (_, args) in c.nvml._absent.items()}  # the retry time has come
+    s = sample(c)
+    assert values(s, "mlops_gpu_fan_speed_ratio", gpu="0") == [0.55]
+
+
+def test_process_utilization_is_the_mean_of_the_interval_and_read_once_per_interval(
+    gpu: Callable[..., GpuCollector],
+) -> None:
+    """Per-process utilisation averages every NVML sample since the last read, and is read once per
+    counter interval (the call cost 4 ms of CPU on a real H200); a pid seen between reads waits."""
+    c = gpu({"devices": [{"processes": [{"pid": 4242, "used_memory": 1_000, "sm_util": 73}]}]},
+            **{"gpu.counter-interval": 3600.0})  # fmt: skip
+    lib = fake(c)
+    real = lib.nvmlDeviceGetProcessUtilization
+
+    def two_samples(h: Any, last_seen: int) -> list[Any]:
+        first, *_ = real(h, last_seen)
+        second = type(first)()
+        second.pid, second.timeStamp, second.smUtil = first.pid, first.timeStamp + 1, 13
+        return [first, second]
+
+    lib.nvmlDeviceGetProcessUtilization = two_samples  # type: ignore[method-assign]
+    s = sample(c)
+    assert values(s, "mlops_gpu_process_utilization_ratio", pid="4242") == [pytest.approx(0.43)]
+    assert c._devices is not None and c._devices[0].proc_util_ts > 0  # the next read asks for newer samples only
+    lib.devices[0]["processes"].append({"pid": 4343, "used_memory": 2_000, "sm_util": 50})
+    s = sample(c)  # within the interval: the last read's value, and no series yet for the new pid
+    assert values(s, "mlops_gpu_process_utilization_ratio", pid="4242") == [pytest.approx(0.43)]
+    assert values(s, "mlops_gpu_process_utilization_ratio", pid="4343") == []
+    assert values(s, "mlops_gpu_process_memory_used_bytes", pid="4343") == [2_000.0]
+    assert lib.calls["nvmlDeviceGetProcessUtilization"] == 1
 
 
 def test_lost_gpu_is_reported_and_the_others_still_are(gpu: Callable[..., GpuCollector]) -> None:
@@ -306,9 +354,12 @@ def test_counters_are_reread_only_every_counter_interval(gpu: Callable[..., GpuC
     assert values(third, "mlops_gpu_ecc_errors_total", gpu="0", type="corrected", scope="volatile") == [5.0]
 
 
-def test_throttling_is_seconds_per_reason(gpu: Callable[..., GpuCollector]) -> None:
-    """Violation time becomes a seconds counter per reason that grows only for the active reason."""
-    c = gpu({"devices": [{"throttle": {"thermal": 0.5}}]})
+@pytest.mark.parametrize("driver", ["field values", "older driver"])
+def test_throttling_is_seconds_per_reason(gpu: Callable[..., GpuCollector], driver: str) -> None:
+    """Violation time becomes a seconds counter per reason that grows only for the active reason, read
+    in one field-values call, or one nvmlDeviceGetViolationStatus per reason where the driver lacks the fields."""
+    older = driver == "older driver"
+    c = gpu({"devices": [{"throttle": {"thermal": 0.5}, "not_supported": ["throttle_fields"] if older else []}]})
     first = sample(c)
     time.sleep(0.2)
     second = sample(c)
@@ -316,6 +367,7 @@ def test_throttling_is_seconds_per_reason(gpu: Callable[..., GpuCollector]) -> N
     t2 = values(second, "mlops_gpu_throttle_seconds_total", reason="thermal")[0]
     assert t2 > t1
     assert values(second, "mlops_gpu_throttle_seconds_total", reason="power") == [0.0]
+    assert fake(c).calls.get("nvmlDeviceGetViolationStatus", 0) == (16 if older else 0)
     reasons = {dict(lb)["reason"] for n, lb in second if n == "mlops_gpu_throttle_seconds_total"}
     assert reasons == {
         "power",
@@ -339,6 +391,21 @@ def test_gpm_ratios_on_hopper_only_from_the_second_round(gpu: Callable[..., GpuC
     assert values(second, "mlops_gpu_tensor_active_ratio", gpu="1") == []
     assert values(second, "mlops_gpu_profiling_supported", gpu="1") == [0.0]
     assert values(second, "mlops_gpu_profiling_supported", gpu="0") == [1.0]
+
+
+def test_gpm_ratios_are_the_mean_of_a_counter_interval(gpu: Callable[..., GpuCollector]) -> None:
+    """After the first one-round window, GPM is sampled once per counter interval (its metrics cost ~1 ms
+    of CPU on an H200) and the rounds in between repeat that window's ratios."""
+    c = gpu({"devices": [{"arch": "hopper"}]}, **{"gpu.counter-interval": 3600.0})
+    sample(c)
+    assert values(sample(c), "mlops_gpu_sm_active_ratio") == [0.715]
+    fake(c).devices[0]["gpm"] = {**fake(c).devices[0]["gpm"], "sm_active": 10.0}
+    for _ in range(3):
+        assert values(sample(c), "mlops_gpu_sm_active_ratio") == [0.715]
+    assert fake(c).calls["nvmlGpmMetricsGet"] == 1
+    assert fake(c).calls["nvmlGpmSampleGet"] == 2
+    c.counter_interval = 0.0
+    assert values(sample(c), "mlops_gpu_sm_active_ratio") == [0.1]
 
 
 def test_mig_instances_have_their_own_label_set(gpu: Callable[..., GpuCollector]) -> None:
@@ -415,3 +482,39 @@ def test_exporter_cli_rejects_a_bad_scenario(tmp_path: Path) -> None:
     )
     assert r.returncode == 2
     assert r.stderr.strip().splitlines()[-1].startswith("mlops-obs exporter: error: gpu.fake-scenario:")
+
+
+def test_not_supported_memory_keys_real_handles_by_identity() -> None:
+    """pynvml's handles are ctypes pointers, which do not hash: the memory keys them by identity, and
+    never remembers a call with a list argument (field ids), whose errors are per field."""
+    import ctypes
+
+    from mlops_obs.collectors._nvml import _absent_key
+
+    h = ctypes.pointer(ctypes.c_int(0))
+    assert _absent_key("nvmlDeviceGetFanSpeed", (h,)) == ("nvmlDeviceGetFanSpeed", id(h))
+    assert _absent_key("nvmlDeviceGetClockInfo", (h, 1)) == ("nvmlDeviceGetClockInfo", id(h), 1)
+    assert _absent_key("nvmlDeviceGetFieldValues", (h, [82])) is None
+
+
+def test_not_supported_memory_stays_bounded_when_handles_are_new_each_round() -> None:
+    """MIG handles are fetched anew every round: remembering their NotSupported calls must not grow
+    without bound, and a remembered handle is kept alive so its id() cannot name another object."""
+    import pynvml
+
+    from mlops_obs.collectors import _nvml
+
+    class Lib:
+        def nvmlInit(self) -> None:
+            pass
+
+        def nvmlDeviceGetFanSpeed(self, h: object) -> int:
+            raise pynvml.NVMLError(pynvml.NVML_ERROR_NOT_SUPPORTED)
+
+    n = _nvml.Nvml(Lib)
+    for _ in range(_nvml.ABSENT_MAX + 10):
+        assert n.call("nvmlDeviceGetFanSpeed", object()) is None
+    assert 0 < len(n._absent) <= _nvml.ABSENT_MAX
+    h = object()
+    n.call("nvmlDeviceGetFanSpeed", h)
+    assert any(args == (h,) for _, args in n._absent.values())

@@ -45,6 +45,27 @@ def test_straggler_score_needs_enough_steps_and_two_ranks_per_job() -> None:
     assert straggler_scores(snaps) == {("c", "0"): pytest.approx(1.5), ("c", "1"): pytest.approx(0.75)}
 
 
+def test_straggler_score_from_the_median_ranks_write_matches_the_window_older_ranks_write(tmp_path: Path) -> None:
+    """Ranks now write their window's median and size instead of the window; older snapshots carry the
+    window. Both give the same scores, side by side in one job; a bad median is skipped, not fatal."""
+    monitors = []
+    for rank, step in enumerate((0.1, 0.1, 0.4)):
+        m = TrainingMonitor("j", rank, 3, tmp_path, flush_interval=60)
+        m._recent.extend([step] * (STRAGGLER_MIN_STEPS + 2))  # the window steps of that length would leave
+        monitors.append(m)
+    new = [m.state() for m in monitors]
+    assert all("recent_step_seconds" not in s for s in new) and new[2]["recent_step_median"] == pytest.approx(0.4)
+    old = _snap("j", 3, [0.1] * 10)
+    scores = straggler_scores([*new, old])
+    assert scores == {("j", "0"): pytest.approx(1.0), ("j", "1"): pytest.approx(1.0), ("j", "2"): pytest.approx(0.25),
+                      ("j", "3"): pytest.approx(1.0)}  # fmt: skip
+    warming = {**new[0], "rank": 4, "recent_steps": STRAGGLER_MIN_STEPS - 1}
+    bad = {**new[0], "rank": 5, "recent_step_median": "junk"}
+    assert set(straggler_scores([*new, warming, bad])) == {("j", "0"), ("j", "1"), ("j", "2")}
+    for m in monitors:
+        m.close()
+
+
 def test_families_from_real_monitor_snapshots_pass_the_exposition_parser(tmp_path: Path) -> None:
     for rank in range(2):
         m = TrainingMonitor("j", rank, 2, tmp_path, node="n", flush_interval=60)
@@ -154,3 +175,26 @@ def test_cached_scan_sees_rewrites_and_deletes_like_the_plain_scan(tmp_path: Pat
     again = list(cached_scan(tmp_path, retention=60, now=now + 1))
     assert [s["steps"] for s in again] == [2]
     assert again == list(snapshot.scan(tmp_path, retention=60, now=now + 1))
+
+
+def test_cached_scan_rereads_a_file_rewritten_within_one_clock_tick(tmp_path: Path) -> None:
+    """Two rewrites within one kernel tick share an mtime, and an inode is reused at once: a file read
+    while its mtime was that recent is read again, so the second rewrite is never hidden by the first
+    (this made the 200-restarts test miss the last incarnation's heartbeat now and then). A file read
+    after its mtime settled is served from the cache."""
+    cache = snapshot.ScanCache()
+    path = tmp_path / snapshot.file_name("j", 0)
+    now = time.time()
+    snapshot.write(tmp_path, "j", 0, {**_snap("j", 0, [0.1]), "updated": now, "steps": 1})
+    st = path.stat()
+    assert [s["steps"] for s in snapshot.scan(tmp_path, now=now, cache=cache)] == [1]
+    # The same inode, size and mtime, other content: what a reused inode within one tick looks like.
+    path.write_bytes(path.read_bytes().replace(b'"steps":1', b'"steps":7'))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert (path.stat().st_ino, path.stat().st_size) == (st.st_ino, st.st_size)
+    assert [s["steps"] for s in snapshot.scan(tmp_path, now=now, cache=cache)] == [7]
+    old = time.time_ns() - 10 * snapshot.STAMP_SETTLE_NS
+    os.utime(path, ns=(old, old))
+    (first,) = snapshot.scan(tmp_path, now=now, cache=cache)
+    (second,) = snapshot.scan(tmp_path, now=now, cache=cache)
+    assert second is first

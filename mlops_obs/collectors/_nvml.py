@@ -9,8 +9,9 @@ every second. ``GPU_IS_LOST`` is the one error that must surface, so the collect
 (importing the collector never touches the driver) and device handles are created once, because
 handle look-ups are among the slow calls on some systems (NVIDIA/k8s-device-plugin#774).
 
-Every call is timed (count, sum, max per function): ``scripts/gpu_check.py`` reports those figures
-from a real GPU, which is how we know which calls to keep off the scrape path.
+Calls can be timed (count, sum, max per function; wall and CPU of each with ``keep_samples``):
+``scripts/gpu_check.py`` reports those figures from a real GPU, which is how we know which calls to
+keep off the scrape path and which to make less often.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import Any
 from mlops_obs.collectors import CollectorUnavailable
 
 _perf_counter = time.perf_counter
+_thread_time = time.thread_time
 
 # NVML return codes (nvml.h); duplicated so this module never needs pynvml just to compare codes.
 ERROR_UNINITIALIZED = 1
@@ -41,6 +43,13 @@ _ABSENT = frozenset({ERROR_NOT_SUPPORTED, ERROR_INVALID_ARGUMENT, ERROR_NOT_FOUN
 # How long to wait before trying nvmlInit again after it failed (a driver may be loaded later).
 INIT_RETRY_SECONDS = 30.0
 
+# How long a call that answered "not supported" is not made again with the same arguments. On a real
+# H200 a NotSupported fan-speed query cost 1 ms a round, more than most calls that return a value;
+# support does not change while the driver is loaded, but a retry now and then costs nothing.
+ABSENT_RETRY_SECONDS = 300.0
+# At most this many remembered calls (MIG handles are fetched anew each round: never an unbounded set).
+ABSENT_MAX = 4096
+
 
 class GpuLost(RuntimeError):
     """NVML says the device fell off the bus (``NVML_ERROR_GPU_IS_LOST``)."""
@@ -51,12 +60,28 @@ class CallStats:
     count: int = 0
     total: float = 0.0
     max: float = 0.0
-    samples: list[float] = field(default_factory=list)
+    samples: list[float] = field(default_factory=list)  # wall seconds of each call (with keep_samples)
+    cpu_samples: list[float] = field(default_factory=list)  # this thread's CPU seconds of each call
 
 
 def _text(v: Any) -> str:
     """Older bindings return ``bytes`` for names and UUIDs, newer ones ``str``."""
     return v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v)
+
+
+def _absent_key(name: str, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+    """What identifies a call for the NotSupported memory: numbers as they are, a device handle by
+    identity (ctypes pointers do not hash; the collector keeps one handle object per device), and
+    ``None`` (not remembered) for a call with a list (field ids), whose errors are per field anyway."""
+    key: list[Any] = [name]
+    for a in args:
+        if isinstance(a, (int, float, str)):
+            key.append(a)
+        elif isinstance(a, (list, tuple, dict)):
+            return None
+        else:
+            key.append(id(a))
+    return tuple(key)
 
 
 class Nvml:
@@ -81,6 +106,11 @@ class Nvml:
         self._fns: dict[str, Any] = {}
         self._logged: set[tuple[str, int]] = set()
         self._handles: list[Any] | None = None
+        # Calls (name and arguments) that answered NotSupported / InvalidArgument, and when to retry.
+        # The arguments are kept with the retry time so that a handle keyed by id() stays alive (its
+        # id cannot be reused by another object) for as long as its entry exists.
+        self._absent: dict[tuple[Any, ...], tuple[float, tuple[Any, ...]]] = {}
+        self._absent_names: set[str] = set()
         self.timing = timing or keep_samples
         self._keep_samples = keep_samples
         self.stats: dict[str, CallStats] = {}
@@ -131,6 +161,8 @@ class Nvml:
             self._lib = None
             self._fns.clear()
             self._handles = None
+            self._absent.clear()
+            self._absent_names.clear()
 
     # --- calls -------------------------------------------------------------------------------------
 
@@ -164,21 +196,34 @@ class Nvml:
             fn = self._fn(name)
             if fn is None:
                 return None
+        if name in self._absent_names and self._known_absent(name, args):
+            return None
         if not self.timing:
             try:
                 return fn(*args)
             except Exception as e:
-                code = self._failed(name, e)
+                code = self._failed(name, e, args)
                 return not_found if code == ERROR_NOT_FOUND else None
-        t0 = _perf_counter()
+        c0, t0 = _thread_time(), _perf_counter()
         try:
             value = fn(*args)
         except Exception as e:
-            self._timed(name, _perf_counter() - t0)
-            code = self._failed(name, e)
+            self._timed(name, _perf_counter() - t0, _thread_time() - c0)
+            code = self._failed(name, e, args)
             return not_found if code == ERROR_NOT_FOUND else None
-        self._timed(name, _perf_counter() - t0)
+        self._timed(name, _perf_counter() - t0, _thread_time() - c0)
         return value
+
+    def _known_absent(self, name: str, args: tuple[Any, ...]) -> bool:
+        """True while ``name(*args)`` is remembered as not supported (see ``ABSENT_RETRY_SECONDS``)."""
+        key = _absent_key(name, args)
+        entry = self._absent.get(key) if key is not None else None
+        if key is None or entry is None:
+            return False
+        if time.monotonic() < entry[0]:
+            return True
+        del self._absent[key]
+        return False
 
     def try_call(self, name: str, *args: Any) -> tuple[bool, Any]:
         """``(True, result)``, or ``(False, NVML error code)``: for calls whose success returns ``None``."""
@@ -187,18 +232,18 @@ class Nvml:
             fn = self._fn(name)
             if fn is None:
                 return False, ERROR_FUNCTION_NOT_FOUND
-        t0 = _perf_counter()
+        c0, t0 = _thread_time(), _perf_counter()
         try:
             value = fn(*args)
         except Exception as e:
             if self.timing:
-                self._timed(name, _perf_counter() - t0)
-            return False, self._failed(name, e)
+                self._timed(name, _perf_counter() - t0, _thread_time() - c0)
+            return False, self._failed(name, e, args)
         if self.timing:
-            self._timed(name, _perf_counter() - t0)
+            self._timed(name, _perf_counter() - t0, _thread_time() - c0)
         return True, value
 
-    def _timed(self, name: str, dt: float) -> None:
+    def _timed(self, name: str, dt: float, cpu: float) -> None:
         st = self.stats.get(name)
         if st is None:
             st = self.stats[name] = CallStats()
@@ -208,8 +253,9 @@ class Nvml:
             st.max = dt
         if self.keep_samples:
             st.samples.append(dt)
+            st.cpu_samples.append(cpu)
 
-    def _failed(self, name: str, e: Exception) -> int:
+    def _failed(self, name: str, e: Exception, args: tuple[Any, ...] = ()) -> int:
         """The NVML error code of ``e``, logged per policy; raises GpuLost, and re-raises non-NVML errors."""
         code = getattr(e, "value", None)
         if not isinstance(code, int):
@@ -220,6 +266,12 @@ class Nvml:
             pass
         elif code in _ABSENT:
             self._once(name, code, "NVML value not supported on this device; no series", level="debug")
+            key = _absent_key(name, args)
+            if key is not None:
+                if len(self._absent) >= ABSENT_MAX:
+                    self._absent.clear()
+                self._absent[key] = (time.monotonic() + ABSENT_RETRY_SECONDS, args)
+                self._absent_names.add(name)
         elif code == ERROR_FUNCTION_NOT_FOUND:
             self._once(name, code, "NVML function not in the installed driver; its series are skipped")
         else:

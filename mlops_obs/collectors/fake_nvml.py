@@ -16,7 +16,8 @@ Select it with ``--gpu.backend=fake`` and optionally ``--gpu.fake-scenario=FILE`
         arch: hopper                  # hopper and newer have GPM profiling ratios
         utilization: 87               # percent, as NVML reports it
         fan_speed: null               # null or listed in not_supported: NVML_ERROR_NOT_SUPPORTED
-        not_supported: [nvmlDeviceGetFanSpeed, memory_temperature]
+        not_supported: [nvmlDeviceGetFanSpeed, memory_temperature, pcie_counters]   # pcie_counters,
+                                      # throttle_fields: an older driver without those field ids
         ecc: {volatile: {corrected: 3, uncorrected: 0}}
         throttle: {power: 0.25}       # fraction of wall time each reason holds clocks down
         xid: [79]                     # XID events delivered once the event thread listens
@@ -25,7 +26,7 @@ Select it with ``--gpu.backend=fake`` and optionally ``--gpu.fake-scenario=FILE`
         lost: false                   # true: every call on it raises NVML_ERROR_GPU_IS_LOST
         hang: [nvmlDeviceGetPowerUsage]   # these calls block until release() (or "all")
 
-Counters (energy, throttle time, NVLink bytes) advance with wall time, as a real GPU's would.
+Counters (energy, throttle time, NVLink and PCIe bytes) advance with wall time, as a real GPU's would.
 """
 
 from __future__ import annotations
@@ -116,6 +117,18 @@ _NVLINK_FIELDS = {
 }
 
 
+# NVML_FI_DEV_PERF_POLICY_* field id -> throttle reason (the fields carry nvmlDeviceGetViolationStatus's time).
+_THROTTLE_FIELDS = {
+    pynvml.NVML_FI_DEV_PERF_POLICY_POWER: "power",
+    pynvml.NVML_FI_DEV_PERF_POLICY_THERMAL: "thermal",
+    pynvml.NVML_FI_DEV_PERF_POLICY_SYNC_BOOST: "sync_boost",
+    pynvml.NVML_FI_DEV_PERF_POLICY_BOARD_LIMIT: "board_limit",
+    pynvml.NVML_FI_DEV_PERF_POLICY_LOW_UTILIZATION: "low_utilization",
+    pynvml.NVML_FI_DEV_PERF_POLICY_RELIABILITY: "reliability",
+    pynvml.NVML_FI_DEV_PERF_POLICY_TOTAL_APP_CLOCKS: "app_clocks",
+    pynvml.NVML_FI_DEV_PERF_POLICY_TOTAL_BASE_CLOCKS: "base_clocks",
+}
+
 # The byte layout of nvmlFieldValue_t (see gpu._FIELD_VALUE).
 _FIELD_VALUE = struct.Struct("<IIqqII8s")
 
@@ -145,7 +158,7 @@ def load_scenario(path: str | Path | None) -> dict[str, Any]:
     return dict(data)
 
 
-@dataclass
+@dataclass(eq=False)  # a handle compares and hashes by identity, as NVML's pointers do
 class FakeDevice:
     index: int
     spec: dict[str, Any]
@@ -163,7 +176,7 @@ class FakeDevice:
         return time.monotonic() - self.created
 
 
-@dataclass
+@dataclass(eq=False)
 class FakeMig:
     parent: FakeDevice
     spec: dict[str, Any]
@@ -416,6 +429,7 @@ class FakeNvml:
         ok, unsupported = pynvml.NVML_SUCCESS, pynvml.NVML_ERROR_NOT_SUPPORTED
         ull, uint = pynvml.NVML_VALUE_TYPE_UNSIGNED_LONG_LONG, pynvml.NVML_VALUE_TYPE_UNSIGNED_INT
         tx_id, rx_id = pynvml.NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_TX, pynvml.NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_RX
+        pcie_tx_id, pcie_rx_id = pynvml.NVML_FI_DEV_PCIE_COUNT_TX_BYTES, pynvml.NVML_FI_DEV_PCIE_COUNT_RX_BYTES
         mem_temp = d["memory_temperature"]
         # Packed straight into the structure's bytes, as the driver fills them: pynvml's structures
         # are slow to write attribute by attribute.
@@ -439,6 +453,20 @@ class FakeNvml:
                 else:
                     rate = d["nvlink_tx_kib_per_s" if fid == tx_id else "nvlink_rx_kib_per_s"]
                     value = int(float(rate) * elapsed)
+            elif fid in (pcie_tx_id, pcie_rx_id):
+                # The driver's byte counters, at the scenario's throughput since the device appeared.
+                if "pcie_counters" in ns:
+                    ret = unsupported
+                else:
+                    rate = d["pcie_tx_kbps" if fid == pcie_tx_id else "pcie_rx_kbps"]
+                    value = int(float(rate) * 1024 * elapsed)
+            elif fid in _THROTTLE_FIELDS:
+                # Violation time per perf policy, as nvmlDeviceGetViolationStatus gives it.
+                if "throttle" in ns or "throttle_fields" in ns:
+                    ret = unsupported
+                else:
+                    frac = float((d["throttle"] or {}).get(_THROTTLE_FIELDS[fid], 0.0))
+                    value = int(frac * elapsed * 1e9)
             elif fid in _NVLINK_FIELDS:
                 if no_nvlink or scope >= links:
                     ret = unsupported

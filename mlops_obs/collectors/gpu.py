@@ -10,7 +10,7 @@ Design choices that differ from dcgm-exporter, and why:
 
 * XIDs are a counter per XID code fed by an NVML event thread, not a gauge of the *last* XID (on
   which public ``increase()`` rules misfire).
-* Clock-event (throttle) reasons are seconds counters per reason from ``nvmlDeviceGetViolationStatus``,
+* Clock-event (throttle) reasons are seconds counters per reason (NVML's violation time per policy),
   so ``rate()`` gives the fraction of time each reason held the clocks down.
 * GPU series carry the ``job`` and ``rank`` of the single instrumented rank running on the device,
   and per-process series carry pid, job, rank, container, pod and namespace (see ``gpu_process``).
@@ -62,6 +62,7 @@ FI_MEMORY_TEMP = 82
 FI_NVLINK_LINK_COUNT = 91
 FI_NVLINK_DATA_TX, FI_NVLINK_DATA_RX = 138, 139
 FI_NVLINK_ERRORS = {161: "replay", 162: "recovery", 163: "crc"}
+FI_PCIE_TX_BYTES, FI_PCIE_RX_BYTES = 197, 198  # NVML_FI_DEV_PCIE_COUNT_{TX,RX}_BYTES
 NVML_MEMORY_V2 = 0x02000028
 ARCH_HOPPER = 9
 EVENT_XID = 0x0000000000000008
@@ -74,6 +75,10 @@ _GPM_IDS = tuple(GPM)
 # Perf policy id -> reason label (nvmlPerfPolicyType_t).
 THROTTLE_REASONS = {0: "power", 1: "thermal", 2: "sync_boost", 3: "board_limit", 4: "low_utilization",
                     5: "reliability", 10: "app_clocks", 11: "base_clocks"}  # fmt: skip
+# The same violation-time counters (ns) as field ids NVML_FI_DEV_PERF_POLICY_*, in THROTTLE_REASONS order:
+# one nvmlDeviceGetFieldValues call read all eight for 0.9-1.0 ms of CPU on an H200, against 6.0-6.3 ms
+# for eight nvmlDeviceGetViolationStatus calls (docs/nvml-calls-h200-*.md).
+FI_THROTTLE = dict(zip(range(74, 82), THROTTLE_REASONS.values()))
 
 # Every family: name -> (type, help). Counters are named with their _total sample name.
 FAMILIES: dict[str, tuple[str, str]] = {
@@ -102,8 +107,16 @@ FAMILIES: dict[str, tuple[str, str]] = {
     "mlops_gpu_pcie_link_generation_max": ("gauge", "Maximum PCIe link generation of the GPU and system."),
     "mlops_gpu_pcie_link_width": ("gauge", "Current PCIe link width (lanes)."),
     "mlops_gpu_pcie_link_width_max": ("gauge", "Maximum PCIe link width (lanes)."),
-    "mlops_gpu_pcie_transmit_bytes_per_second": ("gauge", "PCIe transmit throughput over NVML's 20 ms window."),
-    "mlops_gpu_pcie_receive_bytes_per_second": ("gauge", "PCIe receive throughput over NVML's 20 ms window."),
+    "mlops_gpu_pcie_transmit_bytes_total": ("counter", "PCIe bytes transmitted (NVML field counter)."),
+    "mlops_gpu_pcie_receive_bytes_total": ("counter", "PCIe bytes received (NVML field counter)."),
+    "mlops_gpu_pcie_transmit_bytes_per_second": (
+        "gauge",
+        "PCIe transmit throughput over NVML's 20 ms window (only from drivers without the PCIe byte counters).",
+    ),
+    "mlops_gpu_pcie_receive_bytes_per_second": (
+        "gauge",
+        "PCIe receive throughput over NVML's 20 ms window (only from drivers without the PCIe byte counters).",
+    ),
     "mlops_gpu_pcie_replays_total": ("counter", "PCIe replays (link-level retransmissions)."),
     "mlops_gpu_nvlink_transmit_bytes_total": ("counter", "NVLink data bytes transmitted, per link."),
     "mlops_gpu_nvlink_receive_bytes_total": ("counter", "NVLink data bytes received, per link."),
@@ -114,13 +127,19 @@ FAMILIES: dict[str, tuple[str, str]] = {
     "mlops_gpu_remap_failure": ("gauge", "1 when a row remap failed (the GPU needs service)."),
     "mlops_gpu_throttle_seconds_total": ("counter", "Seconds the clocks were held down, per reason."),
     "mlops_gpu_xid_errors_total": ("counter", "XID errors seen by this exporter's NVML event thread, per XID."),
-    "mlops_gpu_sm_active_ratio": ("gauge", "Fraction of SMs busy (GPM, Hopper and newer)."),
-    "mlops_gpu_tensor_active_ratio": ("gauge", "Fraction of time tensor cores were busy (GPM)."),
-    "mlops_gpu_dram_active_ratio": ("gauge", "Fraction of peak DRAM bandwidth used (GPM)."),
-    "mlops_gpu_graphics_engine_active_ratio": ("gauge", "Fraction of time the graphics/compute engine was busy (GPM)."),
+    "mlops_gpu_sm_active_ratio": ("gauge", "Fraction of SMs busy (GPM, Hopper and newer; counter-interval mean)."),
+    "mlops_gpu_tensor_active_ratio": ("gauge", "Fraction of time tensor cores were busy (GPM; counter-interval mean)."),
+    "mlops_gpu_dram_active_ratio": ("gauge", "Fraction of peak DRAM bandwidth used (GPM; counter-interval mean)."),
+    "mlops_gpu_graphics_engine_active_ratio": (
+        "gauge",
+        "Fraction of time the graphics/compute engine was busy (GPM; counter-interval mean).",
+    ),
     "mlops_gpu_persistence_mode": ("gauge", "1 when persistence mode is on."),
     "mlops_gpu_process_memory_used_bytes": ("gauge", "Device memory used by a process."),
-    "mlops_gpu_process_utilization_ratio": ("gauge", "Fraction of the last period a process's kernels ran (SM)."),
+    "mlops_gpu_process_utilization_ratio": (
+        "gauge",
+        "Fraction of time a process's kernels ran (SM), averaged over NVML's samples of the last counter interval.",
+    ),
 }
 
 
@@ -185,6 +204,12 @@ class _Device:
     gpm_reader: tuple[struct.Struct, int, int] | None = None  # how to read its results (see _gpm_reader)
     mig_enabled: bool = False
     proc_util_ts: int = 0
+    proc_util: dict[int, float] | None = None  # pid -> SM utilisation at the last read; None: not read yet
+    proc_util_at: float = float("-inf")
+    pcie_counters: bool = False  # the driver has NVML_FI_DEV_PCIE_COUNT_{TX,RX}_BYTES
+    throttle_fields: bool = False  # the driver has the NVML_FI_DEV_PERF_POLICY_* fields
+    gpm_at: float = float("-inf")  # when the last GPM sample was taken
+    gpm_last: list[tuple[str, float]] = field(default_factory=list)  # the last window's ratios
     link_labels_key: tuple[str | None, str | None] | None = None
     link_labels: dict[tuple[int, int], Labels] = field(default_factory=dict)
     slow: list[tuple[str, list[Any]]] | None = None  # the counters' last samples, per family
@@ -368,9 +393,10 @@ class GpuCollector(Collector):
         Setting("gpu.process-limit", int_parser(0, 10_000), 32,
                 "At most this many processes per GPU get series (the largest by memory).", metavar="N"),
         Setting("gpu.xid-events", parse_bool, True, "Count XID errors from an NVML event thread.", kind="bool"),
-        Setting("gpu.counter-interval", parse_duration, 5.0,
-                "Re-read counters and slow health state (ECC, NVLink, throttle time, energy, power limit, "
-                "PCIe link generation and width) this often; 0: every round.", metavar="DURATION"),
+        Setting("gpu.counter-interval", parse_duration, 15.0,
+                "Re-read counters, slow health state and the windowed ratios (ECC, NVLink, PCIe bytes, "
+                "throttle time, energy, power limit, PCIe link, per-process and GPM utilisation) this "
+                "often; 0: every round.", metavar="DURATION"),
         Setting("gpu.nvlink", parse_bool, True, "Report per-link NVLink throughput and error counters.",
                 kind="bool"),
     )  # fmt: skip
@@ -389,7 +415,7 @@ class GpuCollector(Collector):
         self.process_limit = int(config.get("gpu.process-limit", 32))
         self.nvlink = bool(config.get("gpu.nvlink", True))
         self.xid_enabled = bool(config.get("gpu.xid-events", True))
-        self.counter_interval = float(config.get("gpu.counter-interval", 5.0))
+        self.counter_interval = float(config.get("gpu.counter-interval", 15.0))
         self.node = os.environ.get("NODE_NAME") or None
         self._devices: list[_Device] | None = None
         self._driver: str | None = None
@@ -445,7 +471,15 @@ class GpuCollector(Collector):
             fv = n.call("nvmlDeviceGetFieldValues", h, [FI_NVLINK_LINK_COUNT])
             if fv is not None:
                 links = int(_field_values(fv)[0][2] or 0)
-        ids: list[Any] = []
+        # PCIe traffic as byte counters, read with the other counters: nvmlDeviceGetPcieThroughput (the
+        # fallback for older drivers) blocks 20 ms per direction, 42 ms a round per GPU on an H200.
+        fv = n.call("nvmlDeviceGetFieldValues", h, [FI_PCIE_TX_BYTES, FI_PCIE_RX_BYTES])
+        d.pcie_counters = fv is not None and all(x is not None for _, _, x in _field_values(fv))
+        fv = n.call("nvmlDeviceGetFieldValues", h, list(FI_THROTTLE))
+        d.throttle_fields = fv is not None and all(x is not None for _, _, x in _field_values(fv))
+        ids: list[Any] = [FI_PCIE_TX_BYTES, FI_PCIE_RX_BYTES] if d.pcie_counters else []
+        if d.throttle_fields:
+            ids += list(FI_THROTTLE)
         for link in range(links):
             ids += [(FI_NVLINK_DATA_TX, link), (FI_NVLINK_DATA_RX, link)]
             ids += [(fid, link) for fid in FI_NVLINK_ERRORS]
@@ -454,6 +488,9 @@ class GpuCollector(Collector):
         d.gpm = None
         d.gpm_request = None
         d.gpm_reader = None
+        d.gpm_primed = False
+        d.gpm_at = float("-inf")
+        d.gpm_last = []
         if arch is not None and int(arch) >= ARCH_HOPPER and int(arch) != 0xFFFFFFFF:
             support = n.call("nvmlGpmQueryDeviceSupport", h)
             if support is not None and int(support.isSupportedDevice):
@@ -497,14 +534,10 @@ class GpuCollector(Collector):
         procs = n.call("nvmlDeviceGetComputeRunningProcesses", d.handle)
         if procs is None:
             return None
-        util: dict[int, float] = {}
-        samples = n.call("nvmlDeviceGetProcessUtilization", d.handle, d.proc_util_ts, not_found=[])
-        if samples is not None:
-            for s in samples:
-                ts = int(s.timeStamp)
-                if ts >= d.proc_util_ts:
-                    d.proc_util_ts = ts
-                util[int(s.pid)] = int(s.smUtil) / 100.0
+        if procs and time.monotonic() - d.proc_util_at >= self.counter_interval:
+            d.proc_util_at = time.monotonic()
+            d.proc_util = self._process_utilization(d, procs)
+        util = d.proc_util
         if len(procs) > 1:
             procs = sorted(procs, key=lambda p: -(p.usedGpuMemory or 0))
         if self.process_limit and len(procs) > self.process_limit:
@@ -538,15 +571,41 @@ class GpuCollector(Collector):
                     lst = lists["mlops_gpu_process_memory_used_bytes"] = []
                 lst.append(_new_tuple(Sample, ("mlops_gpu_process_memory_used_bytes", labels, float(used), None,
                                                None, None)))  # fmt: skip
-            if samples is not None:
-                # A listed process with no utilisation sample in the window ran no kernel: 0 is true.
+            if util is not None and pid in util:  # a pid that appeared since the last read waits for the next
                 lst = lists.get("mlops_gpu_process_utilization_ratio")
                 if lst is None:
                     lst = lists["mlops_gpu_process_utilization_ratio"] = []
                 lst.append(_new_tuple(Sample, ("mlops_gpu_process_utilization_ratio", labels,
-                                               float(util.get(pid, 0.0)), None, None, None)))  # fmt: skip
+                                               util[pid], None, None, None)))  # fmt: skip
         d.proc_labels = seen  # only the pids listed this round stay cached
         return owners.pop() if len(owners) == 1 else None
+
+    def _process_utilization(self, d: _Device, procs: list[Any]) -> dict[int, float] | None:
+        """Mean SM utilisation per listed pid over NVML's samples since the last read; ``None`` where
+        the driver has no per-process utilisation.
+
+        Read every ``gpu.counter-interval``, not every round: on a real H200 this call cost 4 ms of CPU,
+        more than all the device's other calls together, and its samples cover the whole interval.
+        """
+        samples = self.nvml.call("nvmlDeviceGetProcessUtilization", d.handle, d.proc_util_ts, not_found=[])
+        if samples is None:
+            return None
+        sums: dict[int, list[float]] = {}
+        for s in samples:
+            ts = int(s.timeStamp)
+            if ts > d.proc_util_ts:
+                d.proc_util_ts = ts
+            acc = sums.get(int(s.pid))
+            if acc is None:
+                sums[int(s.pid)] = [int(s.smUtil), 1]
+            else:
+                acc[0] += int(s.smUtil)
+                acc[1] += 1
+        # A listed process with no utilisation sample in the window ran no kernel: 0 is true.
+        out = {int(p.pid): 0.0 for p in procs}
+        for pid, (total, count) in sums.items():
+            out[pid] = total / count / 100.0
+        return out
 
     def _rare(self, d: _Device, refresh: bool, fn: str) -> Any:
         """A gauge that only an administrator or a link retrain changes (power limit, PCIe link
@@ -646,12 +705,13 @@ class GpuCollector(Collector):
             put("mlops_gpu_pcie_link_width", v)
         if "width_max" in st:
             put("mlops_gpu_pcie_link_width_max", st["width_max"])
-        v = call("nvmlDeviceGetPcieThroughput", h, PCIE_TX)
-        if v is not None:
-            put("mlops_gpu_pcie_transmit_bytes_per_second", v * 1024.0)
-        v = call("nvmlDeviceGetPcieThroughput", h, PCIE_RX)
-        if v is not None:
-            put("mlops_gpu_pcie_receive_bytes_per_second", v * 1024.0)
+        if not d.pcie_counters:
+            v = call("nvmlDeviceGetPcieThroughput", h, PCIE_TX)
+            if v is not None:
+                put("mlops_gpu_pcie_transmit_bytes_per_second", v * 1024.0)
+            v = call("nvmlDeviceGetPcieThroughput", h, PCIE_RX)
+            if v is not None:
+                put("mlops_gpu_pcie_receive_bytes_per_second", v * 1024.0)
         self._counters(d, out, lb, owner or (None, None))
         if d.gpm is not None:
             self._gpm(d, out, lb)
@@ -691,10 +751,11 @@ class GpuCollector(Collector):
             so.add("mlops_gpu_remapped_rows_total", {**lb, "type": "uncorrectable"}, unc)
             so.add("mlops_gpu_remap_pending", lb, int(bool(pending)))
             so.add("mlops_gpu_remap_failure", lb, int(bool(failure)))
-        for policy, reason in THROTTLE_REASONS.items():
-            t = n.call("nvmlDeviceGetViolationStatus", h, policy)
-            if t is not None:
-                so.add("mlops_gpu_throttle_seconds_total", {**lb, "reason": reason}, t.violationTime / 1e9)
+        if not d.throttle_fields:  # an older driver: one call per reason
+            for policy, reason in THROTTLE_REASONS.items():
+                t = n.call("nvmlDeviceGetViolationStatus", h, policy)
+                if t is not None:
+                    so.add("mlops_gpu_throttle_seconds_total", {**lb, "reason": reason}, t.violationTime / 1e9)
         v = n.call("nvmlDeviceGetPersistenceMode", h)
         if v is not None:
             so.add("mlops_gpu_persistence_mode", lb, int(v == 1))
@@ -706,6 +767,15 @@ class GpuCollector(Collector):
             ll = d.link_labels
             for fid, scope, x in _field_values(fvs):
                 if x is None:
+                    continue
+                if fid == FI_PCIE_TX_BYTES:
+                    so.add("mlops_gpu_pcie_transmit_bytes_total", lb, x)
+                    continue
+                if fid == FI_PCIE_RX_BYTES:
+                    so.add("mlops_gpu_pcie_receive_bytes_total", lb, x)
+                    continue
+                if fid in FI_THROTTLE:
+                    so.add("mlops_gpu_throttle_seconds_total", {**lb, "reason": FI_THROTTLE[fid]}, x / 1e9)
                     continue
                 labels = ll.get((fid, scope))
                 if labels is None:
@@ -723,17 +793,27 @@ class GpuCollector(Collector):
             out.extend(name, samples)
 
     def _gpm(self, d: _Device, out: _Out, lb: dict[str, str]) -> None:
-        """Ratios between this round's GPM sample and the last one: no sleep, the interval is the window."""
+        """Ratios between two GPM samples ``gpu.counter-interval`` apart: no sleep, the interval is the
+        window, so each ratio is that interval's mean. Not every round: on an H200 computing the four
+        metrics cost 1.1-1.5 ms of CPU (one of them alone 2 us), a sample 50 us. The first window is
+        one round long, so the ratios appear at the second round."""
+        now = time.monotonic()
+        if d.gpm_primed and now - d.gpm_at < self.counter_interval:
+            for name, value in d.gpm_last:
+                out.add(name, lb, value)
+            return
         n = self.nvml
         assert d.gpm is not None
         prev, cur = d.gpm
         if n.call("nvmlGpmSampleGet", d.handle, cur) is None:
             d.gpm_primed = False
+            d.gpm_last = []
             return
         d.gpm = [cur, prev]
         if not d.gpm_primed:
-            d.gpm_primed = True
+            d.gpm_primed = True  # the next round computes the first (one-round) window
             return
+        d.gpm_at = now
         ids = _GPM_IDS
         mg = d.gpm_request
         if mg is None:
@@ -751,11 +831,16 @@ class GpuCollector(Collector):
         cls.sample1.__set__(mg, prev)
         cls.sample2.__set__(mg, cur)
         if n.call("nvmlGpmMetricsGet", mg) is None:
+            d.gpm_last = []
             return
         assert d.gpm_reader is not None
-        for mid, (ret, value) in zip(ids, _gpm_results(mg, d.gpm_reader)):
-            if ret == 0:
-                out.add(GPM[mid], lb, max(0.0, min(1.0, value / 100.0)))
+        d.gpm_last = [
+            (GPM[mid], max(0.0, min(1.0, value / 100.0)))
+            for mid, (ret, value) in zip(ids, _gpm_results(mg, d.gpm_reader))
+            if ret == 0
+        ]
+        for name, value in d.gpm_last:
+            out.add(name, lb, value)
 
     def _mig(self, d: _Device, out: _Out, live: set[int]) -> None:
         """MIG instances as their own label set (gpu_instance, mig_profile) under the parent GPU's labels."""

@@ -55,15 +55,8 @@ def straggler_scores(snaps: Iterable[dict[str, Any]]) -> dict[tuple[str, str], f
     """``(job, rank) -> score`` for ranks with enough recent steps, in jobs with at least two such ranks."""
     medians: dict[str, dict[str, float]] = {}
     for s in snaps:
-        raw = s.get("recent_step_seconds") or []
-        try:  # the ring holds floats; map(float) is the C-speed path, the filter only for a hand-edited file
-            recent = sorted(map(float, raw))
-        except (TypeError, ValueError):
-            recent = sorted(float(x) for x in raw if isinstance(x, int | float) and not isinstance(x, bool))
-        if len(recent) < STRAGGLER_MIN_STEPS:
-            continue
-        m = _median_sorted(recent)
-        if m > 0:
+        m = _rank_median(s)
+        if m is not None and m > 0:
             medians.setdefault(str(s.get("job", "")), {})[str(s.get("rank", ""))] = m
     out: dict[tuple[str, str], float] = {}
     for job, by_rank in medians.items():
@@ -73,6 +66,26 @@ def straggler_scores(snaps: Iterable[dict[str, Any]]) -> dict[tuple[str, str], f
         for rank, m in by_rank.items():
             out[(job, rank)] = reference / m
     return out
+
+
+def _rank_median(s: dict[str, Any]) -> float | None:
+    """The rank's median step compute time over its recent window; ``None`` while it has too few steps.
+
+    Ranks write the median itself (``recent_step_median`` over ``recent_steps``); snapshots of older
+    SDK versions carry the window (``recent_step_seconds``), and get the same answer from it.
+    """
+    median, count = s.get("recent_step_median"), s.get("recent_steps")
+    if median is not None or count is not None:
+        try:
+            return float(median) if int(count) >= STRAGGLER_MIN_STEPS else None  # type: ignore[arg-type]
+        except (TypeError, ValueError):
+            return None
+    raw = s.get("recent_step_seconds") or []
+    try:  # the ring holds floats; map(float) is the C-speed path, the filter only for a hand-edited file
+        recent = sorted(map(float, raw))
+    except (TypeError, ValueError):
+        recent = sorted(float(x) for x in raw if isinstance(x, int | float) and not isinstance(x, bool))
+    return _median_sorted(recent) if len(recent) >= STRAGGLER_MIN_STEPS else None
 
 
 def _median_sorted(xs: list[float]) -> float:

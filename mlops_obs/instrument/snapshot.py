@@ -92,13 +92,22 @@ def read(path: str | os.PathLike[str]) -> dict[str, Any] | None:
     return data
 
 
+# How old a file's mtime must be, when it is read, for its (inode, mtime, size) to identify its content
+# from then on. File times come from the kernel's coarse clock (one tick, 1-10 ms): two rewrites within
+# one tick get the same mtime, a freed inode is reused at once, and the two files can have the same size.
+# Once the clock has moved well past the mtime, no later rewrite can carry that mtime again.
+STAMP_SETTLE_NS = 100_000_000
+
+
 class ScanCache:
     """Parsed snapshots per directory, keyed by file name and (inode, mtime_ns, size).
 
     A rank replaces its file with ``os.replace``, so an unchanged (inode, mtime, size) is the very same
-    content: the sidecar re-reads the directory every sampling round while a rank rewrites its file only
-    once per flush interval, and several collectors scan the same files in the same second. The cached
-    snapshots are shared between callers: read them, never modify them.
+    content, provided the file was read after its mtime had settled (``STAMP_SETTLE_NS``): a file
+    rewritten moments before it was read is read again next time. The sidecar re-reads the directory
+    every sampling round while a rank rewrites its file only once per flush interval, and several
+    collectors scan the same files in the same second. The cached snapshots are shared between callers:
+    read them, never modify them.
     """
 
     def __init__(self, max_directories: int = 64) -> None:
@@ -155,6 +164,7 @@ def _scan(key_dir: str, retention: float | None, now: float, cache: ScanCache | 
         return []
     old = cache.get(key_dir) if cache is not None else {}
     fresh: dict[str, tuple[tuple[int, int, int], dict[str, Any]]] = {}
+    settled_before = time.time_ns() - STAMP_SETTLE_NS
     out: list[dict[str, Any]] = []
     for entry in entries:
         name = entry.name
@@ -178,6 +188,8 @@ def _scan(key_dir: str, retention: float | None, now: float, cache: ScanCache | 
         data = hit[1] if hit is not None and hit[0] == stamp else read(entry.path)
         if data is None:
             continue
+        if st.st_mtime_ns > settled_before:
+            stamp = (-1, 0, 0)  # too recent to vouch for the content: matches nothing, read again next time
         if retention is not None and now - float(data.get("updated", 0)) > retention:
             try:
                 os.unlink(entry.path)

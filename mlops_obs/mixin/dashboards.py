@@ -202,8 +202,11 @@ def gpu_dashboard(c: MixinConfig) -> Dashboard:
                                              f"[{c.gpu_error_window}])", gl),),
                       "short", "PCIe replays over the alert window.",
                       thresholds=((c.pcie_replays_threshold, "red"),)),
-                Panel("PCIe throughput", (Query(f"mlops_gpu_pcie_transmit_bytes_per_second{_gpu(c)}", gl + " tx"),
-                                          Query(f"mlops_gpu_pcie_receive_bytes_per_second{_gpu(c)}", gl + " rx")),
+                Panel("PCIe throughput", tuple(
+                    # The byte counters where the driver has them, else the sampled rate older drivers give.
+                    Query(f"rate(mlops_gpu_pcie_{d}_bytes_total{_gpu(c)}[{RI}]) "
+                          f"or mlops_gpu_pcie_{d}_bytes_per_second{_gpu(c)}", gl + f" {short}")
+                    for d, short in (("transmit", "tx"), ("receive", "rx"))),
                       "Bps", "Host <-> device traffic."),
                 Panel("NVLink traffic", rate("mlops_gpu_nvlink_transmit_bytes_total"), "Bps",
                       "NVLink bytes sent per second (all links)."),

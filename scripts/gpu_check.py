@@ -352,9 +352,10 @@ def measure_nvml(rounds: int, every_call: bool = False) -> tuple[list[CallLatenc
     per-process utilisation from timestamp 0), so their cost is on record."""
     from mlops_obs.collectors import gpu as gpu_module
 
-    c = gpu_module.GpuCollector(
-        {"gpu.backend": "nvml", "gpu.xid-events": False, "gpu.counter-interval": 0.0 if every_call else 5.0}
-    )
+    config: dict[str, Any] = {"gpu.backend": "nvml", "gpu.xid-events": False}
+    if every_call:
+        config["gpu.counter-interval"] = 0.0
+    c = gpu_module.GpuCollector(config)
     c.nvml.keep_samples = True
     times = []
     try:

@@ -584,8 +584,9 @@ class GpuCollector(Collector):
         """Mean SM utilisation per listed pid over NVML's samples since the last read; ``None`` where
         the driver has no per-process utilisation.
 
-        Read every ``gpu.counter-interval``, not every round: on a real H200 this call cost 4 ms of CPU,
-        more than all the device's other calls together, and its samples cover the whole interval.
+        Read every ``gpu.counter-interval``, not every round: on a real H200 this call cost 1.4-4 ms of
+        CPU, more than all the device's other per-round calls together, and its samples cover the whole
+        interval.
         """
         samples = self.nvml.call("nvmlDeviceGetProcessUtilization", d.handle, d.proc_util_ts, not_found=[])
         if samples is None:

@@ -85,13 +85,7 @@ def _rank_median(s: dict[str, Any]) -> float | None:
         recent = sorted(map(float, raw))
     except (TypeError, ValueError):
         recent = sorted(float(x) for x in raw if isinstance(x, int | float) and not isinstance(x, bool))
-    return _median_sorted(recent) if len(recent) >= STRAGGLER_MIN_STEPS else None
-
-
-def _median_sorted(xs: list[float]) -> float:
-    n = len(xs)
-    mid = n // 2
-    return xs[mid] if n % 2 else (xs[mid - 1] + xs[mid]) / 2.0
+    return snapshot.median_sorted(recent) if len(recent) >= STRAGGLER_MIN_STEPS else None
 
 
 _new_sample = tuple.__new__  # skips Sample's Python-level __new__ (a namedtuple)

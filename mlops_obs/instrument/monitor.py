@@ -193,12 +193,6 @@ class _Null:
 _NULL = _Null()
 
 
-def _median_sorted(xs: list[float]) -> float:
-    n = len(xs)
-    mid = n // 2
-    return xs[mid] if n % 2 else (xs[mid - 1] + xs[mid]) / 2.0
-
-
 class TrainingMonitor:
     """Per-rank training metrics handed to the ``mlops-obs exporter`` sidecar through ``directory``.
 
@@ -526,7 +520,7 @@ class TrainingMonitor:
             # this for the straggler score, and parsing and sorting 8 rings of 256 floats every
             # second was a fifth of its training collector's round.
             "recent_steps": len(recent),
-            "recent_step_median": _median_sorted(recent) if recent else None,
+            "recent_step_median": snapshot.median_sorted(recent) if recent else None,
             "goodput_seconds": self._goodput_seconds,
             "badput_seconds": badput,
             "checkpoint_buckets": list(self.checkpoint_buckets),

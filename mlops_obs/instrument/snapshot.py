@@ -40,6 +40,14 @@ CHECKPOINT_BUCKETS: tuple[float, ...] = (0.01, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 6
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
 
 
+def median_sorted(xs: list[float]) -> float:
+    """The median of a sorted, non-empty list: how a rank's recent step times become one figure, on
+    the rank's side (``recent_step_median``) and, for older snapshots, on the sidecar's."""
+    n = len(xs)
+    mid = n // 2
+    return xs[mid] if n % 2 else (xs[mid - 1] + xs[mid]) / 2.0
+
+
 def file_name(job: str, rank: int) -> str:
     return f"{_UNSAFE.sub('_', job)}.{rank}{SUFFIX}"
 

@@ -19,13 +19,16 @@ from mlops_obs.config import ENV_PREFIX, ConfigError, Setting, add_to_parser, re
 
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("mlops_obs.demo", "Run exporter + 2-rank workload + Prometheus, print a summary, exit."),
-    "exporter": ("mlops_obs.exporter", "Run the sidecar exporter (GPU, host, training metrics)."),
-    "ship": ("mlops_obs.logs.ship_command", "Ship log files into the embedded store or OpenSearch, checkpointed."),
-    "generate": ("mlops_obs.mixin.generate", "Write dashboards, alert rules and their tests (--check: fail if stale)."),
-    "alert-sink": ("mlops_obs.alert_sink", "Receive Alertmanager webhooks and store each alert as an event."),
+    "demo": ("mlops_obs.commands.demo", "Run exporter + 2-rank workload + Prometheus, print a summary, exit."),
+    "exporter": ("mlops_obs.commands.exporter", "Run the sidecar exporter (GPU, host, training metrics)."),
+    "ship": ("mlops_obs.commands.ship", "Ship log files into the embedded store or OpenSearch, checkpointed."),
+    "generate": (
+        "mlops_obs.commands.generate",
+        "Write dashboards, alert rules and their tests (--check: fail if stale).",
+    ),
+    "alert-sink": ("mlops_obs.commands.alert_sink", "Receive Alertmanager webhooks and store each alert as an event."),
     "workload": (
-        "mlops_obs.workload.command",
+        "mlops_obs.commands.workload",
         "Run the reference PyTorch DDP workload (with fault injection).",
     ),
 }

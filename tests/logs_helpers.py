@@ -8,7 +8,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -93,12 +92,3 @@ def store_count(store: Path) -> int:
         return 0
     with EventStore(store) as s:
         return s.count()
-
-
-def wait_for(pred: Any, timeout: float = 60.0, interval: float = 0.05) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(interval)
-    raise AssertionError(f"condition not met within {timeout}s")

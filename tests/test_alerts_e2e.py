@@ -16,11 +16,12 @@ from typing import Any
 import pytest
 
 from mlops_obs.alert_sink import AlertSink
-from mlops_obs.alertmanager_server import AlertmanagerProcess, alertmanager_binary
+from mlops_obs.children import find_binary
+from mlops_obs.children.alertmanager import AlertmanagerProcess, alertmanager_binary
+from mlops_obs.children.prometheus import PrometheusProcess
 from mlops_obs.mixin import config as mixin_config
 from mlops_obs.mixin import dashboards, grafana
 from mlops_obs.mixin.generate import ALERTS_FILE, RECORDING_FILE, render_files
-from mlops_obs.prometheus_server import PrometheusProcess, find_binary
 
 pytestmark = pytest.mark.timeout(240)
 torch = pytest.importorskip("torch", reason="the reference workload needs torch")
@@ -77,8 +78,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
 
 
 def _run_workload(stack: dict[str, Any], job: str, inject: str, steps: int) -> threading.Thread:
+    from mlops_obs.commands.workload import WORKLOAD_SETTINGS
     from mlops_obs.config import COMMON_SETTINGS
-    from mlops_obs.workload.command import WORKLOAD_SETTINGS, launch
+    from mlops_obs.workload.launcher import launch
 
     wl: dict[str, Any] = {s.key: s.default for s in COMMON_SETTINGS + WORKLOAD_SETTINGS}
     wl.update({"world-size": 2, "steps": steps, "log-dir": stack["work"] / "logs", "multiproc-dir": stack["mp_dir"],

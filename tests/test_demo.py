@@ -9,7 +9,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from mlops_obs.prometheus_server import find_binary
+from mlops_obs.children import find_binary
 
 
 def test_demo_runs_to_completion_and_cleans_up(tmp_path: Path) -> None:

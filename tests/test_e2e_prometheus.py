@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from mlops_obs.prometheus_server import PrometheusProcess
+from mlops_obs.children.prometheus import PrometheusProcess
 from tests.conftest import require_binary
 
 STEPS = 50

@@ -8,7 +8,7 @@ import threading
 import time
 import urllib.request
 import zlib
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import pytest
@@ -27,6 +27,7 @@ from mlops_obs.collectors import Collector, CollectorUnavailable
 from mlops_obs.exporter.exposition import format_value, render
 from mlops_obs.exporter.sampler import Sampler
 from mlops_obs.exporter.server import ExporterServer, PieceGzip
+from tests.conftest import wait_for
 
 # Generous bounds: these only guard against a hang, they time nothing.
 WAIT = 20.0
@@ -97,15 +98,6 @@ def parse(body: bytes) -> dict[str, float]:
             key = s.name + ("{" + ",".join(f"{k}={v}" for k, v in sorted(s.labels.items())) + "}" if s.labels else "")
             out[key] = s.value
     return out
-
-
-def wait_for(cond: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + WAIT
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.fixture

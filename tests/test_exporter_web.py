@@ -23,6 +23,7 @@ from typing import Any
 import bcrypt
 import pytest
 
+from mlops_obs.children import free_port
 from mlops_obs.exporter import web_config
 from mlops_obs.exporter.sampler import Sampler
 from mlops_obs.exporter.server import ExporterServer
@@ -225,18 +226,12 @@ def test_post_reload_applies_new_web_config_and_keeps_old_on_error(
     assert get(ex.url + "/metrics", ("prometheus", PASSWORD))[0] == 200
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture
 def cli_exporter(tmp_path: Path) -> Iterator[Callable[..., tuple[subprocess.Popen[bytes], str]]]:
     procs: list[subprocess.Popen[bytes]] = []
 
     def start(*args: str) -> tuple[subprocess.Popen[bytes], str]:
-        port = _free_port()
+        port = free_port()
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         env = {k: v for k, v in env.items() if not k.startswith("MLOPS_OBS_")}
         p = subprocess.Popen(
@@ -313,7 +308,7 @@ def test_prometheus_scrapes_through_tls_and_basic_auth(
     start_exporter: Callable[..., Any], certs: dict[str, Path], tmp_path: Path
 ) -> None:
     """A real Prometheus, configured as users would (https, ca_file, basic_auth), scrapes the exporter."""
-    from mlops_obs.prometheus_server import PrometheusProcess
+    from mlops_obs.children.prometheus import PrometheusProcess
     from tests.conftest import require_binary
 
     require_binary("prometheus")
@@ -347,7 +342,7 @@ def test_node_exporter_accepts_the_same_web_config(certs: dict[str, Path], tmp_p
     binary = require_binary("prometheus-node-exporter")
     wc = write_web_config(certs["dir"] / "web-node.yml", certs)
     assert web_config.load(wc).tls
-    port = _free_port()
+    port = free_port()
     p = subprocess.Popen(
         [binary, f"--web.config.file={wc}", f"--web.listen-address=127.0.0.1:{port}",
          "--collector.disable-defaults", "--collector.loadavg"],

@@ -19,7 +19,7 @@ from mlops_obs.collectors.fake_nvml import FakeNvml
 from mlops_obs.collectors.gpu import FAMILIES, GpuCollector
 from mlops_obs.config import ConfigError
 from mlops_obs.exporter.sampler import render
-from tests.conftest import require_binary
+from tests.conftest import require_binary, wait_for
 
 Series = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
@@ -104,13 +104,6 @@ def fake(c: GpuCollector) -> FakeNvml:
     lib = c.nvml.lib
     assert isinstance(lib, FakeNvml)
     return lib
-
-
-def wait_for(cond: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.02)
 
 
 def test_every_field_of_a_full_node_is_reported_in_base_units(gpu: Callable[..., GpuCollector]) -> None:

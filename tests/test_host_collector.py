@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -17,6 +16,7 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from mlops_obs.children import free_port
 from mlops_obs.collectors import host_parse as hp
 from mlops_obs.collectors.host import DEFAULT_NET_EXCLUDE, HostCollector, ProcFiles, read_timex
 from mlops_obs.collectors.process import ProcessCollector
@@ -116,18 +116,12 @@ def test_real_proc_and_sys_of_this_machine() -> None:
         assert "mlops_node_pressure_io_waiting_seconds_total" in got
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.mark.skipif(shutil.which("prometheus-node-exporter") is None, reason="prometheus-node-exporter not installed")
 def test_timex_agrees_with_node_exporter() -> None:
     """Our adjtimex(2) read gives node_exporter's node_timex_sync_status and maxerror."""
     ours = read_timex()
     assert ours is not None
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         ["prometheus-node-exporter", "--collector.disable-defaults", "--collector.timex",
          f"--web.listen-address=127.0.0.1:{port}"],

@@ -66,7 +66,7 @@ def test_comm_hook_times_the_all_reduce_in_a_real_process_group(tmp_path: Path) 
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    from mlops_obs.prometheus_server import free_port
+    from mlops_obs.children import free_port
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     try:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import orjson
 
+from tests.conftest import wait_for
 from tests.fake_opensearch import FakeOpenSearch
 from tests.logs_helpers import (
     kill9,
@@ -23,7 +24,6 @@ from tests.logs_helpers import (
     start_ship,
     store_count,
     store_events,
-    wait_for,
 )
 
 

@@ -20,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from mlops_obs.collectors.shipper import ShipperCollector
 from mlops_obs.logs.shipper import STATE_FILE, Shipper, ShipperOptions, StoreSink
 from mlops_obs.logs.store import EventStore
-from tests.conftest import require_binary
+from tests.conftest import require_binary, wait_for
 from tests.logs_helpers import (
     REPO,
     kill9,
@@ -31,7 +31,6 @@ from tests.logs_helpers import (
     start_ship,
     store_count,
     store_events,
-    wait_for,
 )
 
 

@@ -146,7 +146,7 @@ def test_cli_receives_and_stops_cleanly(tmp_path: Path) -> None:
     import signal
     import time
 
-    from mlops_obs.prometheus_server import free_port, http_get
+    from mlops_obs.children import free_port, http_get
 
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "mlops_obs", "alert-sink", f"--web.listen-address=127.0.0.1:{port}",

@@ -14,10 +14,10 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from mlops_obs.children import http_get
 from mlops_obs.collectors.training import STRAGGLER_MIN_STEPS, TrainingCollector, straggler_scores
 from mlops_obs.exporter.sampler import render
 from mlops_obs.instrument import TrainingMonitor, snapshot
-from mlops_obs.prometheus_server import http_get
 
 
 def _snap(job: str, rank: int, recent: list[float], **extra: Any) -> dict[str, Any]:

@@ -14,9 +14,7 @@ from typing import Any
 
 import orjson
 
-from mlops_obs.child_process import ChildServer, find_binary, free_port, http_get
-
-__all__ = ["PrometheusProcess", "find_binary", "free_port", "http_get"]
+from mlops_obs.children import ChildServer, http_get
 
 
 class PrometheusProcess(ChildServer):

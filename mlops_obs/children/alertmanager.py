@@ -12,7 +12,7 @@ from typing import Any
 
 import orjson
 
-from mlops_obs.child_process import ChildServer, find_binary, http_get
+from mlops_obs.children import ChildServer, find_binary, http_get
 
 
 def alertmanager_binary() -> str | None:

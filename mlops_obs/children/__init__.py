@@ -1,8 +1,9 @@
-"""Run a Prometheus-family binary (prometheus, alertmanager) as a child process on a free loopback port.
+"""Running Prometheus-family binaries (prometheus, alertmanager) as child processes on free loopback ports.
 
 The demo and the tests need the real binaries, never system services: a generated config in a private
 work directory, a port picked free on 127.0.0.1, readiness awaited on ``/-/ready``, and a clean stop.
-Subclasses say which binary, which config and which flags.
+:class:`ChildServer` is that life cycle; :mod:`.prometheus` and :mod:`.alertmanager` say which binary,
+which config and which flags, and add a small client for each one's HTTP API.
 """
 
 from __future__ import annotations
@@ -18,8 +19,11 @@ from typing import Any, ClassVar, Self
 
 import yaml
 
+__all__ = ["ChildServer", "find_binary", "free_port", "http_get"]
+
 
 def find_binary(*names: str) -> str | None:
+    """The first of ``names`` on PATH (or in /usr/bin, which a minimal PATH may lack)."""
     for name in names:
         found = shutil.which(name) or (f"/usr/bin/{name}" if Path(f"/usr/bin/{name}").exists() else None)
         if found:
@@ -28,12 +32,14 @@ def find_binary(*names: str) -> str | None:
 
 
 def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (the caller binds it soon; another process may race it)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
 
 
 def http_get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
+    """``(status, body)`` of a GET; an HTTP error status is a result, not an exception."""
     try:
         with urllib.request.urlopen(url, timeout=timeout) as r:
             return int(r.status), bytes(r.read())
@@ -42,6 +48,8 @@ def http_get(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
 
 
 class ChildServer:
+    """One binary as a child: config written, started on a free port, ready on ``/-/ready``, stopped."""
+
     name: ClassVar[str]  # used for file names and messages
     binaries: ClassVar[tuple[str, ...]]  # names to look for on PATH, first found wins
     apt_package: ClassVar[str]

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 
+from mlops_obs.commands.workload import WORKLOAD_SETTINGS
 from mlops_obs.config import ConfigError, resolve
-from mlops_obs.workload.command import WORKLOAD_SETTINGS, check_faults
 from mlops_obs.workload.faults import Fault, FaultError, Injector, parse_fault, parse_inject
+from mlops_obs.workload.launcher import check_faults
 
 
 def test_valid_specs_round_trip() -> None:

@@ -1,5 +1,61 @@
-"""Placeholder during the move: the command still lives in ``mlops_obs.workload.command``."""
+"""``mlops-obs workload``: the reference PyTorch DDP job with fault injection, one process a rank.
 
-from mlops_obs.workload.command import add_arguments, run
+The settings and the wiring live here: the stop signals are handled for the whole run, and the
+machinery (checks, starting the ranks, supervising and stopping them) is :mod:`mlops_obs.workload.launcher`.
+"""
 
-__all__ = ["add_arguments", "run"]
+from __future__ import annotations
+
+import argparse
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from mlops_obs.config import (
+    COMMON_SETTINGS,
+    Setting,
+    choice_parser,
+    float_parser,
+    int_parser,
+    parse_optional_path,
+    parse_path,
+    parse_str,
+    positive_duration,
+)
+from mlops_obs.workload.faults import parse_inject
+
+WORKLOAD_SETTINGS: tuple[Setting, ...] = (
+    Setting("world-size", int_parser(1, 64), 2, "Number of rank processes.", metavar="N"),
+    Setting("steps", int_parser(1), 100, "Training steps per rank.", metavar="N"),
+    Setting("log-dir", parse_path, Path("logs"), "Directory for the ranks' JSON log files.", metavar="DIR"),
+    Setting("multiproc-dir", parse_optional_path, None,
+            "Directory shared with the exporter sidecar (metrics hand-off). None: no metrics.", metavar="DIR"),
+    Setting("job", parse_str, "workload", "Job name, the `job` label of every metric and log line."),
+    Setting("batch-size", int_parser(1), 64, "Samples per step per rank.", metavar="N"),
+    Setting("device", choice_parser("auto", "cpu", "cuda"), "auto",
+            "auto: CUDA with NCCL where available, else CPU with gloo."),
+    Setting("flush-interval", positive_duration, 0.5, "How often ranks hand their metrics to the sidecar.",
+            metavar="DURATION"),
+    Setting("log-every", int_parser(1), 10, "Log a step line every N steps.", metavar="N"),
+    Setting("timeout", positive_duration, 600.0, "Collective timeout before a stuck job fails.",
+            metavar="DURATION"),
+    Setting("inject", parse_inject, [],
+            "Inject a fault: KIND:key=value,... with KIND nan|straggler|stall|crash|slow-data|oom, e.g. "
+            "stall:rank=1,step=50 or straggler:rank=2,factor=3 (in the environment: ';'-separated).",
+            kind="list", metavar="KIND:K=V,..."),
+    Setting("checkpoint-every", int_parser(0), 0, "Rank 0 saves a checkpoint every N steps (0: never).",
+            metavar="N"),
+    Setting("peak-flops", float_parser(0.0), 0.0,
+            "Peak FLOP/s of one device for MFU (0: known GPUs auto-detected, none on CPU).", metavar="FLOPS"),
+)  # fmt: skip
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> list[Setting]:
+    return list(COMMON_SETTINGS + WORKLOAD_SETTINGS)
+
+
+def run(cfg: Mapping[str, Any]) -> int:
+    from mlops_obs.workload.launcher import StopRequest, launch
+
+    with StopRequest().installed() as stop:
+        return launch(cfg, stop=stop)

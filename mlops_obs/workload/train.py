@@ -1,14 +1,16 @@
 """One rank of the reference workload: a small MLP trained with DDP on synthetic data.
 
-Started by :mod:`mlops_obs.workload.command` with the torchrun environment; options come as JSON in
+Started by :mod:`mlops_obs.workload.launcher` with the torchrun environment; options come as JSON in
 ``MLOPS_OBS_WORKLOAD``. Instrumented with :class:`~mlops_obs.instrument.TrainingMonitor` and logging
 JSON lines through :mod:`mlops_obs.logs` into ``<log-dir>/<job>-rank<R>.jsonl``.
 """
 
 from __future__ import annotations
 
+import ctypes
 import datetime
 import os
+import signal
 import socket
 import sys
 import threading
@@ -19,12 +21,36 @@ from typing import Any
 
 import orjson
 
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
 
 def _options() -> dict[str, Any]:
     return dict(orjson.loads(os.environ.get("MLOPS_OBS_WORKLOAD", "{}")))
 
 
+def die_with_launcher() -> None:
+    """Have the kernel SIGKILL this rank when its launcher dies, however it dies.
+
+    The launcher stops its ranks itself on SIGINT, SIGTERM and SIGHUP; this covers the deaths it cannot
+    act on (SIGKILL, the OOM killer), which would otherwise leave the ranks running under PID 1, a
+    stalled one holding its GPU forever. A launcher that died before the request took effect is seen
+    as a changed parent, and the rank ends at once. Linux only; elsewhere the launcher's own handlers
+    are all there is.
+    """
+    launcher = os.environ.get("MLOPS_OBS_LAUNCHER_PID")
+    if not launcher or not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) != 0:
+        err = ctypes.get_errno()
+        print(f"workload: prctl(PR_SET_PDEATHSIG) failed: {os.strerror(err)}", file=sys.stderr)
+        return
+    if os.getppid() != int(launcher):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def main() -> int:
+    die_with_launcher()
     import torch
     import torch.distributed as dist
     from torch import nn

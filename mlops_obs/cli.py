@@ -97,8 +97,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as e:
         print(f"mlops-obs {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        # What the environment refused (a directory under a regular file, a port in use, a full disk):
+        # the user's to fix, so one line naming it, not a traceback.
+        print(f"mlops-obs {args.command}: error: {describe_os_error(e)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
+
+
+def describe_os_error(e: OSError) -> str:
+    """``Not a directory: '/a/b'``: the reason and the path(s), without the errno number."""
+    why = e.strerror or str(e) or type(e).__name__
+    paths = [
+        repr(os.fsdecode(f) if isinstance(f, bytes) else str(f)) for f in (e.filename, e.filename2) if f is not None
+    ]
+    return f"{why}: {' -> '.join(paths)}" if paths else why
 
 
 if __name__ == "__main__":

@@ -190,7 +190,8 @@ def parse_optional_path(v: Any) -> Path | None:
     return parse_path(v)
 
 
-LOG_LEVELS = ("debug", "info", "warn", "error")
+# "warn" as Prometheus spells it, "warning" as our own log lines and Python's logging do: both mean the same.
+LOG_LEVELS = ("debug", "info", "warn", "warning", "error")
 
 COMMON_SETTINGS: tuple[Setting, ...] = (
     Setting("log.level", choice_parser(*LOG_LEVELS), "info", "Only log messages at or above this level."),

@@ -7,13 +7,17 @@ import signal
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
+import orjson
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from mlops_obs import __version__
-from mlops_obs.prometheus_server import free_port, http_get
+from mlops_obs.children import free_port, http_get
+from mlops_obs.cli import COMMANDS, build_parser, main
+from mlops_obs.config import Setting, parse_path, resolve
 from tests.conftest import require_binary
 
 CLI = [sys.executable, "-m", "mlops_obs"]
@@ -125,3 +129,45 @@ def test_disabled_collector_is_absent(start_exporter: object) -> None:
     assert "mlops_node_cpu_seconds_total" not in body
     assert 'collector="host"' not in body
     assert 'mlops_scrape_collector_success{collector="training"} 1' in body
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_warning_is_a_log_level_of_every_command(command: str) -> None:
+    """Our own log lines say ``level=warning``; the flag takes that spelling as well as Prometheus' ``warn``."""
+    parser, per_command = build_parser(command)
+    for level in ("warn", "warning"):
+        cfg = resolve(per_command[command], parser.parse_args([command, f"--log.level={level}"]), environ={})
+        assert cfg["log.level"] == level
+
+
+def test_warning_level_filters_like_warn() -> None:
+    r = subprocess.run(
+        [*CLI[:1], "-c", "from mlops_obs.logs import configure, get_logger\n"
+         "configure('warning', 'json')\nlog = get_logger()\nlog.info('hidden')\nlog.warning('shown')"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert [orjson.loads(x)["event"] for x in r.stderr.splitlines()] == ["shown"]
+
+
+def test_workload_takes_warning_on_the_command_line(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    r = run_cli("workload", "--log.level=warning", f"--log-dir={blocker}")  # fails later, at the log directory
+    assert r.returncode == 2
+    assert r.stderr.startswith("mlops-obs workload: error: log-dir: "), r.stderr
+
+
+def test_an_os_error_escaping_a_command_is_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:  # fmt: skip
+    """The common wrapper: whatever the environment refuses is one line and exit 2, never a traceback."""
+    command = types.ModuleType("mlops_obs_test_mkdir_command")
+    command.add_arguments = lambda parser: [Setting("path", parse_path, Path("x"), "Directory to create.")]  # type: ignore[attr-defined]
+    command.run = lambda cfg: cfg["path"].mkdir(parents=True) or 0  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, command.__name__, command)
+    monkeypatch.setitem(COMMANDS, "mkdir", (command.__name__, "Create a directory."))
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert main(["mkdir", f"--path={blocker / 'sub'}"]) == 2
+    assert capsys.readouterr().err == f"mlops-obs mkdir: error: Not a directory: '{blocker / 'sub'}'\n"
+    assert main(["mkdir", f"--path={tmp_path / 'fine'}"]) == 0 and (tmp_path / "fine").is_dir()

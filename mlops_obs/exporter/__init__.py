@@ -16,10 +16,10 @@ from mlops_obs.config import (
     ConfigError,
     Setting,
     int_parser,
+    loop_duration,
     parse_listen_address,
     parse_optional_path,
     parse_str,
-    positive_duration,
     resolve,
 )
 from mlops_obs.exporter import web_config
@@ -56,9 +56,9 @@ EXPORTER_SETTINGS: tuple[Setting, ...] = (
             "Re-read on SIGHUP and POST /-/reload.", metavar="PATH"),
     Setting("web.max-requests", int_parser(minimum=0), 40,
             "Requests served at once; more get 503 at once. 0 means no limit.", metavar="N"),
-    Setting("sampler.interval", positive_duration, 1.0, "How often collectors sample, off the scrape path.",
+    Setting("sampler.interval", loop_duration, 1.0, "How often collectors sample, off the scrape path.",
             metavar="DURATION"),
-    Setting("collector.deadline", positive_duration, 5.0,
+    Setting("collector.deadline", loop_duration, 5.0,
             "A collector sampling for longer than this is abandoned (success 0, series dropped).",
             metavar="DURATION"),
 )  # fmt: skip

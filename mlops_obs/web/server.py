@@ -309,7 +309,7 @@ class HTTPServer:
         if ctx is not None:
             async with asyncio.timeout_at(deadline):
                 await writer.start_tls(ctx)
-        h = h11.Connection(h11.SERVER, max_incomplete_event_size=self.limits.max_header_bytes)
+        h = self._parser()
         first = True
         while True:
             try:
@@ -327,18 +327,29 @@ class HTTPServer:
             self._waiting.pop(conn, None)
             try:
                 keep = await self._exchange(h, event, conn, reader, writer)
-            except _Closing as e:
-                if h.our_state in (h11.IDLE, h11.SEND_RESPONSE):
-                    await self._close_with(conn, reader, writer, e.status, str(e))
+            except _Closing as e:  # raised only before an answer was written
+                await self._close_with(conn, reader, writer, e.status, str(e))
                 return
             except h11.RemoteProtocolError as e:
-                if h.our_state in (h11.IDLE, h11.SEND_RESPONSE):
-                    await self._close_with(conn, reader, writer, e.error_status_hint, "Malformed request body.")
+                await self._close_with(conn, reader, writer, e.error_status_hint, "Malformed request body.")
                 return
-            if not keep or h.our_state is not h11.DONE or h.their_state is not h11.DONE:
+            if not keep:
                 return
-            h.start_next_cycle()
+            h = self._parser(*h.trailing_data)  # with what the client pipelined after this request
             self._waiting[conn] = None  # the newest of the waiting: shed last
+
+    def _parser(self, pending: bytes = b"", closed: bool = False) -> h11.Connection:
+        """A fresh h11 parser for one request.
+
+        h11 parses; the answers are written here (they are always ours, with a Content-Length), so
+        one parser a request spares h11's response bookkeeping on every scrape.
+        """
+        h = h11.Connection(h11.SERVER, max_incomplete_event_size=self.limits.max_header_bytes)
+        if pending:
+            h.receive_data(pending)
+        if closed:
+            h.receive_data(b"")
+        return h
 
     async def _read_head(self, h: h11.Connection, reader: asyncio.StreamReader, deadline: float | None) -> Any:
         """The next event before the request's body: a Request, or ConnectionClosed.
@@ -439,22 +450,25 @@ class HTTPServer:
                         await self._finish_request(h, reader)
                     request = Request(method, target, path, query, headers, body, conn.client, user)
                     response = await self._call(route, request)
-            keep = True
+            # h11 says whether the client keeps the connection (HTTP/1.1 without Connection: close).
+            keep = h.their_state is h11.DONE
             if h.their_state not in (h11.DONE, h11.MUST_CLOSE):
                 # An early answer: drop a small body so the connection stays usable, or close.
                 small = chunked or int(declared or 0) <= DISCARD_BODY
-                keep = small and not h.they_are_waiting_for_100_continue
+                keep = small and not h.they_are_waiting_for_100_continue and h11.MUST_CLOSE not in h.states.values()
                 if keep:
                     try:
                         await self._read_body(h, reader, writer, DISCARD_BODY)
                     except _Closing:
                         keep = False
-            await self._send(h, writer, method, headers, response, keep)
+                    keep = keep and h.their_state is h11.DONE
+            self._send(writer, method, headers, response, keep)
         finally:
             if slot:
                 self._in_flight -= 1
-        async with asyncio.timeout(self.limits.write_timeout):
-            await writer.drain()
+        if writer.transport.get_write_buffer_size():  # the socket did not take it all at once
+            async with asyncio.timeout(self.limits.write_timeout):
+                await writer.drain()
         return keep
 
     async def _authorise(self, header: str | None) -> tuple[bool | None, str | None]:
@@ -480,7 +494,7 @@ class HTTPServer:
         self, h: h11.Connection, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, limit: int
     ) -> bytes:
         if h.they_are_waiting_for_100_continue:
-            writer.write(h.send(h11.InformationalResponse(status_code=100, headers=[])) or b"")
+            writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         parts: list[bytes] = []
         size = 0
         loop = asyncio.get_running_loop()
@@ -527,9 +541,8 @@ class HTTPServer:
             self._date = (now, formatdate(now, usegmt=True).encode())
         return self._date[1]
 
-    async def _send(
+    def _send(
         self,
-        h: h11.Connection,
         writer: asyncio.StreamWriter,
         method: str,
         request_headers: Mapping[str, str],
@@ -537,33 +550,24 @@ class HTTPServer:
         keep: bool,
     ) -> None:
         body = response.body
-        out: list[tuple[bytes, bytes]] = [
-            (b"Server", self.server_header.encode()),
-            (b"Date", self._http_date()),
-            (b"Content-Type", response.content_type.encode()),
-        ]
+        head = [
+            b"HTTP/1.1 %d %s\r\nServer: %s\r\nDate: %s\r\nContent-Type: %s\r\n"
+            % (response.status, _reason(response.status), self.server_header.encode(), self._http_date(),
+               response.content_type.encode())
+        ]  # fmt: skip
         if len(body) > GZIP_MIN:
-            out.append((b"Vary", b"Accept-Encoding"))
+            head.append(b"Vary: Accept-Encoding\r\n")
             if accepts_gzip(request_headers.get("accept-encoding")):
                 body = response.gzipped() if response.gzipped is not None else gzip.compress(body, compresslevel=1)
-                out.append((b"Content-Encoding", b"gzip"))
-        out.append((b"Content-Length", str(len(body)).encode()))
-        for k, v in self.web.headers.items():
-            out.append((k.encode(), v.encode()))
-        for k, v in response.headers.items():
-            out.append((k.encode(), v.encode()))
-        if not keep:
-            out.append((b"Connection", b"close"))
-        head = h.send(h11.Response(status_code=response.status, headers=out, reason=_reason(response.status)))
-        assert head is not None
-        if method == "HEAD":
-            tail = h.send(h11.EndOfMessage())
-            writer.write(head + (tail or b""))
-        else:
-            # Headers and body in one write: one segment on the wire for a typical scrape.
-            h.send_with_data_passthrough(h11.Data(data=body))
-            h.send(h11.EndOfMessage())
-            writer.writelines((head, body))
+                head.append(b"Content-Encoding: gzip\r\n")
+        head.append(b"Content-Length: %d\r\n" % len(body))
+        # Header names and values were checked when the web config was loaded; handlers' are ours.
+        for k, v in (*self.web.headers.items(), *response.headers.items()):
+            head.append(f"{k}: {v}\r\n".encode("latin-1"))
+        head.append(b"\r\n" if keep else b"Connection: close\r\n\r\n")
+        if method != "HEAD":
+            head.append(body)  # headers and body in one write: one segment for a typical scrape
+        writer.write(b"".join(head))
 
     async def _close_with(
         self, conn: _Conn, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, status: int, message: str

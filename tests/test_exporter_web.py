@@ -27,6 +27,7 @@ import pytest
 from mlops_obs.exporter.sampler import Sampler
 from mlops_obs.exporter.server import ExporterServer
 from mlops_obs.web import config as web_config
+from tests.test_config import alias_bomb
 
 WAIT = 20.0
 PASSWORD = "s3cret-scrape"
@@ -700,14 +701,6 @@ def test_a_reload_that_would_drop_tls_or_client_certificates_is_refused(certs: d
     assert web_config.load_for_reload(tls, certs["dir"] / "web-b.yml").tls  # strengthening is fine
 
 
-def alias_bomb(levels: int = 9, width: int = 9) -> str:
-    """A flow list of ``levels`` nested anchors, each ``width`` aliases of the last: ``width ** levels``
-    leaves (387 million here) in a few hundred bytes, once anything walks it."""
-    nest = [f"&l0 [{', '.join(['x'] * width)}]"]
-    nest += [f"&l{i} [{', '.join([f'*l{i - 1}'] * width)}]" for i in range(1, levels)]
-    return "[" + ", ".join(nest) + "]"
-
-
 def test_a_yaml_alias_bomb_in_the_web_config_is_refused(cli_exporter: Any, tmp_path: Path) -> None:
     wc = tmp_path / "web.yml"
     wc.write_text(f"http_server_config:\n  headers:\n    X-Bomb: {alias_bomb()}\n")
@@ -726,6 +719,7 @@ def test_a_yaml_alias_bomb_in_the_web_config_is_refused(cli_exporter: Any, tmp_p
         ("basic_auth_users:\n  a: '$2b$04$short'\n", "invalid bcrypt hash"),
         ("basic_auth_users:\n  a: '$2b$17$" + "a" * 53 + "'\n", "has cost 17"),
         ("http_server_config:\n  headers:\n    'Bad Header': x\n", "bad header"),
+        ("http_server_config:\n  headers:\n    Content-Length: '0'\n", "is set by the server"),
     ],
 )
 def test_more_web_configs_that_are_refused(tmp_path: Path, text: str, message: str) -> None:

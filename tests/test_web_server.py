@@ -3,6 +3,7 @@ content negotiation, HEAD, 100-continue, worker-thread handlers, and property te
 
 from __future__ import annotations
 
+import base64
 import gzip
 import io
 import socket
@@ -492,3 +493,40 @@ def test_a_body_on_a_route_that_takes_none_is_dropped_and_the_request_served(ser
     data = b"GET /-/healthy HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nGET /" + GET_HEALTHY
     replies = exchange(server.server_address, data, replies=2)
     assert [r.status if r else None for r in replies] == [200, 200]
+
+
+def test_bcrypt_checks_wait_in_a_bounded_queue(tmp_path: Any) -> None:
+    """One check at a time, one more waiting: the rest get 503 at once rather than queue behind them."""
+    import bcrypt
+
+    from mlops_obs.web.config import load
+
+    wc = tmp_path / "web.yml"
+    wc.write_text(f"basic_auth_users:\n  u: '{bcrypt.hashpw(b'right', bcrypt.gensalt(rounds=12)).decode()}'\n")
+    server = HTTPServer(
+        ("127.0.0.1", 0),
+        [Route("/-/healthy", lambda _: Response(200, b"Healthy.\n"))],
+        web=load(wc),
+        limits=Limits(auth_workers=1, auth_queue=1),
+    )
+    server.start_background()
+    try:
+        statuses: list[int] = []
+        lock = threading.Lock()
+
+        def attempt(i: int) -> None:
+            token = base64.b64encode(f"u:wrong{i}".encode())
+            (reply,) = exchange(server.server_address, b"GET /-/healthy HTTP/1.1\r\nHost: x\r\n"
+                                b"Authorization: Basic %s\r\n\r\n" % token)  # fmt: skip
+            with lock:
+                statuses.append(reply.status if reply else 0)
+
+        threads = [threading.Thread(target=attempt, args=(i,)) for i in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(WAIT)
+        assert sorted(set(statuses)) == [401, 503], statuses
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -65,6 +65,9 @@ _TLS_KEYS = {
 }  # fmt: skip
 _TOP_KEYS = {"tls_server_config", "basic_auth_users", "http_server_config"}
 _HTTP_KEYS = {"headers", "http2"}
+# Headers the server writes itself (framing, negotiation): a second copy would corrupt the answer.
+_SERVER_HEADERS = {"content-length", "content-type", "content-encoding", "transfer-encoding", "connection", "date",
+                   "server", "vary", "www-authenticate", "retry-after", "allow"}  # fmt: skip
 # A bcrypt hash in modular crypt form: variant, two-digit cost, 22 characters of salt, 31 of hash.
 _BCRYPT_HASH = re.compile(rb"^\$2[aby]\$(\d\d)\$[./A-Za-z0-9]{53}$")
 # bcrypt reads at most 72 bytes of password; more is refused rather than truncated.
@@ -228,6 +231,7 @@ def parse(data: Any, base: Path) -> WebConfig:
         text = str(k) + str(v)
         _need(all(c >= " " and c != "\x7f" for c in text), f"http_server_config: bad header {k!r}")
         _need(re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", str(k)) is not None, f"http_server_config: bad header {k!r}")
+        _need(str(k).lower() not in _SERVER_HEADERS, f"http_server_config: header {k!r} is set by the server")
         wc.headers[str(k)] = str(v)
     return wc
 

@@ -54,7 +54,7 @@ EXPORTER_SETTINGS: tuple[Setting, ...] = (
             metavar="PATH"),
     Setting("web.config.file", parse_optional_path, None,
             "exporter-toolkit web configuration (TLS, client certificates, bcrypt basic auth). "
-            "Re-read on SIGHUP and POST /-/reload.", metavar="PATH"),
+            "Re-read on SIGHUP (and POST /-/reload with --web.enable-lifecycle).", metavar="PATH"),
     Setting("web.max-requests", int_parser(minimum=0), 40,
             "Requests served at once; more get 503 at once. 0 means no limit.", metavar="N"),
     Setting("web.enable-lifecycle", parse_bool, False,

@@ -163,7 +163,7 @@ def duration_parser(minimum: float, maximum: float = MAX_DURATION) -> Parser:
     lo, hi = format_duration(minimum), format_duration(maximum)
 
     def parse(v: Any) -> float:
-        d = parse_duration(v)
+        d = positive_duration(v) if minimum > 0 else parse_duration(v)
         if not minimum <= d <= maximum:
             raise ValueError(f"must be between {lo} and {hi}, got {v!r}")
         return d

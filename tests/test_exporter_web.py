@@ -28,6 +28,7 @@ from mlops_obs.exporter.sampler import Sampler
 from mlops_obs.exporter.server import ExporterServer
 from mlops_obs.web import config as web_config
 from tests.test_config import alias_bomb
+from tests.test_web_server import talk
 
 WAIT = 20.0
 PASSWORD = "s3cret-scrape"
@@ -473,15 +474,7 @@ def test_a_request_smuggled_in_an_oversized_body_never_runs(start_exporter: Call
     ex.server.on_reload = lambda: (reloads.append(1), real())[1]
     smuggled = b"POST /-/reload HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n"
     body = smuggled + b"x" * (70_000 - len(smuggled))
-    with socket.create_connection(_raw(ex.url), timeout=WAIT) as s:
-        s.sendall(b"POST /-/healthy HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
-        s.shutdown(socket.SHUT_WR)
-        answer = b""
-        try:
-            while chunk := s.recv(65536):
-                answer += chunk
-        except ConnectionResetError:
-            pass
+    answer = talk(_raw(ex.url), b"POST /-/healthy HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
     assert answer.startswith(b"HTTP/1.1 413 ")
     assert answer.count(b"HTTP/1.1 ") == 1
     assert reloads == []

@@ -410,7 +410,7 @@ def _status_lines(raw: bytes) -> list[int]:
     return out
 
 
-def _talk(addr: tuple[str, int], data: bytes) -> bytes:
+def talk(addr: tuple[str, int], data: bytes) -> bytes:
     """Send ``data``, half-close, and read until the server closes (or the client-side timeout)."""
     with socket.create_connection(addr, timeout=WAIT) as s:
         try:
@@ -432,7 +432,7 @@ def _talk(addr: tuple[str, int], data: bytes) -> bytes:
 def test_arbitrary_bytes_get_a_well_formed_answer_or_a_close(shared: tuple[HTTPServer, Recorder], data: bytes) -> None:
     """Whatever a client sends, every answer starts with a status line, and the server stays up."""
     server, _ = shared
-    raw = _talk(server.server_address, data)
+    raw = talk(server.server_address, data)
     assert all(100 <= s < 600 for s in _status_lines(raw))
     (after,) = exchange(server.server_address, GET_HEALTHY)
     assert after is not None and after.status == 200
@@ -475,7 +475,7 @@ def test_pipelined_requests_with_any_bodies(shared: tuple[HTTPServer, Recorder],
     over the limit is answered 413 and ends the connection, so nothing inside any body ever runs."""
     server, rec = shared
     rec.seen.clear()
-    raw = _talk(server.server_address, b"".join(r for r, _ in reqs))
+    raw = talk(server.server_address, b"".join(r for r, _ in reqs))
     expected_bodies: list[bytes] = []
     expected_status: list[int] = []
     for _, body in reqs:

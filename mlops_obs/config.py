@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import stat
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -116,18 +117,33 @@ def float_parser(minimum: float | None = None) -> Parser:
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+# No setting means a wait of more than ten years; far longer ones overflow ``Event.wait`` and
+# ``time.sleep`` (``OverflowError`` kills the thread that waits), so every duration is held below it.
+MAX_DURATION = 10 * 365 * 86400.0
+
+
+def format_duration(seconds: float) -> str:
+    """The shortest Prometheus-style spelling of ``seconds`` (``10ms``, ``1s``, ``1h``) for messages."""
+    for unit, size in (("h", 3600.0), ("m", 60.0), ("s", 1.0)):
+        if seconds >= size and seconds % size == 0:
+            return f"{seconds / size:g}{unit}"
+    return f"{seconds * 1000:g}ms" if seconds < 1 else f"{seconds:g}s"
 
 
 def parse_duration(v: Any) -> float:
-    """Prometheus-style durations (``500ms``, ``1s``, ``5m``); a bare number is seconds."""
+    """Prometheus-style durations (``500ms``, ``1s``, ``5m``); a bare number is seconds. At most ten years."""
     if isinstance(v, int | float) and not isinstance(v, bool):
-        if v < 0:
+        d = float(v)
+        if d < 0 or d != d:
             raise ValueError(f"must not be negative, got {v}")
-        return float(v)
-    m = _DURATION.match(str(v))
-    if not m:
-        raise ValueError(f"expected a duration like 500ms, 1s or 5m, got {v!r}")
-    return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+    else:
+        m = _DURATION.match(str(v))
+        if not m:
+            raise ValueError(f"expected a duration like 500ms, 1s or 5m, got {v!r}")
+        d = float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+    if d > MAX_DURATION:
+        raise ValueError(f"must be at most {format_duration(MAX_DURATION)}, got {v!r}")
+    return d
 
 
 def positive_duration(v: Any) -> float:
@@ -135,6 +151,29 @@ def positive_duration(v: Any) -> float:
     if d <= 0:
         raise ValueError(f"must be greater than zero, got {v!r}")
     return d
+
+
+def duration_parser(minimum: float, maximum: float = MAX_DURATION) -> Parser:
+    """A duration within ``[minimum, maximum]`` seconds.
+
+    Why bounds: a loop that waits for a duration turns a typo into a fault. ``0.001ms`` between
+    sampling rounds keeps a core busy; a wait beyond what ``Event.wait`` accepts kills the thread
+    while the exporter keeps reporting its last success.
+    """
+    lo, hi = format_duration(minimum), format_duration(maximum)
+
+    def parse(v: Any) -> float:
+        d = positive_duration(v) if minimum > 0 else parse_duration(v)
+        if not minimum <= d <= maximum:
+            raise ValueError(f"must be between {lo} and {hi}, got {v!r}")
+        return d
+
+    return parse
+
+
+# How often a background loop (a sampler, a collector's deadline) may run: often enough to be
+# useful, rarely enough not to burn a core, and inside what a thread can wait for.
+loop_duration = duration_parser(0.01, 3600.0)
 
 
 def parse_listen_address(v: Any) -> tuple[str, int]:
@@ -199,6 +238,104 @@ COMMON_SETTINGS: tuple[Setting, ...] = (
 )
 
 
+# --- reading configuration files ----------------------------------------------------------------
+
+# Every configuration file the project reads (settings, web config, mixin config) is a few KiB; the
+# cap keeps a wrong path (a log, a device, a model checkpoint) from being read into memory.
+MAX_CONFIG_BYTES = 1 << 20
+# Deeper nesting than any real configuration; PyYAML composes recursively, and a file of ``[[[[...``
+# would otherwise end in a RecursionError (a traceback, not a one-line error).
+MAX_YAML_DEPTH = 64
+
+
+class ConfigFileError(ValueError):
+    """A configuration file that cannot be read or parsed; ``str()`` is one line naming the file."""
+
+
+class _SafeLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` without aliases and with a nesting cap.
+
+    Why refuse aliases: a few hundred bytes of nested anchors (the "billion laughs") expand into
+    gigabytes when the document is walked, and no configuration of ours needs them. Anchors alone
+    are harmless and allowed; every ``*alias`` (merge keys included) is an error at its line.
+    """
+
+    _depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            mark = self.peek_event().start_mark
+            raise yaml.composer.ComposerError(None, None, "YAML aliases (*name) are not allowed", mark)
+        self._depth += 1
+        try:
+            if self._depth > MAX_YAML_DEPTH:
+                mark = self.peek_event().start_mark
+                raise yaml.composer.ComposerError(None, None, f"nested deeper than {MAX_YAML_DEPTH} levels", mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+def parse_yaml(text: str | bytes, name: str = "<string>") -> Any:
+    """One YAML document, loaded safely (no aliases, bounded depth); :class:`ConfigFileError` otherwise."""
+    loader = _SafeLoader(text)
+    try:
+        return loader.get_single_data()
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        problem = f": {e.problem}" if e.problem else ""
+        raise ConfigFileError(f"{name!r} is not valid YAML{where}{problem}") from None
+    except yaml.YAMLError:
+        raise ConfigFileError(f"{name!r} is not valid YAML") from None
+    finally:
+        loader.dispose()
+
+
+def read_config_bytes(path: str | os.PathLike[str], max_bytes: int = MAX_CONFIG_BYTES) -> bytes:
+    """The bytes of a regular file of at most ``max_bytes``; :class:`ConfigFileError` otherwise.
+
+    Symbolic links are followed (Kubernetes mounts ConfigMaps and Secrets through them); a FIFO or
+    a device is refused before it is read, so a wrong path can neither block nor fill memory.
+    """
+    name = str(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError as e:
+        raise ConfigFileError(f"cannot read {name!r}: {e.strerror or e}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ConfigFileError(f"{name!r} is not a regular file")
+        if st.st_size > max_bytes:
+            raise ConfigFileError(f"{name!r} is larger than {max_bytes} bytes")
+        with os.fdopen(fd, "rb") as f:
+            fd = -1  # closed by the file object from here on
+            data = f.read(max_bytes + 1)
+    except OSError as e:
+        raise ConfigFileError(f"cannot read {name!r}: {e.strerror or e}") from None
+    finally:
+        if fd >= 0:
+            os.close(fd)
+    if len(data) > max_bytes:  # grew after the check
+        raise ConfigFileError(f"{name!r} is larger than {max_bytes} bytes")
+    return data
+
+
+def read_yaml(path: str | os.PathLike[str], max_bytes: int = MAX_CONFIG_BYTES) -> Any:
+    """Every configuration file goes through here: size cap, regular files only, UTF-8, safe YAML.
+
+    Returns the document (``None`` for an empty or comment-only file); raises :class:`ConfigFileError`
+    with one line that names the file.
+    """
+    data = read_config_bytes(path, max_bytes)
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigFileError(f"{str(path)!r} is not UTF-8 (byte {e.start})") from None
+    return parse_yaml(text, str(path))
+
+
 # --- wiring -----------------------------------------------------------------------------------------
 
 
@@ -254,15 +391,9 @@ def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def load_config_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as e:
-        raise ConfigError("config.file", f"cannot read {str(path)!r}: {e.strerror or e}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        line = getattr(getattr(e, "problem_mark", None), "line", None)
-        where = f" at line {line + 1}" if line is not None else ""
-        raise ConfigError("config.file", f"{str(path)!r} is not valid YAML{where}") from None
+        data = read_yaml(path)
+    except ConfigFileError as e:
+        raise ConfigError("config.file", str(e)) from None
     if data is None:
         return {}
     if not isinstance(data, Mapping):

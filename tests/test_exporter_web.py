@@ -4,6 +4,7 @@ the telemetry path, the max-requests bound, and reloading by POST /-/reload and 
 from __future__ import annotations
 
 import base64
+import gzip
 import http.client
 import os
 import shutil
@@ -24,9 +25,11 @@ import bcrypt
 import pytest
 
 from mlops_obs.children import free_port
-from mlops_obs.exporter import web_config
 from mlops_obs.exporter.sampler import Sampler
 from mlops_obs.exporter.server import ExporterServer
+from mlops_obs.web import config as web_config
+from tests.test_config import alias_bomb
+from tests.test_web_server import talk
 
 WAIT = 20.0
 PASSWORD = "s3cret-scrape"
@@ -179,7 +182,9 @@ def test_max_requests_bound_answers_503() -> None:
         return True, "done"
 
     sampler = Sampler([], interval=1.0, deadline=1.0, log=_Log())
-    server = ExporterServer(("127.0.0.1", 0), sampler, log=_Log(), max_requests=1, on_reload=slow_reload)
+    server = ExporterServer(
+        ("127.0.0.1", 0), sampler, log=_Log(), max_requests=1, on_reload=slow_reload, lifecycle=True
+    )
     server.start_background()
     try:
         results: list[int] = []
@@ -208,7 +213,7 @@ def test_post_reload_applies_new_web_config_and_keeps_old_on_error(
 ) -> None:
     wc = tmp_path / "web.yml"
     wc.write_text("http_server_config:\n  headers:\n    X-Test: one\n")
-    ex = start_exporter(**base_overrides(**{"web.config.file": wc}))
+    ex = start_exporter(**base_overrides(**{"web.config.file": wc, "web.enable-lifecycle": True}))
     assert get(ex.url + "/metrics")[0] == 200
     assert get(ex.url + "/-/reload")[0] == 405  # a GET must not reload
 
@@ -371,7 +376,7 @@ def test_reload_reaches_collector_settings(start_exporter: Callable[..., Any], t
     (tmp_path / "logs").mkdir()
     cf = tmp_path / "exporter.yml"
     cf.write_text(f"host:\n  filesystem-paths: [{tmp_path / 'ckpt'}]\n")
-    ex = start_exporter(**base_overrides(**{"collector.host": True, "config.file": cf}))
+    ex = start_exporter(**base_overrides(**{"collector.host": True, "config.file": cf, "web.enable-lifecycle": True}))
     wait_status(ex.url + "/-/ready", 200)
     assert f'path="{tmp_path / "ckpt"}"'.encode() in get(ex.url + "/metrics")[1]
 
@@ -402,34 +407,320 @@ def test_address_in_use_exits_non_zero_with_one_line(cli_exporter: Any) -> None:
     assert "cannot listen" in out and "Address already in use" in out and "Traceback" not in out
 
 
-def test_idle_connection_flood_is_capped_and_service_resumes() -> None:
-    """Past the connection cap (4 x max-requests, at least 16) a new socket is closed at once."""
+# --- hostile clients (issue 11, "HTTP") --------------------------------------------------------------------
 
-    class _Log:
-        def __getattr__(self, name: str) -> Callable[..., None]:
-            return lambda *a, **k: None
 
-    server = ExporterServer(("127.0.0.1", 0), Sampler([], 1.0, 1.0, _Log()), log=_Log(), max_requests=1)
-    server.start_background()
-    host, port = server.server_address[:2]
-    idle = [socket.create_connection((host, port), timeout=WAIT) for _ in range(server.max_connections)]
+def _raw(url: str) -> tuple[str, int]:
+    host, port = url.split("//", 1)[1].rsplit(":", 1)
+    return host, int(port)
+
+
+def _read_status(sock: socket.socket) -> bytes:
+    """The status line of the first answer on ``sock``, or b"" when the server closed without one."""
+    f = sock.makefile("rb")
     try:
-        deadline = time.monotonic() + WAIT
-        while server.connections < server.max_connections:
-            assert time.monotonic() < deadline, "idle connections never registered"
-            time.sleep(0.02)
-        with socket.create_connection((host, port), timeout=WAIT) as extra:
+        return f.readline().rstrip()
+    except (ConnectionResetError, TimeoutError):
+        return b""
+
+
+def test_slow_header_clients_do_not_lock_out_health_checks_or_scrapes(start_exporter: Callable[..., Any]) -> None:
+    """500 connections that each trickle header lines: /-/healthy and /metrics still answer (under 1 s
+    here, measured by benchmarks/bench_http.py; the margin below is for a busy machine)."""
+    ex = start_exporter(**base_overrides())
+    addr = _raw(ex.url)
+    slow: list[socket.socket] = []
+    try:
+        for i in range(500):
+            s = socket.create_connection(addr, timeout=WAIT)
+            s.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\nX-Slow-%d: 1\r\n" % i)
+            slow.append(s)
+        for s in slow:
+            s.sendall(b"X-Still-Here: 1\r\n")
+        for path in ("/-/healthy", "/metrics"):
+            t0 = time.monotonic()
+            code, body, _ = get(ex.url + path)
+            assert code == 200 and body
+            assert time.monotonic() - t0 < 5.0
+    finally:
+        for s in slow:
+            s.close()
+
+
+def test_idle_tcp_connections_on_the_tls_port_lock_out_no_one(
+    start_exporter: Callable[..., Any], certs: dict[str, Path]
+) -> None:
+    """Connections that never start a TLS handshake (no credentials needed) do not keep Prometheus out."""
+    wc = write_web_config(certs["dir"] / "web-idle.yml", certs)
+    ex = start_exporter(**base_overrides(**{"web.config.file": wc}))
+    idle = [socket.create_connection(_raw(ex.url), timeout=WAIT) for _ in range(300)]
+    try:
+        assert get(ex.url + "/metrics", ("prometheus", PASSWORD), client_context(certs))[0] == 200
+    finally:
+        for s in idle:
+            s.close()
+
+
+def test_a_request_smuggled_in_an_oversized_body_never_runs(start_exporter: Callable[..., Any]) -> None:
+    """A POST /-/reload hidden in a >64 KiB POST /-/healthy body is not served as the next request."""
+    ex = start_exporter(**base_overrides(**{"web.enable-lifecycle": True}))
+    reloads: list[int] = []
+    real = ex.server.on_reload
+    ex.server.on_reload = lambda: (reloads.append(1), real())[1]
+    smuggled = b"POST /-/reload HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n"
+    body = smuggled + b"x" * (70_000 - len(smuggled))
+    answer = talk(_raw(ex.url), b"POST /-/healthy HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+    assert answer.startswith(b"HTTP/1.1 413 ")
+    assert answer.count(b"HTTP/1.1 ") == 1
+    assert reloads == []
+    assert get(ex.url + "/-/reload", method="POST")[0] == 200  # the endpoint itself works
+    assert reloads == [1]
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [b"GET /metrics\r\n\r\n", b"GET /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n"],
+    ids=["no-version", "bad-content-length"],
+)
+def test_malformed_requests_are_answered_400(start_exporter: Callable[..., Any], request_bytes: bytes) -> None:
+    ex = start_exporter(**base_overrides())
+    with socket.create_connection(_raw(ex.url), timeout=WAIT) as s:
+        s.sendall(request_bytes)
+        assert _read_status(s).startswith(b"HTTP/1.1 400")
+
+
+def test_gzip_with_zero_weight_gets_identity(start_exporter: Callable[..., Any]) -> None:
+    ex = start_exporter(**base_overrides(**{"collector.host": True}))
+    wait_status(ex.url + "/-/ready", 200)
+    for accept, encoded in (("gzip;q=0", False), ("gzip;q=0.5", True), ("identity, gzip;q=0", False)):
+        req = urllib.request.Request(ex.url + "/metrics", headers={"Accept-Encoding": accept})
+        with urllib.request.urlopen(req, timeout=WAIT) as r:
+            body = r.read()
+            assert (r.headers.get("Content-Encoding") == "gzip") is encoded, accept
+        assert (gzip.decompress(body) if encoded else body).startswith(b"# HELP")
+
+
+def test_a_password_over_72_bytes_is_401_and_the_connection_lives(
+    start_exporter: Callable[..., Any], tmp_path: Path
+) -> None:
+    wc = write_web_config(tmp_path / "web.yml", None)
+    ex = start_exporter(**base_overrides(**{"web.config.file": wc}))
+    conn = http.client.HTTPConnection(*_raw(ex.url), timeout=WAIT)
+    for password in ("x" * 73, PASSWORD + "y" * 70, PASSWORD):
+        token = base64.b64encode(f"prometheus:{password}".encode()).decode()
+        conn.request("GET", "/-/healthy", headers={"Authorization": "Basic " + token})
+        r = conn.getresponse()
+        r.read()
+        assert r.status == (200 if password == PASSWORD else 401)
+    conn.close()
+
+
+def _auth_seconds(url: str, user: str, password: str) -> float:
+    t0 = time.perf_counter()
+    assert get(url, (user, password))[0] == 401
+    return time.perf_counter() - t0
+
+
+def test_wrong_user_and_wrong_password_cost_the_same(start_exporter: Callable[..., Any], tmp_path: Path) -> None:
+    """With a cost-12 hash, an unknown user is checked at cost 12 too: timing does not tell users apart."""
+    hashed = bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(rounds=12)).decode()
+    wc = tmp_path / "web.yml"
+    wc.write_text(f"basic_auth_users:\n  prometheus: '{hashed}'\n")
+    ex = start_exporter(**base_overrides(**{"web.config.file": wc}))
+    url = ex.url + "/-/healthy"
+    # Fresh passwords every time: a refused pair is remembered, and must not make this test vacuous.
+    # Interleaved, and the fastest of each kept: a busy machine only ever adds time.
+    wrong_user: list[float] = []
+    wrong_password: list[float] = []
+    for i in range(4):
+        wrong_user.append(_auth_seconds(url, f"nobody{i}", f"guess{i}"))
+        wrong_password.append(_auth_seconds(url, "prometheus", f"guess{i}"))
+    assert min(wrong_password) > 0.02  # a real cost-12 check happened
+    ratio = min(wrong_user) / min(wrong_password)
+    assert 0.5 < ratio < 2.0, (wrong_user, wrong_password)
+
+
+def test_wrong_password_flood_does_not_slow_scrapes(cli_exporter: Any, tmp_path: Path) -> None:
+    """16 clients sending wrong passwords as fast as they can (cost-10 hashes): scrapes with the right
+    one (verified once, then cached) stay fast, because the checks run on one worker off the loop."""
+    hashed = bcrypt.hashpw(PASSWORD.encode(), bcrypt.gensalt(rounds=10)).decode()
+    wc = tmp_path / "web.yml"
+    wc.write_text(f"basic_auth_users:\n  prometheus: '{hashed}'\n")
+    _, url = cli_exporter(f"--web.config.file={wc}")
+    wait_status(url + "/metrics", 200, ("prometheus", PASSWORD))
+    stop = threading.Event()
+    refused: list[int] = []
+
+    def flood(n: int) -> None:
+        i = 0
+        while not stop.is_set():
+            i += 1
             try:
-                extra.sendall(b"GET /-/healthy HTTP/1.1\r\nHost: x\r\n\r\n")
-                answer = extra.recv(1024)
-            except (ConnectionResetError, BrokenPipeError):  # closed with our request unread: a reset
-                answer = b""
-            assert answer == b""  # closed without an answer
-    finally:
-        for c in idle:
-            c.close()
+                refused.append(get(url + "/metrics", ("prometheus", f"wrong-{n}-{i}"))[0])
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                pass
+
+    threads = [threading.Thread(target=flood, args=(n,), daemon=True) for n in range(16)]
+    for t in threads:
+        t.start()
     try:
-        wait_status(server.url + "/-/healthy", 200)
+        while len(refused) < 16:
+            time.sleep(0.01)
+        latencies = []
+        for _ in range(20):
+            t0 = time.perf_counter()
+            assert get(url + "/metrics", ("prometheus", PASSWORD))[0] == 200
+            latencies.append(time.perf_counter() - t0)
     finally:
-        server.shutdown()
-        server.server_close()
+        stop.set()
+        for t in threads:
+            t.join(WAIT)
+    assert 401 in refused
+    latencies.sort()
+    assert latencies[len(latencies) // 2] < 0.1, latencies
+    assert latencies[-1] < 1.0, latencies
+
+
+def test_lifecycle_endpoints_are_off_by_default(cli_exporter: Any) -> None:
+    proc, url = cli_exporter()
+    wait_status(url + "/-/healthy", 200)
+    for path in ("/-/reload", "/-/quit"):
+        code, body, _ = get(url + path, method="POST")
+        assert code == 403 and b"--web.enable-lifecycle" in body
+    assert proc.poll() is None
+
+
+def test_quit_with_lifecycle_enabled_stops_the_exporter(cli_exporter: Any) -> None:
+    proc, url = cli_exporter("--web.enable-lifecycle")
+    wait_status(url + "/-/healthy", 200)
+    assert get(url + "/-/reload", method="POST")[0] == 200
+    assert get(url + "/-/quit", method="GET")[0] == 405
+    code, body, _ = get(url + "/-/quit", method="POST")
+    assert code == 200 and b"Goodbye" in body
+    assert proc.wait(WAIT) == 0
+
+
+# --- reloads (issue 11, "Reload") ---------------------------------------------------------------------------
+
+
+def _reload_metrics(
+    url: str, auth: tuple[str, str] | None = None, ctx: ssl.SSLContext | None = None
+) -> dict[str, float]:
+    body = get(url + "/metrics", auth, ctx)[1].decode()
+    return {
+        line.split()[0]: float(line.split()[1])
+        for line in body.splitlines()
+        if line.startswith("mlops_web_config_last_reload")
+    }
+
+
+def test_an_empty_web_config_on_sighup_keeps_tls_and_auth(cli_exporter: Any, certs: dict[str, Path]) -> None:
+    """A web config truncated to nothing (or to comments) while TLS and auth are on is refused on
+    SIGHUP: the port stays guarded, the refusal is logged and shows in the reload metrics."""
+    wc = write_web_config(certs["dir"] / "web-sighup.yml", certs)
+    proc, url = cli_exporter(f"--web.config.file={wc}")
+    url = url.replace("http://", "https://")
+    ctx = client_context(certs)
+    auth = ("prometheus", PASSWORD)
+    wait_status_tls = time.monotonic() + WAIT
+    while True:
+        try:
+            if get(url + "/-/healthy", auth, ctx)[0] == 200:
+                break
+        except (urllib.error.URLError, ConnectionError):
+            pass
+        assert time.monotonic() < wait_status_tls, "exporter never came up"
+        time.sleep(0.05)
+    first = _reload_metrics(url, auth, ctx)
+    assert first["mlops_web_config_last_reload_successful"] == 1
+
+    for text in ("", "# all commented out\n# tls_server_config:\n"):
+        wc.write_text(text)
+        proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + WAIT
+        while _reload_metrics(url, auth, ctx)["mlops_web_config_last_reload_successful"] != 0:
+            assert time.monotonic() < deadline, "the failed reload never showed"
+            time.sleep(0.05)
+        assert get(url + "/metrics", None, ctx)[0] == 401
+        write_web_config(wc, certs)
+        proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + WAIT
+        while (m := _reload_metrics(url, auth, ctx))["mlops_web_config_last_reload_successful"] != 1:
+            assert time.monotonic() < deadline, "the good reload never showed"
+            time.sleep(0.05)
+        assert (
+            m["mlops_web_config_last_reload_success_timestamp_seconds"]
+            >= first["mlops_web_config_last_reload_success_timestamp_seconds"]
+        )
+    proc.send_signal(signal.SIGTERM)
+    out = proc.communicate(timeout=WAIT)[0].decode()
+    assert out.count("reload failed") == 2 and "is empty" in out
+
+
+@pytest.mark.parametrize(
+    ("text", "why"),
+    [
+        ("http_server_config:\n  headers:\n    X-A: b\n", "turn basic authentication off"),
+        ("{}\n", "turn basic authentication off"),
+    ],
+)
+def test_a_reload_that_would_drop_auth_is_refused(
+    start_exporter: Callable[..., Any], tmp_path: Path, text: str, why: str
+) -> None:
+    wc = write_web_config(tmp_path / "web.yml", None)
+    ex = start_exporter(**base_overrides(**{"web.config.file": wc}))
+    wc.write_text(text)
+    ok, message = ex.reload()
+    assert not ok and why in message
+    assert get(ex.url + "/metrics")[0] == 401
+    assert ex.server.reloads.successful is False
+
+
+def test_a_reload_that_would_drop_tls_or_client_certificates_is_refused(certs: dict[str, Path], tmp_path: Path) -> None:
+    tls = web_config.load(write_web_config(certs["dir"] / "web-a.yml", certs, users=False))
+    mtls = web_config.load(write_web_config(certs["dir"] / "web-b.yml", certs, users=False, mtls=True))
+    plain = write_web_config(certs["dir"] / "web-c.yml", None)
+    with pytest.raises(web_config.WebConfigError, match="turn TLS off"):
+        web_config.load_for_reload(tls, plain)
+    with pytest.raises(web_config.WebConfigError, match="turn TLS off"):
+        web_config.load_for_reload(tls, None)
+    with pytest.raises(web_config.WebConfigError, match="client certificates"):
+        web_config.load_for_reload(mtls, certs["dir"] / "web-a.yml")
+    assert web_config.load_for_reload(tls, certs["dir"] / "web-b.yml").tls  # strengthening is fine
+
+
+def test_a_yaml_alias_bomb_in_the_web_config_is_refused(cli_exporter: Any, tmp_path: Path) -> None:
+    wc = tmp_path / "web.yml"
+    wc.write_text(f"http_server_config:\n  headers:\n    X-Bomb: {alias_bomb()}\n")
+    with pytest.raises(web_config.WebConfigError, match="aliases"):
+        web_config.load(wc)
+    proc, _ = cli_exporter(f"--web.config.file={wc}")
+    out = proc.communicate(timeout=WAIT)[0].decode()
+    assert proc.returncode == 1 and "aliases" in out and "Traceback" not in out
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("", "is empty"),
+        ("# only a comment\n", "is empty"),
+        ("basic_auth_users:\n  a: '$2b$04$short'\n", "invalid bcrypt hash"),
+        ("basic_auth_users:\n  a: '$2b$17$" + "a" * 53 + "'\n", "has cost 17"),
+        ("http_server_config:\n  headers:\n    'Bad Header': x\n", "bad header"),
+        ("http_server_config:\n  headers:\n    Content-Length: '0'\n", "is set by the server"),
+    ],
+)
+def test_more_web_configs_that_are_refused(tmp_path: Path, text: str, message: str) -> None:
+    p = tmp_path / "web.yml"
+    p.write_text(text)
+    with pytest.raises(web_config.WebConfigError, match=message) as e:
+        web_config.load(p)
+    assert "\n" not in str(e.value) and str(p) in str(e.value)
+
+
+def test_reload_metrics_are_served(start_exporter: Callable[..., Any]) -> None:
+    before = time.time()
+    ex = start_exporter(**base_overrides())
+    m = _reload_metrics(ex.url)
+    assert m["mlops_web_config_last_reload_successful"] == 1
+    assert before - 1 <= m["mlops_web_config_last_reload_success_timestamp_seconds"] <= time.time() + 1

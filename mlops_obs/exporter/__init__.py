@@ -16,16 +16,17 @@ from mlops_obs.config import (
     ConfigError,
     Setting,
     int_parser,
+    loop_duration,
+    parse_bool,
     parse_listen_address,
     parse_optional_path,
     parse_str,
-    positive_duration,
     resolve,
 )
-from mlops_obs.exporter import web_config
 from mlops_obs.exporter.sampler import Sampler
 from mlops_obs.exporter.server import ExporterServer
 from mlops_obs.logs import configure, get_logger
+from mlops_obs.web import config as web_config
 
 DEFAULT_PORT = 9477
 
@@ -33,7 +34,7 @@ DEFAULT_PORT = 9477
 def needs_restart(key: str) -> bool:
     """Settings a reload cannot change in a running process: a new socket, a new set of threads."""
     return (
-        key == "web.listen-address"
+        key in ("web.listen-address", "web.enable-lifecycle")
         or key.startswith("log.")
         or (key.startswith("collector.") and key != "collector.deadline")
     )
@@ -53,12 +54,15 @@ EXPORTER_SETTINGS: tuple[Setting, ...] = (
             metavar="PATH"),
     Setting("web.config.file", parse_optional_path, None,
             "exporter-toolkit web configuration (TLS, client certificates, bcrypt basic auth). "
-            "Re-read on SIGHUP and POST /-/reload.", metavar="PATH"),
+            "Re-read on SIGHUP (and POST /-/reload with --web.enable-lifecycle).", metavar="PATH"),
     Setting("web.max-requests", int_parser(minimum=0), 40,
             "Requests served at once; more get 503 at once. 0 means no limit.", metavar="N"),
-    Setting("sampler.interval", positive_duration, 1.0, "How often collectors sample, off the scrape path.",
+    Setting("web.enable-lifecycle", parse_bool, False,
+            "Serve POST /-/reload and POST /-/quit (off: anyone who reaches the port could use them).",
+            kind="bool"),
+    Setting("sampler.interval", loop_duration, 1.0, "How often collectors sample, off the scrape path.",
             metavar="DURATION"),
-    Setting("collector.deadline", positive_duration, 5.0,
+    Setting("collector.deadline", loop_duration, 5.0,
             "A collector sampling for longer than this is abandoned (success 0, series dropped).",
             metavar="DURATION"),
 )  # fmt: skip
@@ -103,6 +107,7 @@ class Exporter:
                 web=web,
                 max_requests=int(config.get("web.max-requests", 40)),
                 on_reload=self.reload,
+                lifecycle=bool(config.get("web.enable-lifecycle")),
             )
         except OSError:
             self.sampler.stop()  # releases what the collectors opened (NVML, threads)
@@ -142,8 +147,9 @@ class Exporter:
         with self._reload_lock:
             try:
                 cfg = self._reresolve()
-                web = web_config.load(cfg.get("web.config.file"))
+                web = web_config.load_for_reload(self.server.web, cfg.get("web.config.file"))
             except (ConfigError, web_config.WebConfigError) as e:
+                self.server.reloads.record(False)
                 self.log.error("reload failed; keeping the running configuration", error=str(e))
                 return False, f"reload failed: {e}"
             restart = sorted(k for k in cfg if needs_restart(k) and cfg[k] != self.config.get(k))
@@ -156,6 +162,7 @@ class Exporter:
             self.sampler.interval = cfg["sampler.interval"]
             self.sampler.deadline = cfg["collector.deadline"]
             self.config.update(cfg)
+            self.server.reloads.record(True)
             msg = "configuration reloaded"
             if restart:
                 msg += f"; these need a restart to change: {', '.join(restart)}"
@@ -229,6 +236,7 @@ def _serve(cfg: Mapping[str, Any], handled: set[signal.Signals]) -> int:
         host, port = cfg["web.listen-address"]
         log.error("cannot listen", address=f"{host}:{port}", error=e.strerror or str(e))
         return 1
+    exporter.server.on_quit = lambda: os.kill(os.getpid(), signal.SIGTERM)  # to the sigwait below
     exporter.start()
     tune_gc()
     log.info(

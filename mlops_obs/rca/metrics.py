@@ -129,7 +129,7 @@ def fetch(prom: Prometheus, job: str, first: float, last: float) -> MetricEviden
         if q.scope == "instances":
             if not instances:
                 continue
-            expr = q.template.format(instances="|".join(re.escape(i) for i in sorted(instances)))
+            expr = q.template.format(instances=promql_string("|".join(re.escape(i) for i in sorted(instances))))
         else:
             expr = q.template.format(job=promql_string(job))
         got = prom.query_range(expr, start, end, step)

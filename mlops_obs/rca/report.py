@@ -17,7 +17,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from mlops_obs.rca.facts import JobFacts
+from mlops_obs.rca.facts import JobFacts, trusted
 from mlops_obs.rca.metrics import MetricEvidence, rate_points, ratio_points
 from mlops_obs.rca.model import Report, clip
 from mlops_obs.rca.times import epoch
@@ -26,6 +26,7 @@ PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e
 LEVEL_COLOURS = {"critical": "#7f0000", "error": "#d62728", "warning": "#ff9f1c", "info": "#4a90d9", "debug": "#999"}
 VERDICT_COLOURS = {"fault": "#c62828", "healthy": "#2e7d32", "unknown": "#ef6c00"}
 MAX_LABELLED_SERIES = 10
+NOWRAP = frozenset(("time", "source", "rank", "kind", "node", "level"))
 W, H, PAD_L, PAD_R, PAD_T, PAD_B = 860, 220, 64, 16, 28, 36
 
 CSS = """
@@ -35,7 +36,7 @@ h1{font-size:22px;margin:0 0 4px} h2{font-size:17px;margin:28px 0 8px;border-bot
 .summary{font-size:16px;margin:10px 0} .meta{color:#555} .meta b{color:#222}
 table{border-collapse:collapse;width:100%;font-size:12.5px} th{background:#f6f6f6}
 td,th{border-bottom:1px solid #eee;padding:3px 6px;text-align:left;vertical-align:top;overflow-wrap:anywhere}
-td.t{white-space:nowrap;font-family:ui-monospace,monospace} .mono{font-family:ui-monospace,monospace}
+td.t{white-space:nowrap} .mono{font-family:ui-monospace,monospace}
 tr.alert td{background:#fff4e0} tr.lv-error td,tr.lv-critical td{background:#fdecea}
 svg{display:block;margin:6px 0 14px;background:#fff} .none{color:#777;font-style:italic}
 """
@@ -186,6 +187,13 @@ def timeline_strip(events: Sequence[Mapping[str, Any]], markers: Sequence[Marker
         yy = PAD_T + i * lane_h + lane_h / 2
         colour = "#ff6d00" if ev.get("kind") == "alert" else LEVEL_COLOURS.get(str(ev.get("level")), "#777")
         rad = 4 if ev.get("kind") != "log" or ev.get("level") in ("error", "critical") else 2.5
+        if not trusted(ev):  # drawn hollow: the time is when a shipper read the line, not when it was written
+            out.append(
+                f'<circle cx="{x(t):.1f}" cy="{yy:.1f}" r="{rad}" fill="none" stroke="{colour}">'
+                f"<title>{_e(ev.get('@timestamp'))} (time read, not written) "
+                f"{_e(clip(str(ev.get('message', '')), 160))}</title></circle>"
+            )
+            continue
         out.append(
             f'<circle cx="{x(t):.1f}" cy="{yy:.1f}" r="{rad}" fill="{colour}" fill-opacity="0.85">'
             f"<title>{_e(ev.get('@timestamp'))} {_e(clip(str(ev.get('message', '')), 160))}</title></circle>"
@@ -282,7 +290,9 @@ def _rows(headers: Sequence[str], rows: Sequence[Sequence[Any]], classes: Sequen
     body = []
     for i, row in enumerate(rows):
         cls = f' class="{classes[i]}"' if i < len(classes) and classes[i] else ""
-        cells = "".join(f'<td class="t">{_e(c)}</td>' if j == 0 else f"<td>{_e(c)}</td>" for j, c in enumerate(row))
+        cells = "".join(
+            f'<td class="t">{_e(c)}</td>' if headers[j] in NOWRAP else f"<td>{_e(c)}</td>" for j, c in enumerate(row)
+        )
         body.append(f"<tr{cls}>{cells}</tr>")
     return f"<table><tr>{head}</tr>{''.join(body)}</table>"
 

@@ -123,6 +123,8 @@ def _explains(e: Finding, root: Finding, facts: JobFacts) -> bool:
         return False
     if e.kind in ("oom_killed", "node_memory_pressure") and "sigkill" not in root.tags:
         return False
+    if e.kind == "node_down" and root.kind == "crash" and not root.tags & {"sigkill", "silent"}:
+        return False  # a rank that said why it crashed did not crash because its node went away
     same_place = (e.rank is not None and e.rank == root.rank) or (
         e.node is not None and (e.node == root.node or (root.rank is not None and e.node in _nodes(facts, root.rank)))
     )

@@ -273,14 +273,17 @@ def silent_ranks(ctx: Context) -> Iterable[Finding]:
         verb = "hung" if kind == "stall" else "died"
         if len(quiet) == 1:
             summary = f"rank {x} {verb} {where} {why}".replace("  ", " ")
+            node = r.node if r else None
+            silent = frozenset(("silent",))
             yield Finding(
-                kind, "fault", x, summary, time, "medium", r.node if r else None, step, [*evidence, *_last_words(r)]
+                kind, "fault", x, summary, time, "medium", node, step, [*evidence, *_last_words(r)], tags=silent
             )
         else:
             summary = (
                 f"one of {_ranks(quiet)} {verb} {why}; the logs cannot tell which (they went silent at the same moment)"
             )
-            yield Finding(kind, "fault", None, summary, time, "low", None, step, [*evidence, *_last_words(r)])
+            evidence += _last_words(r)
+            yield Finding(kind, "fault", None, summary, time, "low", None, step, evidence, tags=frozenset(("silent",)))
             return
 
 

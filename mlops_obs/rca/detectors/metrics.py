@@ -27,7 +27,10 @@ from mlops_obs.rca.model import Evidence, Finding
 from mlops_obs.rca.prometheus import Series
 from mlops_obs.rca.times import epoch, stamp
 
-STRAGGLER_RATIO = 1.5
+STRAGGLER_RATIO = 2.0
+"""A straggler's compute time over the other ranks' median. Issue 12's alert flags 1.5x; a root cause
+needs more: on this 2-core CI machine, healthy ranks under CPU contention differ by up to 1.7x."""
+PHASE_STRAGGLER_RATIO = 3.0
 STRAGGLER_FLOOR_SECONDS = 0.0005  # per step: below this, a ratio is timer noise
 STRAGGLER_SCORE = 0.75
 DATA_WAIT_SHARE = 0.25
@@ -91,71 +94,92 @@ def _first_rise(s: Series, appeared: bool) -> float | None:
 
 @detector("metric_straggler", needs="metrics")
 def straggler(ctx: Context) -> Iterable[Finding]:
-    """A rank computing (forward, backward, optimizer: not waiting) much longer per step than the
-    median of the others; they then wait for it in the all-reduce."""
+    """A rank whose step compute time (the step less its waits in collectives) is a multiple of the
+    other ranks': they then wait for it in every all-reduce.
+
+    The sidecar's straggler score is each rank's median recent compute time against the job's
+    median, so it is robust to the first steps (the ranks' start-up waits) and to a rank descheduled
+    now and then; this compares each rank's score with the median of the *other* ranks' scores, which
+    is the ratio of their compute times at any rank count. Without scores (an older exporter), the
+    per-step compute from the phase counters, which the first steps' waits distort, so with a higher
+    bar and only when the rank also waits less in the collective than the others do.
+    """
     ev = ctx.metrics
     assert ev is not None
+    shares = phase_shares(ev)
+    coll = {k: v.get("collective", 0.0) for k, v in shares.items()}
+    scores = {
+        r: statistics.median(vals)
+        for r, s in ev.per_rank("mlops_training_straggler_score").items()
+        if (vals := [v for _, v in s.points if math.isfinite(v) and v > 0])
+    }
+    if len(scores) >= 2:
+        for r, score in sorted(scores.items()):
+            med = _median_others(scores, r)
+            if not med or med / score < STRAGGLER_RATIO:
+                continue
+            ratio = med / score
+            s = ev.per_rank("mlops_training_straggler_score")[r]
+            low = next((t for t, v in s.points if v < STRAGGLER_SCORE), s.points[0][0])
+            text = (
+                f"rank {r}'s step compute time is {ratio:.1f}x the other ranks' (straggler score {score:.2f} "
+                f"against their median {med:.2f}){_waits(coll, r)}"
+            )
+            yield Finding(
+                "straggler",
+                "anomaly",
+                r,
+                text,
+                stamp(low),
+                "high" if ratio >= 3 else "medium",
+                _node_label(ev, r),
+                None,
+                [_ev(ev, "mlops_training_straggler_score", text, low, r)],
+                magnitude=ratio,
+            )
+        return
     totals, steps = phase_totals(ev), steps_done(ev)
     busy = {
         r: sum(v for p, v in ph.items() if p not in BUSY_PHASES_EXCLUDED) / steps[r]
         for r, ph in totals.items()
         if steps.get(r, 0) > 0
     }
-    shares = phase_shares(ev)
-    found = False
-    if len(busy) >= 2:
-        for r, b in sorted(busy.items()):
-            med = _median_others(busy, r)
-            if not med or b / med < STRAGGLER_RATIO or b - med < STRAGGLER_FLOOR_SECONDS:
-                continue
-            found = True
-            ratio = b / med
-            coll = {k: v.get("collective", 0.0) for k, v in shares.items()}
-            others_coll = _median_others(coll, r)
-            waits = (
-                (
-                    f"; the others spend {others_coll:.0%} of their time waiting in the collective against "
-                    f"{coll.get(r, 0.0):.0%} on rank {r}"
-                )
-                if others_coll is not None
-                else ""
-            )
-            s = ev.per_rank("mlops_training_steps_total").get(r)
-            text = (
-                f"rank {r} computes {b * 1000:.1f} ms per step against a median of {med * 1000:.1f} ms on the "
-                f"other ranks ({ratio:.1f}x){waits}"
-            )
-            yield Finding(
-                "straggler",
-                "anomaly",
-                r,
-                text,
-                stamp(_first_t(s) or ev.start),
-                "high" if ratio >= 2 else "medium",
-                _node_label(ev, r),
-                None,
-                [_ev(ev, "mlops_training_phase_seconds_total", text, _first_t(s), r)],
-                magnitude=ratio,
-            )
-    if found or busy:
-        return
-    for r, s in sorted(ev.per_rank("mlops_training_straggler_score").items()):
-        vals = [v for _, v in s.points if not math.isnan(v)]
-        low = [t for t, v in s.points if v < STRAGGLER_SCORE]
-        if len(vals) >= 3 and len(low) >= len(vals) / 2:
-            text = f"rank {r}'s straggler score stayed below {STRAGGLER_SCORE} ({min(vals):.2f} at worst)"
-            yield Finding(
-                "straggler",
-                "anomaly",
-                r,
-                text,
-                stamp(low[0]),
-                "medium",
-                _node_label(ev, r),
-                None,
-                [_ev(ev, "mlops_training_straggler_score", text, low[0], r)],
-                magnitude=1 / max(min(vals), 1e-3),
-            )
+    for r, b in sorted(busy.items()):
+        med = _median_others(busy, r)
+        others_coll = _median_others(coll, r)
+        if (
+            not med
+            or b / med < PHASE_STRAGGLER_RATIO
+            or b - med < STRAGGLER_FLOOR_SECONDS
+            or others_coll is None
+            or coll.get(r, 1.0) >= others_coll
+        ):
+            continue
+        ratio = b / med
+        first = _first_t(ev.per_rank("mlops_training_steps_total").get(r))
+        text = (
+            f"rank {r} computes {b * 1000:.1f} ms per step against a median of {med * 1000:.1f} ms on the "
+            f"other ranks ({ratio:.1f}x){_waits(coll, r)}"
+        )
+        yield Finding(
+            "straggler",
+            "anomaly",
+            r,
+            text,
+            stamp(first or ev.start),
+            "medium",
+            _node_label(ev, r),
+            None,
+            [_ev(ev, "mlops_training_phase_seconds_total", text, first, r)],
+            magnitude=ratio,
+        )
+
+
+def _waits(coll: dict[int, float], r: int) -> str:
+    others = _median_others(coll, r)
+    if others is None:
+        return ""
+    return f"; the others spend {others:.0%} of their time waiting in collectives, rank {r} {coll.get(r, 0.0):.0%}"
 
 
 def _node_label(ev: MetricEvidence, r: int) -> str | None:
@@ -418,8 +442,14 @@ def node(ctx: Context) -> Iterable[Finding]:
             continue
         ranks = [r for r in ctx.facts.ranks.values() if name(s) in r.nodes]
         # The exporter alone going away (stopped, redeployed) is not the node: its ranks must have
-        # gone silent with it, unfinished.
-        if not ranks or any(r.finished or not r.last or epoch(r.last) > down + NODE_DOWN_SLACK for r in ranks):
+        # gone silent with it, unfinished and without a word of their own.
+        if not ranks or any(
+            r.finished
+            or not r.last
+            or abs(epoch(r.last) - down) > NODE_DOWN_SLACK + ev.step
+            or r.first_signal("cause", "symptom", "stop", "error") is not None
+            for r in ranks
+        ):
             continue
         text = (
             f"{name(s)}: its exporter stopped answering scrapes (up == 0) as {'rank' if len(ranks) == 1 else 'ranks'}"

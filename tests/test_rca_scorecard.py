@@ -65,7 +65,7 @@ CASES = (
         20,
         None,
         other=("straggler", 0),
-    ),  # fmt: skip
+    ),
 )
 
 

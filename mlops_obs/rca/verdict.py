@@ -29,7 +29,7 @@ from dataclasses import replace
 from mlops_obs.rca.detectors import Context, run_all
 from mlops_obs.rca.facts import JobFacts
 from mlops_obs.rca.metrics import MetricEvidence
-from mlops_obs.rca.model import CONFIDENCE, Finding, Report
+from mlops_obs.rca.model import CONFIDENCE, NODE_KINDS, Finding, Report
 from mlops_obs.rca.sources import Source
 from mlops_obs.rca.times import epoch, stamp
 
@@ -155,10 +155,8 @@ def _explained(root: Finding, e: Finding, facts: JobFacts) -> tuple[Finding, Fin
             evidence=[*root.evidence, *e.evidence],
             confidence="high" if e.confidence == "high" else "medium",
         ), None
-    if e.rank is None and root.rank is not None:
-        on_node = [r for r, rf in facts.ranks.items() if e.node in rf.nodes]
-        if on_node == [root.rank]:
-            e = replace(e, rank=root.rank)
+    if e.rank is None and root.rank is not None and e.node in _nodes(facts, root.rank):
+        e = replace(e, rank=root.rank)  # the rank on that node that failed right after it is the one it hit
     if e.role == root.role == "anomaly" and e.rank == root.rank:
         return replace(e, evidence=[*e.evidence, *root.evidence]), None
     step = e.step if e.step is not None else (root.step if e.rank == root.rank else None)
@@ -210,6 +208,7 @@ def decide(findings: list[Finding], facts: JobFacts) -> Report:
         else:
             return Report(facts.job, "healthy", None, [], [], [], _healthy_summary(facts))
     rest = [f for f in merged if f is not root and f.role in ("fault", "anomaly")]
+    root = _attribute(root, later, facts)
     explainers = sorted((e for e in rest if _explains(e, root, facts)), key=_order)
     if explainers:
         e = explainers[0]
@@ -232,6 +231,19 @@ def decide(findings: list[Finding], facts: JobFacts) -> Report:
     symptoms = _one_per_rank([s for s in symptoms if s.rank is None or s.rank != root.rank])
     verdict = "unknown" if root.kind == "unknown" else "fault"
     return Report(facts.job, verdict, root, symptoms, sorted(others, key=_order), [])
+
+
+def _attribute(root: Finding, later: list[Finding], facts: JobFacts) -> Finding:
+    """A node-level root (an XID line of no rank) takes the rank of the node's first rank to fail
+    right after it: that rank was on the failing part."""
+    if root.rank is not None or root.node is None or root.kind not in NODE_KINDS or not root.time:
+        return root
+    for f in later:
+        if f.rank is not None and f.time and root.node in _nodes(facts, f.rank):
+            if 0 <= epoch(f.time) - epoch(root.time) <= EXPLAIN_AFTER_SECONDS:
+                return replace(root, rank=f.rank, step=root.step if root.step is not None else f.step)
+            break
+    return root
 
 
 def _one_per_rank(symptoms: list[Finding]) -> list[Finding]:

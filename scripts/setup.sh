@@ -13,6 +13,7 @@ declare -A PKG=(
   [prometheus]=prometheus [promtool]=prometheus
   [prometheus-alertmanager]=prometheus-alertmanager [amtool]=prometheus-alertmanager
   [prometheus-node-exporter]=prometheus-node-exporter [openssl]=openssl
+  [chromium]=chromium
 )
 missing=()
 for bin in "${!PKG[@]}"; do

@@ -8,19 +8,11 @@ when asked for, the cap too small for the job's evidence); one line on stderr, n
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
-from mlops_obs.commands.rca import (
-    EXIT_FAILED,
-    SOURCE_SETTINGS,
-    Failed,
-    fetch_metrics,
-    required_job,
-    store_dir,
-)
+from mlops_obs.commands.rca import SOURCE_SETTINGS, Failed, fetch_metrics, guarded, required_job, store_dir
 from mlops_obs.config import COMMON_SETTINGS, ConfigError, Setting, int_parser, parse_optional_path
 
 BUNDLE_SETTINGS: tuple[Setting, ...] = (
@@ -50,14 +42,7 @@ def run(cfg: Mapping[str, Any]) -> int:
     job = required_job(cfg)
     if not cfg.get("out"):
         raise ConfigError("out", "required: where to write the bundle (--out FILE.tar.gz)")
-    try:
-        return _run(cfg, job)
-    except Failed as e:
-        print(f"mlops-obs bundle: error: {e}", file=sys.stderr)
-        return EXIT_FAILED
-    except Exception as e:  # one line, never a traceback
-        print(f"mlops-obs bundle: error: {type(e).__name__}: {e}", file=sys.stderr)
-        return EXIT_FAILED
+    return guarded("bundle", lambda: _run(cfg, job))
 
 
 def job_events(directory: Path, job: str, since: str | None, until: str | None) -> list[dict[str, Any]]:

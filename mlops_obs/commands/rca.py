@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -111,20 +111,25 @@ def fetch_metrics(cfg: Mapping[str, Any], job: str, first: str | None, last: str
         raise Failed(str(e)) from None
 
 
+def guarded(command: str, body: Callable[[], int]) -> int:
+    """Run ``body``; a :class:`Failed` (or anything unforeseen) is one line on stderr and exit 4, never
+    a traceback. :class:`ConfigError` passes through to the CLI's usage handling (exit 2)."""
+    try:
+        return body()
+    except Failed as e:
+        print(f"mlops-obs {command}: error: {e}", file=sys.stderr)
+    except ConfigError:
+        raise
+    except Exception as e:  # the promise: one line, never a traceback
+        print(f"mlops-obs {command}: error: {type(e).__name__}: {e}", file=sys.stderr)
+    return EXIT_FAILED
+
+
 def run(cfg: Mapping[str, Any]) -> int:
     job = required_job(cfg)
     if cfg.get("bundle") and cfg.get("store"):
         raise ConfigError("bundle", "give --store or --bundle, not both")
-    try:
-        return _run(cfg, job)
-    except Failed as e:
-        print(f"mlops-obs rca: error: {e}", file=sys.stderr)
-        return EXIT_FAILED
-    except ConfigError:
-        raise
-    except Exception as e:  # the promise: one line, never a traceback
-        print(f"mlops-obs rca: error: {type(e).__name__}: {e}", file=sys.stderr)
-        return EXIT_FAILED
+    return guarded("rca", lambda: _run(cfg, job))
 
 
 def _run(cfg: Mapping[str, Any], job: str) -> int:

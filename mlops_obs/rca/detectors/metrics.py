@@ -276,57 +276,16 @@ def gpu(ctx: Context) -> Iterable[Finding]:
     assert ev is not None
     job = ctx.facts.job
     for s in ev.named("mlops_gpu_xid_errors_total"):
-        inc = window_increase(ev, s)
-        if inc <= 0:
-            continue
-        rank, node = _where(ev, s, job)
-        t = _first_rise(s, s.points[0][0] > ev.start + 2 * ev.step)
-        text = f"GPU {s.labels.get('gpu', '?')} on {node} reported XID {s.labels.get('xid', '?')} ({inc:g} times)"
-        yield Finding(
-            "gpu_xid",
-            "fault",
-            rank,
-            text,
-            stamp(t) if t else None,
-            "high",
-            node,
-            None,
-            [_ev(ev, "mlops_gpu_xid_errors_total", text, t, rank)],
-        )
+        yield from _rose(ev, s, job, "gpu_xid", "reported XID {xid} ({n:g} times)")
     for s in ev.named("mlops_gpu_lost"):
         lost = [t for t, v in s.points if v >= 1]
         if lost:
             rank, node = _where(ev, s, job)
             text = f"GPU {s.labels.get('gpu', '?')} on {node} fell off the bus (XID 79)"
-            yield Finding(
-                "gpu_xid",
-                "fault",
-                rank,
-                text,
-                stamp(lost[0]),
-                "high",
-                node,
-                None,
-                [_ev(ev, "mlops_gpu_lost", text, lost[0], rank)],
-            )
+            evidence = [_ev(ev, "mlops_gpu_lost", text, lost[0], rank)]
+            yield Finding("gpu_xid", "fault", rank, text, stamp(lost[0]), "high", node, None, evidence)
     for s in ev.named("mlops_gpu_ecc_errors_total", type="uncorrected", scope="volatile"):
-        inc = window_increase(ev, s)
-        if inc <= 0:
-            continue
-        rank, node = _where(ev, s, job)
-        t = _first_rise(s, s.points[0][0] > ev.start + 2 * ev.step)
-        text = f"GPU {s.labels.get('gpu', '?')} on {node}: {inc:g} uncorrected ECC errors"
-        yield Finding(
-            "gpu_ecc",
-            "fault",
-            rank,
-            text,
-            stamp(t) if t else None,
-            "high",
-            node,
-            None,
-            [_ev(ev, "mlops_gpu_ecc_errors_total", text, t, rank)],
-        )
+        yield from _rose(ev, s, job, "gpu_ecc", "{n:g} uncorrected ECC errors")
     span = max(ev.end - ev.start, 1.0)
     for s in ev.named("mlops_gpu_throttle_seconds_total", reason="thermal"):
         share = window_increase(ev, s) / span
@@ -370,6 +329,18 @@ def gpu(ctx: Context) -> Iterable[Finding]:
                 [_ev(ev, "mlops_gpu_temperature_celsius", text, hot[0], rank)],
                 magnitude=peak,
             )
+
+
+def _rose(ev: MetricEvidence, s: Series, job: str, kind: str, what: str) -> Iterable[Finding]:
+    """A GPU error counter that rose in the window: a fault of ``kind`` on that GPU's node (and rank)."""
+    n = window_increase(ev, s)
+    if n <= 0:
+        return
+    rank, node = _where(ev, s, job)
+    t = _first_rise(s, s.points[0][0] > ev.start + 2 * ev.step)
+    text = f"GPU {s.labels.get('gpu', '?')} on {node}: " + what.format(n=n, xid=s.labels.get("xid", "?"))
+    evidence = [_ev(ev, s.name, text, t, rank)]
+    yield Finding(kind, "fault", rank, text, stamp(t) if t else None, "high", node, None, evidence)
 
 
 @detector("metric_node", needs="metrics")

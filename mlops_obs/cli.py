@@ -31,6 +31,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "mlops_obs.commands.workload",
         "Run the reference PyTorch DDP workload (with fault injection).",
     ),
+    "rca": ("mlops_obs.commands.rca", "Name a job's root cause (kind, rank, step, evidence); --html for a report."),
+    "bundle": ("mlops_obs.commands.bundle", "Pack a job's incident (events, series, snapshots) into a .tar.gz."),
 }
 
 

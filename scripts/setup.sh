@@ -19,7 +19,7 @@ declare -A PKG=(
   [prometheus]=prometheus [promtool]=prometheus
   [prometheus-alertmanager]=prometheus-alertmanager [amtool]=prometheus-alertmanager
   [prometheus-node-exporter]=prometheus-node-exporter [openssl]=openssl
-  [stress-ng]=stress-ng
+  [stress-ng]=stress-ng [chromium]=chromium
 )
 
 # Every apt-get waits for the dpkg and lists locks instead of failing at once when another apt holds them.

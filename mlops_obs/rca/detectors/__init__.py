@@ -18,62 +18,8 @@ detector has a test in ``tests/test_rca_detectors.py`` on facts built from event
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
-
-from mlops_obs.rca.facts import JobFacts, RankFacts
-from mlops_obs.rca.metrics import MetricEvidence
-from mlops_obs.rca.model import Finding
-from mlops_obs.rca.times import epoch
-
-
-@dataclass
-class Context:
-    facts: JobFacts
-    metrics: MetricEvidence | None
-    now: str  # the analysis' "now": --until, a bundle's end, or the wall clock
-
-    def silent_for(self, r: RankFacts) -> float | None:
-        """Seconds since the rank's last trusted event, at ``now``."""
-        return epoch(self.now) - epoch(r.last) if r.last else None
-
-
-Detect = Callable[[Context], Iterable[Finding]]
-
-
-@dataclass(frozen=True)
-class Detector:
-    name: str
-    needs: str  # "logs" | "metrics"
-    fn: Detect
-
-
-DETECTORS: list[Detector] = []
-
-
-def detector(name: str, needs: str = "logs") -> Callable[[Detect], Detect]:
-    def register(fn: Detect) -> Detect:
-        if any(d.name == name for d in DETECTORS):
-            raise ValueError(f"detector {name!r} registered twice")
-        DETECTORS.append(Detector(name, needs, fn))
-        return fn
-
-    return register
-
-
-def run_all(ctx: Context) -> list[Finding]:
-    """Every registered detector whose evidence is present, their findings tagged with its name."""
-    out: list[Finding] = []
-    for d in DETECTORS:
-        if d.needs == "metrics" and not ctx.metrics:
-            continue
-        for f in d.fn(ctx):
-            f.detector = f.detector or d.name
-            out.append(f)
-    return out
-
-
 # Registration happens on import; the order below is the registry's order.
-from mlops_obs.rca.detectors import alerts, logs, metrics, stacks  # noqa: E402
+from mlops_obs.rca.detectors import alerts, logs, metrics, stacks
+from mlops_obs.rca.detectors.registry import DETECTORS, Context, Detector, detector, run_all
 
 __all__ = ["DETECTORS", "Context", "Detector", "alerts", "detector", "logs", "metrics", "run_all", "stacks"]

@@ -7,7 +7,7 @@ import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from mlops_obs.rca.detectors import Context, detector
+from mlops_obs.rca.detectors.registry import Context, detector
 from mlops_obs.rca.model import Finding, event_evidence
 from mlops_obs.rca.times import epoch, stamp
 

@@ -13,7 +13,7 @@ import math
 import statistics
 from collections.abc import Iterable
 
-from mlops_obs.rca.detectors import Context, detector
+from mlops_obs.rca.detectors.registry import Context, detector
 from mlops_obs.rca.metrics import (
     MetricEvidence,
     last_value,

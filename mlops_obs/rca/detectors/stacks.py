@@ -9,7 +9,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from mlops_obs.rca.detectors import Context, detector
+from mlops_obs.rca.detectors.registry import Context, detector
 from mlops_obs.rca.model import Finding, event_evidence
 
 _FRAME = re.compile(r'^\s*File "(?P<file>[^"]+)", line (?P<line>\d+),? in (?P<func>\S+)')

@@ -7,12 +7,14 @@ import re
 import subprocess
 from pathlib import Path
 
+import pytest
 import yaml
 
 from mlops_obs.cli import main
 from mlops_obs.mixin import config as mixin_config
 from mlops_obs.mixin import dashboards, grafana, rules
-from mlops_obs.mixin.generate import ALERTS_FILE, RECORDING_FILE, RULE_TESTS_FILE, render_files
+from mlops_obs.mixin.alertmanager import JOB_ROOT_CAUSES, JOB_SYMPTOMS
+from mlops_obs.mixin.generate import ALERTS_FILE, RECORDING_FILE, RULE_TESTS_FILE, render_files, write
 from tests.conftest import require_binary
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -22,6 +24,27 @@ CFG = mixin_config.MixinConfig()
 def test_committed_files_are_up_to_date(capsys: object) -> None:
     """`mlops-obs generate --check` passes on the repository (CI runs the same)."""
     assert main(["generate", "--check", f"--output-dir={ROOT}"]) == 0
+
+
+def test_check_works_from_any_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without --output-dir, --check compares the checkout this package runs from, not the current directory."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["generate", "--check"]) == 0
+    assert not any(tmp_path.iterdir())
+
+
+def test_without_a_checkout_output_dir_is_required(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An installed copy (no checkout to default to) says to pass --output-dir, exit 2, and writes nothing."""
+    from mlops_obs.commands import generate
+
+    monkeypatch.setattr(generate, "checkout_root", lambda: None)
+    monkeypatch.chdir(tmp_path)
+    assert main(["generate"]) == 2
+    err = capsys.readouterr().err
+    assert "output-dir" in err and "checkout" in err and len(err.strip().splitlines()) == 1
+    assert not any(tmp_path.iterdir())
 
 
 def test_check_fails_on_stale_and_missing_files(tmp_path: Path) -> None:
@@ -92,7 +115,7 @@ def test_every_alert_has_a_firing_and_a_quiet_unit_test() -> None:
     for t in tests:
         for case in t["alert_rule_test"]:
             seen.setdefault(case["alertname"], []).append(bool(case["exp_alerts"]))
-    expected = {a.name: [False] * (1 + len(a.also_quiet)) + [True] for a in rules.alerts(CFG)}
+    expected = {a.name: [False] * (1 + len(a.also_quiet)) + [True] * (1 + len(a.also_fires)) for a in rules.alerts(CFG)}
     assert {name: sorted(v) for name, v in seen.items()} == expected
 
 
@@ -114,8 +137,16 @@ def test_amtool_check_config() -> None:
     assert "job" in am["route"]["group_by"]
     inhibits = {tuple(i["source_matchers"]): i for i in am["inhibit_rules"]}
     down = inhibits[('alertname="MlopsExporterDown"',)]
-    assert "TrainingStalled" in down["target_matchers"][0] and "GpuXidCritical" in down["target_matchers"][0]
+    assert "GpuXidCritical" in down["target_matchers"][0] and "TrainingStalled|" in down["target_matchers"][0]
+    assert "TrainingNodeDown" not in down["target_matchers"][0] and down["equal"] == ["instance"]
+    job = next(i for i in am["inhibit_rules"] if "TrainingRankFailed" in i["source_matchers"][0])
+    assert job["equal"] == ["job"] and "TrainingStalled" in job["target_matchers"][0]
     assert inhibits[('severity="critical"',)]["target_matchers"] == ['severity="warning"']
+
+
+def test_root_causes_are_never_muted_as_their_own_symptoms() -> None:
+    """No alert is both a job's root cause and one of the symptoms the root causes mute."""
+    assert not set(JOB_ROOT_CAUSES) & set(JOB_SYMPTOMS)
 
 
 def test_dashboards_follow_grafana_conventions() -> None:
@@ -128,6 +159,7 @@ def test_dashboards_follow_grafana_conventions() -> None:
         assert names == ["datasource", "job", "node", "rank", "gpu"], stem
         queries = {v["name"]: v["query"] for v in data["templating"]["list"]}
         assert "$job" in queries["node"] and "$node" in queries["rank"] and "$node" in queries["gpu"]
+        assert not re.search(r'job="', json.dumps(data)), f"{stem} hard-codes a job; selectors are config values"
         assert data["annotations"]["list"][0]["expr"].startswith("ALERTS")
         assert any(p["type"] == "row" for p in data["panels"]), stem
         for p in data["panels"]:
@@ -167,15 +199,91 @@ def test_kubernetes_forms_match_the_files() -> None:
     assert all(len(yaml.safe_dump(cm)) < 200_000 for cm in cms)
 
 
-def test_e2e_profile_changes_only_durations() -> None:
-    """The e2e profile's alert expressions differ from production only in windows and thresholds of time."""
-    prod = {a.name: a for a in rules.alerts(CFG)}
-    fast = {a.name: a for a in rules.alerts(mixin_config.e2e_profile())}
-    assert prod.keys() == fast.keys()
-    assert fast["TrainingStalled"].for_ == "2s" and prod["TrainingStalled"].for_ == "5m"
-    strip = re.compile(r"\[\w+\]|offset \w+|> \d+(\.\d+)?(?=\)|$)")
-    for name in prod:
-        assert strip.sub("", prod[name].expr) == strip.sub("", fast[name].expr), name
+_TOKENS = re.compile(r"\d+(?:\.\d+)?(?:e[-+]?\d+)?(?:ms|[smhdw])?|[^\d]+")
+
+
+def _differ_only_by_factor(base: str, fast: str, factor: float) -> None:
+    """Every token of ``fast`` equals ``base``'s, except durations and numbers, which are ``factor`` times."""
+    a, b = _TOKENS.findall(base), _TOKENS.findall(fast)
+    assert len(a) == len(b), (base, fast)
+    for x, y in zip(a, b):
+        if x == y:
+            continue
+        assert x[0].isdigit() and y[0].isdigit(), (x, y, base)
+        vx = mixin_config.seconds(x) if x[-1].isalpha() else float(x)
+        vy = mixin_config.seconds(y) if y[-1].isalpha() else float(y)
+        assert abs(vy - vx * factor) <= 1e-9 * max(1.0, vx), (x, y, base)
+
+
+def test_scaled_rules_differ_only_in_time_constants() -> None:
+    """The rules at another time scale are the same expressions with every time constant (and only those)
+    multiplied by the factor: one definition, so the scaled copy the e2e tests run cannot drift."""
+    factor = 1 / 15
+    fast_cfg = mixin_config.scaled(CFG, factor)
+    assert mixin_config.scaled(CFG, 1.0) == CFG
+    prod, fast = rules.alerts(CFG), rules.alerts(fast_cfg)
+    assert [a.name for a in prod] == [a.name for a in fast]
+    for p, f in zip(prod, fast):
+        _differ_only_by_factor(p.expr, f.expr, factor)
+        _differ_only_by_factor(p.for_, f.for_, factor)
+    for p, f in zip(rules.recording_rules(CFG), rules.recording_rules(fast_cfg)):
+        assert p.record == f.record
+        _differ_only_by_factor(p.expr, f.expr, factor)
+
+
+def test_every_time_constant_is_marked_for_scaling() -> None:
+    """A field that holds a duration or seconds is scaled; one forgotten would make the scaled rules differ."""
+    import dataclasses
+
+    timed = set(mixin_config.time_fields())
+    for f in dataclasses.fields(mixin_config.MixinConfig):
+        v = getattr(CFG, f.name)
+        looks_timed = (f.name.endswith(("_window", "_seconds", "_lookback", "_interval")) or f.name.startswith("for_")
+                       or f.name in ("group_wait",))  # fmt: skip
+        assert looks_timed == (f.name in timed), f.name
+        if isinstance(v, str) and f.name in timed:
+            assert mixin_config.duration(mixin_config.seconds(v)) == v, f.name
+
+
+def test_scaled_rules_pass_the_same_unit_tests(tmp_path: Path) -> None:
+    """Every alert's cases, on a clock 8 times faster (intervals, evaluation times and time-valued samples
+    scaled too), hold against the scaled rules exactly as against the shipped ones."""
+    promtool = require_binary("promtool")
+    write(tmp_path, render_files(CFG, time_scale=1 / 8))
+    out = subprocess.run([promtool, "test", "rules", Path(RULE_TESTS_FILE).name], cwd=tmp_path / "tests/rules",
+                         capture_output=True, text=True, timeout=170)  # fmt: skip
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+
+
+def test_training_alerts_fire_well_within_the_retention() -> None:
+    """A frozen rank's series vanish `training.retention` after its last update: the stall alert fires by
+    half of it at the latest, and the node-down lookback covers it. The mixin's retention is the sidecar's."""
+    from mlops_obs.exporter import settings
+
+    declared = {s.key: s.default for s in settings()}["training.retention"]
+    assert CFG.training_retention_seconds == declared
+    scrape = CFG.scrape_interval_seconds
+    latest_stall = CFG.training_stall_ceiling_seconds + mixin_config.seconds(CFG.for_stall) + 2 * scrape
+    assert latest_stall <= CFG.training_retention_seconds / 2
+    assert CFG.training_stall_ceiling_seconds >= CFG.training_stall_floor_seconds
+    node_down = next(a for a in rules.alerts(CFG) if a.name == "TrainingNodeDown")
+    assert f"[{mixin_config.duration(CFG.training_retention_seconds)}]" in node_down.expr
+
+
+def test_windows_meet_the_time_to_alert_budgets() -> None:
+    """At a 15 s scrape and evaluation, by construction: a crash, a NaN and a stall alert within 90 s of the
+    fault; a 2x straggler and a data-bound rank within 5 minutes; every rate window holds 4 scrapes."""
+    scrape, s = CFG.scrape_interval_seconds, mixin_config.seconds
+    sidecar = 2.0  # the rank's flush and the sidecar's round
+    # Fault -> sample -> scrape -> evaluation (pending) -> `for:` -> the evaluation that fires.
+    assert sidecar + 2 * scrape + s(CFG.for_training_fault) + scrape <= 90
+    assert CFG.training_stall_floor_seconds + s(CFG.for_stall) + scrape <= 90
+    # Windowed symptoms: the recorded share crosses the threshold within the window, one evaluation for the
+    # recording rule, one for the alert, then `for:`.
+    for window_for in ((CFG.training_rate_window, CFG.for_training), (CFG.training_rate_window, CFG.for_straggler)):
+        assert sidecar + s(window_for[0]) + 3 * scrape + s(window_for[1]) <= 300
+    for window in (CFG.training_rate_window, CFG.node_rate_window, CFG.gpu_error_window):
+        assert s(window) >= 4 * scrape, window
 
 
 def test_rule_tests_follow_overridden_thresholds(tmp_path: Path) -> None:
@@ -183,17 +291,18 @@ def test_rule_tests_follow_overridden_thresholds(tmp_path: Path) -> None:
     promtool = require_binary("promtool")
     cfg = mixin_config.MixinConfig(
         straggler_score=0.6, gpu_memory_full_ratio=0.9, temperature_margin_celsius=10.0,
-        training_stall_seconds=1800.0, checkpoint_stale_seconds=3600.0, exporter_selector='job="gpu-sidecar"',
-        node_label="node",
+        training_stall_floor_seconds=180.0, checkpoint_stale_seconds=3600.0, exporter_selector='job="gpu-sidecar"',
+        instance_labels=("cluster", "instance"), for_training="5m",
     )  # fmt: skip
     files = render_files(cfg)
     for rel in (ALERTS_FILE, RECORDING_FILE):
         (tmp_path / Path(rel).name).write_text(files[rel])
-    keep = {"TrainingStalled", "TrainingCheckpointStale", "TrainingStraggler", "GpuMemoryNearFull",
-            "GpuTemperatureNearSlowdown", "MlopsExporterDown", "NodeCpuSaturated"}  # fmt: skip
+    keep = {"TrainingStalled", "TrainingCheckpointStale", "TrainingStraggler", "GpuMemoryNearFull", "GpuXidCritical",
+            "GpuTemperatureNearSlowdown", "MlopsExporterDown", "NodeCpuSaturated", "TrainingNodeDown",
+            "TrainingDataLoaderBound"}  # fmt: skip
     spec = rules.rule_tests(cfg, [Path(ALERTS_FILE).name, Path(RECORDING_FILE).name])
     spec["tests"] = [t for t in spec["tests"] if t["alert_rule_test"][0]["alertname"] in keep]
-    assert len(spec["tests"]) == sum(2 + len(a.also_quiet) for a in rules.alerts(cfg) if a.name in keep)
+    assert len(spec["tests"]) == sum(len(a.cases()) for a in rules.alerts(cfg) if a.name in keep)
     (tmp_path / "t.yml").write_text(yaml.safe_dump(spec))
     out = subprocess.run([promtool, "test", "rules", "t.yml"], cwd=tmp_path, capture_output=True, text=True,
                          timeout=120)  # fmt: skip

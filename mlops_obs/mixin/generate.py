@@ -1,5 +1,6 @@
-"""``mlops-obs generate``: write dashboards, rules, rule tests, Alertmanager config and their Kubernetes
-forms from the one definition; ``--check`` compares instead and fails when committed files are stale.
+"""The files ``mlops-obs generate`` owns (:mod:`mlops_obs.commands.generate` is the command): dashboards,
+rules, rule tests, Alertmanager config, runbooks and their Kubernetes forms, rendered from the one
+definition; :func:`stale` compares them with a checkout and :func:`write` writes the changed ones.
 
 Output is deterministic (sorted keys, stable uids, no timestamps), so ``--check`` in CI is a plain byte
 comparison and a diff of a regenerated file shows exactly what a definition change did.
@@ -7,24 +8,13 @@ comparison and a diff of a regenerated file shows exactly what a definition chan
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from mlops_obs.config import (
-    COMMON_SETTINGS,
-    ConfigError,
-    Setting,
-    choice_parser,
-    parse_bool,
-    parse_optional_path,
-    parse_path,
-)
 from mlops_obs.mixin import config as mixin_config
 from mlops_obs.mixin import dashboards as dash
 from mlops_obs.mixin import grafana, kubernetes, rules, runbooks
@@ -35,20 +25,6 @@ ALERTS_FILE = "alerts/mlops-alerts.yml"
 RECORDING_FILE = "alerts/mlops-recording.yml"
 ALERTMANAGER_FILE = "alerts/alertmanager.yml"
 RULE_TESTS_FILE = "tests/rules/mlops-alerts.test.yml"
-
-GENERATE_SETTINGS: tuple[Setting, ...] = (
-    Setting("output-dir", parse_path, Path("."), "Repository root the files are written under.", metavar="DIR"),
-    Setting("check", parse_bool, False, "Write nothing; exit 1 listing every file that is missing or stale.",
-            kind="bool"),
-    Setting("mixin.config", parse_optional_path, None, "YAML file overriding mixin fields (selectors, "
-            "thresholds, URLs); see mlops_obs/mixin/config.py.", metavar="PATH"),
-    Setting("profile", choice_parser("production", "e2e"), "production",
-            "e2e: the same rules with second-long windows and for: durations, for the end-to-end test."),
-)  # fmt: skip
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> list[Setting]:
-    return list(COMMON_SETTINGS + GENERATE_SETTINGS)
 
 
 class _Dumper(yaml.SafeDumper):
@@ -66,8 +42,12 @@ def _yaml(data: Any, *more: Any) -> str:
     )
 
 
-def render_files(cfg: mixin_config.MixinConfig, sink_url: str | None = None) -> dict[str, str]:
-    """Relative path -> file content, for everything ``generate`` owns."""
+def render_files(
+    base: mixin_config.MixinConfig, sink_url: str | None = None, time_scale: float = 1.0
+) -> dict[str, str]:
+    """Relative path -> file content, for everything ``generate`` owns; with ``time_scale``, the rules,
+    dashboards and routing of :func:`~mlops_obs.mixin.config.scaled` and the same rule tests on its clock."""
+    cfg = mixin_config.scaled(base, time_scale) if time_scale != 1.0 else base
     files: dict[str, str] = {}
     dashboards_json = {f"{stem}.json": grafana.dumps(grafana.render(d)) for stem, d in dash.dashboards(cfg).items()}
     for name, text in dashboards_json.items():
@@ -77,7 +57,9 @@ def render_files(cfg: mixin_config.MixinConfig, sink_url: str | None = None) -> 
     files[ALERTS_FILE] = _yaml(alert_groups)
     files[RECORDING_FILE] = _yaml(recording_groups)
     files[ALERTMANAGER_FILE] = _yaml(alertmanager_config(cfg, sink_url))
-    files[RULE_TESTS_FILE] = _yaml(rules.rule_tests(cfg, ["../../" + ALERTS_FILE, "../../" + RECORDING_FILE]))
+    files[RULE_TESTS_FILE] = _yaml(
+        rules.rule_tests(base, ["../../" + ALERTS_FILE, "../../" + RECORDING_FILE], time_scale)
+    )
     all_groups = recording_groups["groups"] + alert_groups["groups"]
     files["deploy/kubernetes/prometheus-rule.yaml"] = _yaml(kubernetes.prometheus_rule(all_groups))
     compact = {name: json.dumps(json.loads(text), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
@@ -112,31 +94,3 @@ def write(root: Path, files: Mapping[str, str]) -> list[str]:
         tmp.replace(p)
         written.append(rel)
     return written
-
-
-def run(cfg: Mapping[str, Any]) -> int:
-    try:
-        mcfg = mixin_config.load(cfg.get("mixin.config"))
-    except (OSError, ValueError, yaml.YAMLError) as e:
-        raise ConfigError("mixin.config", str(e).splitlines()[0]) from None
-    if cfg.get("profile") == "e2e":
-        mcfg = mixin_config.e2e_profile(mcfg)
-    root = Path(cfg["output-dir"])
-    try:
-        files = render_files(mcfg)
-    except (KeyError, ValueError) as e:
-        print(f"mlops-obs generate: error: the definition is inconsistent: {e}", file=sys.stderr)
-        return 1
-    if cfg.get("check"):
-        bad = stale(root, files)
-        for line in bad:
-            print(f"stale: {line}", file=sys.stderr)
-        if bad:
-            print(f"mlops-obs generate --check: {len(bad)} generated file(s) out of date; run `mlops-obs generate`"
-                  " and commit the result", file=sys.stderr)  # fmt: skip
-            return 1
-        print(f"mlops-obs generate --check: {len(files)} files up to date")
-        return 0
-    written = write(root, files)
-    print(f"mlops-obs generate: {len(files)} files, {len(written)} changed" + "".join(f"\n  {w}" for w in written))
-    return 0

@@ -1,9 +1,21 @@
 """Alerting and recording rules, each alert with the unit-test cases that prove it fires and stays quiet.
 
-Every expression reads :class:`~mlops_obs.mixin.config.MixinConfig`, so the production rules, the e2e
-test profile and the dashboards' threshold lines are one definition. Each alert carries a firing case and
-a quiet case; :func:`rule_tests` turns them into Prometheus 2.42 ``promtool test rules`` input, so an alert
-cannot be added without both.
+Every expression reads :class:`~mlops_obs.mixin.config.MixinConfig`, so the production rules, the scaled
+copies the end-to-end tests run and the dashboards' threshold lines are one definition. Each alert carries
+a firing case and a quiet case; :func:`rule_tests` turns them into Prometheus 2.42 ``promtool test rules``
+input, at the shipped time scale or any other, so an alert cannot be added without both.
+
+The series these rules read, and what each must mean, are listed in ``docs/alerts.md`` (the contract
+the sidecar and the SDK implement). Three conventions run through the expressions:
+
+* Series of one rank's snapshot share their labels, so joins between them use ``ignoring (<the extra
+  label>)``; a rank that is not ``running`` is excluded with ``unless``, which also keeps the rules
+  working where a series is not produced.
+* Node names and GPU owners are joined from the sidecar's ``_info`` series through two recording rules
+  that always have a row for every scraped sidecar and GPU (falling back to the target's own address
+  and to no owner), so a join never drops an alert.
+* Counters that appear with their first event (XIDs) or already non-zero (ECC since driver load) are
+  counted whole when their series is born within the window: ``increase()`` alone reads them as 0.
 """
 
 from __future__ import annotations
@@ -13,20 +25,37 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from mlops_obs.config import parse_duration
-from mlops_obs.mixin.config import MixinConfig, selector
+from mlops_obs.mixin.config import MixinConfig, duration, scaled, seconds, selector
 
 Labels = dict[str, str]
 UNCORRECTED, VOLATILE, IDLE = 'type="uncorrected"', 'scope="volatile"', 'mode="idle"'
 
+# Recording rules other rules join with (their definitions are in recording_rules()).
+NODE_INFO = "instance:mlops_exporter_node_info:recent"
+GPU_OWNER = "instance_gpu:mlops_gpu_owner_info:recent"
+STRAGGLER = "job_rank:mlops_training_straggler_score:ratio"
+GOODPUT = "job:mlops_training_goodput:ratio"
+STEP = "mlops_training_step_duration_seconds"
+STEP_RECENT, STEP_BASELINE = f"job_rank:{STEP}:mean_recent", f"job_rank:{STEP}:mean_baseline"
+SAMPLES_RECENT = "job:mlops_training_samples:rate_recent"
+PHASE_RATIO = "job_rank:mlops_training_phase_seconds:ratio_rate_recent"
+CURRENT_PHASE = "mlops_training_current_phase_start_timestamp_seconds"
+
+# Values of series that hold for a whole test case (the joins' inputs), as long as the case.
+ALWAYS = "1x{n}"
+
 
 @dataclass(frozen=True)
 class Case:
-    """Input series (``'metric{labels}' -> 'values'``), an evaluation time, and the alerts expected then."""
+    """Input series (``'metric{labels}' -> 'values'``), an evaluation time, and the alerts expected then.
+
+    ``value`` is the alerts' expected value where an annotation prints it.
+    """
 
     series: dict[str, str]
     at: str
     alerts: tuple[Labels, ...] = ()
+    value: float | None = None
 
 
 @dataclass(frozen=True)
@@ -41,8 +70,9 @@ class Alert:
     fires: Case
     quiet: Case
     extra_labels: Labels = field(default_factory=dict)
-    # Further cases where the alert must stay quiet (a known false positive it guards against).
+    # Further cases where the alert must stay quiet (a known false positive it guards against) or fire.
     also_quiet: tuple[Case, ...] = ()
+    also_fires: tuple[Case, ...] = ()
 
     def rule(self, cfg: MixinConfig) -> dict[str, Any]:
         return {
@@ -55,6 +85,10 @@ class Alert:
 
     def annotations(self, cfg: MixinConfig) -> dict[str, str]:
         return {"summary": self.summary, "description": self.description, "runbook_url": cfg.runbook_url(self.name)}
+
+    def cases(self) -> list[tuple[Case, bool]]:
+        return [(self.fires, True), *((f, True) for f in self.also_fires), (self.quiet, False),
+                *((q, False) for q in self.also_quiet)]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -72,52 +106,152 @@ def _equalities(sel: str) -> Labels:
     return dict(re.findall(r'(\w+)\s*=\s*"([^"]*)"', re.sub(r'\w+\s*(!=|=~|!~)\s*"[^"]*"', "", sel)))
 
 
+def _g(x: float) -> str:
+    """A number as PromQL and people read it (``0.05``, ``600``), exact where ``%g`` would round."""
+    short = f"{x:g}"
+    return short if float(short) == x else repr(x)
+
+
 def _num(x: float) -> str:
     """Thresholds as people write them (``0.05``, ``600``, ``64Mi``) in descriptions."""
     if x >= 1024**2 and x == int(x) and int(x) % 1024**2 == 0:
         n = int(x) // 1024**2
         return f"{n // 1024}Gi" if n % 1024 == 0 else f"{n}Mi"
-    return f"{x:g}"
+    return f"{_g(x)}"
 
 
-def _minutes(seconds: float) -> int:
-    return math.ceil(seconds / 60.0)
+def _secs(x: float) -> str:
+    """A threshold in seconds as a duration people read (``60`` -> ``1m``)."""
+    try:
+        return duration(x)
+    except ValueError:
+        return f"{_g(x)}s"
+
+
+def _minutes(secs: float) -> int:
+    return math.ceil(secs / 60.0)
 
 
 def _pct(x: float) -> str:
-    return f"{x * 100:g}%"
+    return f"{round(x * 100, 9):g}%"
 
 
-def recording_rules(cfg: MixinConfig) -> list[Recording]:
-    t = cfg.training_selector
-    rw, bw, gw = cfg.training_rate_window, cfg.training_baseline_window, cfg.goodput_window
-    step = "mlops_training_step_duration_seconds"
-    out = []
-    for w, suffix in ((rw, "mean_recent"), (bw, "mean_baseline")):
-        out.append(
-            Recording(
-                f"job_rank:{step}:{suffix}",
-                f"rate({step}_sum{selector(t)}[{w}]) / rate({step}_count{selector(t)}[{w}])",
-            )
-        )
-    out += [
-        Recording(
-            "job:mlops_training_samples:rate_recent",
-            f"sum by (job) (rate(mlops_training_samples_total{selector(t)}[{rw}]))",
-        ),
-        Recording(
-            "job_rank:mlops_training_phase_seconds:ratio_rate_recent",
-            f"rate(mlops_training_phase_seconds_total{selector(t)}[{rw}]) / ignoring (phase) group_left () "
-            f"sum without (phase) (rate(mlops_training_phase_seconds_total{selector(t)}[{rw}]))",
-        ),
-        Recording(
-            "job:mlops_training_goodput:ratio_rate",
-            f"sum by (job) (rate(mlops_training_goodput_seconds_total{selector(t)}[{gw}])) / "
-            f"(sum by (job) (rate(mlops_training_goodput_seconds_total{selector(t)}[{gw}])) + "
-            f"sum by (job) (rate(mlops_training_badput_seconds_total{selector(t)}[{gw}])))",
-        ),
-    ]
-    return out
+def _runs(values: list[float | None]) -> str:
+    """One sample a test interval, in promtool's notation: runs of equal values as ``vxN``, gaps as ``_xN``."""
+    out: list[str] = []
+    i = 0
+    while i < len(values):
+        j = i
+        while j + 1 < len(values) and values[j + 1] == values[i]:
+            j += 1
+        v, n = values[i], j - i + 1
+        out.append(f"_x{n}" if v is None else (f"{_g(v)}x{n - 1}" if n > 1 else f"{_g(v)}"))
+        i = j + 1
+    return " ".join(out)
+
+
+def _instance(c: MixinConfig) -> Labels:
+    """The labels of one scraped sidecar in test cases."""
+    last = c.instance_labels[-1]
+    return {lab: ("n1:9477" if lab == last else "c1") for lab in c.instance_labels}
+
+
+def _scrape_job(c: MixinConfig) -> Labels:
+    return _equalities(c.exporter_selector)
+
+
+# --- joins ------------------------------------------------------------------------------------------------
+
+
+def with_node(c: MixinConfig, expr: str) -> str:
+    """``expr`` (series of one sidecar) with the sidecar's ``node`` name joined in."""
+    return f"({expr}) * on ({c.instance}) group_left (node) {NODE_INFO}"
+
+
+def with_owner(c: MixinConfig, expr: str) -> str:
+    """``expr`` (per-GPU series) with the GPU's owning ``job``/``rank`` (none when unowned) and ``node``.
+
+    The series' own ``job``/``rank`` are dropped first: where a device series carries its owner, an
+    ownership change inside a window would otherwise leave two series that the join makes identical.
+    """
+    inner = f"max without (job, rank) ({expr}) * on ({c.instance}, gpu) group_left (job, rank) {GPU_OWNER}"
+    return with_node(c, inner)
+
+
+def _node_context(c: MixinConfig) -> dict[str, str]:
+    """What the node join reads in a test: the sidecar's ``up`` and its node name."""
+    inst = {**_scrape_job(c), **_instance(c)}
+    return {f"up{_labels(inst)}": ALWAYS, f"mlops_exporter_node_info{_labels({**inst, 'node': 'n1'})}": ALWAYS}
+
+
+def _with_context(ctx: dict[str, str], series: dict[str, str], at: str, expected: tuple[Labels, ...]) -> Case:
+    """A case whose series include ``ctx`` (``{n}`` in a value: the case's length in minutes)."""
+    n = math.ceil(seconds(at) / 60.0) + 1
+    return Case({**{k: v.format(n=n) for k, v in ctx.items()}, **series}, at, expected)
+
+
+def new_or_increase(c: MixinConfig, metric: str, identity: str) -> str:
+    """Events of a counter in ``gpu_error_window``, counting a series born inside it (at 1, or already
+    non-zero) whole. ``identity`` names the labels of one counter, so a series that reappears under other
+    labels (a new owner) is not taken for a new one."""
+    w, back = c.gpu_error_window, c.counter_birth_lookback
+    born = f"{metric} unless on ({c.instance}, {identity}) max_over_time({metric}[{back}] offset {w})"
+    return f"({born} or increase({metric}[{w}]))"
+
+
+# --- recording rules ------------------------------------------------------------------------------------
+
+
+def _rank_ended(c: MixinConfig) -> str:
+    """Ranks that finished or failed (1 on their state series)."""
+    ended = selector(c.training_selector, 'state!="running"')
+    return f"(mlops_training_rank_state{ended} == 1)"
+
+
+def running(c: MixinConfig, expr: str, *extra: str) -> str:
+    """``expr`` (series of a rank's snapshot, with the ``extra`` labels besides) without the ranks that
+    finished or failed."""
+    return f"{expr} unless ignoring ({', '.join(('state', *extra))}) {_rank_ended(c)}"
+
+
+def recording_rules(c: MixinConfig) -> list[Recording]:
+    t, e, s = c.training_selector, c.exporter_selector, c.gpu_selector
+    rw, bw, gw = c.training_rate_window, c.training_baseline_window, c.goodput_window
+    inst, last = c.instance, c.instance_labels[-1]
+    median = running(c, f"mlops_training_step_compute_median_seconds{selector(t)}")
+    good = running(c, f"increase(mlops_training_goodput_seconds_total{selector(t)}[{gw}])")
+    started = running(c, f"min_over_time(mlops_training_process_start_time_seconds{selector(t)}[{gw}])")
+    return [
+        # One row per scraped sidecar: its node name, or its address where it reports none (yet).
+        Recording(NODE_INFO,
+                  f"topk by ({inst}) (1, group by ({inst}, node) (last_over_time(mlops_exporter_node_info"
+                  f"{selector(e)}[{c.node_info_lookback}]))) or on ({inst}) label_replace(group by ({inst}) "
+                  f'(up{selector(e)}), "node", "$1", "{last}", "(.*)")'),
+        # One row per GPU: its last owner in gpu_owner_lookback, or none.
+        Recording(GPU_OWNER,
+                  f"topk by ({inst}, gpu) (1, max by ({inst}, gpu, job, rank) (last_over_time("
+                  f"mlops_gpu_owner_info{selector(s)}[{c.gpu_owner_lookback}]))) or on ({inst}, gpu) "
+                  f"group by ({inst}, gpu) (mlops_gpu_lost{selector(s)})"),
+        # Each running rank's median step compute time against the other ranks': the median of all ranks
+        # from three on (one straggler cannot move it), the other rank's at two.
+        Recording(STRAGGLER,
+                  f"(quantile by (job) (0.5, {median}) / on (job) group_right () ({median})"
+                  f" and on (job) count by (job) ({median}) >= 3)"
+                  f" or ((sum by (job) ({median}) - on (job) group_right () ({median})) / ({median})"
+                  f" and on (job) count by (job) ({median}) == 2)"),
+        Recording(STEP_RECENT, f"rate({STEP}_sum{selector(t)}[{rw}]) / rate({STEP}_count{selector(t)}[{rw}])"),
+        # The baseline ends where the recent window starts, so a slowdown does not raise its own baseline.
+        Recording(STEP_BASELINE, f"rate({STEP}_sum{selector(t)}[{bw}] offset {rw}) / "
+                                 f"rate({STEP}_count{selector(t)}[{bw}] offset {rw})"),
+        Recording(SAMPLES_RECENT, f"sum by (job) (rate(mlops_training_samples_total{selector(t)}[{rw}]))"),
+        Recording(PHASE_RATIO,
+                  f"rate(mlops_training_phase_seconds_total{selector(t)}[{rw}]) / ignoring (phase) group_left () "
+                  f"sum without (phase) (rate(mlops_training_phase_seconds_total{selector(t)}[{rw}]))"),
+        # Productive seconds over the running ranks' wall seconds in the window (since their first start in
+        # it): hung, waiting and restart time count as lost. Both sides cover only the history the job has.
+        Recording(GOODPUT,
+                  f"sum by (job) ({good}) / sum by (job) (clamp_max(time() - ({started}), {_g(seconds(gw))}))"),
+    ]  # fmt: skip
 
 
 def alerts(cfg: MixinConfig) -> list[Alert]:
@@ -128,310 +262,293 @@ def alerts(cfg: MixinConfig) -> list[Alert]:
 
 
 def gpu_alerts(c: MixinConfig) -> list[Alert]:
-    n = c.node_label
     s = c.gpu_selector
-    g: Labels = {**_equalities(s), n: "n1:9477", "gpu": "0", "uuid": "GPU-0", "model": "H100"}
+    inst = _instance(c)
+    # A device series as scraped (with the scrape job's label), and the alert it gives: owner and node joined.
+    g: Labels = {**_equalities(s), **_scrape_job(c), **inst, "gpu": "0", "uuid": "GPU-0", "model": "H100"}
     gl = _labels(g)
-    on = f"on ({n}, gpu)"
-    where = f"GPU {{{{ $labels.gpu }}}} on {{{{ $labels.{n} }}}}"
+    dev: Labels = {k: v for k, v in g.items() if k != "job"}
+    out: Labels = {**dev, "job": "train-a", "rank": "1", "node": "n1"}
+    ctx = {
+        **_node_context(c),
+        f"mlops_gpu_lost{_labels({**_equalities(s), **inst, 'gpu': '0'})}": "0x{n}",
+        f"mlops_gpu_owner_info{_labels({**_equalities(s), **inst, 'gpu': '0', 'uuid': 'GPU-0', 'job': 'train-a', 'rank': '1'})}": ALWAYS,  # noqa: E501
+    }
+
+    def case(series: dict[str, str], at: str, *expected: Labels) -> Case:
+        return _with_context(ctx, series, at, expected)
+
+    where = "GPU {{ $labels.gpu }} on {{ $labels.node }}"
     w = c.gpu_error_window
     crit = "|".join(str(x) for x in c.xid_critical_codes)
     not_other = "|".join(str(x) for x in (*c.xid_critical_codes, *c.xid_ignored_codes))
 
     def xid(matcher: str) -> str:
-        m = f"mlops_gpu_xid_errors_total{selector(s, matcher)}"
-        # increase() misses a counter born at 1 (the first XID of a code); the `unless offset` arm catches it.
-        return f"increase({m}[{w}]) > 0 or ({m} > 0 unless {m} offset {w})"
+        return with_owner(c, new_or_increase(c, f"mlops_gpu_xid_errors_total{selector(s, matcher)}", "gpu, xid")
+                          + " > 0")  # fmt: skip
 
-    def xid_labels(code: str) -> Labels:
-        return {**g, "xid": code}
+    def xid_in(code: str) -> str:
+        return f"mlops_gpu_xid_errors_total{_labels({**g, 'xid': code})}"
 
-    xid_case = "0x5 1x30"
+    xid_born, xid_rises = "_x5 1x30", "1x5 2x30"  # a first XID of the code (the counter appears at 1); a next
 
     def throttle(name: str, reasons: str, what: str) -> Alert:
         reason = f'reason=~"{reasons}"'
         m = f"mlops_gpu_throttle_seconds_total{selector(s, reason)}"
+        key = f"mlops_gpu_throttle_seconds_total{_labels({**g, 'reason': reasons.split('|')[0]})}"
         return Alert(
-            name,
-            "gpu",
-            f"sum without (reason) (rate({m}[{c.node_rate_window}])) > {c.throttle_ratio}",
-            c.for_medium,
-            "warning",
+            name, "gpu", with_owner(c, f"sum without (reason) (rate({m}[{c.node_rate_window}])) > {c.throttle_ratio}"),
+            c.for_medium, "warning",
             f"{where} is {what} throttled",
             f"{where} spent more than {_pct(c.throttle_ratio)} of the time throttled for {what} reasons; "
             "steps on it (and on every rank waiting for it) slow down.",
-            Case({f'mlops_gpu_throttle_seconds_total{_labels({**g, "reason": reasons.split("|")[0]})}': "0+30x40"},
-                 "30m", (g,)),
-            Case({f'mlops_gpu_throttle_seconds_total{_labels({**g, "reason": reasons.split("|")[0]})}': "0+1x40"},
-                 "30m"),
+            case({key: "0+30x40"}, "30m", out),
+            case({key: "0+1x40"}, "30m"),
         )  # fmt: skip
 
     temp, slow = f"mlops_gpu_temperature_celsius{selector(s)}", f"mlops_gpu_slowdown_temperature_celsius{selector(s)}"
     used, total = f"mlops_gpu_memory_used_bytes{selector(s)}", f"mlops_gpu_memory_total_bytes{selector(s)}"
     util = f"mlops_gpu_utilization_ratio{selector(s)}"
+    on = f"on ({c.instance}, gpu)"
     idle = f"avg_over_time({util}[{c.gpu_idle_window}]) < {c.gpu_idle_utilization}"
+    ecc = {**g, "type": "uncorrected", "scope": "volatile"}
+    ecc_m = f"mlops_gpu_ecc_errors_total{selector(s, UNCORRECTED, VOLATILE)}"
+    nodes = {**_scrape_job(c), **inst}
+    slow_in = f"mlops_gpu_slowdown_temperature_celsius{gl}"
     return [
         Alert(
-            "GpuXidCritical",
-            "gpu",
-            xid(f'xid=~"{crit}"'),
-            c.for_critical,
-            "critical",
+            "GpuXidCritical", "gpu", xid(f'xid=~"{crit}"'), c.for_critical, "critical",
             f"{where} reported XID {{{{ $labels.xid }}}}",
             f"XID {{{{ $labels.xid }}}} means a hardware or driver fault on {where}: drain the node and follow "
             "the runbook for that code (reset, reboot or RMA).",
-            Case({f"mlops_gpu_xid_errors_total{_labels(xid_labels('79'))}": xid_case}, "8m", (xid_labels("79"),)),
-            Case({f"mlops_gpu_xid_errors_total{_labels(xid_labels('13'))}": xid_case}, "8m"),
+            case({xid_in("79"): xid_born}, "8m", {**out, "xid": "79"}),
+            case({xid_in("13"): xid_born}, "8m"),
+            also_fires=(
+                case({xid_in("79"): xid_rises}, "8m", {**out, "xid": "79"}),
+                # An unowned GPU: the alert has no job or rank, and still the node.
+                _with_context({**ctx, next(k for k in ctx if k.startswith("mlops_gpu_owner")): "_x{n}"},
+                              {xid_in("79"): xid_born}, "8m", ({**dev, "node": "n1", "xid": "79"},)),
+            ),
+            also_quiet=(
+                # Old XIDs: a counter that has been at 2 for an hour is no new event.
+                case({xid_in("79"): "2x100"}, "90m"),
+                # A node that was not scraped for a while (a gap at the window's start) is no new event.
+                case({xid_in("79"): "2x60 _x5 2x30"}, "70m"),
+            ),
         ),
         Alert(
-            "GpuXidError",
-            "gpu",
-            xid(f'xid!~"{not_other}"'),
-            c.for_critical,
-            "warning",
+            "GpuXidError", "gpu", xid(f'xid!~"{not_other}"'), c.for_critical, "warning",
             f"{where} reported XID {{{{ $labels.xid }}}}",
             f"XID {{{{ $labels.xid }}}} on {where} is neither an application error nor a known hardware fault; "
             "check dmesg on the node and the XID catalogue.",
-            Case({f"mlops_gpu_xid_errors_total{_labels(xid_labels('109'))}": xid_case}, "8m", (xid_labels("109"),)),
-            Case({f"mlops_gpu_xid_errors_total{_labels(xid_labels('13'))}": xid_case}, "8m"),
+            case({xid_in("109"): xid_born}, "8m", {**out, "xid": "109"}),
+            case({xid_in("13"): xid_born}, "8m"),
         ),
         Alert(
-            "GpuEccUncorrectedErrors",
-            "gpu",
-            f"increase(mlops_gpu_ecc_errors_total{selector(s, UNCORRECTED, VOLATILE)}[{w}]) > 0",
-            c.for_critical,
-            "critical",
+            "GpuEccUncorrectedErrors", "gpu",
+            with_owner(c, new_or_increase(c, ecc_m, "gpu, type, scope") + " > 0"), c.for_critical, "critical",
             f"{where} had uncorrectable ECC errors",
             f"Uncorrectable memory errors on {where} corrupt or kill the job using it; drain the node and reset "
-            "the GPU (row remapping happens on reset).",
-            Case(
-                {f"mlops_gpu_ecc_errors_total{_labels({**g, 'type': 'uncorrected', 'scope': 'volatile'})}": "0x5 2x30"},
-                "8m",
-                ({**g, "type": "uncorrected", "scope": "volatile"},),
+            "the GPU (row remapping happens on reset). A count the GPU already had when its series first "
+            "appeared (since the driver loaded) fires too.",
+            case({f"mlops_gpu_ecc_errors_total{_labels(ecc)}": "0x5 2x30"}, "8m",
+                 {**out, "type": "uncorrected", "scope": "volatile"}),
+            case({f"mlops_gpu_ecc_errors_total{_labels({**ecc, 'type': 'corrected'})}": "0x5 2x30"}, "8m"),
+            also_fires=(
+                # Already non-zero when the sidecar first reported it.
+                case({f"mlops_gpu_ecc_errors_total{_labels(ecc)}": "_x5 3x30"}, "8m",
+                     {**out, "type": "uncorrected", "scope": "volatile"}),
             ),
-            Case(
-                {f"mlops_gpu_ecc_errors_total{_labels({**g, 'type': 'corrected', 'scope': 'volatile'})}": "0x5 2x30"},
-                "8m",
+            also_quiet=(
+                # The same old count under a new owner's labels is not a new error.
+                case({f"mlops_gpu_ecc_errors_total{_labels(ecc)}": "3x60 _x40",
+                      f"mlops_gpu_ecc_errors_total{_labels({**ecc, 'job': 'train-b', 'rank': '0'})}": "_x60 3x40"},
+                     "65m"),
             ),
         ),
         Alert(
-            "GpuRowRemapFailure",
-            "gpu",
-            f"mlops_gpu_remap_failure{selector(s)} == 1",
-            c.for_critical,
-            "critical",
+            "GpuRowRemapFailure", "gpu", with_owner(c, f"mlops_gpu_remap_failure{selector(s)} == 1"),
+            c.for_critical, "critical",
             f"{where} failed to remap a memory row",
             f"{where} has run out of spare rows or failed a remap: it cannot be trusted and needs an RMA.",
-            Case({f"mlops_gpu_remap_failure{gl}": "0x3 1x20"}, "10m", (g,)),
-            Case({f"mlops_gpu_remap_failure{gl}": "0x20"}, "10m"),
+            case({f"mlops_gpu_remap_failure{gl}": "0x3 1x20"}, "10m", out),
+            case({f"mlops_gpu_remap_failure{gl}": "0x20"}, "10m"),
         ),
         Alert(
-            "GpuRowRemapPending",
-            "gpu",
-            f"mlops_gpu_remap_pending{selector(s)} == 1",
-            c.for_medium,
-            "warning",
+            "GpuRowRemapPending", "gpu", with_owner(c, f"mlops_gpu_remap_pending{selector(s)} == 1"),
+            c.for_medium, "warning",
             f"{where} has a row remap pending",
             f"{where} remapped a memory row that takes effect only after a GPU reset; schedule one when the "
             "node is drained.",
-            Case({f"mlops_gpu_remap_pending{gl}": "0x3 1x30"}, "25m", (g,)),
-            Case({f"mlops_gpu_remap_pending{gl}": "0x3 1x5 0x25"}, "25m"),
+            case({f"mlops_gpu_remap_pending{gl}": "0x3 1x30"}, "25m", out),
+            case({f"mlops_gpu_remap_pending{gl}": "0x3 1x5 0x25"}, "25m"),
         ),
         Alert(
-            "GpuFellOffBus",
-            "gpu",
-            f"mlops_gpu_lost{selector(s)} == 1",
-            c.for_critical,
-            "critical",
+            "GpuFellOffBus", "gpu", with_owner(c, f"mlops_gpu_lost{selector(s)} == 1"), c.for_critical, "critical",
             f"{where} fell off the bus",
             f"{where} no longer answers NVML (XID 79 class): every job on it is stuck; drain and reboot the node.",
-            Case({f"mlops_gpu_lost{gl}": "0x3 1x20"}, "10m", (g,)),
-            Case({f"mlops_gpu_lost{gl}": "0x20"}, "10m"),
+            case({f"mlops_gpu_lost{_labels({**_equalities(s), **inst, 'gpu': '0'})}": "0x3 1x20"}, "10m",
+                 {**inst, "gpu": "0", "job": "train-a", "rank": "1", "node": "n1"}),
+            case({}, "10m"),
         ),
         Alert(
-            "GpuMissing",
-            "gpu",
-            f"mlops_gpu_devices{selector(s)} < max_over_time(mlops_gpu_devices{selector(s)}[6h])",
-            c.for_short,
-            "critical",
-            f"{{{{ $labels.{n} }}}} sees fewer GPUs than it did",
-            f"{{{{ $labels.{n} }}}} sees fewer GPUs than it did in the last 6h: a GPU was lost or hidden from "
-            "the driver.",
-            Case({f"mlops_gpu_devices{_labels({n: 'n1:9477'})}": "8x10 7x20"}, "20m", ({n: "n1:9477"},)),
-            Case({f"mlops_gpu_devices{_labels({n: 'n1:9477'})}": "8x30"}, "20m"),
+            "GpuMissing", "gpu",
+            with_node(c, f"mlops_gpu_devices{selector(s)} < max_over_time(mlops_gpu_devices{selector(s)}"
+                         f"[{c.gpu_missing_window}])"),
+            c.for_short, "critical",
+            "{{ $labels.node }} sees fewer GPUs than it did",
+            f"{{{{ $labels.node }}}} sees fewer GPUs than it did in the last {c.gpu_missing_window}: a GPU was "
+            "lost or hidden from the driver.",
+            case({f"mlops_gpu_devices{_labels(nodes)}": "8x10 7x20"}, "20m", {**nodes, "node": "n1"}),
+            case({f"mlops_gpu_devices{_labels(nodes)}": "8x30"}, "20m"),
         ),
         Alert(
-            "GpuPcieLinkDegraded",
-            "gpu",
-            f"mlops_gpu_pcie_link_width{selector(s)} < {on} group_left () mlops_gpu_pcie_link_width_max{selector(s)}",
-            c.for_medium,
-            "warning",
+            "GpuPcieLinkDegraded", "gpu",
+            with_owner(c, f"mlops_gpu_pcie_link_width{selector(s)} < {on} group_left () "
+                          f"mlops_gpu_pcie_link_width_max{selector(s)}"),
+            c.for_medium, "warning",
             f"{where} runs its PCIe link below full width",
             f"{where} trained its PCIe link narrower than it supports (bad riser, seating or retimer); host "
             "transfers and GPUDirect traffic slow down.",
-            Case(
-                {f"mlops_gpu_pcie_link_width{gl}": "8x40", f"mlops_gpu_pcie_link_width_max{gl}": "16x40"}, "30m", (g,)
-            ),
-            Case({f"mlops_gpu_pcie_link_width{gl}": "16x40", f"mlops_gpu_pcie_link_width_max{gl}": "16x40"}, "30m"),
+            case({f"mlops_gpu_pcie_link_width{gl}": "8x40", f"mlops_gpu_pcie_link_width_max{gl}": "16x40"}, "30m", out),
+            case({f"mlops_gpu_pcie_link_width{gl}": "16x40", f"mlops_gpu_pcie_link_width_max{gl}": "16x40"}, "30m"),
         ),
         Alert(
-            "GpuPcieReplays",
-            "gpu",
-            f"increase(mlops_gpu_pcie_replays_total{selector(s)}[{w}]) > {c.pcie_replays_threshold:g}",
-            c.for_short,
-            "warning",
+            "GpuPcieReplays", "gpu",
+            with_owner(c, f"increase(mlops_gpu_pcie_replays_total{selector(s)}[{w}]) > {_g(c.pcie_replays_threshold)}"),
+            c.for_short, "warning",
             f"{where} is replaying PCIe packets",
             f"More than {_num(c.pcie_replays_threshold)} PCIe replays in {w} on {where}: the link is marginal.",
-            Case({f"mlops_gpu_pcie_replays_total{gl}": "0+50x40"}, "30m", (g,)),
-            Case({f"mlops_gpu_pcie_replays_total{gl}": "0+5x40"}, "30m"),
+            case({f"mlops_gpu_pcie_replays_total{gl}": "0+50x40"}, "30m", out),
+            case({f"mlops_gpu_pcie_replays_total{gl}": "0+5x40"}, "30m"),
         ),
         Alert(
-            "GpuNvlinkErrors",
-            "gpu",
-            f"sum without (type) (increase(mlops_gpu_nvlink_errors_total{selector(s)}[{w}])) "
-            f"> {c.nvlink_errors_threshold:g}",
-            c.for_short,
-            "warning",
+            "GpuNvlinkErrors", "gpu",
+            with_owner(c, f"sum without (type) (increase(mlops_gpu_nvlink_errors_total{selector(s)}[{w}])) "
+                          f"> {_g(c.nvlink_errors_threshold)}"),
+            c.for_short, "warning",
             f"NVLink {{{{ $labels.link }}}} of {where} has errors",
             f"More than {_num(c.nvlink_errors_threshold)} NVLink errors in {w} on link {{{{ $labels.link }}}} of "
             f"{where}; collectives over it retry or fail.",
-            Case(
-                {f"mlops_gpu_nvlink_errors_total{_labels({**g, 'link': '0', 'type': 'crc_flit'})}": "0+5x40"},
-                "30m",
-                ({**g, "link": "0"},),
-            ),
-            Case({f"mlops_gpu_nvlink_errors_total{_labels({**g, 'link': '0', 'type': 'crc_flit'})}": "0x40"}, "30m"),
+            case({f"mlops_gpu_nvlink_errors_total{_labels({**g, 'link': '0', 'type': 'crc_flit'})}": "0+5x40"},
+                 "30m", {**out, "link": "0"}),
+            case({f"mlops_gpu_nvlink_errors_total{_labels({**g, 'link': '0', 'type': 'crc_flit'})}": "0x40"}, "30m"),
         ),
         Alert(
-            "GpuTemperatureNearSlowdown",
-            "gpu",
-            f"{temp} > {on} group_left () ({slow} - {c.temperature_margin_celsius:g})",
-            c.for_short,
-            "warning",
+            "GpuTemperatureNearSlowdown", "gpu",
+            with_owner(c, f"{temp} > {on} group_left () ({slow} - {_g(c.temperature_margin_celsius)})"),
+            c.for_short, "warning",
             f"{where} is close to its slowdown temperature",
-            f"{where} is within {c.temperature_margin_celsius:g}°C of the temperature where it slows its clocks; "
+            f"{where} is within {_g(c.temperature_margin_celsius)}°C of the temperature where it slows its clocks; "
             "check airflow and fans.",
-            Case(
-                {f"mlops_gpu_temperature_celsius{gl}": "85x20", f"mlops_gpu_slowdown_temperature_celsius{gl}": "87x20"},
-                "15m",
-                (g,),
-            ),
-            Case(
-                {f"mlops_gpu_temperature_celsius{gl}": "70x20", f"mlops_gpu_slowdown_temperature_celsius{gl}": "87x20"},
-                "15m",
-            ),
+            case({f"mlops_gpu_temperature_celsius{gl}": "85x20", slow_in: "87x20"},
+                 "15m", out),
+            case({f"mlops_gpu_temperature_celsius{gl}": "70x20", slow_in: "87x20"},
+                 "15m"),
         ),
         throttle("GpuThermalThrottling", c.thermal_throttle_reasons, "thermal"),
         throttle("GpuPowerThrottling", c.power_throttle_reasons, "power"),
         Alert(
-            "GpuMemoryNearFull",
-            "gpu",
-            f"{used} / {on} group_left () {total} > {c.gpu_memory_full_ratio:g}",
-            c.for_medium,
-            "warning",
+            "GpuMemoryNearFull", "gpu",
+            with_owner(c, f"{used} / {on} group_left () {total} > {_g(c.gpu_memory_full_ratio)}"),
+            c.for_medium, "warning",
             f"{where} memory is nearly full",
             f"More than {_pct(c.gpu_memory_full_ratio)} of {where}'s memory is in use; the next allocation "
             "spike will OOM.",
-            Case(
-                {f"mlops_gpu_memory_used_bytes{gl}": "79e9x30", f"mlops_gpu_memory_total_bytes{gl}": "80e9x30"},
-                "25m",
-                (g,),
-            ),
-            Case(
-                {f"mlops_gpu_memory_used_bytes{gl}": "40e9x30", f"mlops_gpu_memory_total_bytes{gl}": "80e9x30"}, "25m"
-            ),
+            case({f"mlops_gpu_memory_used_bytes{gl}": "79e9x30", f"mlops_gpu_memory_total_bytes{gl}": "80e9x30"},
+                 "25m", out),
+            case({f"mlops_gpu_memory_used_bytes{gl}": "40e9x30", f"mlops_gpu_memory_total_bytes{gl}": "80e9x30"},
+                 "25m"),
         ),
         Alert(
-            "GpuAllocatedButIdle",
-            "gpu",
-            f"{idle} and {on} {used} > {c.gpu_allocated_bytes:g}",
-            c.for_long,
-            "warning",
+            "GpuAllocatedButIdle", "gpu", with_owner(c, f"{idle} and {on} {used} > {_g(c.gpu_allocated_bytes)}"),
+            c.for_long, "warning",
             f"{where} is allocated but idle",
             f"{where} holds more than {_num(c.gpu_allocated_bytes)}B of memory but averaged under "
             f"{_pct(c.gpu_idle_utilization)} utilisation over {c.gpu_idle_window}: a hung or forgotten job.",
-            Case(
-                {f"mlops_gpu_utilization_ratio{gl}": "0x90", f"mlops_gpu_memory_used_bytes{gl}": "2e9x90"}, "75m", (g,)
-            ),
-            Case({f"mlops_gpu_utilization_ratio{gl}": "0.5x90", f"mlops_gpu_memory_used_bytes{gl}": "2e9x90"}, "75m"),
+            case({f"mlops_gpu_utilization_ratio{gl}": "0x90", f"mlops_gpu_memory_used_bytes{gl}": "2e9x90"}, "75m",
+                 out),
+            case({f"mlops_gpu_utilization_ratio{gl}": "0.5x90", f"mlops_gpu_memory_used_bytes{gl}": "2e9x90"}, "75m"),
         ),
         Alert(
-            "GpuHotWhileIdle",
-            "gpu",
-            f"{temp} > {c.hot_idle_temperature_celsius:g} and {on} {idle}",
-            c.for_medium,
-            "warning",
+            "GpuHotWhileIdle", "gpu",
+            with_owner(c, f"{temp} > {_g(c.hot_idle_temperature_celsius)} and {on} {idle}"),
+            c.for_medium, "warning",
             f"{where} is hot while idle",
-            f"{where} is above {c.hot_idle_temperature_celsius:g}°C with almost no work: its cooling is failing.",
-            Case(
-                {f"mlops_gpu_temperature_celsius{gl}": "80x60", f"mlops_gpu_utilization_ratio{gl}": "0x60"}, "50m", (g,)
-            ),
-            Case({f"mlops_gpu_temperature_celsius{gl}": "50x60", f"mlops_gpu_utilization_ratio{gl}": "0x60"}, "50m"),
+            f"{where} is above {_g(c.hot_idle_temperature_celsius)}°C with almost no work: its cooling is failing.",
+            case({f"mlops_gpu_temperature_celsius{gl}": "80x60", f"mlops_gpu_utilization_ratio{gl}": "0x60"}, "50m",
+                 out),
+            case({f"mlops_gpu_temperature_celsius{gl}": "50x60", f"mlops_gpu_utilization_ratio{gl}": "0x60"}, "50m"),
         ),
-    ]
+    ]  # fmt: skip
 
 
 # --- node -----------------------------------------------------------------------------------------------
 
 
 def node_alerts(c: MixinConfig) -> list[Alert]:
-    n = c.node_label
     e = c.exporter_selector
-    h: Labels = {**_equalities(e), n: "n1:9477"}
+    h: Labels = {**_scrape_job(c), **_instance(c)}
     hl = _labels(h)
-    on = f"{{{{ $labels.{n} }}}}"
+    ctx = _node_context(c)
+
+    def case(series: dict[str, str], at: str, *expected: Labels) -> Case:
+        return _with_context(ctx, series, at, tuple({**lab, "node": "n1"} for lab in expected))
+
+    on = "{{ $labels.node }}"
     rw = c.node_rate_window
     fs_sel = selector(e, c.filesystem_selector)
     fs: Labels = {**h, "path": "/data", "mountpoint": "/data"}
     fsl = _labels(fs)
     ratio = f"mlops_node_filesystem_avail_bytes{fs_sel} / mlops_node_filesystem_size_bytes{fs_sel}"
     dev: Labels = {**h, "device": "eth0"}
+    ib: Labels = {**h, "device": "mlx5_0", "port": "1", "type": "symbol"}
 
     def rate_alert(name: str, metric: str, threshold: float, for_: str, what: str, desc: str,
                    lab: Labels, fire: str, quiet: str, at: str = "30m") -> Alert:  # fmt: skip
         return Alert(
-            name, "node", f"rate({metric}{selector(e)}[{rw}]) > {threshold:g}", for_, "warning",
+            name, "node", with_node(c, f"rate({metric}{selector(e)}[{rw}]) > {_g(threshold)}"), for_, "warning",
             what, desc,
-            Case({f"{metric}{_labels(lab)}": fire}, at, (lab,)),
-            Case({f"{metric}{_labels(lab)}": quiet}, at),
+            case({f"{metric}{_labels(lab)}": fire}, at, lab),
+            case({f"{metric}{_labels(lab)}": quiet}, at),
         )  # fmt: skip
 
     return [
         Alert(
             "NodeFilesystemFillingUp", "node",
-            f"({ratio} < {c.filesystem_filling_avail_ratio:g}) and "
-            f"predict_linear(mlops_node_filesystem_avail_bytes{fs_sel}[{c.filesystem_predict_window}], "
-            f"{c.filesystem_predict_horizon_seconds}) < 0",
+            with_node(c, f"({ratio} < {_g(c.filesystem_filling_avail_ratio)}) and "
+                         f"predict_linear(mlops_node_filesystem_avail_bytes{fs_sel}[{c.filesystem_predict_window}], "
+                         f"{_g(c.filesystem_predict_horizon_seconds)}) < 0"),
             c.for_very_long, "warning",
             f"Filesystem {{{{ $labels.mountpoint }}}} on {on} will be full soon",
             f"At the rate of the last {c.filesystem_predict_window}, {{{{ $labels.mountpoint }}}} on {on} fills "
-            f"up within {c.filesystem_predict_horizon_seconds // 3600}h; checkpoints and logs will fail.",
-            Case({f"mlops_node_filesystem_avail_bytes{fsl}": "140-0.5x80",
-                  f"mlops_node_filesystem_size_bytes{fsl}": "1000x80"}, "70m", (fs,)),
-            Case({f"mlops_node_filesystem_avail_bytes{fsl}": "200x80",
+            f"up within {_secs(c.filesystem_predict_horizon_seconds)}; checkpoints and logs will fail.",
+            case({f"mlops_node_filesystem_avail_bytes{fsl}": "140-0.5x80",
+                  f"mlops_node_filesystem_size_bytes{fsl}": "1000x80"}, "70m", fs),
+            case({f"mlops_node_filesystem_avail_bytes{fsl}": "200x80",
                   f"mlops_node_filesystem_size_bytes{fsl}": "1000x80"}, "70m"),
         ),
         Alert(
-            "NodeFilesystemAlmostFull", "node", f"{ratio} < {c.filesystem_full_avail_ratio:g}",
+            "NodeFilesystemAlmostFull", "node", with_node(c, f"{ratio} < {_g(c.filesystem_full_avail_ratio)}"),
             c.for_long, "critical",
             f"Filesystem {{{{ $labels.mountpoint }}}} on {on} is almost full",
             f"Less than {_pct(c.filesystem_full_avail_ratio)} of {{{{ $labels.mountpoint }}}} on {on} is free.",
-            Case({f"mlops_node_filesystem_avail_bytes{fsl}": "30x60",
-                  f"mlops_node_filesystem_size_bytes{fsl}": "1000x60"}, "45m", (fs,)),
-            Case({f"mlops_node_filesystem_avail_bytes{fsl}": "100x60",
+            case({f"mlops_node_filesystem_avail_bytes{fsl}": "30x60",
+                  f"mlops_node_filesystem_size_bytes{fsl}": "1000x60"}, "45m", fs),
+            case({f"mlops_node_filesystem_avail_bytes{fsl}": "100x60",
                   f"mlops_node_filesystem_size_bytes{fsl}": "1000x60"}, "45m"),
         ),
         Alert(
             "NodeMemoryLow", "node",
-            f"mlops_node_memory_available_bytes{selector(e)} / mlops_node_memory_total_bytes{selector(e)} "
-            f"< {c.memory_available_ratio:g}",
+            with_node(c, f"mlops_node_memory_available_bytes{selector(e)} / mlops_node_memory_total_bytes{selector(e)}"
+                         f" < {_g(c.memory_available_ratio)}"),
             c.for_medium, "warning",
             f"{on} is running out of memory",
             f"Less than {_pct(c.memory_available_ratio)} of {on}'s memory is available; data loader workers or "
             "the job will be OOM-killed.",
-            Case({f"mlops_node_memory_available_bytes{hl}": "1e9x30",
-                  f"mlops_node_memory_total_bytes{hl}": "64e9x30"}, "25m", (h,)),
-            Case({f"mlops_node_memory_available_bytes{hl}": "32e9x30",
+            case({f"mlops_node_memory_available_bytes{hl}": "1e9x30",
+                  f"mlops_node_memory_total_bytes{hl}": "64e9x30"}, "25m", h),
+            case({f"mlops_node_memory_available_bytes{hl}": "32e9x30",
                   f"mlops_node_memory_total_bytes{hl}": "64e9x30"}, "25m"),
         ),
         rate_alert("NodeMemoryPressure", "mlops_node_pressure_memory_stalled_seconds_total", c.memory_pressure_ratio,
@@ -448,14 +565,14 @@ def node_alerts(c: MixinConfig) -> list[Alert]:
                    "too many data loader workers or a noisy neighbour.", h, "0+55x40", "0+10x40"),
         Alert(
             "NodeCpuSaturated", "node",
-            f"1 - sum without (mode) (rate(mlops_node_cpu_seconds_total{selector(e, IDLE)}[{rw}])) "
-            f"/ mlops_node_cpus{selector(e)} > {c.cpu_busy_ratio:g}",
+            with_node(c, f"1 - sum without (mode) (rate(mlops_node_cpu_seconds_total{selector(e, IDLE)}[{rw}])) "
+                         f"/ mlops_node_cpus{selector(e)} > {_g(c.cpu_busy_ratio)}"),
             c.for_long, "warning",
             f"{on} CPUs are saturated",
             f"{on}'s CPUs are more than {_pct(c.cpu_busy_ratio)} busy: input pipelines starve the GPUs.",
-            Case({f'mlops_node_cpu_seconds_total{_labels({**h, "mode": "idle"})}': "0+1x60",
-                  f"mlops_node_cpus{hl}": "4x60"}, "45m", (h,)),
-            Case({f'mlops_node_cpu_seconds_total{_labels({**h, "mode": "idle"})}': "0+180x60",
+            case({f'mlops_node_cpu_seconds_total{_labels({**h, "mode": "idle"})}': "0+1x60",
+                  f"mlops_node_cpus{hl}": "4x60"}, "45m", h),
+            case({f'mlops_node_cpu_seconds_total{_labels({**h, "mode": "idle"})}': "0+180x60",
                   f"mlops_node_cpus{hl}": "4x60"}, "45m"),
         ),
         rate_alert("NodeDiskIoSaturated", "mlops_node_disk_io_time_seconds_total", c.disk_io_busy_ratio,
@@ -465,48 +582,47 @@ def node_alerts(c: MixinConfig) -> list[Alert]:
                    {**h, "device": "nvme0n1"}, "0+57x60", "0+6x60", "45m"),
         Alert(
             "NodeNetworkErrors", "node",
-            f"rate(mlops_node_network_receive_errors_total{selector(e)}[{rw}]) > {c.network_errors_per_second:g} "
-            f"or rate(mlops_node_network_transmit_errors_total{selector(e)}[{rw}]) > "
-            f"{c.network_errors_per_second:g}",
+            with_node(c, f"rate(mlops_node_network_receive_errors_total{selector(e)}[{rw}]) > "
+                         f"{_g(c.network_errors_per_second)} or rate(mlops_node_network_transmit_errors_total"
+                         f"{selector(e)}[{rw}]) > {_g(c.network_errors_per_second)}"),
             c.for_medium, "warning",
             f"{{{{ $labels.device }}}} on {on} has network errors",
-            f"More than {c.network_errors_per_second:g} errors/s on {{{{ $labels.device }}}} of {on}: check the "
+            f"More than {_g(c.network_errors_per_second)} errors/s on {{{{ $labels.device }}}} of {on}: check the "
             "cable, transceiver and switch port.",
-            Case({f"mlops_node_network_receive_errors_total{_labels(dev)}": "0+120x40",
-                  f"mlops_node_network_transmit_errors_total{_labels(dev)}": "0x40"}, "30m", (dev,)),
-            Case({f"mlops_node_network_receive_errors_total{_labels(dev)}": "0+1x40",
+            case({f"mlops_node_network_receive_errors_total{_labels(dev)}": "0+120x40",
+                  f"mlops_node_network_transmit_errors_total{_labels(dev)}": "0x40"}, "30m", dev),
+            case({f"mlops_node_network_receive_errors_total{_labels(dev)}": "0+1x40",
                   f"mlops_node_network_transmit_errors_total{_labels(dev)}": "0x40"}, "30m"),
         ),
         Alert(
             "NodeInfinibandErrors", "node",
-            f"increase(mlops_node_infiniband_port_errors_total{selector(e)}[{c.gpu_error_window}]) > "
-            f"{c.infiniband_errors_threshold:g}",
+            with_node(c, f"increase(mlops_node_infiniband_port_errors_total{selector(e)}[{c.gpu_error_window}]) > "
+                         f"{_g(c.infiniband_errors_threshold)}"),
             c.for_short, "warning",
             f"InfiniBand {{{{ $labels.device }}}} port {{{{ $labels.port }}}} on {on} has errors",
-            f"More than {c.infiniband_errors_threshold:g} {{{{ $labels.type }}}} errors in "
+            f"More than {_g(c.infiniband_errors_threshold)} {{{{ $labels.type }}}} errors in "
             f"{c.gpu_error_window} on InfiniBand {{{{ $labels.device }}}} port {{{{ $labels.port }}}} of {on}; "
             "NCCL traffic over it retries or times out.",
-            Case({f'mlops_node_infiniband_port_errors_total{_labels({**h, "device": "mlx5_0", "port": "1", "type": "symbol"})}': "0+5x40"},  # noqa: E501
-                 "30m", ({**h, "device": "mlx5_0", "port": "1", "type": "symbol"},)),
-            Case({f'mlops_node_infiniband_port_errors_total{_labels({**h, "device": "mlx5_0", "port": "1", "type": "symbol"})}': "0x40"},  # noqa: E501
-                 "30m"),
+            case({f"mlops_node_infiniband_port_errors_total{_labels(ib)}": "0+5x40"}, "30m", ib),
+            case({f"mlops_node_infiniband_port_errors_total{_labels(ib)}": "0x40"}, "30m"),
         ),
         Alert(
-            "NodeClockSkew", "node", f"abs(mlops_node_timex_offset_seconds{selector(e)}) > {c.clock_offset_seconds:g}",
+            "NodeClockSkew", "node",
+            with_node(c, f"abs(mlops_node_timex_offset_seconds{selector(e)}) > {_g(c.clock_offset_seconds)}"),
             c.for_medium, "warning",
             f"{on}'s clock is off",
-            f"{on}'s clock is more than {c.clock_offset_seconds:g}s off: cross-node timelines and log replay "
+            f"{on}'s clock is more than {_g(c.clock_offset_seconds)}s off: cross-node timelines and log replay "
             "misorder events.",
-            Case({f"mlops_node_timex_offset_seconds{hl}": "0.2x30"}, "25m", (h,)),
-            Case({f"mlops_node_timex_offset_seconds{hl}": "0.001x30"}, "25m"),
+            case({f"mlops_node_timex_offset_seconds{hl}": "0.2x30"}, "25m", h),
+            case({f"mlops_node_timex_offset_seconds{hl}": "0.001x30"}, "25m"),
         ),
         Alert(
-            "NodeClockNotSynchronising", "node", f"mlops_node_timex_sync_status{selector(e)} == 0",
+            "NodeClockNotSynchronising", "node", with_node(c, f"mlops_node_timex_sync_status{selector(e)} == 0"),
             c.for_medium, "warning",
             f"{on}'s clock is not synchronising",
             f"The kernel reports {on}'s clock unsynchronised: check chrony/ntpd.",
-            Case({f"mlops_node_timex_sync_status{hl}": "0x30"}, "25m", (h,)),
-            Case({f"mlops_node_timex_sync_status{hl}": "1x30"}, "25m"),
+            case({f"mlops_node_timex_sync_status{hl}": "0x30"}, "25m", h),
+            case({f"mlops_node_timex_sync_status{hl}": "1x30"}, "25m"),
         ),
     ]  # fmt: skip
 
@@ -514,276 +630,410 @@ def node_alerts(c: MixinConfig) -> list[Alert]:
 # --- training -------------------------------------------------------------------------------------------
 
 
-def training_alerts(c: MixinConfig) -> list[Alert]:
-    n = c.node_label
+def stall_threshold(c: MixinConfig) -> str:
+    """Seconds without a step after which a job's rank counts as stalled: ``stall_step_multiple`` times the
+    job's recent median step time, within [floor, ceiling]; the floor for a job without a median yet."""
     t = c.training_selector
-    tr: Labels = {**_equalities(t), "job": "train-a", "rank": "1", "node": "n1", n: "n1:9477"}
-    tl = _labels(tr)
+    lo, hi = c.training_stall_floor_seconds, c.training_stall_ceiling_seconds
+    return (f"clamp({_g(c.stall_step_multiple)} * max by (job) (mlops_training_step_median_seconds{selector(t)}), "
+            f"{_g(lo)}, {_g(hi)}) or on (job) {_g(lo)} * group by (job) (mlops_training_last_step_timestamp_seconds"
+            f"{selector(t)})")  # fmt: skip
+
+
+def stalled_ranks(c: MixinConfig) -> str:
+    """Running ranks whose last step is older than their job's stall threshold."""
+    last = running(c, f"mlops_training_last_step_timestamp_seconds{selector(c.training_selector)}")
+    return f"(time() - ({last}) > on (job) group_left () ({stall_threshold(c)}))"
+
+
+def training_alerts(c: MixinConfig) -> list[Alert]:
+    t = c.training_selector
+    inst = _instance(c)
+    tr: Labels = {**_equalities(t), "job": "train-a", "rank": "1", "node": "n1", **inst}
+    peer: Labels = {**tr, "rank": "0"}
+    tl, pl = _labels(tr), _labels(peer)
     job_only = {**_equalities(t), "job": "train-a"}
-    who = "Rank {{ $labels.rank }} of job {{ $labels.job }}"
-    step = "mlops_training_step_duration_seconds"
-    samples = "job:mlops_training_samples:rate_recent"
-    # Evaluation times (minutes) derived from the thresholds, so overridden thresholds keep their tests valid:
-    # heartbeat stops at 10m; it must be older than the threshold for the whole `for:` duration, plus slack.
-    stall_at = 10 + _minutes(c.training_stall_seconds) + _minutes(parse_duration(c.for_stall)) + 3
-    ckpt_at = _minutes(c.checkpoint_stale_seconds) + _minutes(parse_duration(c.for_medium)) + 3
+    who = "Rank {{ $labels.rank }} of job {{ $labels.job }} on {{ $labels.node }}"
+
+    def m(name: str, *extra: str) -> str:
+        return f"{name}{selector(t, *extra)}"
+
+    def state(
+        lab: Labels, n: int, ended: int | None = None, how: str = "finished", gone: int | None = None
+    ) -> dict[str, str]:
+        """A rank's three state series for minutes 0..n: running, then ``how`` from minute ``ended``;
+        no samples from minute ``gone`` (its sidecar stopped reporting)."""
+        out = {}
+        for st in ("running", "finished", "failed"):
+            vals: list[float | None] = []
+            for i in range(n + 1):
+                now = "running" if ended is None or i < ended else how
+                vals.append(None if gone is not None and i >= gone else float(now == st))
+            out[f"mlops_training_rank_state{_labels({**lab, 'state': st})}"] = _runs(vals)
+        return out
+
+    def phase(lab: Labels, name: str, activity: str, values: str) -> dict[str, str]:
+        return {f"{CURRENT_PHASE}{_labels({**lab, 'phase': name, 'activity': activity})}": values}
+
+    waiting = m(CURRENT_PHASE, 'activity="collective"')
+    pause_since = m(CURRENT_PHASE, 'activity="pause"')
+    paused = f"time() - {pause_since} < {_g(c.training_pause_max_seconds)}"
+    stalled = stalled_ranks(c)
+    named = f"({stalled} unless ignoring (phase, activity) {waiting})"
+    failed = m("mlops_training_rank_state", 'state="failed"')
+    first_failed = (
+        f"bottomk by (job) (1, {m('mlops_training_rank_end_timestamp_seconds')} and ignoring (state) ({failed} == 1))"
+    )
+    # Minutes derived from the thresholds, so overridden thresholds keep the tests valid. Steps stop at 10m.
+    floor = _minutes(c.training_stall_floor_seconds)
+    stall_at = 10 + floor + 2
+    # A job whose recent median step is 30 s: its threshold is the multiple of that, within the bounds.
+    slow = min(max(c.stall_step_multiple * 30.0, c.training_stall_floor_seconds), c.training_stall_ceiling_seconds)
+    slow_at, slow_quiet_at = 10 + _minutes(slow) + 2, 10 + max(floor + 1, math.floor(slow / 60.0) - 1)
+    # Symptoms that start at 10m hold for their window and their `for:` by this minute.
+    symptom_at = 10 + _minutes(seconds(c.training_rate_window)) + _minutes(seconds(c.for_training)) + 1
+    nan_at = 6 + _minutes(seconds(c.for_training_fault))
+    # Stragglers 2x and 1.5x slower than their peers (or as much slower as an overridden score needs).
+    slow2, slow3 = max(2.0, round(1 / (0.8 * c.straggler_score), 3)), max(1.5, round(1 / (0.9 * c.straggler_score), 3))
+    ckpt_at = _minutes(c.checkpoint_stale_seconds) + _minutes(seconds(c.for_medium)) + 3
+    steps_at_10m = "0+60x10 600x40"  # a rank's last-step time: one step a second for 10 minutes, then none
+    lost = duration(c.training_retention_seconds)
+    ended = m("mlops_training_rank_state", 'state!="running"')
     return [
         Alert(
-            "TrainingStalled",
-            "training",
-            # A rank that closed its monitor (training finished) keeps its last heartbeat until the sidecar's
-            # retention forgets it: that silence is not a stall.
-            f"(time() - mlops_training_last_step_timestamp_seconds{selector(t)} > {c.training_stall_seconds:g})"
-            f" unless on (job, rank) (mlops_training_finished{selector(t)} == 1)",
-            c.for_stall,
-            "critical",
+            "TrainingRankFailed", "training",
+            f"({m('mlops_training_steps_total')} and {first_failed}) * ignoring (reason, detail) group_left "
+            f"(reason, detail) {m('mlops_training_rank_failure_info')}",
+            c.for_training_fault, "critical",
+            f"{who} failed",
+            f"{who} failed ({{{{ $labels.reason }}}} {{{{ $labels.detail }}}}) in step "
+            '{{ printf "%.0f" $value }} (counted from 0: the steps it had completed), the first rank of the '
+            "job to fail; ranks stopped after it are not the cause. Its last log lines say why.",
+            Case({
+                **state(tr, 30, ended=11, how="failed"),
+                f"mlops_training_steps_total{tl}": "0+60x10 600x20",
+                f"mlops_training_rank_end_timestamp_seconds{tl}": "_x10 601x20",
+                f"mlops_training_rank_failure_info{_labels({**tr, 'reason': 'exception', 'detail': 'RuntimeError'})}":
+                    "_x10 1x20",
+                # The peer the launcher stopped afterwards: failed too, later, and not named.
+                **state(peer, 31, ended=12, how="failed"),
+                f"mlops_training_steps_total{pl}": "0+60x10 600x20",
+                f"mlops_training_rank_end_timestamp_seconds{pl}": "_x11 663x20",
+                f"mlops_training_rank_failure_info{_labels({**peer, 'reason': 'signal', 'detail': 'SIGTERM'})}":
+                    "_x11 1x20",
+            }, "13m", ({**tr, "reason": "exception", "detail": "RuntimeError"},), value=600),
+            Case({**state(tr, 30, ended=11), f"mlops_training_steps_total{tl}": "0+60x10 600x20",
+                  f"mlops_training_rank_end_timestamp_seconds{tl}": "_x10 601x20"}, "13m"),
+        ),
+        Alert(
+            "TrainingStalled", "training", f"{named} unless on (job) ({paused})", c.for_stall, "critical",
             f"{who} has stopped making progress",
-            f"{who} has not finished a step for more than {c.training_stall_seconds:g}s: a hung collective, "
-            "a dead peer or a stuck data loader. Check its logs around the last step.",
-            Case(
-                {
-                    f"mlops_training_last_step_timestamp_seconds{tl}": f"0+60x10 600x{stall_at + 5}",
-                    f"mlops_training_finished{tl}": f"0x{stall_at + 15}",
-                },
-                f"{stall_at}m",
-                (tr,),
+            f"{who} has made no step for longer than {_g(c.stall_step_multiple)} times the job's median step time "
+            f"(at least {_secs(c.training_stall_floor_seconds)}, at most {_secs(c.training_stall_ceiling_seconds)}) "
+            "and is not waiting for its peers in a collective: it is the rank holding the job up (a hang in its "
+            "own code, its data loader or its device). Check its log and a stack dump (py-spy dump).",
+            Case({**state(tr, 40), **state(peer, 40),
+                  f"mlops_training_last_step_timestamp_seconds{tl}": steps_at_10m,
+                  f"mlops_training_last_step_timestamp_seconds{pl}": steps_at_10m,
+                  **phase(tr, "step", "busy", "0+60x10 600x40"), **phase(peer, "collective", "collective", "600x50")},
+                 f"{stall_at}m", (tr,)),
+            Case({**state(tr, 40), f"mlops_training_last_step_timestamp_seconds{tl}": "0+60x40"}, f"{stall_at}m"),
+            also_fires=(
+                # A job with minute-long steps: the threshold is ten medians (capped), not the floor.
+                Case({**state(tr, 60), f"mlops_training_last_step_timestamp_seconds{tl}": "0+60x10 600x50",
+                      f"mlops_training_step_median_seconds{tl}": "30x60"}, f"{slow_at}m", (tr,)),
             ),
-            Case({f"mlops_training_last_step_timestamp_seconds{tl}": f"0+60x{stall_at + 5}"}, f"{stall_at}m"),
             also_quiet=(
-                Case(
-                    {
-                        f"mlops_training_last_step_timestamp_seconds{tl}": f"0+60x10 600x{stall_at + 5}",
-                        f"mlops_training_finished{tl}": f"0x10 1x{stall_at + 5}",
-                    },
-                    f"{stall_at}m",
-                ),
+                # A rank that finished keeps its last step time until the sidecar forgets it: no stall.
+                Case({**state(tr, 40, ended=11), f"mlops_training_last_step_timestamp_seconds{tl}":
+                      steps_at_10m}, f"{stall_at}m"),
+                # Rank 0 saves a checkpoint (an expected pause) while rank 1 waits for it.
+                Case({**state(tr, 40), **state(peer, 40),
+                      f"mlops_training_last_step_timestamp_seconds{tl}": steps_at_10m,
+                      f"mlops_training_last_step_timestamp_seconds{pl}": steps_at_10m,
+                      **phase(tr, "collective", "collective", "600x50"),
+                      **phase(peer, "checkpoint", "pause", "600x50")},
+                     f"{stall_at}m"),
+                # Slow steps (30 s median) pausing for less than the multiple of their median: not a stall.
+                Case({**state(tr, 60), f"mlops_training_last_step_timestamp_seconds{tl}": "0+60x10 600x50",
+                      f"mlops_training_step_median_seconds{tl}": "30x60"}, f"{slow_quiet_at}m"),
             ),
         ),
         Alert(
-            "TrainingStraggler",
-            "training",
-            f"mlops_training_straggler_score{selector(t)} < {c.straggler_score:g}",
-            c.for_straggler,
-            "warning",
+            "TrainingStalledRankMissing", "training",
+            f"(count by (job) ({stalled}) unless on (job) {named}) unless on (job) ({paused})",
+            c.for_stall, "critical",
+            "Job {{ $labels.job }} has stopped making progress",
+            "Every rank of job {{ $labels.job }} that reports has made no step for longer than the stall threshold "
+            "and waits for its peers in a collective: the rank they wait for does not report (its node or "
+            "sidecar is down, it runs where no sidecar is scraped) or all of them wait in mismatched collectives. "
+            "Find the rank missing from the job's dashboard.",
+            Case({**state(tr, 40), f"mlops_training_last_step_timestamp_seconds{tl}": steps_at_10m,
+                  **phase(tr, "collective", "collective", "600x50")}, f"{stall_at}m", (job_only,)),
+            Case({**state(tr, 40), **state(peer, 40),
+                  f"mlops_training_last_step_timestamp_seconds{tl}": steps_at_10m,
+                  f"mlops_training_last_step_timestamp_seconds{pl}": steps_at_10m,
+                  **phase(tr, "step", "busy", "600x50"), **phase(peer, "collective", "collective", "600x50")},
+                 f"{stall_at}m"),
+        ),
+        Alert(
+            "TrainingNodeDown", "training",
+            f"last_over_time({m('mlops_training_world_size')}[{lost}]) unless ignoring (state) "
+            f"(last_over_time({ended}[{lost}]) == 1) "
+            f"and on ({c.instance}) (up{selector(c.exporter_selector)} == 0)",
+            c.for_critical, "critical",
+            f"{who} is on a node that stopped reporting",
+            f"{who} was running when Prometheus lost the sidecar of {{{{ $labels.node }}}}: the node, its network "
+            "or the sidecar is down, and the job's other ranks are waiting for this one.",
+            Case({**state(tr, 30, gone=11), f"mlops_training_world_size{tl}": "2x10 _x20",
+                  f"up{_labels({**_scrape_job(c), **inst})}": "1x10 0x20"}, "15m", (tr,)),
+            Case({**state(tr, 30, gone=11), f"mlops_training_world_size{tl}": "2x10 _x20",
+                  f"up{_labels({**_scrape_job(c), **inst})}": "1x30"}, "15m"),
+            also_quiet=(
+                # The rank had finished before the node went down.
+                Case({**state(tr, 30, ended=6, gone=11), f"mlops_training_world_size{tl}": "2x10 _x20",
+                      f"up{_labels({**_scrape_job(c), **inst})}": "1x10 0x20"}, "15m"),
+            ),
+        ),
+        Alert(
+            "TrainingStraggler", "training", f"{STRAGGLER} < {_g(c.straggler_score)}", c.for_straggler, "warning",
             f"{who} is a straggler",
-            f"{who} is slower than the job's typical rank (score below {c.straggler_score:g}); every rank waits "
-            "for it at each collective. Check its GPU's throttling and its node.",
-            Case({f"mlops_training_straggler_score{tl}": "0.5x30"}, "25m", (tr,)),
-            Case({f"mlops_training_straggler_score{tl}": "0.95x30"}, "25m"),
+            f"{who} computes slower than the job's other ranks (score below {_g(c.straggler_score)}: their median "
+            "step compute time over its own); every rank waits for it at each collective. Check its GPU's "
+            "throttling and its node.",
+            # Two ranks, one 2x slower: the other rank's median over its own is 0.5.
+            Case({**state(tr, 30), **state(peer, 30),
+                  f"mlops_training_step_compute_median_seconds{tl}": f"{_g(0.1 * slow2)}x30",
+                  f"mlops_training_step_compute_median_seconds{pl}": "0.1x30"}, "10m", (tr,)),
+            Case({**state(tr, 30), **state(peer, 30),
+                  f"mlops_training_step_compute_median_seconds{tl}": "0.105x30",
+                  f"mlops_training_step_compute_median_seconds{pl}": "0.1x30"}, "10m"),
+            also_fires=(
+                # Three ranks, one 1.5x slower: against the median of all, which it cannot move.
+                Case({**state(tr, 30), **state(peer, 30), **state({**tr, "rank": "2"}, 30),
+                      f"mlops_training_step_compute_median_seconds{tl}": f"{_g(0.1 * slow3)}x30",
+                      f"mlops_training_step_compute_median_seconds{pl}": "0.1x30",
+                      f"mlops_training_step_compute_median_seconds{_labels({**tr, 'rank': '2'})}": "0.1x30"},
+                     "10m", (tr,)),
+                # Two ranks, one 1.5x slower.
+                Case({**state(tr, 30), **state(peer, 30),
+                      f"mlops_training_step_compute_median_seconds{tl}": f"{_g(0.1 * slow3)}x30",
+                      f"mlops_training_step_compute_median_seconds{pl}": "0.1x30"}, "10m", (tr,)),
+            ),
+            also_quiet=(
+                # The job finished: the slow rank's last median stays until the sidecar forgets it.
+                Case({**state(tr, 30, ended=4), **state(peer, 30, ended=4),
+                      f"mlops_training_step_compute_median_seconds{tl}": "0.2x30",
+                      f"mlops_training_step_compute_median_seconds{pl}": "0.1x30"}, "10m"),
+            ),
         ),
         Alert(
-            "TrainingStepTimeAnomaly",
-            "training",
-            f"job_rank:{step}:mean_recent > {c.step_time_anomaly_factor:g} * job_rank:{step}:mean_baseline",
-            c.for_medium,
-            "warning",
+            "TrainingStepTimeAnomaly", "training",
+            running(c, f"{STEP_RECENT} > {_g(c.step_time_anomaly_factor)} * {STEP_BASELINE}"),
+            c.for_training, "warning",
             f"{who} steps are much slower than usual",
-            f"{who}'s mean step time over {c.training_rate_window} is more than {c.step_time_anomaly_factor:g}x "
-            f"its {c.training_baseline_window} mean.",
-            Case({f"{step}_count{tl}": "0+60x200", f"{step}_sum{tl}": "0+6x120 720+60x80"}, "140m", (tr,)),
-            Case({f"{step}_count{tl}": "0+60x200", f"{step}_sum{tl}": "0+6x200"}, "140m"),
+            f"{who}'s mean step time over {c.training_rate_window} is more than {_g(c.step_time_anomaly_factor)}x "
+            f"its mean over the {c.training_baseline_window} before.",
+            # Ten minutes of 0.1 s steps, then 1 s steps: a job younger than the baseline window fires too.
+            Case({**state(tr, 30), f"{STEP}_count{tl}": "0+60x30", f"{STEP}_sum{tl}": "0+6x10 60+60x20"},
+                 f"{symptom_at}m", (tr,)),
+            Case({**state(tr, 30), f"{STEP}_count{tl}": "0+60x30", f"{STEP}_sum{tl}": "0+6x30"}, f"{symptom_at}m"),
         ),
         Alert(
-            "TrainingThroughputRegression",
-            "training",
-            f"{samples} < {c.throughput_drop_ratio:g} * avg_over_time({samples}[{c.training_baseline_window}]) "
-            f"and {samples} > 0",
-            c.for_medium,
-            "warning",
+            "TrainingThroughputRegression", "training",
+            f"{SAMPLES_RECENT} < {_g(c.throughput_drop_ratio)} * avg_over_time({SAMPLES_RECENT}"
+            f"[{c.training_baseline_window}] offset {c.training_rate_window}) and {SAMPLES_RECENT} > 0 "
+            f"unless on (job) {_rank_ended(c)}",
+            c.for_training, "warning",
             "Job {{ $labels.job }} throughput dropped",
-            f"Job {{{{ $labels.job }}}} processes fewer than {_pct(c.throughput_drop_ratio)} of the samples/s it "
-            f"averaged over {c.training_baseline_window}.",
-            Case({f"mlops_training_samples_total{tl}": "0+6000x120 720000+2000x60"}, "140m", (job_only,)),
-            Case({f"mlops_training_samples_total{tl}": "0+6000x180"}, "140m"),
+            f"Job {{{{ $labels.job }}}} processed fewer than {_pct(c.throughput_drop_ratio)} of the samples/s it "
+            f"averaged over the {c.training_baseline_window} before the last {c.training_rate_window}.",
+            Case({**state(tr, 30), f"mlops_training_samples_total{tl}": "0+6000x10 60000+2000x20"}, f"{symptom_at}m",
+                 (job_only,)),
+            Case({**state(tr, 30), f"mlops_training_samples_total{tl}": "0+6000x30"}, f"{symptom_at}m"),
+            also_quiet=(
+                # The job ended: its ranks finished and their rate fell to 0 on the way.
+                Case({**state(tr, 30, ended=11), f"mlops_training_samples_total{tl}": "0+6000x10 60000x20"},
+                     f"{symptom_at}m"),
+            ),
         ),
         Alert(
-            "TrainingLowGoodput",
-            "training",
-            f"job:mlops_training_goodput:ratio_rate < {c.goodput_ratio:g}",
-            c.for_long,
-            "warning",
+            "TrainingLowGoodput", "training", f"{GOODPUT} < {_g(c.goodput_ratio)}", c.for_long, "warning",
             "Job {{ $labels.job }} wastes most of its time",
-            f"Less than {_pct(c.goodput_ratio)} of job {{{{ $labels.job }}}}'s wall time over {c.goodput_window} "
-            "was productive steps; see mlops_training_badput_seconds_total by kind.",
-            Case(
-                {
-                    f"mlops_training_goodput_seconds_total{tl}": "0+20x120",
-                    f"mlops_training_badput_seconds_total{_labels({**tr, 'kind': 'data_wait'})}": "0+40x120",
-                },
-                "100m",
-                (job_only,),
+            f"Less than {_pct(c.goodput_ratio)} of job {{{{ $labels.job }}}}'s rank time over {c.goodput_window} "
+            "was productive steps: the rest went to start-up, data waits, checkpoints, restarts or hangs. See "
+            "badput by kind on the training dashboard.",
+            # Productive 20 s a minute: a third of the rank's time.
+            Case({**state(tr, 140), f"mlops_training_goodput_seconds_total{tl}": "0+20x120",
+                  f"mlops_training_process_start_time_seconds{tl}": "0x120"}, "100m", (job_only,)),
+            Case({**state(tr, 140), f"mlops_training_goodput_seconds_total{tl}": "0+55x120",
+                  f"mlops_training_process_start_time_seconds{tl}": "0x120"}, "100m"),
+            also_fires=(
+                # Hung for the last 40 minutes: the steps it made before do not hide it.
+                Case({**state(tr, 140), f"mlops_training_goodput_seconds_total{tl}": "0+55x60 3300x80",
+                      f"mlops_training_process_start_time_seconds{tl}": "0x140"}, "130m", (job_only,)),
             ),
-            Case(
-                {
-                    f"mlops_training_goodput_seconds_total{tl}": "0+55x120",
-                    f"mlops_training_badput_seconds_total{_labels({**tr, 'kind': 'data_wait'})}": "0+5x120",
-                },
-                "100m",
+            also_quiet=(
+                # Ten minutes old: its own history, not the whole window, is the denominator.
+                Case({**state(tr, 140), f"mlops_training_goodput_seconds_total{tl}": "_x90 0+55x30",
+                      f"mlops_training_process_start_time_seconds{tl}": "_x90 5400x30"}, "100m"),
             ),
         ),
         Alert(
-            "TrainingNonFiniteLoss",
-            "training",
-            f"increase(mlops_training_nonfinite_loss_total{selector(t)}[{c.training_rate_window}]) > 0",
-            c.for_critical,
-            "warning",
+            "TrainingNonFiniteLoss", "training",
+            f"increase({m('mlops_training_nonfinite_loss_total')}[{c.training_rate_window}]) > 0",
+            c.for_training_fault, "warning",
             f"{who} produced NaN or infinite losses",
             f"{who} recorded non-finite losses: the run is diverging (learning rate, bad batch, overflow).",
-            Case({f"mlops_training_nonfinite_loss_total{tl}": "0x5 3x30"}, "8m", (tr,)),
-            Case({f"mlops_training_nonfinite_loss_total{tl}": "0x30"}, "8m"),
+            Case({f"mlops_training_nonfinite_loss_total{tl}": "0x5 3x30"}, f"{nan_at}m", (tr,)),
+            Case({f"mlops_training_nonfinite_loss_total{tl}": "0x30"}, f"{nan_at}m"),
         ),
         Alert(
-            "TrainingCheckpointStale",
-            "training",
-            f"time() - mlops_training_last_checkpoint_timestamp_seconds{selector(t)} > {c.checkpoint_stale_seconds:g}",
-            c.for_medium,
-            "warning",
-            f"{who} has not checkpointed recently",
-            f"{who}'s last checkpoint is more than {c.checkpoint_stale_seconds:g}s old: a failure now loses "
+            "TrainingCheckpointStale", "training",
+            f"time() - (max by (job) (max_over_time({m('mlops_training_last_checkpoint_timestamp_seconds')}"
+            f"[{c.checkpoint_lookback_window}])) or min by (job) (min_over_time("
+            f"{m('mlops_training_process_start_time_seconds')}[{c.checkpoint_lookback_window}]))) > "
+            f"{_g(c.checkpoint_stale_seconds)} and on (job) group by (job) "
+            f"({running(c, m('mlops_training_world_size'))})",
+            c.for_medium, "warning",
+            "Job {{ $labels.job }} has not checkpointed recently",
+            f"Job {{{{ $labels.job }}}}'s last checkpoint (across restarts) is more than "
+            f"{_secs(c.checkpoint_stale_seconds)} old, or it has run that long without one: a failure now loses "
             "that much work.",
-            Case({f"mlops_training_last_checkpoint_timestamp_seconds{tl}": f"0x{ckpt_at + 2}"}, f"{ckpt_at}m", (tr,)),
-            Case({f"mlops_training_last_checkpoint_timestamp_seconds{tl}": f"0+60x{ckpt_at + 2}"}, f"{ckpt_at}m"),
+            Case({**state(tr, ckpt_at + 2), f"mlops_training_world_size{tl}": f"2x{ckpt_at + 2}",
+                  f"mlops_training_process_start_time_seconds{tl}": f"0x{ckpt_at + 2}",
+                  f"mlops_training_last_checkpoint_timestamp_seconds{pl}": f"0x{ckpt_at + 2}"}, f"{ckpt_at}m",
+                 (job_only,)),
+            Case({**state(tr, ckpt_at + 2), f"mlops_training_world_size{tl}": f"2x{ckpt_at + 2}",
+                  f"mlops_training_process_start_time_seconds{tl}": f"0x{ckpt_at + 2}",
+                  f"mlops_training_last_checkpoint_timestamp_seconds{pl}": f"0+60x{ckpt_at + 2}"}, f"{ckpt_at}m"),
+            also_fires=(
+                # A job that never checkpoints.
+                Case({**state(tr, ckpt_at + 2), f"mlops_training_world_size{tl}": f"2x{ckpt_at + 2}",
+                      f"mlops_training_process_start_time_seconds{tl}": f"0x{ckpt_at + 2}"}, f"{ckpt_at}m",
+                     (job_only,)),
+            ),
+            also_quiet=(
+                # Restarted 10 minutes ago, after a checkpoint 20 minutes ago: the new process has saved
+                # nothing yet, the job has.
+                Case({**state(tr, ckpt_at + 2), f"mlops_training_world_size{tl}": f"2x{ckpt_at + 2}",
+                      f"mlops_training_process_start_time_seconds{tl}":
+                          f"0x{ckpt_at - 10} {(ckpt_at - 10) * 60}x12",
+                      f"mlops_training_last_checkpoint_timestamp_seconds{pl}":
+                          f"0x{ckpt_at - 20} {(ckpt_at - 20) * 60}x10 _x12"}, f"{ckpt_at}m"),
+            ),
         ),
         Alert(
-            "TrainingDataLoaderBound",
-            "training",
-            f'job_rank:mlops_training_phase_seconds:ratio_rate_recent{{phase="data_wait"}} > {c.data_wait_ratio:g}',
-            c.for_medium,
-            "warning",
+            "TrainingDataLoaderBound", "training",
+            running(c, f'{PHASE_RATIO}{{phase="data_wait"}} > {_g(c.data_wait_ratio)}', "phase"),
+            c.for_training, "warning",
             f"{who} waits on its input pipeline",
             f"{who} spends more than {_pct(c.data_wait_ratio)} of its step time waiting for data: add loader "
             "workers, prefetch, or faster storage.",
-            Case(
-                {
-                    f"mlops_training_phase_seconds_total{_labels({**tr, 'phase': 'data_wait'})}": "0+24x40",
-                    f"mlops_training_phase_seconds_total{_labels({**tr, 'phase': 'forward'})}": "0+12x40",
-                    f"mlops_training_phase_seconds_total{_labels({**tr, 'phase': 'backward'})}": "0+24x40",
-                },
-                "30m",
-                ({**tr, "phase": "data_wait"},),
-            ),
-            Case(
-                {
-                    f"mlops_training_phase_seconds_total{_labels({**tr, 'phase': 'data_wait'})}": "0+3x40",
-                    f"mlops_training_phase_seconds_total{_labels({**tr, 'phase': 'forward'})}": "0+12x40",
-                    f"mlops_training_phase_seconds_total{_labels({**tr, 'phase': 'backward'})}": "0+24x40",
-                },
-                "30m",
-            ),
+            Case({
+                **state(tr, 40),
+                f"mlops_training_phase_seconds_total{_labels({**tr, 'phase': 'data_wait'})}": "0+24x40",
+                f"mlops_training_phase_seconds_total{_labels({**tr, 'phase': 'forward'})}": "0+12x40",
+                f"mlops_training_phase_seconds_total{_labels({**tr, 'phase': 'backward'})}": "0+24x40",
+            }, f"{symptom_at}m", ({**tr, "phase": "data_wait"},)),
+            Case({
+                **state(tr, 40),
+                f"mlops_training_phase_seconds_total{_labels({**tr, 'phase': 'data_wait'})}": "0+3x40",
+                f"mlops_training_phase_seconds_total{_labels({**tr, 'phase': 'forward'})}": "0+12x40",
+                f"mlops_training_phase_seconds_total{_labels({**tr, 'phase': 'backward'})}": "0+24x40",
+            }, f"{symptom_at}m"),
         ),
-    ]
+    ]  # fmt: skip
 
 
 # --- the pipeline itself --------------------------------------------------------------------------------
 
 
 def pipeline_alerts(c: MixinConfig) -> list[Alert]:
-    n = c.node_label
     e, sh = c.exporter_selector, c.shipper_selector
-    h: Labels = {**_equalities(e), n: "n1:9477"}
+    inst = _instance(c)
+    h: Labels = {**_scrape_job(c), **inst}
     col: Labels = {**h, "collector": "host"}
-    sp: Labels = {**_equalities(sh), n: "n1:9477"}
+    sp: Labels = {**_equalities(sh), **h}
     spf: Labels = {**sp, "file": "/logs/train-a-rank0.jsonl"}
-    on = f"{{{{ $labels.{n} }}}}"
+    ctx = _node_context(c)
+
+    def case(series: dict[str, str], at: str, *expected: Labels) -> Case:
+        return _with_context(ctx, series, at, tuple({**lab, "node": "n1"} for lab in expected))
+
+    on = "{{ $labels.node }}"
     return [
         Alert(
-            "MlopsExporterDown",
-            "pipeline",
-            f"up{selector(e)} == 0",
-            c.for_short,
-            "critical",
+            "MlopsExporterDown", "pipeline", with_node(c, f"up{selector(e)} == 0"), c.for_short, "critical",
             f"The mlops-obs sidecar on {on} is down",
             f"Prometheus cannot scrape the sidecar on {on}: GPU, host and training metrics from that node are "
             "missing and its other alerts cannot fire.",
-            Case({f"up{_labels(h)}": "0x20"}, "15m", (h,)),
-            Case({f"up{_labels(h)}": "1x20"}, "15m"),
+            case({f"up{_labels(h)}": "1x5 0x20", f"mlops_exporter_node_info{_labels({**h, 'node': 'n1'})}":
+                  "1x5 _x20"}, "15m", h),
+            case({f"up{_labels(h)}": "1x20"}, "15m"),
         ),
         Alert(
-            "MlopsCollectorFailing",
-            "pipeline",
-            f"mlops_scrape_collector_success{selector(e)} == 0",
-            c.for_medium,
-            "warning",
+            "MlopsCollectorFailing", "pipeline", with_node(c, f"mlops_scrape_collector_success{selector(e)} == 0"),
+            c.for_medium, "warning",
             f"Collector {{{{ $labels.collector }}}} on {on} is failing",
             f"The {{{{ $labels.collector }}}} collector on {on} has failed (or been abandoned) for a while; its "
             "series are missing. The sidecar's log says why.",
-            Case({f"mlops_scrape_collector_success{_labels(col)}": "0x30"}, "25m", (col,)),
-            Case({f"mlops_scrape_collector_success{_labels(col)}": "1x30"}, "25m"),
+            case({f"mlops_scrape_collector_success{_labels(col)}": "0x30"}, "25m", col),
+            case({f"mlops_scrape_collector_success{_labels(col)}": "1x30"}, "25m"),
         ),
         Alert(
-            "MlopsCollectorSlow",
-            "pipeline",
-            f"mlops_scrape_collector_duration_seconds{selector(e)} > {c.collector_slow_seconds:g}",
-            c.for_medium,
-            "warning",
+            "MlopsCollectorSlow", "pipeline",
+            with_node(c, f"mlops_scrape_collector_duration_seconds{selector(e)} > {_g(c.collector_slow_seconds)}"),
+            c.for_medium, "warning",
             f"Collector {{{{ $labels.collector }}}} on {on} is slow",
-            f"The {{{{ $labels.collector }}}} collector on {on} takes more than {c.collector_slow_seconds:g}s "
+            f"The {{{{ $labels.collector }}}} collector on {on} takes more than {_g(c.collector_slow_seconds)}s "
             "per sample (a hanging NVML call or a huge /proc); its data goes stale.",
-            Case({f"mlops_scrape_collector_duration_seconds{_labels(col)}": "3x30"}, "25m", (col,)),
-            Case({f"mlops_scrape_collector_duration_seconds{_labels(col)}": "0.01x30"}, "25m"),
+            case({f"mlops_scrape_collector_duration_seconds{_labels(col)}": "3x30"}, "25m", col),
+            case({f"mlops_scrape_collector_duration_seconds{_labels(col)}": "0.01x30"}, "25m"),
         ),
         Alert(
-            "MlopsScrapeSlow",
-            "pipeline",
-            f"scrape_duration_seconds{selector(e)} > {c.scrape_slow_seconds:g}",
-            c.for_medium,
-            "warning",
+            "MlopsScrapeSlow", "pipeline",
+            with_node(c, f"scrape_duration_seconds{selector(e)} > {_g(c.scrape_slow_seconds)}"),
+            c.for_medium, "warning",
             f"Scraping the sidecar on {on} is slow",
-            f"Prometheus needs more than {c.scrape_slow_seconds:g}s to scrape the sidecar on {on}: too many "
+            f"Prometheus needs more than {_g(c.scrape_slow_seconds)}s to scrape the sidecar on {on}: too many "
             "series or an overloaded node.",
-            Case({f"scrape_duration_seconds{_labels(h)}": "2x30"}, "25m", (h,)),
-            Case({f"scrape_duration_seconds{_labels(h)}": "0.05x30"}, "25m"),
+            case({f"scrape_duration_seconds{_labels(h)}": "2x30"}, "25m", h),
+            case({f"scrape_duration_seconds{_labels(h)}": "0.05x30"}, "25m"),
         ),
         Alert(
-            "MlopsShipperBehind",
-            "pipeline",
-            f"mlops_shipper_lag_bytes{selector(sh)} > {c.shipper_lag_bytes:g}",
-            c.for_medium,
-            "warning",
+            "MlopsShipperBehind", "pipeline",
+            with_node(c, f"mlops_shipper_lag_bytes{selector(sh)} > {_g(c.shipper_lag_bytes)}"),
+            c.for_medium, "warning",
             f"The log shipper on {on} is behind",
             f"More than {_num(c.shipper_lag_bytes)}B of {{{{ $labels.file }}}} on {on} are not shipped yet: the "
             "store is slow or rejecting.",
-            Case({f"mlops_shipper_lag_bytes{_labels(spf)}": "1e9x30"}, "25m", (spf,)),
-            Case({f"mlops_shipper_lag_bytes{_labels(spf)}": "1e3x30"}, "25m"),
+            case({f"mlops_shipper_lag_bytes{_labels(spf)}": "1e9x30"}, "25m", spf),
+            case({f"mlops_shipper_lag_bytes{_labels(spf)}": "1e3x30"}, "25m"),
         ),
         Alert(
-            "MlopsShipperNotShipping",
-            "pipeline",
-            f"time() - mlops_shipper_last_success_timestamp_seconds{selector(sh)} > {c.shipper_stale_seconds:g} "
-            f"and on ({n}) sum by ({n}) (rate(mlops_shipper_lines_read_total{selector(sh)}[{c.node_rate_window}])) "
-            "> 0",
-            c.for_short,
-            "critical",
+            "MlopsShipperNotShipping", "pipeline",
+            with_node(c, f"time() - mlops_shipper_last_success_timestamp_seconds{selector(sh)} > "
+                         f"{_g(c.shipper_stale_seconds)} and on ({c.instance}) sum by ({c.instance}) "
+                         f"(rate(mlops_shipper_lines_read_total{selector(sh)}[{c.node_rate_window}])) > 0"),
+            c.for_short, "critical",
             f"The log shipper on {on} delivers nothing",
-            f"The shipper on {on} reads lines but has not delivered any for more than {c.shipper_stale_seconds:g}s.",
-            Case(
-                {
-                    f"mlops_shipper_last_success_timestamp_seconds{_labels(sp)}": "0x40",
-                    f"mlops_shipper_lines_read_total{_labels(sp)}": "0+100x40",
-                },
-                "30m",
-                (sp,),
-            ),
-            Case(
-                {
-                    f"mlops_shipper_last_success_timestamp_seconds{_labels(sp)}": "0+60x40",
-                    f"mlops_shipper_lines_read_total{_labels(sp)}": "0+100x40",
-                },
-                "30m",
-            ),
+            f"The shipper on {on} reads lines but has not delivered any for more than {_g(c.shipper_stale_seconds)}s.",
+            case({f"mlops_shipper_last_success_timestamp_seconds{_labels(sp)}": "0x40",
+                  f"mlops_shipper_lines_read_total{_labels(sp)}": "0+100x40"}, "30m", sp),
+            case({f"mlops_shipper_last_success_timestamp_seconds{_labels(sp)}": "0+60x40",
+                  f"mlops_shipper_lines_read_total{_labels(sp)}": "0+100x40"}, "30m"),
         ),
         Alert(
-            "MlopsShipperDeadLetters",
-            "pipeline",
-            f"increase(mlops_shipper_dead_letters_total{selector(sh)}[{c.gpu_error_window}]) > 0",
-            c.for_critical,
-            "warning",
+            "MlopsShipperDeadLetters", "pipeline",
+            with_node(c, f"increase(mlops_shipper_dead_letters_total{selector(sh)}[{c.gpu_error_window}]) > 0"),
+            c.for_critical, "warning",
             f"The log shipper on {on} dead-lettered events",
             f"The store rejected events from {on} for good; they are in the dead-letter file, not in the store.",
-            Case({f"mlops_shipper_dead_letters_total{_labels(sp)}": "0x5 4x30"}, "8m", (sp,)),
-            Case({f"mlops_shipper_dead_letters_total{_labels(sp)}": "0x30"}, "8m"),
+            case({f"mlops_shipper_dead_letters_total{_labels(sp)}": "0x5 4x30"}, "8m", sp),
+            case({f"mlops_shipper_dead_letters_total{_labels(sp)}": "0x30"}, "8m"),
         ),
-    ]
+    ]  # fmt: skip
 
 
 # --- files ----------------------------------------------------------------------------------------------
@@ -807,7 +1057,7 @@ def alert_groups(cfg: MixinConfig) -> dict[str, Any]:
 
 def recording_groups(cfg: MixinConfig) -> dict[str, Any]:
     g: dict[str, Any] = {
-        "name": "mlops-obs.training.rules",
+        "name": "mlops-obs.rules",
         "rules": [{"record": r.record, "expr": r.expr} for r in recording_rules(cfg)],
     }
     if cfg.rule_interval:
@@ -815,39 +1065,90 @@ def recording_groups(cfg: MixinConfig) -> dict[str, Any]:
     return {"groups": [g]}
 
 
-_TEMPLATE = re.compile(r"\{\{\s*\$labels\.(\w+)\s*\}\}")
+_TEMPLATE = re.compile(r"\{\{\s*(?:\$labels\.(\w+)|printf \"%\.0f\" \$value)\s*\}\}")
 
 
-def render_annotation(text: str, labels: Labels) -> str:
-    """Expand ``{{ $labels.x }}`` as Prometheus does; a label the alert lacks is a bug in the rule's text."""
+def render_annotation(text: str, labels: Labels, value: float | None = None) -> str:
+    """Expand ``{{ $labels.x }}`` and ``{{ printf "%.0f" $value }}`` as Prometheus does; a label the alert
+    lacks, or a value the case does not give, is a bug in the rule's text."""
 
     def sub(m: re.Match[str]) -> str:
-        if m.group(1) not in labels:
-            raise KeyError(f"annotation uses $labels.{m.group(1)}, which the alert does not carry: {text!r}")
-        return labels[m.group(1)]
+        name = m.group(1)
+        if name is None:
+            if value is None:
+                raise ValueError(f"annotation prints $value, but the test case gives none: {text!r}")
+            return f"{value:.0f}"
+        if name not in labels:
+            raise KeyError(f"annotation uses $labels.{name}, which the alert does not carry: {text!r}")
+        return labels[name]
 
+    if "$value" in _TEMPLATE.sub("", text):
+        raise ValueError(f'annotations may print $value only as {{{{ printf "%.0f" $value }}}}: {text!r}')
     return _TEMPLATE.sub(sub, text)
 
 
-def rule_tests(cfg: MixinConfig, rule_files: list[str]) -> dict[str, Any]:
-    """promtool test input: for every alert one group where it fires and one where it must stay quiet."""
+_SAMPLES = re.compile(r"^(?P<a>[-+]?\d*\.?\d+(?:e[-+]?\d+)?|_)(?:(?P<op>[-+])(?P<b>\d*\.?\d+(?:e[-+]?\d+)?))?"
+                      r"(?:x(?P<n>\d+))?$")  # fmt: skip
+
+
+def _scale_values(values: str, factor: float) -> str:
+    """promtool's expanding notation (``0+60x10 600x15 _x3 stale``) with every value times ``factor``."""
+    out = []
+    for term in values.split():
+        m = _SAMPLES.match(term)
+        if term == "stale" or (m and m.group("a") == "_"):
+            out.append(term)
+            continue
+        if not m:
+            raise ValueError(f"cannot scale sample notation {term!r}")
+        s = repr(float(m.group("a")) * factor)
+        if m.group("op"):
+            s += f"{m.group('op')}{float(m.group('b')) * factor!r}"
+        if m.group("n"):
+            s += f"x{m.group('n')}"
+        out.append(s)
+    return " ".join(out)
+
+
+def is_time_valued(series: str) -> bool:
+    """Whether a series' values are seconds (a duration, a seconds counter or a Unix time), which a scaled
+    clock scales; counts and ratios it does not."""
+    name = series.split("{", 1)[0]
+    if name.endswith("_seconds_bucket"):
+        raise ValueError(f"{series}: a histogram over time has time-valued bucket bounds; not scalable")
+    return name.endswith(("_seconds", "_seconds_total", "_seconds_sum"))
+
+
+def rule_tests(cfg: MixinConfig, rule_files: list[str], time_scale: float = 1.0) -> dict[str, Any]:
+    """promtool test input: for every alert the groups where it fires and where it must stay quiet.
+
+    The cases are written for ``cfg`` at the shipped time scale; with ``time_scale`` they run against the
+    rules of :func:`scaled` ``(cfg, time_scale)``: every interval, evaluation time and time-valued sample
+    is multiplied too, so the same cases prove the scaled rules behave exactly as the shipped ones.
+    """
+    shown = scaled(cfg, time_scale) if time_scale != 1.0 else cfg
+    interval = duration(60.0 * time_scale)
+
+    def at(t: str) -> str:
+        return duration(seconds(t) * time_scale)
+
     tests: list[dict[str, Any]] = []
-    for a in alerts(cfg):
-        if "$value" in a.summary + a.description:
-            raise ValueError(f"{a.name}: annotations with $value cannot be unit-tested exactly; use thresholds")
-        for case, firing in ((a.fires, True), (a.quiet, False), *((q, False) for q in a.also_quiet)):
+    for a, a_shown in zip(alerts(cfg), alerts(shown), strict=True):
+        for case, firing in a.cases():
             if firing and not case.alerts:
-                raise ValueError(f"{a.name}: the firing case expects no alert")
+                raise ValueError(f"{a.name}: a firing case expects no alert")
             exp = []
             for lab in case.alerts if firing else ():
                 full = {**lab, "severity": a.severity, **a.extra_labels}
-                ann = {k: render_annotation(v, full) for k, v in a.annotations(cfg).items()}
+                ann = {k: render_annotation(v, full, case.value) for k, v in a_shown.annotations(shown).items()}
                 exp.append({"exp_labels": full, "exp_annotations": ann})
+            series = [{"series": k, "values": _scale_values(v, time_scale) if is_time_valued(k) else v}
+                      for k, v in case.series.items()]  # fmt: skip
             tests.append(
                 {
-                    "interval": "1m",
-                    "input_series": [{"series": k, "values": v} for k, v in case.series.items()],
-                    "alert_rule_test": [{"eval_time": case.at, "alertname": a.name, "exp_alerts": exp}],
+                    "interval": interval,
+                    "input_series": series,
+                    "alert_rule_test": [{"eval_time": at(case.at), "alertname": a.name, "exp_alerts": exp}],
                 }
             )
-    return {"rule_files": rule_files, "evaluation_interval": "1m", "tests": tests}
+    return {"rule_files": rule_files, "evaluation_interval": interval, "tests": tests}

@@ -3,19 +3,21 @@ thresholds quoted there are the ones the rules use."""
 
 from __future__ import annotations
 
+from mlops_obs.mixin.alertmanager import JOB_ROOT_CAUSES, JOB_SYMPTOMS
 from mlops_obs.mixin.config import MixinConfig
 from mlops_obs.mixin.rules import alerts
 
 ACTIONS: dict[str, str] = {
     "GpuXidCritical": "Cordon/drain the node. Look the code up in NVIDIA's XID catalogue; 48/63/64/92/94/95: reset "
-    "the GPU (`nvidia-smi -r`) once idle; 79: reboot; repeated codes on one GPU: RMA. Restart the job from its last "
-    "checkpoint elsewhere. Note: the rule also fires for an XID counter it has not seen before (a first XID of a "
-    "code starts its counter at 1, which `increase()` cannot see), so right after a Prometheus restart with an "
-    "empty TSDB, old XIDs re-announce themselves once.",
+    "the GPU (`nvidia-smi -r`) once idle; 79: reboot; repeated codes on one GPU: RMA. Restart the job (its `job` "
+    "label: the GPU's owner) from its last checkpoint elsewhere. The rule also fires for an XID counter it has not "
+    "seen in the hour before its window (a first XID of a code starts its counter at 1, which `increase()` cannot "
+    "see), so after a Prometheus restart with an empty TSDB, old XIDs re-announce themselves once.",
     "GpuXidError": "Check `dmesg | grep -i xid` on the node and the job's log at that time. Unknown codes are "
     "usually driver issues: compare the driver version (`mlops_gpu_info`) with the rest of the fleet.",
     "GpuEccUncorrectedErrors": "Drain the node; the job on that GPU likely crashed or produced bad results. Reset "
-    "the GPU so pending row remaps apply; if errors recur, RMA.",
+    "the GPU so pending row remaps apply; if errors recur, RMA. A volatile count already non-zero when the sidecar "
+    "first reported it (errors since the driver loaded) fires once too: a reset clears it.",
     "GpuRowRemapFailure": "Take the GPU out of service (drain the node) and open an RMA.",
     "GpuRowRemapPending": "Schedule a GPU reset at the next drain; until then uncorrectable errors may recur.",
     "GpuFellOffBus": "Drain and reboot the node; if the GPU does not come back, reseat or RMA. Jobs on it are hung: "
@@ -48,19 +50,39 @@ ACTIONS: dict[str, str] = {
     "NodeInfinibandErrors": "Check `ibstat`/`perfquery`; symbol errors mean a bad cable or port: replace it.",
     "NodeClockSkew": "Check `chronyc tracking`; fix NTP before comparing logs across nodes.",
     "NodeClockNotSynchronising": "Start/repair chrony or ntpd; check it can reach its servers.",
-    "TrainingStalled": "Open the job's logs around the last step (replay/timeline). A hang in a collective: find "
-    "the rank that stopped first (py-spy dump on each rank); kill and restart from the last checkpoint.",
+    "TrainingRankFailed": "The alert names the first rank to fail and why (`reason`/`detail`: the exception type, "
+    "the signal, the exit code, or `vanished` when the process disappeared without a word: SIGKILL, the OOM "
+    "killer, a segfault). Read that rank's last log lines (the dashboard's \"Logs of this rank\" link, or "
+    "`kubectl logs`/the job's stderr file); for `vanished`, check `dmesg` on its node for the OOM killer. Its "
+    "peers' stall and slowdown are muted while this fires. Restart the job from its last checkpoint once fixed.",
+    "TrainingStalled": "The named rank is not waiting for its peers: it is stuck in its own code, data loader or "
+    "device (the others wait for it in a collective). Take a stack dump of that rank (`py-spy dump --pid PID`, the "
+    "pid is on `mlops_process_cpu_seconds_total{job=...,rank=...}`), check its GPU (`nvidia-smi`, XIDs on the GPU "
+    "dashboard) and its log around the last step; then kill the job and restart it from the last checkpoint. A "
+    "phase the job declares as an expected pause (checkpoint, evaluation) suspends this alert, for at most the "
+    "configured maximum pause.",
+    "TrainingStalledRankMissing": "Every rank that reports waits in a collective for one that does not: compare "
+    "`mlops_training_world_size` with the ranks on the training dashboard to find it, then check its node "
+    "(`TrainingNodeDown`, `MlopsExporterDown`) and whether a sidecar scrapes it at all. If every rank does report, "
+    "they wait in mismatched collectives (a code path only some ranks take): dump their stacks (`py-spy dump`).",
+    "TrainingNodeDown": "Prometheus lost the sidecar of the rank's node while the rank was running: check the node "
+    "(`kubectl get node`, the cloud console), its network and the sidecar pod. The job's other ranks wait for this "
+    "one until the collective times out; their stall and slowdown are muted while this fires. Restart the job "
+    "without the node.",
     "TrainingStraggler": "Look at that rank's node and GPU dashboards: throttling, a noisy neighbour, a degraded "
-    "link. Move the rank or replace the node.",
+    "link, a busy CPU (its process CPU on the training dashboard). Move the rank or replace the node. The score "
+    "is a recording rule over every sidecar, so it compares ranks across nodes and pods.",
     "TrainingStepTimeAnomaly": "Compare phase breakdown before and after; check for a slow node, throttling, "
     "storage or network trouble that started then.",
     "TrainingThroughputRegression": "Same as a step-time anomaly, job-wide: check recent changes (code, data, "
     "nodes) and the straggler scores.",
-    "TrainingLowGoodput": "See badput by kind: long restarts, checkpoint time, data waits. Fix the largest.",
+    "TrainingLowGoodput": 'See "Time by kind" on the training dashboard: start-up, data waits, checkpoint saves, '
+    "restarts, and unaccounted time (hung or idle). Fix the largest share.",
     "TrainingNonFiniteLoss": "The run diverges: roll back to the last good checkpoint, lower the learning rate, "
     "check the batch that produced it and mixed-precision scaling.",
-    "TrainingCheckpointStale": "Check the checkpoint path and the job's log for save errors; a failure now loses "
-    "all work since then.",
+    "TrainingCheckpointStale": "Check the checkpoint path and the job's log for save errors "
+    "(`mlops_training_checkpoint_failures_total`); a job that never saves needs checkpointing enabled. A failure "
+    "now loses all work since the last save.",
     "TrainingDataLoaderBound": "Add data loader workers, pin memory, prefetch, cache the dataset locally.",
     "MlopsExporterDown": "Check the sidecar's container/pod and its log; until it is back the node's alerts are "
     "blind (and inhibited).",
@@ -88,6 +110,8 @@ def render(cfg: MixinConfig) -> str:
             raise KeyError(f"{a.name} has no runbook action in mlops_obs/mixin/runbooks.py")
         out.append(f"\n## {a.name}\n")
         out.append(f"\nSeverity **{a.severity}**, after `{a.for_}`.\n")
+        if a.name in JOB_ROOT_CAUSES:
+            out.append(f"\nWhile it fires, Alertmanager mutes in the same job: {', '.join(JOB_SYMPTOMS)}.\n")
         out.append(f"\n**Meaning.** {a.description}\n")
         out.append(f"\n**Action.** {ACTIONS[a.name]}\n")
         out.append(f"\n```promql\n{a.expr}\n```\n")

@@ -307,3 +307,14 @@ def test_rule_tests_follow_overridden_thresholds(tmp_path: Path) -> None:
     out = subprocess.run([promtool, "test", "rules", "t.yml"], cwd=tmp_path, capture_output=True, text=True,
                          timeout=120)  # fmt: skip
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+
+
+def test_every_series_the_mixin_reads_is_in_the_contract() -> None:
+    """docs/alerts.md lists every series a rule or a panel reads, so the producers know what the alerts need."""
+    files = render_files(CFG)
+    read: set[str] = set()
+    for rel in (ALERTS_FILE, RECORDING_FILE, *(r for r in files if r.startswith("dashboards/"))):
+        read |= set(re.findall(r"(?<![:\w])(mlops_[a-z]+_[a-z_]+?)(?:_bucket|_count|_sum)?\b", files[rel]))
+    contract = (ROOT / "docs/alerts.md").read_text()
+    assert len(read) > 80
+    assert sorted(s for s in read if f"`{s}`" not in contract) == []

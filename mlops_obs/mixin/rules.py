@@ -735,7 +735,7 @@ def training_alerts(c: MixinConfig) -> list[Alert]:
             Case({**state(tr, 40), **state(peer, 40),
                   f"mlops_training_last_step_timestamp_seconds{tl}": steps_at_10m,
                   f"mlops_training_last_step_timestamp_seconds{pl}": steps_at_10m,
-                  **phase(tr, "step", "busy", "0+60x10 600x40"), **phase(peer, "collective", "collective", "600x50")},
+                  **phase(tr, "step", "work", "0+60x10 600x40"), **phase(peer, "collective", "collective", "600x50")},
                  f"{stall_at}m", (tr,)),
             Case({**state(tr, 40), f"mlops_training_last_step_timestamp_seconds{tl}": "0+60x40"}, f"{stall_at}m"),
             also_fires=(
@@ -773,7 +773,7 @@ def training_alerts(c: MixinConfig) -> list[Alert]:
             Case({**state(tr, 40), **state(peer, 40),
                   f"mlops_training_last_step_timestamp_seconds{tl}": steps_at_10m,
                   f"mlops_training_last_step_timestamp_seconds{pl}": steps_at_10m,
-                  **phase(tr, "step", "busy", "600x50"), **phase(peer, "collective", "collective", "600x50")},
+                  **phase(tr, "step", "work", "600x50"), **phase(peer, "collective", "collective", "600x50")},
                  f"{stall_at}m"),
         ),
         Alert(

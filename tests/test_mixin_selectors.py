@@ -83,6 +83,37 @@ def _container_with_port(pod_spec: dict[str, Any], port: str) -> str:
     raise AssertionError(f"no container declares port {port!r}")
 
 
+def _scrape_job(
+    kind: str,
+    monitor: dict[str, Any],
+    ep: dict[str, Any],
+    prefix: str,
+    target_labels: str,
+    default_job: dict[str, Any],
+    relabel: list[dict[str, Any]],
+    meta: dict[str, str],
+    address: str,
+) -> dict[str, Any]:
+    """The part of a monitor's scrape job both kinds share: target labels copied from the Service's or the
+    pod's labels, the default job and ``jobLabel``'s override, the endpoint label, the user's relabelings."""
+    spec = monitor["spec"]
+    for lab in spec.get(target_labels, []):
+        relabel.append({"source_labels": [f"{prefix}_label_{_sanitize(lab)}"], "target_label": _sanitize(lab),
+                        "regex": "(.+)", "replacement": "${1}"})  # fmt: skip
+    relabel.append(default_job)
+    if spec.get("jobLabel"):
+        relabel.append({"source_labels": [f"{prefix}_label_{_sanitize(spec['jobLabel'])}"], "target_label": "job",
+                        "regex": "(.+)", "replacement": "${1}"})  # fmt: skip
+    relabel.append({"target_label": "endpoint", "replacement": ep["port"]})
+    relabel += _user_relabelings(ep)
+    return {
+        "job_name": f"{kind}/{monitor['metadata']['namespace']}/{monitor['metadata']['name']}/0",
+        "honor_labels": bool(ep.get("honorLabels", False)),
+        "static_configs": [{"targets": [address], "labels": meta}],
+        "relabel_configs": relabel,
+    }
+
+
 def service_monitor_job(objects: list[dict[str, Any]], address: str) -> dict[str, Any]:
     """The scrape job the Operator generates for the ServiceMonitor in ``objects``, its one target at ``address``."""
     sm = next(o for o in objects if o["kind"] == "ServiceMonitor")
@@ -120,21 +151,10 @@ def service_monitor_job(objects: list[dict[str, Any]], address: str) -> dict[str
         {"source_labels": ["__meta_kubernetes_pod_container_name"], "target_label": "container"},
         {"action": "drop", "source_labels": ["__meta_kubernetes_pod_phase"], "regex": "(Failed|Succeeded)"},
     ]  # fmt: skip
-    for lab in sm["spec"].get("targetLabels", []):
-        relabel.append({"source_labels": [f"__meta_kubernetes_service_label_{_sanitize(lab)}"],
-                        "target_label": _sanitize(lab), "regex": "(.+)", "replacement": "${1}"})  # fmt: skip
-    relabel.append({"source_labels": ["__meta_kubernetes_service_name"], "target_label": "job", "replacement": "${1}"})
-    if sm["spec"].get("jobLabel"):
-        relabel.append({"source_labels": [f"__meta_kubernetes_service_label_{_sanitize(sm['spec']['jobLabel'])}"],
-                        "target_label": "job", "regex": "(.+)", "replacement": "${1}"})  # fmt: skip
-    relabel.append({"target_label": "endpoint", "replacement": ep["port"]})
-    relabel += _user_relabelings(ep)
-    return {
-        "job_name": f"serviceMonitor/{sm['metadata']['namespace']}/{sm['metadata']['name']}/0",
-        "honor_labels": bool(ep.get("honorLabels", False)),
-        "static_configs": [{"targets": [address], "labels": meta}],
-        "relabel_configs": relabel,
-    }
+    job = {"source_labels": ["__meta_kubernetes_service_name"], "target_label": "job", "replacement": "${1}"}
+    return _scrape_job(
+        "serviceMonitor", sm, ep, "__meta_kubernetes_service", "targetLabels", job, relabel, meta, address
+    )
 
 
 def pod_monitor_job(objects: list[dict[str, Any]], address: str) -> dict[str, Any]:
@@ -156,21 +176,8 @@ def pod_monitor_job(objects: list[dict[str, Any]], address: str) -> dict[str, An
         {"source_labels": ["__meta_kubernetes_pod_container_name"], "target_label": "container"},
         {"source_labels": ["__meta_kubernetes_pod_name"], "target_label": "pod"},
     ]
-    for lab in pm["spec"].get("podTargetLabels", []):
-        relabel.append({"source_labels": [f"__meta_kubernetes_pod_label_{_sanitize(lab)}"],
-                        "target_label": _sanitize(lab), "regex": "(.+)", "replacement": "${1}"})  # fmt: skip
-    relabel.append({"target_label": "job", "replacement": f"{ns}/{name}"})
-    if pm["spec"].get("jobLabel"):
-        relabel.append({"source_labels": [f"__meta_kubernetes_pod_label_{_sanitize(pm['spec']['jobLabel'])}"],
-                        "target_label": "job", "regex": "(.+)", "replacement": "${1}"})  # fmt: skip
-    relabel.append({"target_label": "endpoint", "replacement": ep["port"]})
-    relabel += _user_relabelings(ep)
-    return {
-        "job_name": f"podMonitor/{ns}/{name}/0",
-        "honor_labels": bool(ep.get("honorLabels", False)),
-        "static_configs": [{"targets": [address], "labels": meta}],
-        "relabel_configs": relabel,
-    }
+    job = {"target_label": "job", "replacement": f"{ns}/{name}"}
+    return _scrape_job("podMonitor", pm, ep, "__meta_kubernetes_pod", "podTargetLabels", job, relabel, meta, address)
 
 
 def compose_job(address: str) -> dict[str, Any]:

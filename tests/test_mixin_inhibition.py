@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from mlops_obs.alertmanager_server import AlertmanagerProcess, alertmanager_binary
+from mlops_obs.children.alertmanager import AlertmanagerProcess, alertmanager_binary
 from mlops_obs.mixin import config as mixin_config
 from mlops_obs.mixin import rules
 from mlops_obs.mixin.alertmanager import alertmanager_config

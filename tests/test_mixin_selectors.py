@@ -19,10 +19,11 @@ from typing import Any
 import pytest
 import yaml
 
+from mlops_obs.children import find_binary
+from mlops_obs.children.prometheus import PrometheusProcess
 from mlops_obs.mixin import config as mixin_config
 from mlops_obs.mixin import rules
 from mlops_obs.mixin.generate import RECORDING_FILE, render_files
-from mlops_obs.prometheus_server import PrometheusProcess, find_binary
 
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "deploy/kubernetes"

@@ -35,7 +35,8 @@ os.environ["PROMETHEUS_MULTIPROC_DIR"] = _PROM_DIR
 
 from prometheus_client import Counter, Gauge, Histogram  # noqa: E402
 
-from mlops_obs.instrument import TrainingMonitor, snapshot  # noqa: E402
+from mlops_obs import rankdir  # noqa: E402
+from mlops_obs.instrument import TrainingMonitor  # noqa: E402
 
 perf_ns = time.perf_counter_ns
 
@@ -73,7 +74,7 @@ def prometheus_multiprocess() -> Callable[[int, list[int]], None]:
     lv = ("bench", "0", "n")
     steps = Counter("bench_steps", "", labels).labels(*lv)
     samples = Counter("bench_samples", "", labels).labels(*lv)
-    hist = Histogram("bench_step_duration_seconds", "", labels, buckets=snapshot.STEP_BUCKETS).labels(*lv)
+    hist = Histogram("bench_step_duration_seconds", "", labels, buckets=rankdir.STEP_BUCKETS).labels(*lv)
     phase_c = Counter("bench_phase_seconds", "", [*labels, "phase"])
     fwd, bwd, opt = (phase_c.labels(*lv, p) for p in ("forward", "backward", "optimizer"))
     loss_g = Gauge("bench_loss", "", labels, multiprocess_mode="mostrecent").labels(*lv)

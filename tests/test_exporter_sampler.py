@@ -24,9 +24,9 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 
 from mlops_obs.collectors import Collector, CollectorUnavailable
-from mlops_obs.exporter.exposition import format_value, render
 from mlops_obs.exporter.sampler import Sampler
 from mlops_obs.exporter.server import ExporterServer, PieceGzip
+from mlops_obs.metrics import format_value, render
 from tests.conftest import wait_for
 
 # Generous bounds: these only guard against a hang, they time nothing.
@@ -289,7 +289,7 @@ def test_render_reuse_never_serves_old_values() -> None:
     from prometheus_client.core import GaugeMetricFamily
     from prometheus_client.exposition import generate_latest
 
-    from mlops_obs.exporter.exposition import render as fast_render
+    from mlops_obs.metrics import render as fast_render
 
     class _Reg:
         def __init__(self, fams: list[Any]) -> None:

@@ -12,10 +12,10 @@ from typing import Any
 
 import pytest
 
+from mlops_obs import rankdir
 from mlops_obs.collectors.fake_nvml import FakeNvml
 from mlops_obs.collectors.gpu import GpuCollector
-from mlops_obs.exporter.sampler import render
-from mlops_obs.instrument import snapshot
+from mlops_obs.metrics import render
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -58,12 +58,12 @@ def _run(tmp_path: Path, mutate: Any = None) -> list[Any]:
     pid = os.getpid()
     now = time.time()
     for rank in (0, 1):
-        snapshot.write(
+        rankdir.write(
             mp,
             gc.JOB,
             rank,
             {
-                "v": snapshot.SCHEMA_VERSION,
+                "v": rankdir.SCHEMA_VERSION,
                 "job": gc.JOB,
                 "rank": rank,
                 "pid": pid if rank == 0 else 999_999_999,

@@ -18,7 +18,7 @@ from mlops_obs.collectors import CollectorUnavailable
 from mlops_obs.collectors.fake_nvml import FakeNvml
 from mlops_obs.collectors.gpu import FAMILIES, GpuCollector
 from mlops_obs.config import ConfigError
-from mlops_obs.exporter.sampler import render
+from mlops_obs.metrics import render
 from tests.conftest import require_binary, wait_for
 
 Series = dict[tuple[str, tuple[tuple[str, str], ...]], float]

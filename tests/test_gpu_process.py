@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from mlops_obs import rankdir
 from mlops_obs.collectors.fake_nvml import FakeNvml
 from mlops_obs.collectors.gpu import GpuCollector
 from mlops_obs.collectors.gpu_process import (
@@ -19,10 +20,10 @@ from mlops_obs.collectors.gpu_process import (
     parse_cgroup,
     parse_environ,
     parse_nspid,
-    parse_start_time,
+    start_ticks,
 )
-from mlops_obs.exporter.sampler import render
-from mlops_obs.instrument import snapshot
+from mlops_obs.metrics import render
+from mlops_obs.rankdir import RankDirectory
 from tests.test_gpu_collector import scrape_series, values
 
 CID = "3f1e6b5c2a9d8e7f6a5b4c3d2e1f0a9b8c7d6e5f4a3b2c1d0e9f8a7b6c5d4e3f"
@@ -67,7 +68,7 @@ def test_parse_nspid_and_start_time() -> None:
     assert parse_nspid("Name:\tpython\nNSpid:\t41234\t7\n") == (41234, 7)
     assert parse_nspid("Name:\tx\n") == ()
     stat = "4242 (my (odd) proc) S 1 4242 4242 0 -1 4194560 1 0 0 0 0 0 0 0 20 0 1 0 987654 1000 10"
-    assert parse_start_time(stat) == 987654
+    assert start_ticks(stat) == 987654 and start_ticks("4242 (x) S 1") is None
 
 
 def _fake_proc(root: Path, pid: int, nspid: str, cgroup: str, environ: bytes | None) -> None:
@@ -82,11 +83,11 @@ def _fake_proc(root: Path, pid: int, nspid: str, cgroup: str, environ: bytes | N
 
 def _snap(directory: Path, job: str, rank: int, pid: int) -> None:
     now = time.time()
-    snapshot.write(
+    rankdir.write(
         directory,
         job,
         rank,
-        {"v": snapshot.SCHEMA_VERSION, "job": job, "rank": rank, "pid": pid, "updated": now, "start_time": now},
+        {"v": rankdir.SCHEMA_VERSION, "job": job, "rank": rank, "pid": pid, "updated": now, "start_time": now},
     )
 
 
@@ -98,7 +99,7 @@ def test_container_rank_found_through_its_namespace_pid(tmp_path: Path) -> None:
     _fake_proc(proc, 41234, "41234\t7", cg, b"POD_NAME=llm-0\0POD_NAMESPACE=train\0")
     _fake_proc(proc, 50000, "50000", "0::/user.slice\n", None)
     _snap(mp, "llm", 3, 7)
-    a = Attributor(mp, proc_root=proc, environ={})
+    a = Attributor(RankDirectory(mp), proc_root=proc, environ={})
     assert a.labels(41234) == {"job": "llm", "rank": "3", "container": CID[:12], "pod": "llm-0", "namespace": "train"}
     assert a.labels(50000) == {}
     assert a.labels(60000) == {}  # vanished pid: nothing, no error
@@ -142,7 +143,7 @@ def test_ambiguous_pid_is_not_attributed(tmp_path: Path) -> None:
     _fake_proc(proc, 41234, "41234\t7", "0::/\n", None)
     _snap(mp, "a", 0, 7)
     _snap(mp, "b", 0, 7)
-    assert Attributor(mp, proc_root=proc, environ={}).labels(41234) == {}
+    assert Attributor(RankDirectory(mp), proc_root=proc, environ={}).labels(41234) == {}
 
 
 @pytest.fixture

@@ -16,12 +16,12 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from mlops_obs import rankdir
 from mlops_obs.children import free_port
 from mlops_obs.collectors import host_parse as hp
 from mlops_obs.collectors.host import DEFAULT_NET_EXCLUDE, HostCollector, ProcFiles, read_timex
 from mlops_obs.collectors.process import ProcessCollector
-from mlops_obs.exporter.exposition import render
-from mlops_obs.instrument import snapshot
+from mlops_obs.metrics import render
 
 FIX = Path(__file__).parent / "fixtures"
 
@@ -150,11 +150,11 @@ def test_timex_agrees_with_node_exporter() -> None:
 
 
 def write_snap(directory: Path, job: str, rank: int, pid: int, start_time: float) -> None:
-    snapshot.write(
+    rankdir.write(
         directory,
         job,
         rank,
-        {"v": snapshot.SCHEMA_VERSION, "job": job, "rank": rank, "pid": pid, "start_time": start_time,
+        {"v": rankdir.SCHEMA_VERSION, "job": job, "rank": rank, "pid": pid, "start_time": start_time,
          "updated": time.time()},
     )  # fmt: skip
 
@@ -235,8 +235,8 @@ def test_open_fds_from_procfs_size_match_a_listing() -> None:
     gives what listing the directory gives; a plain directory (a fixture) is always listed."""
     from mlops_obs.collectors import process as proc_mod
 
-    assert proc_mod._is_procfs("/proc")
-    assert not proc_mod._is_procfs(str(FIX / "proc" / "gpu-node"))
+    assert proc_mod.is_procfs("/proc")
+    assert not proc_mod.is_procfs(str(FIX / "proc" / "gpu-node"))
     child = subprocess.Popen(
         [sys.executable, "-c", "import os, sys, time; fds = [os.open(os.devnull, os.O_RDONLY) for _ in range(9)]; "
          "print('ready', flush=True); time.sleep(60)"],

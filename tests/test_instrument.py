@@ -10,11 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from mlops_obs.instrument import BADPUT_KINDS, TrainingMonitor, snapshot
+from mlops_obs import rankdir
+from mlops_obs.instrument import BADPUT_KINDS, TrainingMonitor
 
 
 def _read(d: Path, job: str = "j", rank: int = 0) -> dict[str, object]:
-    data = snapshot.read(d / snapshot.file_name(job, rank))
+    data = rankdir.read(d / rankdir.file_name(job, rank))
     assert data is not None
     return data
 
@@ -228,7 +229,7 @@ def test_folded_figures_are_exact_wherever_the_folds_fall(
     assert m.step_seconds_sum == pytest.approx(5 * step)
     assert m.failed_step_seconds == pytest.approx(step)
     assert m.goodput_seconds == pytest.approx(5 * (step - 0.25 - 0.0625))
-    assert sum(m.step_buckets) == 5 and m.step_buckets[snapshot.STEP_BUCKETS.index(5.0)] == 5
+    assert sum(m.step_buckets) == 5 and m.step_buckets[rankdir.STEP_BUCKETS.index(5.0)] == 5
     phases = m.phase_seconds
     assert phases["forward"] == pytest.approx(6 * 1.0 + 3.0)
     assert phases["backward"] == pytest.approx(6 * (1.0 - 0.25))

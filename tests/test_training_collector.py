@@ -14,15 +14,22 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from mlops_obs import rankdir
 from mlops_obs.children import http_get
-from mlops_obs.collectors.training import STRAGGLER_MIN_STEPS, TrainingCollector, straggler_scores
-from mlops_obs.exporter.sampler import render
-from mlops_obs.instrument import TrainingMonitor, snapshot
+from mlops_obs.collectors import training
+from mlops_obs.collectors.training import STRAGGLER_MIN_STEPS, straggler_scores
+from mlops_obs.instrument import TrainingMonitor
+from mlops_obs.metrics import render
+from mlops_obs.rankdir import RankDirectory
+from mlops_obs.rankdir.directory import STAMP_SETTLE_NS
 
 
-def _snap(job: str, rank: int, recent: list[float], **extra: Any) -> dict[str, Any]:
-    return {"v": snapshot.SCHEMA_VERSION, "job": job, "rank": rank, "node": "n", "recent_step_seconds": recent,
-            "updated": 0.0, **extra}  # fmt: skip
+def _snap(job: str, rank: int, recent: list[Any], **extra: Any) -> rankdir.Snapshot:
+    """A version-1 snapshot (the window of recent step times), as the reader hands it on."""
+    v1 = {"v": 1, "job": job, "rank": rank, "node": "n", "recent_step_seconds": recent, "updated": 0.0, **extra}
+    snap = rankdir.parse(v1)
+    assert snap is not None and "recent_step_seconds" not in snap
+    return snap
 
 
 def test_straggler_score_is_reference_median_over_rank_median() -> None:
@@ -45,13 +52,13 @@ def test_straggler_score_needs_enough_steps_and_two_ranks_per_job() -> None:
     assert straggler_scores(snaps) == {("c", "0"): pytest.approx(1.5), ("c", "1"): pytest.approx(0.75)}
 
 
-def test_straggler_score_from_the_median_ranks_write_matches_the_window_older_ranks_write(tmp_path: Path) -> None:
-    """Ranks now write their window's median and size instead of the window; older snapshots carry the
+def test_straggler_score_from_the_median_ranks_write_matches_the_window_of_version_1(tmp_path: Path) -> None:
+    """Ranks write their window's median and size (schema version 2); a version-1 snapshot carries the
     window. Both give the same scores, side by side in one job; a bad median is skipped, not fatal."""
     monitors = []
     for rank, step in enumerate((0.1, 0.1, 0.4)):
         m = TrainingMonitor("j", rank, 3, tmp_path, flush_interval=60)
-        m._recent.extend([step] * (STRAGGLER_MIN_STEPS + 2))  # the window steps of that length would leave
+        m._totals.recent.extend([step] * (STRAGGLER_MIN_STEPS + 2))  # the window steps of that length would leave
         monitors.append(m)
     new = [m.state() for m in monitors]
     assert all("recent_step_seconds" not in s for s in new) and new[2]["recent_step_median"] == pytest.approx(0.4)
@@ -76,7 +83,8 @@ def test_families_from_real_monitor_snapshots_pass_the_exposition_parser(tmp_pat
             with m.checkpoint():
                 pass
         m.close()
-    text = render(TrainingCollector.families(sorted(snapshot.scan(tmp_path), key=lambda s: s["rank"]))).decode()
+    snaps = sorted(RankDirectory(tmp_path).snapshots(), key=lambda s: s["rank"])
+    text = render(training.families(snaps)).decode()
     fams = {f.name: f for f in text_string_to_metric_families(text)}
     for name in ("mlops_training_steps", "mlops_training_goodput_seconds", "mlops_training_badput_seconds",
                  "mlops_training_checkpoint_duration_seconds", "mlops_training_last_checkpoint_timestamp_seconds",
@@ -161,40 +169,39 @@ def test_restarting_a_rank_200_times_keeps_directory_and_scrape_flat(tmp_path: P
     assert bytes200 <= bytes10 + one_snapshot
 
 
-def test_cached_scan_sees_rewrites_and_deletes_like_the_plain_scan(tmp_path: Path) -> None:
-    """The shared cache never serves a stale snapshot: a rewritten file is parsed again, a dead one goes."""
-    from mlops_obs.collectors.training import cached_scan
-
+def test_cached_snapshots_see_rewrites_and_deletes_like_a_fresh_read(tmp_path: Path) -> None:
+    """The parse cache never serves a stale snapshot: a rewritten file is parsed again, a dead one goes."""
     now = 1_000_000.0
-    snapshot.write(tmp_path, "j", 0, {**_snap("j", 0, [0.1]), "updated": now, "steps": 1})
-    snapshot.write(tmp_path, "j", 1, {**_snap("j", 1, [0.1]), "updated": now - 3600, "steps": 9})
-    first = sorted(cached_scan(tmp_path, retention=60, now=now), key=lambda s: s["rank"])
+    ranks = RankDirectory(tmp_path, retention=60)
+    rankdir.write(tmp_path, "j", 0, {**_snap("j", 0, [0.1]), "updated": now, "steps": 1})
+    rankdir.write(tmp_path, "j", 1, {**_snap("j", 1, [0.1]), "updated": now - 3600, "steps": 9})
+    first = sorted(ranks.snapshots(now=now), key=lambda s: s["rank"])
     assert [(s["rank"], s["steps"]) for s in first] == [(0, 1)]
-    assert not (tmp_path / snapshot.file_name("j", 1)).exists()  # retention deleted the dead rank's file
-    snapshot.write(tmp_path, "j", 0, {**_snap("j", 0, [0.1]), "updated": now + 1, "steps": 2})
-    again = list(cached_scan(tmp_path, retention=60, now=now + 1))
+    assert not (tmp_path / rankdir.file_name("j", 1)).exists()  # retention deleted the dead rank's file
+    rankdir.write(tmp_path, "j", 0, {**_snap("j", 0, [0.1]), "updated": now + 1, "steps": 2})
+    again = ranks.snapshots(now=now + 1)
     assert [s["steps"] for s in again] == [2]
-    assert again == list(snapshot.scan(tmp_path, retention=60, now=now + 1))
+    assert again == RankDirectory(tmp_path, retention=60).snapshots(now=now + 1)
 
 
-def test_cached_scan_rereads_a_file_rewritten_within_one_clock_tick(tmp_path: Path) -> None:
+def test_cached_snapshots_reread_a_file_rewritten_within_one_clock_tick(tmp_path: Path) -> None:
     """Two rewrites within one kernel tick share an mtime, and an inode is reused at once: a file read
     while its mtime was that recent is read again, so the second rewrite is never hidden by the first
-    (this made the 200-restarts test miss the last incarnation's heartbeat now and then). A file read
+    (which made the 200-restarts test miss the last incarnation's heartbeat now and then). A file read
     after its mtime settled is served from the cache."""
-    cache = snapshot.ScanCache()
-    path = tmp_path / snapshot.file_name("j", 0)
+    ranks = RankDirectory(tmp_path, retention=None)
+    path = tmp_path / rankdir.file_name("j", 0)
     now = time.time()
-    snapshot.write(tmp_path, "j", 0, {**_snap("j", 0, [0.1]), "updated": now, "steps": 1})
+    rankdir.write(tmp_path, "j", 0, {**_snap("j", 0, [0.1]), "updated": now, "steps": 1})
     st = path.stat()
-    assert [s["steps"] for s in snapshot.scan(tmp_path, now=now, cache=cache)] == [1]
+    assert [s["steps"] for s in ranks.snapshots(now=now)] == [1]
     # The same inode, size and mtime, other content: what a reused inode within one tick looks like.
     path.write_bytes(path.read_bytes().replace(b'"steps":1', b'"steps":7'))
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
     assert (path.stat().st_ino, path.stat().st_size) == (st.st_ino, st.st_size)
-    assert [s["steps"] for s in snapshot.scan(tmp_path, now=now, cache=cache)] == [7]
-    old = time.time_ns() - 10 * snapshot.STAMP_SETTLE_NS
+    assert [s["steps"] for s in ranks.snapshots(now=now)] == [7]
+    old = time.time_ns() - 10 * STAMP_SETTLE_NS
     os.utime(path, ns=(old, old))
-    (first,) = snapshot.scan(tmp_path, now=now, cache=cache)
-    (second,) = snapshot.scan(tmp_path, now=now, cache=cache)
+    (first,) = ranks.snapshots(now=now)
+    (second,) = ranks.snapshots(now=now)
     assert second is first

@@ -1,10 +1,15 @@
 """Collector registry in node_exporter's style: one module a collector, each enabled by flag.
 
 A collector's :meth:`Collector.sample` runs on the background sampler (never on the scrape path) and
-returns prometheus_client metric families. Raising marks only that collector failed for the round
+returns prometheus_client metric families, built with a :class:`mlops_obs.metrics.FamilyBuilder` of its
+own. Raising marks only that collector failed for the round
 (``mlops_scrape_collector_success{collector} 0``); the others are still served.
 :class:`CollectorUnavailable` is for a collector that cannot work on this machine at all (no NVML):
 it is logged once, not on every round.
+
+Collectors stand on :mod:`mlops_obs.metrics` and :mod:`mlops_obs.rankdir` and import nothing from
+:mod:`mlops_obs.exporter`, which runs them. A new collector is a module here, listed in
+:data:`BUILTIN_MODULES`, whose class is decorated with :func:`register`.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from typing import Any, ClassVar
 from prometheus_client.metrics_core import Metric
 
 from mlops_obs.config import Setting, parse_bool
+from mlops_obs.rankdir import RankDirectory
 
 # Modules that hold built-in collectors; importing one registers its collectors.
 BUILTIN_MODULES: tuple[str, ...] = (
@@ -39,8 +45,11 @@ class Collector(abc.ABC):
     # Extra settings this collector reads (flags ``--<key>``), resolved with the exporter's config.
     settings: ClassVar[tuple[Setting, ...]] = ()
 
-    def __init__(self, config: Mapping[str, Any]) -> None:
+    def __init__(self, config: Mapping[str, Any], ranks: RankDirectory | None = None) -> None:
+        """``config`` is the exporter's resolved settings (shared, and updated in place by a reload);
+        ``ranks`` the exporter's one :class:`RankDirectory`, or one made from ``config`` when alone."""
         self.config = config
+        self.ranks = ranks if ranks is not None else RankDirectory.from_config(config)
 
     @abc.abstractmethod
     def sample(self) -> Iterable[Metric]:
@@ -90,5 +99,7 @@ def collector_settings() -> tuple[Setting, ...]:
     return tuple(out)
 
 
-def build(config: Mapping[str, Any]) -> list[Collector]:
-    return [cls(config) for name, cls in available().items() if config.get(f"collector.{name}")]
+def build(config: Mapping[str, Any], ranks: RankDirectory | None = None) -> list[Collector]:
+    """The enabled collectors, sharing ``ranks`` (one made from ``config`` when not given)."""
+    ranks = ranks if ranks is not None else RankDirectory.from_config(config)
+    return [cls(config, ranks) for name, cls in available().items() if config.get(f"collector.{name}")]

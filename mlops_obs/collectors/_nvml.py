@@ -20,9 +20,12 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mlops_obs.collectors import CollectorUnavailable
+
+if TYPE_CHECKING:
+    from structlog.typing import FilteringBoundLogger
 
 _perf_counter = time.perf_counter
 _thread_time = time.thread_time
@@ -95,7 +98,11 @@ class Nvml:
     """
 
     def __init__(
-        self, loader: Callable[[], Any], log: Any = None, keep_samples: bool = False, timing: bool = False
+        self,
+        loader: Callable[[], Any],
+        log: FilteringBoundLogger | None = None,
+        keep_samples: bool = False,
+        timing: bool = False,
     ) -> None:
         self._loader = loader
         self._log = log

@@ -3,7 +3,8 @@
 Why this exists: dcgm-exporter's most requested gaps are per-process GPU metrics and empty pod
 labels. NVML tells us the pids on a device; we join them with
 
-* the training snapshots in ``--multiproc-dir`` (each carries the rank's ``pid``, ``job``, ``rank``),
+* the training snapshots in ``--multiproc-dir``, read through the exporter's
+  :class:`~mlops_obs.rankdir.RankDirectory` (each carries the rank's ``pid``, ``job``, ``rank``),
   so a GPU series says which rank owns the device;
 * ``/proc/<pid>/cgroup`` for the container id and the Kubernetes pod UID (cgroup v1 and v2, the
   cgroupfs and systemd drivers, docker/containerd/CRI-O);
@@ -29,7 +30,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from mlops_obs.collectors.training import cached_scan
+from mlops_obs.collectors import host_parse as hp
+from mlops_obs.collectors.host import CLK_TCK, PAGE_SIZE
+from mlops_obs.rankdir import RankDirectory
 
 _CONTAINER_ID = re.compile(
     r"(?:^|[/-])(?:docker-|cri-containerd-|crio-|containerd-|libpod-)?([0-9a-f]{64})(?:\.scope)?$"
@@ -94,12 +97,11 @@ def parse_nspid(status_text: str) -> tuple[int, ...]:
     return ()
 
 
-def parse_start_time(stat_text: str) -> int | None:
-    """Field 22 of ``/proc/<pid>/stat`` (clock ticks since boot); the comm field may hold spaces."""
-    tail = stat_text.rpartition(")")[2].split()
+def start_ticks(stat_text: str) -> int | None:
+    """When the process started (clock ticks since boot), from ``/proc/<pid>/stat``; ``None`` if garbled."""
     try:
-        return int(tail[19])
-    except (IndexError, ValueError):
+        return hp.parse_pid_stat(stat_text, CLK_TCK, PAGE_SIZE).start_ticks
+    except ValueError:
         return None
 
 
@@ -160,7 +162,7 @@ class ProcessResolver:
         if stat is None:
             self._cache.pop(pid, None)
             return None
-        start = parse_start_time(stat.decode("utf-8", "replace"))
+        start = start_ticks(stat.decode("utf-8", "replace"))
         if cached is not None and cached[0] == start:
             self._cache[pid] = (start, cached[1], now)
             return cached[1]
@@ -184,14 +186,10 @@ class ProcessResolver:
 
 
 class RankIndex:
-    """pid -> (job, rank) from the training snapshots; re-read at most every ``refresh`` seconds.
+    """pid -> (job, rank) from the training snapshots; re-read at most every ``refresh`` seconds."""
 
-    Read-only: deleting stale snapshots is the training collector's job.
-    """
-
-    def __init__(self, directory: Path | None, retention: float | None = 900.0, refresh: float = 5.0) -> None:
-        self.directory = directory
-        self.retention = retention
+    def __init__(self, ranks: RankDirectory | None, refresh: float = 5.0) -> None:
+        self.ranks = ranks
         self.refresh = refresh
         self._by_pid: dict[int, tuple[str, str] | None] = {}
         self._read_at = float("-inf")
@@ -199,15 +197,10 @@ class RankIndex:
     def _load(self) -> None:
         self._read_at = time.monotonic()
         by_pid: dict[int, tuple[str, str] | None] = {}
-        if self.directory is None:
-            self._by_pid = by_pid
-            return
-        now = time.time()
-        # Through the training collector's parse cache: the files it parsed this round are not parsed again.
-        for s in cached_scan(self.directory, retention=None):
+        # Through the directory's parse cache: the files another collector parsed this round are not
+        # parsed again.
+        for s in self.ranks.snapshots() if self.ranks is not None else ():
             if "pid" not in s:
-                continue
-            if self.retention is not None and now - float(s.get("updated", 0)) > self.retention:
                 continue
             try:
                 pid = int(s["pid"])
@@ -241,9 +234,10 @@ class RankIndex:
 class Attributor:
     """Labels for a GPU process: job, rank, container, pod, namespace (only those known)."""
 
-    def __init__(self, directory: Path | None, retention: float | None = 900.0, proc_root: str | Path = "/proc",
-                 environ: Mapping[str, str] | None = None) -> None:  # fmt: skip
-        self.ranks = RankIndex(directory, retention)
+    def __init__(
+        self, ranks: RankDirectory | None, proc_root: str | Path = "/proc", environ: Mapping[str, str] | None = None
+    ) -> None:
+        self.ranks = RankIndex(ranks)
         self.procs = ProcessResolver(proc_root, environ)
         # pid -> (identity, owner, labels): the last answer, handed out again while neither changed.
         self._last: dict[int, tuple[ProcessIdentity | None, tuple[str, str] | None, dict[str, str]]] = {}

@@ -15,7 +15,6 @@ reaching a scrape.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import re
 import time
@@ -25,13 +24,12 @@ from pathlib import Path
 from typing import Any
 
 from prometheus_client.metrics_core import Metric
-from prometheus_client.samples import Sample
 
 from mlops_obs.collectors import Collector, register
 from mlops_obs.collectors import host_parse as hp
 from mlops_obs.config import Setting, list_parser, parse_bool, parse_path, parse_str
-from mlops_obs.exporter.exposition import family
-from mlops_obs.exporter.exposition import labels as label_set
+from mlops_obs.metrics import NO_LABELS, FamilyBuilder
+from mlops_obs.rankdir import RankDirectory
 
 CLK_TCK = float(os.sysconf("SC_CLK_TCK")) if hasattr(os, "sysconf") else 100.0
 PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
@@ -191,18 +189,26 @@ class _Timex(ctypes.Structure):
     ]
 
 
-_libc: Any = None
+def _load_libc() -> ctypes.CDLL | None:
+    """The C library's symbols, through the interpreter's own (``dlopen(NULL)``): no library search."""
+    try:
+        return ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
+
+
+# For adjtimex(2) and statfs(2), which the os module does not offer.
+LIBC = _load_libc()
 
 
 def read_timex() -> dict[str, float] | None:
     """Read-only ``adjtimex(2)`` (modes 0 needs no privilege), as node_exporter's timex collector does."""
-    global _libc
+    if LIBC is None:
+        return None
     try:
-        if _libc is None:
-            _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
         tx = _Timex()
-        state = int(_libc.adjtimex(ctypes.byref(tx)))
-    except (OSError, AttributeError):
+        state = int(LIBC.adjtimex(ctypes.byref(tx)))
+    except AttributeError:
         return None
     if state < 0:
         return None
@@ -354,9 +360,6 @@ def read_host(
 # --- families (pure) -------------------------------------------------------------------------------------
 
 
-_new_tuple = tuple.__new__
-_NO_LABELS = label_set({})
-
 _PSI_DOCS = {
     ("cpu", "some"): ("waiting", "Seconds some runnable task waited for a CPU (PSI)."),
     ("memory", "some"): ("waiting", "Seconds some task stalled on memory (reclaim, swap-in) (PSI)."),
@@ -372,135 +375,139 @@ _NETS = {
     "receive_drop": ("mlops_node_network_receive_drop", "Inbound packets dropped."),
     "transmit_drop": ("mlops_node_network_transmit_drop", "Outbound packets dropped."),
 }
+_MEMORY = (
+    ("MemTotal", "mlops_node_memory_total_bytes"),
+    ("MemAvailable", "mlops_node_memory_available_bytes"),
+    ("SwapTotal", "mlops_node_swap_total_bytes"),
+)
+_DISKS = ("mlops_node_disk_read_bytes", "mlops_node_disk_written_bytes", "mlops_node_disk_io_time_seconds")
+_FILESYSTEMS = ("mlops_node_filesystem_size_bytes", "mlops_node_filesystem_avail_bytes")
+_IB = (
+    "mlops_node_infiniband_port_receive_bytes",
+    "mlops_node_infiniband_port_transmit_bytes",
+    "mlops_node_infiniband_port_errors",
+    "mlops_node_infiniband_port_state_id",
+    "mlops_node_infiniband_port_rate_bytes_per_second",
+)
+
+# Every family: name -> (type, help); counters without their _total suffix.
+FAMILIES: dict[str, tuple[str, str]] = {
+    "mlops_node_cpu_seconds": ("counter", "Seconds all CPUs spent in each mode."),
+    "mlops_node_cpus": ("gauge", "Online logical CPUs."),
+    "mlops_node_cpu_core_seconds": ("counter", "Seconds each CPU spent in each mode."),
+    "mlops_node_load": ("gauge", "Load average."),
+    "mlops_node_memory_total_bytes": ("gauge", "Physical memory."),
+    "mlops_node_memory_available_bytes": ("gauge", "Memory available for new work without swapping."),
+    "mlops_node_swap_total_bytes": ("gauge", "Swap space."),
+    "mlops_node_swap_used_bytes": ("gauge", "Swap in use."),
+    **{
+        f"mlops_node_pressure_{resource}_{suffix}_seconds": ("counter", doc)
+        for (resource, _), (suffix, doc) in _PSI_DOCS.items()
+    },
+    "mlops_node_disk_read_bytes": ("counter", "Bytes read from the device."),
+    "mlops_node_disk_written_bytes": ("counter", "Bytes written to the device."),
+    "mlops_node_disk_io_time_seconds": ("counter", "Seconds the device had I/O in flight."),
+    "mlops_node_filesystem_size_bytes": ("gauge", "Size of the file system holding the path."),
+    "mlops_node_filesystem_avail_bytes": (
+        "gauge",
+        "Space available to unprivileged users on the file system holding the path.",
+    ),
+    **{name: ("counter", doc) for name, doc in _NETS.values()},
+    "mlops_node_infiniband_port_receive_bytes": ("counter", "Bytes received on the InfiniBand port."),
+    "mlops_node_infiniband_port_transmit_bytes": ("counter", "Bytes sent on the InfiniBand port."),
+    "mlops_node_infiniband_port_errors": (
+        "counter",
+        "InfiniBand port error counters, by counter name (symbol_error, link_downed, ...).",
+    ),
+    "mlops_node_infiniband_port_state_id": ("gauge", "InfiniBand port state (IBTA PortState: 4 is ACTIVE, 1 DOWN)."),
+    "mlops_node_infiniband_port_rate_bytes_per_second": ("gauge", "Data rate the InfiniBand link trained at."),
+    "mlops_node_timex_offset_seconds": ("gauge", "Clock offset the kernel's discipline is correcting (adjtimex)."),
+    "mlops_node_timex_sync_status": (
+        "gauge",
+        "1 when the kernel considers the clock synchronised (adjtimex state is not TIME_ERROR).",
+    ),
+    "mlops_node_timex_maxerror_seconds": (
+        "gauge",
+        "Maximum error bound of the clock reported by the kernel (adjtimex).",
+    ),
+}
 
 
-def _sample(name: str, labels: dict[str, str], value: float) -> Any:
-    return _new_tuple(Sample, (name, labels, value, None, None, None))
-
-
-def _one(name: str, doc: str, typ: str, value: float) -> Metric:
-    """A family of one unlabelled series: what ``CounterMetricFamily``/``GaugeMetricFamily(value=...)`` hold."""
-    return family(name, doc, typ, [_sample(name + "_total" if typ == "counter" else name, _NO_LABELS, value)])
-
-
-def families(r: HostReading, per_cpu: bool = False) -> list[Metric]:
-    """The host families, built as the ``Counter``/``GaugeMetricFamily`` + ``add_metric`` calls would
-    (same names, label sets, values, order), straight into ``Metric``/``Sample`` with interned label
-    sets: ``add_metric`` zips a fresh dict and runs a namedtuple's Python ``__new__`` per sample."""
-    out: list[Metric] = []
+def families(r: HostReading, per_cpu: bool = False, out: FamilyBuilder | None = None) -> list[Metric]:
+    """The host families, in a fixed order, present only where their source is (``out``: the
+    collector's builder, whose interned label sets last across rounds). A source that is there
+    reports all its families, even one that got no series this round (an IB port without error
+    counters still has ``mlops_node_infiniband_port_errors``)."""
+    out = out or FamilyBuilder(FAMILIES)
+    fams = out.round()
+    add, present, intern = fams.add, fams.present, out.labels.get
     if r.cpu is not None and r.cpu.total:
-        out.append(family("mlops_node_cpu_seconds", "Seconds all CPUs spent in each mode.", "counter",
-                          [_sample("mlops_node_cpu_seconds_total", label_set({"mode": mode}), secs)
-                           for mode, secs in r.cpu.total.items()]))  # fmt: skip
-        out.append(_one("mlops_node_cpus", "Online logical CPUs.", "gauge", len(r.cpu.per_cpu)))
+        for mode, secs in r.cpu.total.items():
+            add("mlops_node_cpu_seconds", intern({"mode": mode}), secs)
+        add("mlops_node_cpus", NO_LABELS, len(r.cpu.per_cpu))
         if per_cpu:
-            core: list[Any] = []
+            present("mlops_node_cpu_core_seconds")
             for idx, modes in sorted(r.cpu.per_cpu.items(), key=lambda kv: int(kv[0]) if kv[0].isdigit() else 0):
                 for mode, secs in modes.items():
-                    core.append(_sample("mlops_node_cpu_core_seconds_total", label_set({"cpu": idx, "mode": mode}),
-                                        secs))  # fmt: skip
-            out.append(family("mlops_node_cpu_core_seconds", "Seconds each CPU spent in each mode.", "counter", core))
+                    add("mlops_node_cpu_core_seconds", intern({"cpu": idx, "mode": mode}), secs)
     if r.load is not None:
-        out.append(family("mlops_node_load", "Load average.", "gauge",
-                          [_sample("mlops_node_load", label_set({"window": window}), value)
-                           for window, value in zip(("1m", "5m", "15m"), r.load)]))  # fmt: skip
+        for window, value in zip(("1m", "5m", "15m"), r.load):
+            add("mlops_node_load", intern({"window": window}), value)
 
     mem = r.meminfo
-    for key, name, doc in (
-        ("MemTotal", "mlops_node_memory_total_bytes", "Physical memory."),
-        ("MemAvailable", "mlops_node_memory_available_bytes", "Memory available for new work without swapping."),
-        ("SwapTotal", "mlops_node_swap_total_bytes", "Swap space."),
-    ):
+    for key, name in _MEMORY:
         if key in mem:
-            out.append(_one(name, doc, "gauge", mem[key]))
+            add(name, NO_LABELS, mem[key])
     if "SwapTotal" in mem and "SwapFree" in mem:
-        out.append(_one("mlops_node_swap_used_bytes", "Swap in use.", "gauge", mem["SwapTotal"] - mem["SwapFree"]))
+        add("mlops_node_swap_used_bytes", NO_LABELS, mem["SwapTotal"] - mem["SwapFree"])
 
-    for (resource, kind), (suffix, doc) in _PSI_DOCS.items():
+    for (resource, kind), (suffix, _) in _PSI_DOCS.items():
         total = r.pressure.get(resource, {}).get(kind)
         if total is not None:
-            out.append(_one(f"mlops_node_pressure_{resource}_{suffix}_seconds", doc, "counter", total))
+            add(f"mlops_node_pressure_{resource}_{suffix}_seconds", NO_LABELS, total)
 
     if r.disks:
-        rd: list[Any] = []
-        wr: list[Any] = []
-        busy: list[Any] = []
+        present(*_DISKS)
         for dev, d in sorted(r.disks.items()):
-            lb = label_set({"device": dev})
-            rd.append(_sample("mlops_node_disk_read_bytes_total", lb, d.read_bytes))
-            wr.append(_sample("mlops_node_disk_written_bytes_total", lb, d.written_bytes))
-            busy.append(_sample("mlops_node_disk_io_time_seconds_total", lb, d.io_time_seconds))
-        out += [
-            family("mlops_node_disk_read_bytes", "Bytes read from the device.", "counter", rd),
-            family("mlops_node_disk_written_bytes", "Bytes written to the device.", "counter", wr),
-            family("mlops_node_disk_io_time_seconds", "Seconds the device had I/O in flight.", "counter", busy),
-        ]
+            lb = intern({"device": dev})
+            add("mlops_node_disk_read_bytes", lb, d.read_bytes)
+            add("mlops_node_disk_written_bytes", lb, d.written_bytes)
+            add("mlops_node_disk_io_time_seconds", lb, d.io_time_seconds)
 
     if r.filesystems:
-        size: list[Any] = []
-        avail: list[Any] = []
+        present(*_FILESYSTEMS)
         for fs in r.filesystems:
-            lb = label_set({"path": fs.path, "mountpoint": fs.mountpoint})
-            size.append(_sample("mlops_node_filesystem_size_bytes", lb, fs.size_bytes))
-            avail.append(_sample("mlops_node_filesystem_avail_bytes", lb, fs.avail_bytes))
-        out += [
-            family("mlops_node_filesystem_size_bytes", "Size of the file system holding the path.", "gauge", size),
-            family("mlops_node_filesystem_avail_bytes",
-                   "Space available to unprivileged users on the file system holding the path.", "gauge", avail),
-        ]  # fmt: skip
+            lb = intern({"path": fs.path, "mountpoint": fs.mountpoint})
+            add("mlops_node_filesystem_size_bytes", lb, fs.size_bytes)
+            add("mlops_node_filesystem_avail_bytes", lb, fs.avail_bytes)
 
     if r.net:
-        nets: dict[str, list[Any]] = {attr: [] for attr in _NETS}
+        present(*(name for name, _ in _NETS.values()))
         for dev, n in sorted(r.net.items()):
-            lb = label_set({"device": dev})
+            lb = intern({"device": dev})
             for attr, (name, _) in _NETS.items():
-                nets[attr].append(_sample(name + "_total", lb, getattr(n, attr)))
-        out += [family(name, doc, "counter", nets[attr]) for attr, (name, doc) in _NETS.items()]
+                add(name, lb, getattr(n, attr))
 
     if r.ib:
-        ib_rx: list[Any] = []
-        ib_tx: list[Any] = []
-        ib_err: list[Any] = []
-        ib_state: list[Any] = []
-        ib_rate: list[Any] = []
+        present(*_IB)
         for (dev, port), p in sorted(r.ib.items()):
-            lb = label_set({"device": dev, "port": port})
+            lb = intern({"device": dev, "port": port})
             if p.state_id is not None:
-                ib_state.append(_sample("mlops_node_infiniband_port_state_id", lb, float(p.state_id)))
+                add("mlops_node_infiniband_port_state_id", lb, float(p.state_id))
             if p.rate_bytes_per_second is not None:
-                ib_rate.append(_sample("mlops_node_infiniband_port_rate_bytes_per_second", lb,
-                                       p.rate_bytes_per_second))  # fmt: skip
+                add("mlops_node_infiniband_port_rate_bytes_per_second", lb, p.rate_bytes_per_second)
             if p.receive_bytes is not None:
-                ib_rx.append(_sample("mlops_node_infiniband_port_receive_bytes_total", lb, p.receive_bytes))
+                add("mlops_node_infiniband_port_receive_bytes", lb, p.receive_bytes)
             if p.transmit_bytes is not None:
-                ib_tx.append(_sample("mlops_node_infiniband_port_transmit_bytes_total", lb, p.transmit_bytes))
+                add("mlops_node_infiniband_port_transmit_bytes", lb, p.transmit_bytes)
             for kind, v in sorted(p.errors.items()):
-                ib_err.append(_sample("mlops_node_infiniband_port_errors_total",
-                                      label_set({"device": dev, "port": port, "type": kind}), v))  # fmt: skip
-        out += [
-            family("mlops_node_infiniband_port_receive_bytes", "Bytes received on the InfiniBand port.", "counter",
-                   ib_rx),
-            family("mlops_node_infiniband_port_transmit_bytes", "Bytes sent on the InfiniBand port.", "counter", ib_tx),
-            family("mlops_node_infiniband_port_errors",
-                   "InfiniBand port error counters, by counter name (symbol_error, link_downed, ...).", "counter",
-                   ib_err),
-            family("mlops_node_infiniband_port_state_id",
-                   "InfiniBand port state (IBTA PortState: 4 is ACTIVE, 1 DOWN).", "gauge", ib_state),
-            family("mlops_node_infiniband_port_rate_bytes_per_second", "Data rate the InfiniBand link trained at.",
-                   "gauge", ib_rate),
-        ]  # fmt: skip
+                add("mlops_node_infiniband_port_errors", intern({"device": dev, "port": port, "type": kind}), v)
 
     if r.timex is not None:
-        out.append(_one("mlops_node_timex_offset_seconds",
-                        "Clock offset the kernel's discipline is correcting (adjtimex).", "gauge",
-                        r.timex["offset_seconds"]))  # fmt: skip
-        out.append(_one("mlops_node_timex_sync_status",
-                        "1 when the kernel considers the clock synchronised (adjtimex state is not TIME_ERROR).",
-                        "gauge", r.timex["sync_status"]))  # fmt: skip
-        out.append(_one("mlops_node_timex_maxerror_seconds",
-                        "Maximum error bound of the clock reported by the kernel (adjtimex).", "gauge",
-                        r.timex["maxerror_seconds"]))  # fmt: skip
-    return out
+        add("mlops_node_timex_offset_seconds", NO_LABELS, r.timex["offset_seconds"])
+        add("mlops_node_timex_sync_status", NO_LABELS, r.timex["sync_status"])
+        add("mlops_node_timex_maxerror_seconds", NO_LABELS, r.timex["maxerror_seconds"])
+    return fams.metrics()
 
 
 @register
@@ -509,15 +516,15 @@ class HostCollector(Collector):
     help = "CPU, load, memory, pressure (PSI), disks, file systems, network, InfiniBand and clock of this node."
     settings = HOST_SETTINGS
 
-    def __init__(self, config: Mapping[str, Any]) -> None:
-        super().__init__(config)
+    def __init__(self, config: Mapping[str, Any], ranks: RankDirectory | None = None) -> None:
+        super().__init__(config, ranks)
         self.mount_cache = MountCache()
         self.files = ProcFiles()
+        self.out = FamilyBuilder(FAMILIES)
 
     def sample(self) -> Iterable[Metric]:
-        return families(
-            read_host(self.config, self.mount_cache, self.files), per_cpu=bool(self.config.get("host.per-cpu"))
-        )
+        reading = read_host(self.config, self.mount_cache, self.files)
+        return families(reading, per_cpu=bool(self.config.get("host.per-cpu")), out=self.out)
 
     def close(self) -> None:
         self.files.close()

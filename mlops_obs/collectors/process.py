@@ -10,21 +10,18 @@ its series disappear with it, so cardinality follows the live ranks.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
 from prometheus_client.metrics_core import Metric
-from prometheus_client.samples import Sample
 
 from mlops_obs.collectors import Collector, register
 from mlops_obs.collectors import host_parse as hp
-from mlops_obs.collectors.host import CLK_TCK, PAGE_SIZE, ProcFiles, read_text
-from mlops_obs.collectors.training import cached_scan
-from mlops_obs.exporter.exposition import Labels, family
-from mlops_obs.exporter.exposition import labels as label_set
+from mlops_obs.collectors.host import CLK_TCK, LIBC, PAGE_SIZE, ProcFiles, read_text
+from mlops_obs.metrics import FamilyBuilder, sample
+from mlops_obs.rankdir import RankDirectory, Snapshot
 
 LABELS = ["job", "rank", "pid"]
 # A snapshot's start_time is taken when the rank's monitor starts, after the interpreter did; this
@@ -45,40 +42,26 @@ class RankProcess(NamedTuple):
     open_fds: int | None
 
 
-# Boot time per procfs root: it cannot change while the machine is up, so /proc/stat (one line per
-# CPU and interrupt: kilobytes on a big node) is read once instead of every round.
-_btime: dict[str, float | None] = {}
-
-
-def _boot_time(procfs: str) -> float | None:
-    if procfs not in _btime:
-        bt = hp.parse_btime(read_text(Path(procfs, "stat")) or "")
-        if bt is None:
-            return None  # not cached: a fixture or a procfs that appears later gets another chance
-        _btime[procfs] = bt
-    return _btime[procfs]
+def boot_time(procfs: str) -> float | None:
+    """Boot time (Unix seconds) from ``<procfs>/stat``, to turn a pid's start ticks into wall time."""
+    return hp.parse_btime(read_text(f"{procfs}/stat") or "")
 
 
 PROC_SUPER_MAGIC = 0x9FA0
-# procfs root -> whether it is a real procfs, where stat(2) of /proc/<pid>/fd reports the open fd count.
-_procfs_roots: dict[str, bool] = {}
 
 
-def _is_procfs(root: str) -> bool:
+def is_procfs(root: str) -> bool:
     """Whether ``root`` is a procfs mount (statfs's f_type), so a directory's size means what procfs
     says it does; a fixture tree (a plain directory) is not, and is always listed."""
-    got = _procfs_roots.get(root)
-    if got is None:
-        got = False
-        try:
-            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-            buf = ctypes.create_string_buffer(256)  # struct statfs: f_type (a long) comes first
-            if libc.statfs(os.fsencode(root), buf) == 0:
-                got = ctypes.c_long.from_buffer(buf).value == PROC_SUPER_MAGIC
-        except (OSError, AttributeError):
-            pass
-        _procfs_roots[root] = got
-    return got
+    if LIBC is None:
+        return False
+    try:
+        buf = ctypes.create_string_buffer(256)  # struct statfs: f_type (a long) comes first
+        if LIBC.statfs(os.fsencode(root), buf) == 0:
+            return bool(ctypes.c_long.from_buffer(buf).value == PROC_SUPER_MAGIC)
+    except AttributeError:
+        pass
+    return False
 
 
 def count_fds(fd_dir: str, procfs: bool) -> int | None:
@@ -103,19 +86,23 @@ _access = os.access if os.access in os.supports_effective_ids else (lambda path,
 
 
 def read_rank_processes(
-    snaps: Iterable[dict[str, Any]], procfs: Path, files: ProcFiles | None = None
+    snaps: Iterable[Snapshot],
+    procfs: Path,
+    files: ProcFiles | None = None,
+    btime: float | None = None,
+    procfs_real: bool = False,
 ) -> list[RankProcess]:
-    """``files`` keeps each rank's ``/proc/<pid>/stat`` open between rounds (the collector's own).
+    """The ranks' figures from ``procfs``; ``btime`` (its boot time) lets a reused pid be told apart,
+    ``procfs_real`` lets open descriptors be counted with one ``stat`` (see :func:`count_fds`).
 
-    A kept descriptor belongs to the process it was opened for: once that process exits, reads fail
-    (and the descriptor is closed) even if the pid is reused, so it can never report another process.
+    ``files`` keeps each rank's ``/proc/<pid>/stat`` open between rounds (the collector's own). A kept
+    descriptor belongs to the process it was opened for: once that process exits, reads fail (and the
+    descriptor is closed) even if the pid is reused, so it can never report another process.
     """
     # Plain string paths: pathlib's joins cost more than the reads of these tiny files.
     root = os.fspath(procfs)
     read = files.read if files is not None else read_text
     used: list[str] = []
-    btime = _boot_time(root)
-    procfs_real = _is_procfs(root)
     out: list[RankProcess] = []
     seen: set[int] = set()
     for s in snaps:
@@ -134,7 +121,7 @@ def read_rank_processes(
             st = hp.parse_pid_stat(text, CLK_TCK, PAGE_SIZE)
         except ValueError:
             continue
-        snap_start = s.get("start_time")
+        snap_start: Any = s.get("start_time")
         started = None if btime is None else btime + st.start_ticks / CLK_TCK
         if started is not None and isinstance(snap_start, int | float) and started > snap_start + PID_REUSE_SLACK_S:
             continue
@@ -150,42 +137,29 @@ def read_rank_processes(
     return out
 
 
-_new_tuple = tuple.__new__
+FAMILIES: dict[str, tuple[str, str]] = {
+    "mlops_process_cpu_seconds": ("counter", "User and system CPU seconds of the training rank's process."),
+    "mlops_process_resident_memory_bytes": ("gauge", "Resident memory of the training rank's process."),
+    "mlops_process_threads": ("gauge", "Threads of the training rank's process."),
+    "mlops_process_open_fds": ("gauge", "Open file descriptors of the training rank's process."),
+}
 
 
-# (job, rank, pid) -> the rank's interned label set, shared by its four series round after round.
-_rank_sets: dict[tuple[str, str, int], Labels] = {}
-
-
-def families(procs: list[RankProcess]) -> list[Metric]:
-    """The four families, built as plain ``Metric`` objects: the same samples ``*MetricFamily.add_metric``
-    makes (one label set per rank, shared by its four series), without its per-sample zip and dict."""
-    cpu = family("mlops_process_cpu_seconds", "User and system CPU seconds of the training rank's process.",
-                 "counter", [])  # fmt: skip
-    rss = family("mlops_process_resident_memory_bytes", "Resident memory of the training rank's process.", "gauge", [])
-    threads = family("mlops_process_threads", "Threads of the training rank's process.", "gauge", [])
-    fds = family("mlops_process_open_fds", "Open file descriptors of the training rank's process.", "gauge", [])
+def families(procs: list[RankProcess], out: FamilyBuilder | None = None) -> list[Metric]:
+    """The four families, one label set per rank shared by its four series (``out``: the collector's
+    builder, whose interned label sets last across rounds)."""
+    out = out or FamilyBuilder(FAMILIES)
+    fams = out.round(*FAMILIES)
+    cpu, rss, threads, fds = (fams.samples(name) for name in FAMILIES)
+    intern = out.labels.get
     for p in sorted(procs, key=lambda p: (p.job, p.rank, p.pid)):
-        key = (p.job, p.rank, p.pid)
-        labels = _rank_sets.get(key)
-        if labels is None:
-            if len(_rank_sets) >= 10_000:
-                _rank_sets.clear()
-            labels = _rank_sets[key] = label_set({"job": p.job, "rank": p.rank, "pid": str(p.pid)})
-        cpu.samples.append(
-            _new_tuple(Sample, ("mlops_process_cpu_seconds_total", labels, p.cpu_seconds, None, None, None))
-        )
-        rss.samples.append(
-            _new_tuple(Sample, ("mlops_process_resident_memory_bytes", labels, p.rss_bytes, None, None, None))
-        )
-        threads.samples.append(
-            _new_tuple(Sample, ("mlops_process_threads", labels, float(p.threads), None, None, None))
-        )
+        labels = intern({"job": p.job, "rank": p.rank, "pid": str(p.pid)})
+        cpu.append(sample("mlops_process_cpu_seconds_total", labels, p.cpu_seconds))
+        rss.append(sample("mlops_process_resident_memory_bytes", labels, p.rss_bytes))
+        threads.append(sample("mlops_process_threads", labels, float(p.threads)))
         if p.open_fds is not None:
-            fds.samples.append(
-                _new_tuple(Sample, ("mlops_process_open_fds", labels, float(p.open_fds), None, None, None))
-            )
-    return [cpu, rss, threads, fds]
+            fds.append(sample("mlops_process_open_fds", labels, float(p.open_fds)))
+    return fams.metrics()
 
 
 @register
@@ -193,17 +167,30 @@ class ProcessCollector(Collector):
     name = "process"
     help = "CPU, RSS, threads and open files of the training ranks found in --multiproc-dir."
 
-    def __init__(self, config: Mapping[str, Any]) -> None:
-        super().__init__(config)
+    def __init__(self, config: Mapping[str, Any], ranks: RankDirectory | None = None) -> None:
+        super().__init__(config, ranks)
         self.files = ProcFiles()
+        self.out = FamilyBuilder(FAMILIES)
+        # procfs root -> (boot time, whether it is a real procfs): neither changes while the machine is
+        # up, and /proc/stat (a line per CPU and interrupt: kilobytes on a big node) is costly to
+        # read every round. A boot time not found is looked for again (a procfs mounted later).
+        self._roots: dict[str, tuple[float | None, bool]] = {}
+
+    def _root(self, root: str) -> tuple[float | None, bool]:
+        got = self._roots.get(root)
+        if got is None or got[0] is None:
+            if len(self._roots) >= 64:
+                self._roots.clear()
+            got = self._roots[root] = (boot_time(root), got[1] if got is not None else is_procfs(root))
+        return got
 
     def sample(self) -> Iterable[Metric]:
-        directory = self.config.get("multiproc-dir")
-        if not directory:
+        if self.ranks.path is None:
             return []
-        # No retention here: deleting stale snapshots is the training collector's job.
-        snaps = list(cached_scan(directory, retention=None))
-        return families(read_rank_processes(snaps, Path(self.config.get("path.procfs") or "/proc"), self.files))
+        procfs = os.fspath(self.config.get("path.procfs") or "/proc")
+        btime, real = self._root(procfs)
+        procs = read_rank_processes(self.ranks.snapshots(), Path(procfs), self.files, btime, real)
+        return families(procs, self.out)
 
     def close(self) -> None:
         self.files.close()

@@ -9,17 +9,35 @@ shipper ran here yet: no series, not an error. A stale file is still served (cou
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 import orjson
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 
 from mlops_obs.collectors import Collector, register
 from mlops_obs.config import Setting, parse_optional_path
+from mlops_obs.metrics import NO_LABELS, FamilyBuilder
+from mlops_obs.rankdir import RankDirectory
 
 STATS_FILE = "stats.json"  # the contract with mlops_obs.logs.shipper.STATS_FILE
+
+# stats.json key of each counter -> its family.
+_COUNTERS = {
+    "lines_read_total": "mlops_shipper_lines_read",
+    "events_shipped_total": "mlops_shipper_events_shipped",
+    "retries_total": "mlops_shipper_retries",
+    "dead_letters_total": "mlops_shipper_dead_letters",
+}
+FAMILIES: dict[str, tuple[str, str]] = {
+    "mlops_shipper_lines_read": ("counter", "Lines read from the source files."),
+    "mlops_shipper_events_shipped": ("counter", "Events acknowledged by the sink."),
+    "mlops_shipper_retries": ("counter", "Sink requests or items retried."),
+    "mlops_shipper_dead_letters": ("counter", "Events rejected by the sink, kept in the dead-letter file."),
+    "mlops_shipper_lag_bytes": ("gauge", "Bytes written to a file but not yet acknowledged."),
+    "mlops_shipper_last_success_timestamp_seconds": ("gauge", "Unix time the sink last acknowledged a batch."),
+}
 
 
 @register
@@ -36,6 +54,10 @@ class ShipperCollector(Collector):
         ),
     )
 
+    def __init__(self, config: Mapping[str, Any], ranks: RankDirectory | None = None) -> None:
+        super().__init__(config, ranks)
+        self.out = FamilyBuilder(FAMILIES)
+
     def sample(self) -> Iterable[Metric]:
         directory = self.config.get("shipper.state-dir")
         if not directory:
@@ -50,36 +72,22 @@ class ShipperCollector(Collector):
             raise ValueError(f"{Path(directory) / STATS_FILE}: not valid JSON ({e})") from None
         return self.families(stats)
 
-    @staticmethod
-    def families(stats: dict[str, object]) -> list[Metric]:
+    def families(self, stats: dict[str, object]) -> list[Metric]:
         def num(key: str) -> float:
             v = stats.get(key)
             return float(v) if isinstance(v, int | float) and not isinstance(v, bool) else 0.0
 
-        out: list[Metric] = []
-        for key, name, doc in (
-            ("lines_read_total", "mlops_shipper_lines_read", "Lines read from the source files."),
-            ("events_shipped_total", "mlops_shipper_events_shipped", "Events acknowledged by the sink."),
-            ("retries_total", "mlops_shipper_retries", "Sink requests or items retried."),
-            ("dead_letters_total", "mlops_shipper_dead_letters",
-             "Events rejected by the sink, kept in the dead-letter file."),
-        ):  # fmt: skip
-            c = CounterMetricFamily(name, doc)
-            c.add_metric([], num(key))
-            out.append(c)
-        lag = GaugeMetricFamily("mlops_shipper_lag_bytes", "Bytes written to a file but not yet acknowledged.",
-                                labels=["file"])  # fmt: skip
+        fams = self.out.round()
+        for key, name in _COUNTERS.items():
+            fams.add(name, NO_LABELS, num(key))
+        fams.present("mlops_shipper_lag_bytes")
         lag_map = stats.get("lag_bytes")
         if isinstance(lag_map, dict):
+            intern = self.out.labels.get
             for path, n in sorted(lag_map.items()):
                 if isinstance(n, int | float):
-                    lag.add_metric([str(path)], float(n))
-        out.append(lag)
+                    fams.add("mlops_shipper_lag_bytes", intern({"file": str(path)}), float(n))
         last = stats.get("last_success_timestamp_seconds")
         if isinstance(last, int | float):
-            g = GaugeMetricFamily(
-                "mlops_shipper_last_success_timestamp_seconds", "Unix time the sink last acknowledged a batch."
-            )
-            g.add_metric([], float(last))
-            out.append(g)
-        return out
+            fams.add("mlops_shipper_last_success_timestamp_seconds", NO_LABELS, float(last))
+        return fams.metrics()

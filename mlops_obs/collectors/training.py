@@ -11,18 +11,14 @@ every rank's step takes as long as the slowest one; only the time outside the wa
 from __future__ import annotations
 
 import statistics
-from collections.abc import Iterable, Iterator
-from itertools import accumulate
-from pathlib import Path
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from prometheus_client.metrics_core import Metric
-from prometheus_client.samples import Sample
 
 from mlops_obs.collectors import Collector, register
-from mlops_obs.config import Setting, parse_duration, parse_optional_path
-from mlops_obs.exporter.exposition import Labels, family, labels
-from mlops_obs.instrument import snapshot
+from mlops_obs.metrics import FamilyBuilder, sample
+from mlops_obs.rankdir import CHECKPOINT_BUCKETS, STEP_BUCKETS, RankDirectory, Snapshot
 
 LABELS = ["job", "rank", "node"]
 
@@ -36,22 +32,11 @@ GAUGES = {
     "cuda_memory_peak": ("mlops_training_cuda_memory_peak_bytes", "Peak CUDA memory held by tensors."),
 }
 
-# One cache for the collectors that read the ranks' snapshots (training, process) in the same round.
-SCAN_CACHE = snapshot.ScanCache()
-
-
-def cached_scan(
-    directory: str | Path, retention: float | None = None, now: float | None = None
-) -> Iterator[dict[str, Any]]:
-    """:func:`snapshot.scan` through the shared cache: only changed files are parsed again."""
-    return snapshot.scan(directory, retention=retention, now=now, cache=SCAN_CACHE)
-
-
 # A rank needs this many recent steps before its score means anything (the first steps include warm-up).
 STRAGGLER_MIN_STEPS = 5
 
 
-def straggler_scores(snaps: Iterable[dict[str, Any]]) -> dict[tuple[str, str], float]:
+def straggler_scores(snaps: Iterable[Snapshot]) -> dict[tuple[str, str], float]:
     """``(job, rank) -> score`` for ranks with enough recent steps, in jobs with at least two such ranks."""
     medians: dict[str, dict[str, float]] = {}
     for s in snaps:
@@ -68,27 +53,15 @@ def straggler_scores(snaps: Iterable[dict[str, Any]]) -> dict[tuple[str, str], f
     return out
 
 
-def _rank_median(s: dict[str, Any]) -> float | None:
-    """The rank's median step compute time over its recent window; ``None`` while it has too few steps.
-
-    Ranks write the median itself (``recent_step_median`` over ``recent_steps``); snapshots of older
-    SDK versions carry the window (``recent_step_seconds``), and get the same answer from it.
-    """
-    median, count = s.get("recent_step_median"), s.get("recent_steps")
-    if median is not None or count is not None:
-        try:
-            return float(median) if int(count) >= STRAGGLER_MIN_STEPS else None  # type: ignore[arg-type]
-        except (TypeError, ValueError):
+def _rank_median(s: Snapshot) -> float | None:
+    """The rank's median step compute time over its recent window; ``None`` while it has too few steps."""
+    try:
+        if int(s["recent_steps"]) < STRAGGLER_MIN_STEPS:
             return None
-    raw = s.get("recent_step_seconds") or []
-    try:  # the ring holds floats; map(float) is the C-speed path, the filter only for a hand-edited file
-        recent = sorted(map(float, raw))
-    except (TypeError, ValueError):
-        recent = sorted(float(x) for x in raw if isinstance(x, int | float) and not isinstance(x, bool))
-    return snapshot.median_sorted(recent) if len(recent) >= STRAGGLER_MIN_STEPS else None
+        return float(s["recent_step_median"])  # type: ignore[arg-type]
+    except (KeyError, TypeError, ValueError):
+        return None
 
-
-_new_sample = tuple.__new__  # skips Sample's Python-level __new__ (a namedtuple)
 
 # The families in their exposition order: name -> (type, help). Counters without their _total suffix.
 FAMILIES: dict[str, tuple[str, str]] = {
@@ -132,170 +105,98 @@ _PER_RANK_COUNTERS = (
     "mlops_training_nonfinite_loss",
 )
 
-# (rank's label set, bucket bounds) -> the label sets of its buckets: the same every round.
-_bucket_sets: dict[tuple[Labels, tuple[float, ...]], tuple[Labels, ...]] = {}
-# (rank's label set, extra label, its value) -> the label set with it (phase, kind): the same every round.
-_extra_sets: dict[tuple[Labels, str, str], Labels] = {}
-# (job, rank, node) -> the rank's label set.
-_rank_sets: dict[tuple[str, str, str], Labels] = {}
-
-
-def _with(lb: Labels, key: str, value: Any) -> Labels:
-    """``labels({**lb, key: str(value)})``, looked up by (set, key, value) instead of built and interned."""
-    v = value if type(value) is str else str(value)
-    got = _extra_sets.get((lb, key, v))
-    if got is None:
-        if len(_extra_sets) >= 10_000:
-            _extra_sets.clear()
-        got = _extra_sets[(lb, key, v)] = labels({**lb, key: v})
-    return got
-
 
 def _valid_counts(counts: Any, bounds: tuple[float, ...]) -> bool:
     return isinstance(counts, list) and len(counts) == len(bounds) + 1
-
-
-def _histogram(out: list[Any], name: str, lb: Labels, counts: Any, bounds: tuple[float, ...], total: Any) -> None:
-    """Buckets, count and sum in prometheus_client's order; nothing for a malformed bucket list."""
-    if not _valid_counts(counts, bounds):
-        return
-    sets = _bucket_sets.get((lb, bounds))
-    if sets is None:
-        if len(_bucket_sets) >= 10_000:
-            _bucket_sets.clear()
-        les = (*(repr(float(b)) for b in bounds), "+Inf")
-        sets = _bucket_sets[(lb, bounds)] = tuple(labels({**lb, "le": le}) for le in les)
-    bucket = name + "_bucket"
-    new = _new_sample
-    # Cumulative counts as float sums in bucket order (the same additions a running total makes).
-    cums = list(accumulate(map(int, counts), initial=0.0))
-    out.extend([new(Sample, (bucket, ls, cum, None, None, None)) for ls, cum in zip(sets, cums[1:])])
-    out.append(new(Sample, (name + "_count", lb, cums[-1], None, None, None)))
-    out.append(_new_sample(Sample, (name + "_sum", lb, float(total), None, None, None)))
 
 
 @register
 class TrainingCollector(Collector):
     name = "training"
     help = "Training ranks' step metrics from the shared --multiproc-dir."
-    settings = (
-        Setting(
-            "multiproc-dir",
-            parse_optional_path,
-            None,
-            "Directory the training ranks write their snapshots to (shared with the workload).",
-            metavar="DIR",
-        ),
-        Setting(
-            "training.retention",
-            parse_duration,
-            900.0,
-            "Forget (and delete) a rank's snapshot this long after its last update.",
-            metavar="DURATION",
-        ),
-    )
 
-    _last: tuple[list[dict[str, Any]], list[Metric]] | None = None
+    _last: tuple[list[Snapshot], list[Metric]] | None = None
+
+    def __init__(self, config: Mapping[str, Any], ranks: RankDirectory | None = None) -> None:
+        super().__init__(config, ranks)
+        self.out = FamilyBuilder(FAMILIES)
 
     def sample(self) -> Iterable[Metric]:
-        directory = self.config.get("multiproc-dir")
-        snaps = (
-            sorted(
-                cached_scan(directory, retention=self.config.get("training.retention")),
-                key=lambda s: (str(s.get("job")), int(s.get("rank", 0))),
-            )
-            if directory
-            else []
-        )
+        snaps = sorted(self.ranks.snapshots(), key=lambda s: (str(s.get("job")), int(s.get("rank", 0))))
         # No snapshot changed since the last round (ranks flush less often than we sample, or a
         # job is paused): the families would be the same, so they are not built again.
         last = self._last
         if last is not None and len(last[0]) == len(snaps) and all(a is b for a, b in zip(last[0], snaps)):
             return last[1]
-        fams = self.families(snaps)
+        fams = families(snaps, self.out)
         self._last = (snaps, fams)
         return fams
 
-    @staticmethod
-    def families(snaps: list[dict[str, Any]]) -> list[Metric]:
-        """The families for these snapshots, every family present even when empty.
 
-        Built straight into prometheus_client's ``Metric``/``Sample`` types with interned label sets
-        (see :class:`mlops_obs.exporter.exposition.Labels`): ``add_metric`` zips a fresh label dict
-        and builds a namedtuple through Python code per sample, which for 8 ranks was most of this
-        collector's round.
-        """
-        fams = {name: family(name, doc, typ, []) for name, (typ, doc) in FAMILIES.items()}
-        steps, failed, samples_f, tokens, nonfinite = (fams[n].samples for n in _PER_RANK_COUNTERS)
-        phases = fams["mlops_training_phase_seconds"].samples
-        hist = fams["mlops_training_step_duration_seconds"].samples
-        heartbeat = fams["mlops_training_last_step_timestamp_seconds"].samples
-        started = fams["mlops_training_process_start_time_seconds"].samples
-        world = fams["mlops_training_world_size"].samples
-        finished = fams["mlops_training_finished"].samples
-        goodput = fams["mlops_training_goodput_seconds"].samples
-        badput = fams["mlops_training_badput_seconds"].samples
-        ckpt = fams["mlops_training_checkpoint_duration_seconds"].samples
-        ckpt_failed = fams["mlops_training_checkpoint_failures"].samples
-        ckpt_last = fams["mlops_training_last_checkpoint_timestamp_seconds"].samples
-        straggler = fams["mlops_training_straggler_score"].samples
-        gauges = [(k, fams[name].samples) for k, (name, _) in GAUGES.items()]
-        scores = straggler_scores(snaps)
-        new = _new_sample
+def families(snaps: list[Snapshot], out: FamilyBuilder | None = None) -> list[Metric]:
+    """The families for these snapshots, every family present even when empty.
 
-        for s in snaps:
-            get = s.get
-            job, rank = str(get("job", "")), str(get("rank", ""))
-            key = (job, rank, str(get("node", "")))
-            known = _rank_sets.get(key)
-            if known is None:
-                if len(_rank_sets) >= 10_000:
-                    _rank_sets.clear()
-                known = _rank_sets[key] = labels({"job": key[0], "rank": key[1], "node": key[2]})
-            lb = known
-            steps.append(new(Sample, ("mlops_training_steps_total", lb, float(get("steps", 0)), None, None, None)))
-            failed.append(new(Sample, ("mlops_training_failed_steps_total", lb, float(get("failed_steps", 0)),
-                                       None, None, None)))  # fmt: skip
-            samples_f.append(new(Sample, ("mlops_training_samples_total", lb, float(get("samples", 0)), None, None,
-                                          None)))  # fmt: skip
-            tokens.append(new(Sample, ("mlops_training_tokens_total", lb, float(get("tokens", 0)), None, None, None)))
-            nonfinite.append(new(Sample, ("mlops_training_nonfinite_loss_total", lb, float(get("nonfinite_loss", 0)),
-                                          None, None, None)))  # fmt: skip
-            for phase, secs in sorted((get("phase_seconds") or {}).items()):
-                phases.append(new(Sample, ("mlops_training_phase_seconds_total", _with(lb, "phase", phase),
-                                           float(secs), None, None, None)))  # fmt: skip
-            _histogram(hist, "mlops_training_step_duration_seconds", lb, get("step_buckets"), snapshot.STEP_BUCKETS,
-                       get("step_seconds_sum", 0.0))  # fmt: skip
-            goodput.append(new(Sample, ("mlops_training_goodput_seconds_total", lb, float(get("goodput_seconds", 0.0)),
-                                        None, None, None)))  # fmt: skip
-            for kind, secs in sorted((get("badput_seconds") or {}).items()):
-                badput.append(new(Sample, ("mlops_training_badput_seconds_total", _with(lb, "kind", kind),
-                                           float(secs), None, None, None)))  # fmt: skip
-            # Only ranks that save checkpoints (often rank 0 alone) get checkpoint series.
-            counts: Any = get("checkpoint_buckets")
-            saved = sum(map(int, counts)) if _valid_counts(counts, snapshot.CHECKPOINT_BUCKETS) else None
-            if saved is not None and (saved > 0 or get("failed_checkpoints")):
-                _histogram(ckpt, "mlops_training_checkpoint_duration_seconds", lb, counts, snapshot.CHECKPOINT_BUCKETS,
-                           get("checkpoint_seconds_sum", 0.0))  # fmt: skip
-                ckpt_failed.append(new(Sample, ("mlops_training_checkpoint_failures_total", lb,
-                                                float(get("failed_checkpoints", 0)), None, None, None)))  # fmt: skip
-            if get("last_checkpoint_time"):
-                ckpt_last.append(new(Sample, ("mlops_training_last_checkpoint_timestamp_seconds", lb,
-                                              float(s["last_checkpoint_time"]), None, None, None)))  # fmt: skip
-            score = scores.get((job, rank))
-            if score is not None:
-                straggler.append(new(Sample, ("mlops_training_straggler_score", lb, score, None, None, None)))
-            if get("last_step_time"):
-                heartbeat.append(new(Sample, ("mlops_training_last_step_timestamp_seconds", lb,
-                                              float(s["last_step_time"]), None, None, None)))  # fmt: skip
-            started.append(new(Sample, ("mlops_training_process_start_time_seconds", lb,
-                                        float(get("start_time", 0.0)), None, None, None)))  # fmt: skip
-            world.append(new(Sample, ("mlops_training_world_size", lb, float(get("world_size", 1)), None, None, None)))
-            finished.append(new(Sample, ("mlops_training_finished", lb, 1.0 if get("closed") else 0.0, None, None,
-                                         None)))  # fmt: skip
-            g = get("gauges") or {}
-            for k, fam in gauges:
-                v = g.get(k)
-                if v is not None:
-                    fam.append(new(Sample, (GAUGES[k][0], lb, float(v), None, None, None)))
-        return list(fams.values())
+    ``out`` is the collector's builder (its label sets are interned across rounds); a fresh one
+    without it.
+    """
+    out = out or FamilyBuilder(FAMILIES)
+    fams = out.round(*FAMILIES)
+    intern = out.labels.get
+    with_label = out.labels.with_label
+    steps, failed, samples_f, tokens, nonfinite = (fams.samples(n) for n in _PER_RANK_COUNTERS)
+    phases = fams.samples("mlops_training_phase_seconds")
+    heartbeat = fams.samples("mlops_training_last_step_timestamp_seconds")
+    started = fams.samples("mlops_training_process_start_time_seconds")
+    world = fams.samples("mlops_training_world_size")
+    finished = fams.samples("mlops_training_finished")
+    goodput = fams.samples("mlops_training_goodput_seconds")
+    badput = fams.samples("mlops_training_badput_seconds")
+    ckpt_failed = fams.samples("mlops_training_checkpoint_failures")
+    ckpt_last = fams.samples("mlops_training_last_checkpoint_timestamp_seconds")
+    straggler = fams.samples("mlops_training_straggler_score")
+    gauges = [(k, fams.samples(name)) for k, (name, _) in GAUGES.items()]
+    scores = straggler_scores(snaps)
+
+    for s in snaps:
+        job, rank = str(s.get("job", "")), str(s.get("rank", ""))
+        lb = intern({"job": job, "rank": rank, "node": str(s.get("node", ""))})
+        steps.append(sample("mlops_training_steps_total", lb, float(s.get("steps", 0))))
+        failed.append(sample("mlops_training_failed_steps_total", lb, float(s.get("failed_steps", 0))))
+        samples_f.append(sample("mlops_training_samples_total", lb, float(s.get("samples", 0))))
+        tokens.append(sample("mlops_training_tokens_total", lb, float(s.get("tokens", 0))))
+        nonfinite.append(sample("mlops_training_nonfinite_loss_total", lb, float(s.get("nonfinite_loss", 0))))
+        for phase, secs in sorted((s.get("phase_seconds") or {}).items()):
+            phases.append(sample("mlops_training_phase_seconds_total", with_label(lb, "phase", phase), float(secs)))
+        counts: Any = s.get("step_buckets")
+        if _valid_counts(counts, STEP_BUCKETS):
+            fams.histogram("mlops_training_step_duration_seconds", lb, counts, STEP_BUCKETS,
+                           s.get("step_seconds_sum", 0.0))  # fmt: skip
+        goodput.append(sample("mlops_training_goodput_seconds_total", lb, float(s.get("goodput_seconds", 0.0))))
+        for kind, secs in sorted((s.get("badput_seconds") or {}).items()):
+            badput.append(sample("mlops_training_badput_seconds_total", with_label(lb, "kind", kind), float(secs)))
+        # Only ranks that save checkpoints (often rank 0 alone) get checkpoint series.
+        counts = s.get("checkpoint_buckets")
+        saved = sum(map(int, counts)) if _valid_counts(counts, CHECKPOINT_BUCKETS) else None
+        if saved is not None and (saved > 0 or s.get("failed_checkpoints")):
+            fams.histogram("mlops_training_checkpoint_duration_seconds", lb, counts, CHECKPOINT_BUCKETS,
+                           s.get("checkpoint_seconds_sum", 0.0))  # fmt: skip
+            ckpt_failed.append(sample("mlops_training_checkpoint_failures_total", lb,
+                                      float(s.get("failed_checkpoints", 0))))  # fmt: skip
+        last_checkpoint: Any = s.get("last_checkpoint_time")
+        if last_checkpoint:
+            ckpt_last.append(sample("mlops_training_last_checkpoint_timestamp_seconds", lb, float(last_checkpoint)))
+        score = scores.get((job, rank))
+        if score is not None:
+            straggler.append(sample("mlops_training_straggler_score", lb, score))
+        last_step: Any = s.get("last_step_time")
+        if last_step:
+            heartbeat.append(sample("mlops_training_last_step_timestamp_seconds", lb, float(last_step)))
+        started.append(sample("mlops_training_process_start_time_seconds", lb, float(s.get("start_time", 0.0))))
+        world.append(sample("mlops_training_world_size", lb, float(s.get("world_size", 1))))
+        finished.append(sample("mlops_training_finished", lb, 1.0 if s.get("closed") else 0.0))
+        g: Any = s.get("gauges") or {}
+        for k, fam in gauges:
+            v = g.get(k)
+            if v is not None:
+                fam.append(sample(GAUGES[k][0], lb, float(v)))
+    return fams.metrics()

@@ -28,7 +28,7 @@ from mlops_obs.config import (
     parse_listen_address,
     parse_optional_path,
 )
-from mlops_obs.instrument import snapshot
+from mlops_obs.rankdir import RankDirectory, Snapshot
 from mlops_obs.workload.launcher import StopRequest, launch, make_directory
 
 DEMO_SETTINGS: tuple[Setting, ...] = (
@@ -51,7 +51,7 @@ def _say(msg: str) -> None:
     print(msg, file=sys.stdout, flush=True)
 
 
-def _loss(snap: dict[str, Any]) -> str | None:
+def _loss(snap: Snapshot) -> str | None:
     """The last loss, formatted; snapshots write a NaN or infinite loss as a string."""
     v = (snap.get("gauges") or {}).get("loss")
     if v is None:
@@ -63,7 +63,7 @@ def _loss(snap: dict[str, Any]) -> str | None:
 
 
 def _progress(mp_dir: Path, steps: int, world: int) -> str:
-    snaps = {int(s["rank"]): s for s in snapshot.scan(mp_dir)}
+    snaps = {int(s["rank"]): s for s in RankDirectory(mp_dir, retention=None).snapshots()}
     parts = []
     for r in range(world):
         s = snaps.get(r)
@@ -171,7 +171,7 @@ def _train(wl_cfg: Mapping[str, Any], stop: StopRequest, progress: Callable[[], 
 
 
 def _summary(mp_dir: Path, prom: PrometheusProcess | None, world: int, steps: int) -> None:
-    snaps = sorted(snapshot.scan(mp_dir), key=lambda s: int(s["rank"]))
+    snaps = sorted(RankDirectory(mp_dir, retention=None).snapshots(), key=lambda s: int(s["rank"]))
     _say("summary (from the ranks' hand-off files):")
     for s in snaps:
         n = max(1, int(s["steps"]))

@@ -1,5 +1,106 @@
-"""Placeholder during the move: the command still lives in ``mlops_obs.exporter``."""
+"""``mlops-obs exporter``: run the sidecar until SIGTERM or SIGINT; SIGHUP reloads its configuration.
 
-from mlops_obs.exporter import add_arguments, run
+The machinery is :class:`mlops_obs.exporter.Exporter`; this module holds what belongs to the
+long-running process alone: its settings, signal handling, exit codes and garbage-collector tuning.
+"""
 
-__all__ = ["add_arguments", "run"]
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import signal
+from collections.abc import Mapping
+from typing import Any
+
+from mlops_obs import __version__
+from mlops_obs.config import Setting
+from mlops_obs.exporter import Exporter, settings
+from mlops_obs.logs import configure, get_logger
+from mlops_obs.web import config as web_config
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> list[Setting]:
+    return list(settings())
+
+
+def known_keys() -> set[str]:
+    """The settings of every command: a config file shared between commands may hold any of them.
+    Empty when a command's module cannot be imported (the exporter still reloads its own keys)."""
+    from mlops_obs import cli
+
+    try:
+        return cli.all_setting_keys()
+    except Exception:
+        return set()
+
+
+def run(cfg: Mapping[str, Any]) -> int:
+    # Signals are taken synchronously with sigwait: a Python handler that set an Event could
+    # deadlock on the Event's own lock if the signal landed while the main thread held it. The mask
+    # is set before any thread starts, so every thread inherits it and only sigwait sees them; it is
+    # restored on the way out for callers that run the command in-process.
+    handled = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, handled)
+    try:
+        return _serve(cfg, handled)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+# Objects allocated between two young-generation collections. Every sampling round allocates a few
+# thousand short-lived objects (samples, label dicts, NVML structures) that are still alive when
+# CPython's default threshold (700) triggers a collection, so each round would pay for several
+# collections that scan, and promote, objects about to die anyway. With a larger threshold a
+# collection happens every few rounds and finds only the few objects that outlive a round. Memory
+# is not the cost: garbage that only the collector frees (reference cycles) is rare here, and
+# waiting for this many allocations holds at most a few MB more.
+GC_THRESHOLD_YOUNG = 50_000
+
+
+def tune_gc() -> None:
+    """Process-wide GC settings for the long-running sidecar (never applied by the library or tests).
+
+    ``gc.freeze()`` moves everything the start-up allocated (modules, settings, collectors: tens of
+    thousands of objects that live until exit) out of the collector's reach, so the rare full
+    collections do not walk them.
+    """
+    gc.collect()
+    gc.freeze()
+    _, g1, g2 = gc.get_threshold()
+    gc.set_threshold(GC_THRESHOLD_YOUNG, g1, g2)
+
+
+def _serve(cfg: Mapping[str, Any], handled: set[signal.Signals]) -> int:
+    configure(cfg["log.level"], cfg["log.format"])
+    log = get_logger(component="exporter")
+    try:
+        exporter = Exporter(cfg, log, known_keys=known_keys)
+    except web_config.WebConfigError as e:
+        log.error("bad web config", error=str(e))
+        return 1
+    except OSError as e:
+        host, port = cfg["web.listen-address"]
+        log.error("cannot listen", address=f"{host}:{port}", error=e.strerror or str(e))
+        return 1
+    exporter.server.on_quit = lambda: os.kill(os.getpid(), signal.SIGTERM)  # to the sigwait below
+    exporter.start()
+    tune_gc()
+    log.info(
+        "exporter listening",
+        url=exporter.url + cfg["web.telemetry-path"],
+        collectors=",".join(c.name for c in exporter.collectors),
+        tls=exporter.server.web.tls,
+        basic_auth=bool(exporter.server.web.users),
+        version=__version__,
+        pid=os.getpid(),
+    )
+    while True:
+        signum = signal.sigwait(handled)
+        if signum == signal.SIGHUP:
+            exporter.reload()
+        else:
+            break
+    log.info("exporter stopping")
+    exporter.stop()
+    return 0

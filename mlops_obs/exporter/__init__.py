@@ -1,14 +1,17 @@
-"""The ``mlops-obs exporter`` sidecar: collectors sampled in the background, served on ``/metrics``."""
+"""The exporter sidecar: collectors sampled in the background, served on ``/metrics``.
+
+:class:`Exporter` wires the pieces: one :class:`~mlops_obs.rankdir.RankDirectory` shared by the
+collectors that read the ranks, the collectors themselves (:mod:`mlops_obs.collectors`), the
+:class:`~mlops_obs.exporter.sampler.Sampler` that runs them off the scrape path, and the HTTP server.
+The ``mlops-obs exporter`` command (flags, signals, process settings) is
+:mod:`mlops_obs.commands.exporter`.
+"""
 
 from __future__ import annotations
 
-import argparse
-import gc
-import os
-import signal
 import threading
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any
 
 from mlops_obs import __version__, collectors
 from mlops_obs.config import (
@@ -18,6 +21,7 @@ from mlops_obs.config import (
     int_parser,
     loop_duration,
     parse_bool,
+    parse_duration,
     parse_listen_address,
     parse_optional_path,
     parse_str,
@@ -25,8 +29,12 @@ from mlops_obs.config import (
 )
 from mlops_obs.exporter.sampler import Sampler
 from mlops_obs.exporter.server import ExporterServer
-from mlops_obs.logs import configure, get_logger
+from mlops_obs.logs import get_logger
+from mlops_obs.rankdir import DEFAULT_RETENTION, RankDirectory
 from mlops_obs.web import config as web_config
+
+if TYPE_CHECKING:
+    from structlog.typing import FilteringBoundLogger
 
 DEFAULT_PORT = 9477
 
@@ -65,6 +73,11 @@ EXPORTER_SETTINGS: tuple[Setting, ...] = (
     Setting("collector.deadline", loop_duration, 5.0,
             "A collector sampling for longer than this is abandoned (success 0, series dropped).",
             metavar="DURATION"),
+    # The ranks' snapshot directory, read by the training, process and gpu collectors.
+    Setting("multiproc-dir", parse_optional_path, None,
+            "Directory the training ranks write their snapshots to (shared with the workload).", metavar="DIR"),
+    Setting("training.retention", parse_duration, DEFAULT_RETENTION,
+            "Forget (and delete) a rank's snapshot this long after its last update.", metavar="DURATION"),
 )  # fmt: skip
 
 
@@ -81,20 +94,30 @@ def _build_info() -> bytes:
 
 
 class Exporter:
-    """Collectors + sampler + HTTP server; used by the CLI, the demo and the tests.
+    """Rank directory + collectors + sampler + HTTP server; used by the CLI, the demo and the tests.
+
+    ``known_keys`` gives the settings of the other commands, which a config file shared between
+    commands may hold; a reload re-reads the file with them.
 
     Raises :class:`web_config.WebConfigError` for an unusable ``web.config.file`` and ``OSError``
     when the address cannot be bound.
     """
 
-    def __init__(self, config: Mapping[str, Any], log: Any = None) -> None:
+    def __init__(
+        self,
+        config: Mapping[str, Any],
+        log: FilteringBoundLogger | None = None,
+        known_keys: Callable[[], Iterable[str]] = tuple,
+    ) -> None:
         self.config = dict(config)
         self.sources: dict[str, str] = dict(getattr(config, "sources", {}) or {})
-        self.log = log or get_logger(component="exporter")
+        self.log: FilteringBoundLogger = log or get_logger(component="exporter")
+        self._known_keys = known_keys
         web = web_config.load(config.get("web.config.file"))
+        self.ranks = RankDirectory.from_config(self.config)
         # Collectors share this mapping and read their settings from it every round, so a reload
-        # that updates it in place reaches them (file system paths, multiproc-dir, retention...).
-        self.collectors = collectors.build(self.config)
+        # that updates it in place reaches them (file system paths, deadlines...).
+        self.collectors = collectors.build(self.config, self.ranks)
         self.sampler = Sampler(
             self.collectors, config["sampler.interval"], config["collector.deadline"], self.log, static=_build_info()
         )
@@ -133,14 +156,14 @@ class Exporter:
         cfg = dict(self.config)
         path = self.config.get("config.file")
         if path:
-            fresh = resolve(settings(), {"config.file": path}, known_keys=_all_known_keys())
+            fresh = resolve(settings(), {"config.file": path}, known_keys=self._known_keys())
             for key, value in fresh.items():
                 if self.sources.get(key) != "flag":
                     cfg[key] = value
         return cfg
 
     def reload(self) -> tuple[bool, str]:
-        """Re-read ``--config.file`` and ``--web.config.file``; on any error keep running as before.
+        """Re-read ``--config.file`` and ``--web.config.file``; on any error keep the running configuration.
 
         Returns ``(ok, one-line message)`` for ``POST /-/reload`` and the SIGHUP log line.
         """
@@ -161,6 +184,7 @@ class Exporter:
                 self.server.set_max_requests(int(cfg.get("web.max-requests", 40)))
             self.sampler.interval = cfg["sampler.interval"]
             self.sampler.deadline = cfg["collector.deadline"]
+            self.ranks.configure(cfg.get("multiproc-dir"), cfg.get("training.retention", DEFAULT_RETENTION))
             self.config.update(cfg)
             self.server.reloads.record(True)
             msg = "configuration reloaded"
@@ -169,91 +193,3 @@ class Exporter:
                 self.log.warning("reload: settings that need a restart were not applied", keys=",".join(restart))
             self.log.info("configuration reloaded", tls=web.tls, basic_auth=bool(web.users))
             return True, msg
-
-
-def _all_known_keys() -> set[str]:
-    from mlops_obs import cli
-
-    keys: set[str] = set()
-    try:
-        _, per_command = cli.build_parser()
-    except Exception:
-        return keys
-    for group in per_command.values():
-        keys.update(s.key for s in group)
-    return keys
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> list[Setting]:
-    return list(settings())
-
-
-def run(cfg: Mapping[str, Any]) -> int:
-    # Signals are taken synchronously with sigwait: a Python handler that set an Event could
-    # deadlock on the Event's own lock if the signal landed while the main thread held it. The mask
-    # is set before any thread starts, so every thread inherits it and only sigwait sees them; it is
-    # restored on the way out for callers that run the command in-process.
-    handled = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, handled)
-    try:
-        return _serve(cfg, handled)
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
-
-
-# Objects allocated between two young-generation collections. Every sampling round allocates a few
-# thousand short-lived objects (samples, label dicts, NVML structures) that are still alive when
-# CPython's default threshold (700) triggers a collection, so each round paid for several
-# collections that scanned, and promoted, objects about to die anyway. With a larger threshold a
-# collection happens every few rounds and finds only the few objects that outlive a round. Memory
-# is not the cost: garbage that only the collector frees (reference cycles) is rare here, and
-# waiting for this many allocations holds at most a few MB more.
-GC_THRESHOLD_YOUNG = 50_000
-
-
-def tune_gc() -> None:
-    """Process-wide GC settings for the long-running sidecar (never applied by the library or tests).
-
-    ``gc.freeze()`` moves everything the start-up allocated (modules, settings, collectors: tens of
-    thousands of objects that live until exit) out of the collector's reach, so the rare full
-    collections no longer walk them.
-    """
-    gc.collect()
-    gc.freeze()
-    _, g1, g2 = gc.get_threshold()
-    gc.set_threshold(GC_THRESHOLD_YOUNG, g1, g2)
-
-
-def _serve(cfg: Mapping[str, Any], handled: set[signal.Signals]) -> int:
-    configure(cfg["log.level"], cfg["log.format"])
-    log = get_logger(component="exporter")
-    try:
-        exporter = Exporter(cfg, log)
-    except web_config.WebConfigError as e:
-        log.error("bad web config", error=str(e))
-        return 1
-    except OSError as e:
-        host, port = cfg["web.listen-address"]
-        log.error("cannot listen", address=f"{host}:{port}", error=e.strerror or str(e))
-        return 1
-    exporter.server.on_quit = lambda: os.kill(os.getpid(), signal.SIGTERM)  # to the sigwait below
-    exporter.start()
-    tune_gc()
-    log.info(
-        "exporter listening",
-        url=exporter.url + cfg["web.telemetry-path"],
-        collectors=",".join(c.name for c in exporter.collectors),
-        tls=exporter.server.web.tls,
-        basic_auth=bool(exporter.server.web.users),
-        version=__version__,
-        pid=os.getpid(),
-    )
-    while True:
-        signum = signal.sigwait(handled)
-        if signum == signal.SIGHUP:
-            exporter.reload()
-        else:
-            break
-    log.info("exporter stopping")
-    exporter.stop()
-    return 0

@@ -16,24 +16,22 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Iterable
-from dataclasses import dataclass
-from typing import Any
-
-from prometheus_client.metrics_core import Metric
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from mlops_obs.collectors import Collector, CollectorUnavailable
-from mlops_obs.exporter import exposition
+from mlops_obs.metrics import Renderer, format_value
+
+if TYPE_CHECKING:
+    from structlog.typing import FilteringBoundLogger
 
 _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
-def render(families: Iterable[Metric]) -> bytes:
-    return exposition.render(families)
-
-
 @dataclass
 class CollectorState:
+    # The collector's own renderer: its caches are used by its sampling thread alone.
+    renderer: Renderer = field(default_factory=Renderer)
     text: bytes = b""
     success: bool = False
     duration: float = 0.0
@@ -60,20 +58,25 @@ def render_self(cpu: float, rss: float | None) -> bytes:
     out = (
         "# HELP mlops_exporter_cpu_seconds_total CPU seconds (user + system) the exporter process used.\n"
         "# TYPE mlops_exporter_cpu_seconds_total counter\n"
-        f"mlops_exporter_cpu_seconds_total {exposition.format_value(cpu)}\n"
+        f"mlops_exporter_cpu_seconds_total {format_value(cpu)}\n"
     )
     if rss is not None:
         out += (
             "# HELP mlops_exporter_resident_memory_bytes Resident memory of the exporter process.\n"
             "# TYPE mlops_exporter_resident_memory_bytes gauge\n"
-            f"mlops_exporter_resident_memory_bytes {exposition.format_value(rss)}\n"
+            f"mlops_exporter_resident_memory_bytes {format_value(rss)}\n"
         )
     return out.encode()
 
 
 class Sampler:
     def __init__(
-        self, collectors: list[Collector], interval: float, deadline: float, log: Any, static: bytes = b""
+        self,
+        collectors: list[Collector],
+        interval: float,
+        deadline: float,
+        log: FilteringBoundLogger,
+        static: bytes = b"",
     ) -> None:
         self.static = static  # constant series (build info) appended to every scrape
         self.collectors = collectors
@@ -125,7 +128,7 @@ class Sampler:
         text = b""
         unavailable = False
         try:
-            text = render(c.sample())
+            text = state.renderer.render(c.sample())
         except CollectorUnavailable as e:
             error, unavailable = str(e), True
         except Exception as e:

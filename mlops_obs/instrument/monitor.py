@@ -6,9 +6,9 @@ fallen thousands of steps behind, see ``_SYNC_FOLD_EVENTS``), and allocates no c
 objects (the ones ``step()`` and ``phase()`` return are reused). Entering a step or
 a phase runs no Python code at all (see :func:`_recorder`); leaving one appends one more reading.
 Everything derived from those readings (step count, histogram bucket, goodput, phase totals net of
-collective time, the straggler ring) is folded in by :meth:`TrainingMonitor._fold`, which the daemon
+collective time, the straggler ring) is folded in by :meth:`TrainingMonitor._fold` (:mod:`.fold`), which the daemon
 flush thread runs every ``flush_interval`` seconds before it copies the state into a snapshot file
-(see :mod:`mlops_obs.instrument.snapshot` for why that beats prometheus_client's multiprocess mode).
+(see :mod:`mlops_obs.rankdir` for why that beats prometheus_client's multiprocess mode).
 Reading a derived attribute (``monitor.steps``, ``phase_seconds``, ...) folds first, so it is always
 current; a training thread that outruns a stuck flush thread folds itself every few thousand steps,
 so the lists stay bounded.
@@ -21,21 +21,18 @@ from __future__ import annotations
 
 import atexit
 import bisect
-import operator
 import os
 import socket
 import threading
 import time
 import warnings
-from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from itertools import compress
-from math import fsum
 from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
 
-from mlops_obs.instrument import snapshot
+from mlops_obs import rankdir
+from mlops_obs.instrument.fold import StepTotals, fold_phase, fold_steps
 
 PHASES: tuple[str, ...] = ("data_wait", "forward", "backward", "optimizer", "collective", "other")
 # Time that is not productive training, after ml-goodput-measurement's taxonomy.
@@ -48,8 +45,6 @@ T = TypeVar("T")
 
 _perf = time.perf_counter
 _wall = time.time
-_bisect = bisect.bisect_left
-_STEP_BUCKETS = snapshot.STEP_BUCKETS
 
 # The training thread folds (all queues, not only the steps') itself once this many step readings
 # are waiting, about 2,000 steps: in a real job that only happens when the flush thread has fallen
@@ -160,7 +155,7 @@ class _Timed:
         b[self.kind] = b.get(self.kind, 0.0) + dur
         if self.kind == "checkpoint_save":
             if et is None:
-                m.checkpoint_buckets[bisect.bisect_left(snapshot.CHECKPOINT_BUCKETS, dur)] += 1
+                m.checkpoint_buckets[bisect.bisect_left(rankdir.CHECKPOINT_BUCKETS, dur)] += 1
                 m.checkpoint_seconds_sum += dur
                 m.last_checkpoint_time = _wall()
             else:
@@ -244,19 +239,11 @@ class TrainingMonitor:
 
         # Hot-path state. Derived figures (``steps``, ``samples``, ``step_buckets``, ...) are properties
         # over these ``_`` fields that fold the queued readings first; the rest are plain numbers.
-        self._steps = 0
-        self._failed_steps = 0
-        self._failed_step_seconds = 0.0
-        self._step_seconds_sum = 0.0
-        self._goodput_seconds = 0.0
-        self._first_step_perf = 0.0
-        self._step_buckets = [0] * (len(snapshot.STEP_BUCKETS) + 1)
-        self._last_step_perf = 0.0
-        self._recent: deque[float] = deque(maxlen=max(1, window))  # per-step compute time, oldest first
+        self._totals = StepTotals(window)
         self.collective_seconds = 0.0
         self.collectives = 0
         self.badput_seconds: dict[str, float] = {}
-        self.checkpoint_buckets = [0] * (len(snapshot.CHECKPOINT_BUCKETS) + 1)
+        self.checkpoint_buckets = [0] * (len(rankdir.CHECKPOINT_BUCKETS) + 1)
         self.checkpoint_seconds_sum = 0.0
         self.failed_checkpoints = 0
         self.last_checkpoint_time = 0.0
@@ -268,7 +255,6 @@ class TrainingMonitor:
         self._step_events: list[Any] = []
         self._coll_events: list[tuple[float, float]] = []
         self._dw_events: list[tuple[float, float]] = []
-        self._open_step: tuple[float, float, float] | None = None  # (start, collective, data wait) so far
         self._fold_lock = threading.Lock()
         # Step entries are perf_counter readings; the first one becomes wall time with this offset.
         self._wall_minus_perf = _wall() - _perf()
@@ -300,7 +286,7 @@ class TrainingMonitor:
             assert self.directory is not None
             try:
                 self.directory.mkdir(parents=True, exist_ok=True)
-                snapshot.remove_leftovers(self.directory, self.job, self.rank)
+                rankdir.remove_leftovers(self.directory, self.job, self.rank)
             except OSError:
                 self.flush_errors += 1
             self.flush()
@@ -415,19 +401,19 @@ class TrainingMonitor:
     def steps(self) -> int:
         """Successful steps so far."""
         self._fold_safely()
-        return self._steps
+        return self._totals.steps
 
     @property
     def failed_steps(self) -> int:
         """Steps that raised."""
         self._fold_safely()
-        return self._failed_steps
+        return self._totals.failed_steps
 
     @property
     def failed_step_seconds(self) -> float:
         """Seconds spent in steps that raised."""
         self._fold_safely()
-        return self._failed_step_seconds
+        return self._totals.failed_step_seconds
 
     @property
     def samples(self) -> int:
@@ -443,31 +429,32 @@ class TrainingMonitor:
     def step_seconds_sum(self) -> float:
         """Seconds spent in successful steps."""
         self._fold_safely()
-        return self._step_seconds_sum
+        return self._totals.step_seconds_sum
 
     @property
     def goodput_seconds(self) -> float:
         """Seconds of successful steps, less the data wait inside them."""
         self._fold_safely()
-        return self._goodput_seconds
+        return self._totals.goodput_seconds
 
     @property
     def last_step_perf(self) -> float:
         """``perf_counter()`` at the end of the last successful step (0 before)."""
         self._fold_safely()
-        return self._last_step_perf
+        return self._totals.last_step_perf
 
     @property
     def step_buckets(self) -> list[int]:
-        """Successful steps per ``snapshot.STEP_BUCKETS`` bucket (non-cumulative; the last is +Inf)."""
+        """Successful steps per ``rankdir.STEP_BUCKETS`` bucket (non-cumulative; the last is +Inf)."""
         self._fold_safely()
-        return self._step_buckets
+        return self._totals.buckets
 
     @property
     def first_step_time(self) -> float:
         """Unix time the first step started (0 before)."""
         self._fold_safely()
-        return self._first_step_perf + self._wall_minus_perf if self._first_step_perf else 0.0
+        first = self._totals.first_step_perf
+        return first + self._wall_minus_perf if first else 0.0
 
     @property
     def phase_seconds(self) -> dict[str, float]:
@@ -483,20 +470,21 @@ class TrainingMonitor:
             return 0.0
         return _wall() - (_perf() - last)
 
-    def state(self) -> dict[str, Any]:
+    def state(self) -> rankdir.Snapshot:
         """The snapshot written for the sidecar; a copy, safe to serialise off the training thread."""
         self._fold_safely()
+        t = self._totals
         samples, tokens = self._step_totals()
-        recent = sorted(self._recent)
+        recent = sorted(t.recent)
         badput = dict(self.badput_seconds)
         badput["data_loading"] = badput.get("data_loading", 0.0) + self._data_wait.folded + self._data_wait.total
-        if self._failed_step_seconds:
-            badput["failed_step"] = badput.get("failed_step", 0.0) + self._failed_step_seconds
+        if t.failed_step_seconds:
+            badput["failed_step"] = badput.get("failed_step", 0.0) + t.failed_step_seconds
         first = self.first_step_time
         if first:
             badput["startup"] = badput.get("startup", 0.0) + max(0.0, first - self.start_time)
         return {
-            "v": snapshot.SCHEMA_VERSION,
+            "v": rankdir.SCHEMA_VERSION,
             "job": self.job,
             "rank": self.rank,
             "world_size": self.world_size,
@@ -505,23 +493,22 @@ class TrainingMonitor:
             "start_time": self.start_time,
             "updated": _wall(),
             "closed": self._closed,
-            "steps": self._steps,
-            "failed_steps": self._failed_steps,
+            "steps": t.steps,
+            "failed_steps": t.failed_steps,
             "samples": samples,
             "tokens": tokens,
-            "step_seconds_sum": self._step_seconds_sum,
-            "step_buckets": list(self._step_buckets),
+            "step_seconds_sum": t.step_seconds_sum,
+            "step_buckets": list(t.buckets),
             "phase_seconds": self.phase_seconds,
             # JSON has no NaN: a non-finite gauge (the loss that went NaN) travels as "nan"/"inf".
             "gauges": {k: (v if v - v == 0.0 else str(v)) for k, v in list(self.gauges.items())},
             "nonfinite_loss": self.nonfinite_loss,
             "last_step_time": self.last_step_time,
-            # The median of the recent compute times, not the ring itself: the sidecar needs only
-            # this for the straggler score, and parsing and sorting 8 rings of 256 floats every
-            # second was a fifth of its training collector's round.
+            # The median of the recent compute times, not the ring itself: the straggler score needs
+            # only the median, and the sidecar reads every rank's snapshot every round.
             "recent_steps": len(recent),
-            "recent_step_median": snapshot.median_sorted(recent) if recent else None,
-            "goodput_seconds": self._goodput_seconds,
+            "recent_step_median": rankdir.median_sorted(recent) if recent else None,
+            "goodput_seconds": t.goodput_seconds,
             "badput_seconds": badput,
             "checkpoint_buckets": list(self.checkpoint_buckets),
             "checkpoint_seconds_sum": self.checkpoint_seconds_sum,
@@ -541,9 +528,7 @@ class TrainingMonitor:
         read in one C call (no bytecode runs in between, so no other thread can append meanwhile): a
         step's exit is then never taken without the phase exits and the collective or data-wait
         reports that came before it. The hot path only appends, so taking those prefixes afterwards
-        is safe. An interval still open at the cut carries over to the next fold, with the collective
-        (and, for a step, data-wait) time reported in it so far. Well-formed readings (the common
-        case) are folded with C-level ``map``/``sum``, about a tenth of a microsecond per reading.
+        is safe. The arithmetic is :mod:`mlops_obs.instrument.fold`'s.
         """
         with self._fold_lock:
             phases = list(self._phases.values())
@@ -556,9 +541,9 @@ class TrainingMonitor:
             steps, coll, marks = taken[0], taken[1], taken[2]
             for p, items in zip(phases, taken[3:]):
                 if items or p.open_start is not None:
-                    self._fold_phase(p, items, coll, marks if p is self._data_wait else None)
-            if steps or self._open_step is not None:
-                self._fold_steps(steps, coll, marks)
+                    fold_phase(p, items, coll, marks if p is self._data_wait else None)
+            if steps or self._totals.open_step is not None:
+                fold_steps(self._totals, steps, coll, marks)
 
     def _fold_safely(self) -> None:
         """``_fold`` for the training thread (a derived figure read, or the flush thread behind): like
@@ -567,133 +552,6 @@ class TrainingMonitor:
             self._fold()
         except Exception:
             self.flush_errors += 1
-
-    def _fold_phase(
-        self,
-        p: _PhaseBase,
-        items: list[float],
-        coll: list[tuple[float, float]],
-        marks: list[tuple[float, float]] | None,
-    ) -> None:
-        carried = p.open_start is not None
-        if carried:
-            items.insert(0, p.open_start)  # type: ignore[arg-type]
-        open_start: float | None = items.pop() if len(items) % 2 else None
-        starts, ends = items[0::2], items[1::2]  # entries, negated exits
-        if (starts and not (min(starts) > 0.0 and max(ends) < 0.0)) or (open_start is not None and open_start < 0.0):
-            if open_start is not None:
-                items.append(open_start)
-            starts, ends, open_start = _phase_pairs(items)  # a stray exit or a re-entry: pair one by one
-            items = starts + ends
-            carried = carried and bool(starts) and starts[0] == p.open_start
-        open_coll = p.open_coll if (carried and not starts) else 0.0
-        if not coll and marks is None:
-            net = -fsum(items)  # the sum of (exit - entry), exactly rounded
-            if starts and carried:
-                net -= p.open_coll
-            p.folded += net
-        else:
-            endt = list(map(operator.neg, ends))
-            nets = list(map(operator.sub, endt, starts))
-            if starts and carried:
-                nets[0] -= p.open_coll
-            for t, s in coll:  # collective time reported inside an interval is not this phase's
-                if open_start is not None and t > open_start:
-                    open_coll += s
-                    continue
-                k = _bisect(starts, t) - 1
-                if k >= 0 and t <= endt[k]:
-                    nets[k] -= s
-            p.folded += fsum(nets)
-            if marks is not None:
-                marks.extend(zip(endt, nets))
-        p.open_start = open_start
-        p.open_coll = open_coll
-
-    def _fold_steps(self, items: list[Any], coll: list[tuple[float, float]], marks: list[tuple[float, float]]) -> None:
-        prev = self._open_step
-        if prev is not None:
-            items.insert(0, prev[0])
-        starts, ends = items[0::2], items[1::2]  # entries, negated exits (a failed step's exit: (end,))
-        open_start: float | None = starts.pop() if len(starts) > len(ends) else None
-        failed: list[bool] | None = None
-        try:
-            ok = (open_start is None or open_start > 0.0) and (not ends or (min(starts) > 0.0 and max(ends) < 0.0))
-        except TypeError:  # a tuple among them
-            ok = False
-        if not ok:
-            starts, ends, open_start, failed = _step_pairs(items)
-        carried = prev is not None and bool(starts) and starts[0] == prev[0]
-        negdurs = list(map(operator.add, ends, starts))  # entry - exit: minus each step's duration
-        n = len(negdurs)
-        cded: list[float] | None = None  # collective time reported inside each step
-        dw: list[float] | None = None  # data wait reported inside each step
-        open_c = open_dw = 0.0
-        if prev is not None and open_start is not None and open_start == prev[0]:
-            open_c, open_dw = prev[1], prev[2]
-        if coll or marks or carried:
-            endt = list(map(operator.neg, ends))
-            cded, dw = [0.0] * n, [0.0] * n
-            if carried and prev is not None:
-                cded[0] += prev[1]
-                dw[0] += prev[2]
-            for t, s in coll:
-                if open_start is not None and t > open_start:
-                    open_c += s
-                    continue
-                k = _bisect(starts, t) - 1
-                if k >= 0 and t <= endt[k]:
-                    cded[k] += s
-            for t, s in marks:
-                if open_start is not None and t > open_start:
-                    open_dw += s
-                    continue
-                k = _bisect(starts, t) - 1
-                if k >= 0 and t <= endt[k]:
-                    dw[k] += s
-        if open_start is not None:
-            self._open_step = (open_start, open_c, open_dw)
-            if not self._first_step_perf:
-                self._first_step_perf = open_start
-        else:
-            self._open_step = None
-        if not n:
-            return
-        if not self._first_step_perf:
-            self._first_step_perf = starts[0]
-        if failed is not None and any(failed):  # count the failed ones apart
-            keep = [not f for f in failed]
-            self._failed_steps += n - sum(keep)
-            self._failed_step_seconds -= fsum(compress(negdurs, failed))
-            negdurs = list(compress(negdurs, keep))
-            ends = list(compress(ends, keep))
-            cded = list(compress(cded, keep)) if cded is not None else None
-            dw = list(compress(dw, keep)) if dw is not None else None
-            n = len(negdurs)
-            if not n:
-                return
-        total = -fsum(negdurs)
-        self._steps += n
-        self._step_seconds_sum += total
-        self._goodput_seconds += total - fsum(dw) if dw is not None else total
-        # Histogram: sort once (C), then one bisect per bucket bound instead of one per step; on the
-        # negated durations, "duration <= bound" is "entry - exit >= -bound".
-        ds = sorted(negdurs)
-        b = self._step_buckets
-        below = 0
-        for i, bound in enumerate(_STEP_BUCKETS):
-            upto = n - _bisect(ds, -bound)
-            b[i] += upto - below
-            below = upto
-        b[-1] += n - below
-        # The straggler ring: compute time, that is step time less the collective waits inside it.
-        w = self._recent.maxlen or n
-        last = negdurs[-w:]
-        if cded is not None:
-            self._recent.extend(map(operator.sub, map(operator.neg, last), cded[-w:]))
-        else:
-            self._recent.extend(map(operator.neg, last))
-        self._last_step_perf = -ends[-1]
 
     def _sample(self) -> None:
         for fn in list(self._samplers):
@@ -723,7 +581,7 @@ class TrainingMonitor:
         try:
             self._fold()  # first, so that samplers and MFU see this interval's steps
             self._sample()
-            snapshot.write(self.directory, self.job, self.rank, self.state())
+            rankdir.write(self.directory, self.job, self.rank, self.state())
         except Exception:  # never into the training loop
             self.flush_errors += 1
 
@@ -760,46 +618,6 @@ def _process_start_time() -> float:
         return float(psutil.Process().create_time())
     except Exception:
         return _wall()
-
-
-def _phase_pairs(items: list[float]) -> tuple[list[float], list[float], float | None]:
-    """(entries, negated exits, entry still open) of one phase's readings, tolerating a stray exit
-    (dropped) or a re-entry before the exit (the later entry wins, as it overwrote the start before)."""
-    starts: list[float] = []
-    ends: list[float] = []
-    start: float | None = None
-    for x in items:
-        if x > 0.0:
-            start = x
-        elif start is not None:
-            starts.append(start)
-            ends.append(x)
-            start = None
-    return starts, ends, start
-
-
-def _step_pairs(items: list[Any]) -> tuple[list[float], list[float], float | None, list[bool]]:
-    """:func:`_phase_pairs` for step readings, where a failed step's exit is ``(end,)``: also says
-    which of the pairs failed."""
-    starts: list[float] = []
-    ends: list[float] = []
-    failed: list[bool] = []
-    start: float | None = None
-    for x in items:
-        if x.__class__ is tuple:
-            if start is not None:
-                starts.append(start)
-                ends.append(-x[0])
-                failed.append(True)
-                start = None
-        elif x > 0.0:
-            start = x
-        elif start is not None:
-            starts.append(start)
-            ends.append(x)
-            failed.append(False)
-            start = None
-    return starts, ends, start, failed
 
 
 def _make_step(m: TrainingMonitor) -> tuple[Callable[..., _StepBase], Callable[[], tuple[int, int]]]:

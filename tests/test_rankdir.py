@@ -1,0 +1,178 @@
+"""The rank directory: the snapshot's schema and its versions, hostile files that cost only
+themselves, stale files deleted whoever reads, and one directory shared by the exporter's collectors."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import typing
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from mlops_obs import collectors, rankdir
+from mlops_obs.collectors.process import ProcessCollector
+from mlops_obs.config import resolve
+from mlops_obs.exporter import settings
+from mlops_obs.instrument import TrainingMonitor
+from mlops_obs.rankdir import RankDirectory
+from mlops_obs.rankdir.files import Unreadable, read_bytes
+
+
+def _write(directory: Path, job: str, rank: int, **fields: Any) -> Path:
+    snap: dict[str, Any] = {"v": rankdir.SCHEMA_VERSION, "job": job, "rank": rank, "updated": time.time(), **fields}
+    rankdir.write(directory, job, rank, snap)  # type: ignore[arg-type]
+    return directory / rankdir.file_name(job, rank)
+
+
+# --- the schema ------------------------------------------------------------------------------------
+
+
+def test_the_monitor_writes_exactly_the_schemas_fields(tmp_path: Path) -> None:
+    """The typed schema is the writer's: every key the SDK writes is declared, every declared key written."""
+    with TrainingMonitor("j", 0, 1, tmp_path, flush_interval=60) as m, m.step(samples=1):
+        pass
+    written = rankdir.read(tmp_path / rankdir.file_name("j", 0))
+    assert written is not None and written["v"] == rankdir.SCHEMA_VERSION == 2
+    assert set(written) == set(typing.get_type_hints(rankdir.Snapshot))
+
+
+def test_version_1_is_read_as_the_current_version_and_others_are_not() -> None:
+    """The previous version's window of step times becomes its count and median; a hand-edited window
+    keeps its numbers; any other version, or a document that is not an object, is not a snapshot."""
+    v1 = rankdir.parse({"v": 1, "job": "j", "rank": 0, "recent_step_seconds": [0.3, 0.1, 0.2, 0.4]})
+    assert v1 == {"v": 2, "job": "j", "rank": 0, "recent_steps": 4, "recent_step_median": pytest.approx(0.25)}
+    junk = rankdir.parse({"v": 1, "recent_step_seconds": [0.5, "x", None, True, 1.5]})
+    assert junk is not None and (junk["recent_steps"], junk["recent_step_median"]) == (2, 1.0)
+    assert rankdir.parse({"v": 1, "recent_step_seconds": 7}) == {"v": 2}
+    current = {"v": 2, "job": "j", "recent_steps": 3, "recent_step_median": 0.2}
+    assert rankdir.parse(current) is current
+    for other in ({"v": 0}, {"v": 3}, {"job": "j"}, [1, 2], "v", None):
+        assert rankdir.parse(other) is None
+
+
+# --- hostile files -----------------------------------------------------------------------------------
+
+
+def test_links_and_special_files_under_a_snapshots_name_are_skipped_and_counted(tmp_path: Path) -> None:
+    """A symbolic link (to a good snapshot elsewhere, or to /dev/zero) and a FIFO named like a snapshot
+    are never opened through: the real snapshot beside them is read, the others counted as skipped."""
+    mp, elsewhere = tmp_path / "mp", tmp_path / "elsewhere"
+    mp.mkdir()
+    elsewhere.mkdir()
+    _write(mp, "real", 0, steps=3)
+    target = _write(elsewhere, "linked", 0, steps=99)
+    (mp / rankdir.file_name("linked", 0)).symlink_to(target)
+    (mp / rankdir.file_name("zero", 0)).symlink_to("/dev/zero")
+    os.mkfifo(mp / rankdir.file_name("fifo", 0))
+    ranks = RankDirectory(mp)
+    assert [(s["job"], s["steps"]) for s in ranks.snapshots()] == [("real", 3)]
+    assert ranks.skipped["not a regular file"] == 3
+    assert target.exists() and (mp / rankdir.file_name("fifo", 0)).exists()  # skipped, never deleted
+
+
+def test_opening_a_fifo_never_waits(tmp_path: Path) -> None:
+    """Even handed a FIFO directly (one swapped in after the listing), the read returns at once: opened
+    non-blocking, refused as not a regular file."""
+    fifo = tmp_path / "x.rank.json"
+    os.mkfifo(fifo)
+    result: list[BaseException] = []
+
+    def read() -> None:
+        try:
+            read_bytes(fifo)
+        except Unreadable as e:
+            result.append(e)
+
+    t = threading.Thread(target=read, daemon=True)
+    t.start()
+    t.join(30)
+    assert not t.is_alive(), "opening a FIFO blocked"
+    assert [str(e) for e in result] == ["not a regular file"]
+    with pytest.raises(Unreadable):
+        read_bytes(tmp_path / "missing.rank.json")
+
+
+def test_an_oversized_file_is_skipped_without_being_read_whole(tmp_path: Path) -> None:
+    big = tmp_path / rankdir.file_name("big", 0)
+    big.write_bytes(b'{"v": 2, "job": "big", "pad": "' + b"x" * (rankdir.MAX_BYTES + 10) + b'"}')
+    _write(tmp_path, "small", 0)
+    ranks = RankDirectory(tmp_path)
+    assert [s["job"] for s in ranks.snapshots()] == ["small"]
+    assert ranks.skipped[f"larger than {rankdir.MAX_BYTES} bytes"] == 1 and big.exists()
+    with pytest.raises(Unreadable, match="larger than 10 bytes"):
+        read_bytes(big, max_bytes=10)
+
+
+def test_stale_files_are_deleted_whether_they_parse_or_not(tmp_path: Path) -> None:
+    """A file that is not a snapshot (garbage, another schema version) is kept while it is recent and
+    deleted once older than the retention, by its mtime; a snapshot by its ``updated`` field."""
+    now = time.time()
+    garbage, future, recent = (tmp_path / rankdir.file_name(j, 0) for j in ("garbage", "future", "recent"))
+    garbage.write_bytes(b"\x00not json")
+    future.write_bytes(b'{"v": 99}')
+    recent.write_bytes(b"{}")
+    old = now - 3600
+    for p in (garbage, future):
+        os.utime(p, (old, old))
+    dead = _write(tmp_path, "dead", 0, updated=now - 7200)
+    live = _write(tmp_path, "live", 0)
+    ranks = RankDirectory(tmp_path, retention=600)
+    assert [s["job"] for s in ranks.snapshots(now=now)] == ["live"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([recent.name, live.name])
+    assert not dead.exists() and ranks.skipped["not a snapshot of a known schema version"] == 3
+    assert RankDirectory(tmp_path, retention=None).snapshots(now=now + 10**6) != []  # None deletes nothing
+    assert recent.exists() and live.exists()
+
+
+def test_stale_snapshots_go_even_when_only_the_process_collector_reads(tmp_path: Path) -> None:
+    """Deleting stale files is the directory's, not the training collector's: with the training collector
+    off, the process collector's reads still clear a dead rank's file."""
+    dead = _write(tmp_path, "dead", 0, pid=1, updated=time.time() - 7200)
+    cfg = resolve(settings(), {"multiproc-dir": str(tmp_path), "training.retention": "10m"}, environ={})
+    ProcessCollector(cfg).sample()
+    assert not dead.exists()
+
+
+# --- one directory for the exporter ---------------------------------------------------------------------
+
+
+def test_collectors_share_the_exporters_one_rank_directory(tmp_path: Path) -> None:
+    cfg = resolve(
+        settings(),
+        {"multiproc-dir": str(tmp_path), "training.retention": "5m", "gpu.backend": "fake", "collector.host": False},
+        environ={},
+    )
+    ranks = RankDirectory.from_config(cfg)
+    built = collectors.build(cfg, ranks)
+    try:
+        readers = {c.name: c for c in built if c.name in ("training", "process", "gpu")}
+        assert sorted(readers) == ["gpu", "process", "training"]
+        assert all(c.ranks is ranks for c in built)
+        assert readers["gpu"].attributor.ranks.ranks is ranks  # type: ignore[attr-defined]
+        assert (ranks.path, ranks.retention) == (str(tmp_path), 300.0)
+    finally:
+        for c in built:
+            c.close()
+
+
+def test_a_reload_points_the_rank_directory_elsewhere(tmp_path: Path, start_exporter: Any) -> None:
+    """``multiproc-dir`` and ``training.retention`` are the exporter's settings; a reload of the config file
+    moves the one directory every collector reads."""
+    first, second = tmp_path / "a", tmp_path / "b"
+    first.mkdir()
+    second.mkdir()
+    _write(first, "one", 0)
+    _write(second, "two", 0)
+    conf = tmp_path / "exporter.yml"
+    conf.write_text(yaml.safe_dump({"multiproc-dir": str(first), "collector.gpu": False, "collector.host": False}))
+    ex = start_exporter(**{"config.file": conf})
+    assert [s["job"] for s in ex.ranks.snapshots()] == ["one"]
+    conf.write_text(yaml.safe_dump({"multiproc-dir": str(second), "training.retention": "1h"}))
+    ok, msg = ex.reload()
+    assert ok, msg
+    assert [s["job"] for s in ex.ranks.snapshots()] == ["two"] and ex.ranks.retention == 3600.0
+    assert all(c.ranks is ex.ranks for c in ex.collectors)

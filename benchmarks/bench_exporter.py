@@ -23,7 +23,7 @@ our sampler does), and reports CPU seconds per wall second (% of one core) from 
 and the RSS at the end. During a target's window the other exporters are paused (SIGSTOP) while the
 training ranks keep running: on a 2-core machine the naive exporter's ~50 ms of work a second would
 otherwise be charged, through contention and evicted caches, to whoever is measured beside it.
-``--cpu-mode=together`` runs one window with everything running, as earlier versions did.
+``--cpu-mode=together`` runs one window with everything running, contention included.
 
 The fake NVML answers instantly unless ``--nvml-latency-us`` is given; real NVML calls take tens of
 microseconds to tens of milliseconds (``scripts/gpu_check.py`` measures them on a GPU), which the

@@ -91,7 +91,7 @@ class Nvml:
     """Lazily initialised NVML with per-function error policy and, on request, call timing.
 
     Timing is off in the exporter (nothing exports it, and two clock reads and a stats update a
-    call were a tenth of the GPU collector's round); ``scripts/gpu_check.py`` turns it on.
+    call would cost a tenth of the GPU collector's round); ``scripts/gpu_check.py`` turns it on.
 
     ``loader`` returns a ``pynvml``-compatible object (the real module, or
     :class:`mlops_obs.collectors.fake_nvml.FakeNvml`); it is called on first use, not here.

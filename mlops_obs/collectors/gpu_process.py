@@ -117,7 +117,7 @@ class ProcessIdentity:
 # A cached identity is trusted this long before /proc/<pid>/stat is read again to catch a reused
 # pid. NVML lists a pid only while it holds a CUDA context, so a pid that exits and comes back on
 # another process that opens a context within these seconds is the only case it misses, for at
-# most these seconds; re-reading every round was a tenth of the GPU collector's cost.
+# most these seconds; re-reading every round would cost a tenth of the GPU collector's round.
 REVALIDATE_SECONDS = 5.0
 
 

@@ -82,7 +82,7 @@ def parse_meminfo(text: str) -> dict[str, float]:
 def parse_meminfo_keys(text: str, keys: Iterable[str]) -> dict[str, float]:
     """What :func:`parse_meminfo` gives for ``keys`` only, found with ``str.rfind`` (the last line
     of a key wins, as there) instead of splitting every line: the host collector reads 4 of the ~55
-    lines every round, and parsing them all was a tenth of its round."""
+    lines every round, and parsing them all would cost a tenth of its round."""
     out: dict[str, float] = {}
     t = "\n" + text
     for key in keys:

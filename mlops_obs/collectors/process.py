@@ -68,8 +68,8 @@ def count_fds(fd_dir: str, procfs: bool) -> int | None:
     """Open descriptors of a process, ``None`` where ``/proc/<pid>/fd`` may not be read.
 
     On procfs since Linux 6.2 the directory's size is that count: one ``stat`` instead of opening,
-    reading and closing the directory (listing a rank's descriptors was most of this collector's
-    round). The access check keeps the answer the same as listing: another user's process stays
+    reading and closing the directory (listing a rank's descriptors would cost more than the rest
+    of this collector's round). The access check keeps the answer the same as listing: another user's process stays
     ``None`` although the kernel would report its size. Older kernels report 0: listed then.
     """
     try:

@@ -10,8 +10,8 @@ Versions:
 
 * 1: the rank's recent step compute times as a window (``recent_step_seconds``, up to 256 floats).
 * 2: their median and count instead (``recent_step_median``, ``recent_steps``): the sidecar needs only
-  the median for the straggler score, and parsing and sorting eight windows every second was a fifth
-  of its training collector's round.
+  the median for the straggler score, and parsing and sorting eight windows every second costs a
+  fifth of its training collector's round.
 """
 
 from __future__ import annotations

@@ -42,16 +42,18 @@ class FamilyBuilder:
     table (names made at run time) are added to it with :meth:`declare`.
     """
 
-    __slots__ = ("labels", "make", "specs")
+    __slots__ = ("labels", "make", "sample_names", "specs")
 
     def __init__(self, table: Mapping[str, tuple[str, str]] | None = None, max_label_sets: int = 50_000) -> None:
         self.specs: dict[str, Spec] = {key: spec(key, typ, doc) for key, (typ, doc) in (table or {}).items()}
+        self.sample_names = {key: s.sample for key, s in self.specs.items()}  # looked up for every sample
         self.labels = LabelSets(max_label_sets)
         self.make = MetricMaker()
 
     def declare(self, key: str, typ: str, documentation: str) -> None:
         if key not in self.specs:
             self.specs[key] = spec(key, typ, documentation)
+            self.sample_names[key] = self.specs[key].sample
 
     def round(self, *present: str) -> Families:
         """A new round; ``present`` are families reported even when they get no sample, in this order."""
@@ -69,11 +71,12 @@ class Families:
     yields no family at all, never an empty one.
     """
 
-    __slots__ = ("_builder", "_lists", "_specs")
+    __slots__ = ("_builder", "_lists", "_names", "_specs")
 
     def __init__(self, builder: FamilyBuilder, present: Iterable[str] = ()) -> None:
         self._builder = builder
         self._specs = builder.specs
+        self._names = builder.sample_names
         self._lists: dict[str, list[Sample]] = {key: [] for key in present}
 
     def present(self, *keys: str) -> None:
@@ -94,7 +97,7 @@ class Families:
         lst = self._lists.get(key)
         if lst is None:
             lst = self._lists[key] = []
-        lst.append(sample(self._specs[key].sample, labels, float(value)))
+        lst.append(sample(self._names[key], labels, float(value)))
 
     def extend(self, key: str, samples: list[Sample]) -> None:
         """Samples built in an earlier round (a cached counter read), appended as they are."""

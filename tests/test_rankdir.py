@@ -124,6 +124,11 @@ def test_stale_files_are_deleted_whether_they_parse_or_not(tmp_path: Path) -> No
     assert [s["job"] for s in ranks.snapshots(now=now)] == ["live"]
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([recent.name, live.name])
     assert not dead.exists() and ranks.skipped["not a snapshot of a known schema version"] == 3
+    old_recent = time.time() - 1
+    os.utime(recent, (old_recent, old_recent))  # settled: from now on it is known by its stamp
+    ranks.snapshots(now=now)
+    ranks.snapshots(now=now)
+    assert ranks.skipped["not a snapshot of a known schema version"] == 4  # read once more, then remembered
     assert RankDirectory(tmp_path, retention=None).snapshots(now=now + 10**6) != []  # None deletes nothing
     assert recent.exists() and live.exists()
 

@@ -39,8 +39,9 @@ class RankDirectory:
 
     What is not a snapshot is skipped and counted in :attr:`skipped` (by reason): a link or special
     file under a snapshot's name, a file too large to be one, one that is not JSON of a known schema
-    version. A file not updated within ``retention`` seconds is deleted whether it parses or not (by
-    its ``updated`` field, or its mtime when it does not parse). ``retention=None`` deletes nothing.
+    version (remembered by its stamp like a snapshot, so it is not read again until it changes). A file
+    not updated within ``retention`` seconds is deleted whether it parses or not (by its ``updated``
+    field, or its mtime when it does not parse). ``retention=None`` deletes nothing.
 
     Thread-safe: the collectors call :meth:`snapshots` from their own sampler threads. The snapshots
     returned are shared between callers: read them, never modify them.
@@ -50,7 +51,7 @@ class RankDirectory:
         self._lock = threading.Lock()
         self._path: str | None = None
         self.retention = retention
-        self._files: dict[str, tuple[Stamp, Snapshot]] = {}
+        self._files: dict[str, tuple[Stamp, Snapshot | None]] = {}
         self.skipped: Counter[str] = Counter()
         self.configure(path, retention)
 
@@ -90,7 +91,7 @@ class RankDirectory:
             return []
         retention = self.retention
         old = self._files
-        fresh: dict[str, tuple[Stamp, Snapshot]] = {}
+        fresh: dict[str, tuple[Stamp, Snapshot | None]] = {}
         settled_before = time.time_ns() - STAMP_SETTLE_NS
         out: list[Snapshot] = []
         for entry in entries:
@@ -118,13 +119,16 @@ class RankDirectory:
                 except Unreadable as e:
                     self.skipped[str(e)] += 1
                     continue
-            if data is None:
-                self.skipped["not a snapshot of a known schema version"] += 1
-                if retention is not None and now - st.st_mtime > retention:
-                    self._unlink(entry.path)
-                continue
+                if data is None:
+                    self.skipped["not a snapshot of a known schema version"] += 1
             if st.st_mtime_ns > settled_before:
                 stamp = _NO_STAMP  # too recent to vouch for the content
+            if data is None:
+                if retention is not None and now - st.st_mtime > retention:
+                    self._unlink(entry.path)
+                else:
+                    fresh[name] = (stamp, None)  # not parsed again (nor counted again) until it changes
+                continue
             if retention is not None and now - _updated(data) > retention:
                 self._unlink(entry.path)
                 continue

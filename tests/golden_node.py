@@ -113,7 +113,7 @@ def node_metrics(work: Path) -> str:
         "gpu.fake-scenario": str(scenario),
         "gpu.xid-events": False,
         "multiproc-dir": str(mp),
-        "training.retention": "100000h",
+        "training.retention": "87000h",
         "path.procfs": str(FIX / "proc" / "gpu-node"),
         "path.sysfs": str(FIX / "sys" / "ib-node"),
         "host.filesystem-paths": [],

@@ -19,7 +19,7 @@ ALLOWED: dict[str, set[str]] = {
     "rankdir": set(),
     "instrument": {"rankdir"},
     "collectors": {"metrics", "rankdir", "config", "logs"},
-    "exporter": {"collectors", "metrics", "rankdir", "config", "logs", "__init__"},
+    "exporter": {"collectors", "metrics", "rankdir", "config", "logs", "web", "__init__"},
 }
 
 
@@ -80,3 +80,13 @@ def test_the_sdk_and_the_rank_directory_do_not_load_the_sidecar() -> None:
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "[]"
+
+
+def test_the_exporter_command_knows_every_commands_keys_without_the_cli() -> None:
+    """A reload accepts a config file shared between commands: the exporter command collects every
+    command's keys from the command modules themselves, the same set the CLI's table gives."""
+    from mlops_obs import cli
+    from mlops_obs.commands import exporter
+
+    assert exporter.known_keys() == cli.all_setting_keys()
+    assert "cli" not in _imports(PKG / "commands" / "exporter.py")

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib
 import os
+import pkgutil
 import signal
 from collections.abc import Mapping
 from typing import Any
@@ -25,14 +27,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> list[Setting]:
 
 
 def known_keys() -> set[str]:
-    """The settings of every command: a config file shared between commands may hold any of them.
-    Empty when a command's module cannot be imported (the exporter still reloads its own keys)."""
-    from mlops_obs import cli
+    """The settings of every command (each module of this package): a config file shared between
+    commands may hold any of them. Read from the modules themselves rather than from ``cli``, which
+    imports the commands. A module that cannot be loaded adds nothing (the exporter still reloads
+    its own keys)."""
+    import mlops_obs.commands as package
 
-    try:
-        return cli.all_setting_keys()
-    except Exception:
-        return set()
+    keys: set[str] = set()
+    for info in pkgutil.iter_modules(package.__path__):
+        try:
+            module = importlib.import_module(f"{package.__name__}.{info.name}")
+            keys.update(s.key for s in module.add_arguments(argparse.ArgumentParser()))
+        except Exception:
+            continue
+    return keys
 
 
 def run(cfg: Mapping[str, Any]) -> int:

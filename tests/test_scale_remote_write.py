@@ -1,0 +1,300 @@
+"""The central store path end to end: sidecars -> Prometheus in agent mode -> remote write -> VictoriaMetrics,
+with vmalert evaluating our rules there, against a local Prometheus scraping the same sidecars.
+
+Every recording rule's output and every dashboard query must give the same answer from both (within a
+tolerance: the two scrape the same moving counters at different instants). The sidecars are the fleet
+simulator's nodes (bodies rendered by the real exporter), so the GPU, host and training families are all
+present. ``KNOWN_DIFFERENCES`` lists the queries whose answers differ by MetricsQL's semantics, and why.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import subprocess
+import sys
+import time
+import urllib.parse
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+import yaml
+
+from mlops_obs.child_process import ChildServer, http_get
+from mlops_obs.mixin import config as mixin_config
+from mlops_obs.mixin import dashboards
+from mlops_obs.mixin.generate import ALERTS_FILE, RECORDING_FILE, render_files
+from mlops_obs.mixin.remote_write import (
+    AGENT_FILE,
+    SNIPPET_FILE,
+    RemoteWriteConfig,
+    agent_config,
+    remote_write_files,
+    vmalert_args,
+)
+from mlops_obs.prometheus_server import PrometheusProcess
+from tests.conftest import require_binary
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+pytestmark = pytest.mark.timeout(300)
+
+RATE_INTERVAL = "4s"  # Grafana's $__rate_interval at a 1 s scrape interval
+# Query -> why VictoriaMetrics answers it differently from Prometheus (MetricsQL semantics).
+KNOWN_DIFFERENCES: dict[str, str] = {}
+# Series each scraper writes about its own scrape of a target: the agent's and the local Prometheus' differ
+# by what they measured, not by how the store answers.
+PER_SCRAPER = ("scrape_duration_seconds",)
+
+
+# --- the binaries as children -----------------------------------------------------------------------------
+
+
+class VictoriaMetricsProcess(ChildServer):
+    name = "victoria-metrics"
+    binaries = ("victoria-metrics", "victoria-metrics-prod")
+    apt_package = "victoria-metrics"
+
+    def config(self) -> dict[str, Any]:
+        return {}  # configured by flags only
+
+    def flags(self, config_path: Path) -> list[str]:
+        return [
+            f"-storageDataPath={self.workdir / 'data'}",
+            f"-httpListenAddr=127.0.0.1:{self.port}",
+            "-retentionPeriod=1d",
+            # Answer with the newest samples (the default hides the last 30 s, for slow remote writers) and
+            # never from the rollup cache, so a comparison sees the data both stores hold.
+            "-search.latencyOffset=0s",
+            "-search.disableCache",
+            "-loggerLevel=WARN",
+        ]
+
+    def query(self, expr: str, at: float) -> list[dict[str, Any]]:
+        return _query(self.url + "/api/v1/query", expr, at)
+
+
+class VmalertProcess(ChildServer):
+    name = "vmalert"
+    binaries = ("vmalert", "vmalert-prod")
+    apt_package = "victoria-metrics"
+
+    def __init__(self, workdir: Path, args: list[str]) -> None:
+        super().__init__(workdir)
+        self.args = args
+
+    def config(self) -> dict[str, Any]:
+        return {}
+
+    def flags(self, config_path: Path) -> list[str]:
+        return [
+            *self.args,
+            f"-httpListenAddr=127.0.0.1:{self.port}",
+            "-remoteWrite.flushInterval=200ms",
+            "-loggerLevel=WARN",
+        ]
+
+
+class PrometheusAgent(PrometheusProcess):
+    """Prometheus with ``--enable-feature=agent`` running the generated agent configuration."""
+
+    def __init__(self, workdir: Path, rw: RemoteWriteConfig) -> None:
+        super().__init__(workdir, [])
+        self.rw = rw
+
+    def config(self) -> dict[str, Any]:
+        return agent_config(self.rw)
+
+    def flags(self, config_path: Path) -> list[str]:
+        return [
+            f"--config.file={config_path}",
+            "--enable-feature=agent",
+            f"--storage.agent.path={self.workdir / 'wal'}",
+            f"--web.listen-address=127.0.0.1:{self.port}",
+            "--log.level=warn",
+        ]
+
+
+def _query(url: str, expr: str, at: float) -> list[dict[str, Any]]:
+    code, body = http_get(url + "?" + urllib.parse.urlencode({"query": expr, "time": f"{at:.3f}"}), timeout=30)
+    data = orjson.loads(body)
+    if code != 200 or data.get("status") != "success":
+        raise RuntimeError(f"{url} {expr!r} failed ({code}): {data.get('error', body[:300])}")
+    return list(data["data"]["result"])
+
+
+# --- the generated configuration --------------------------------------------------------------------------
+
+
+def test_generated_agent_and_snippet_pass_promtool(tmp_path: Path) -> None:
+    promtool = require_binary("promtool")
+    files = remote_write_files(RemoteWriteConfig(shards=4, shard=1, username="u", password_file="/etc/pw"))
+    assert set(files) == {AGENT_FILE, SNIPPET_FILE}
+    pw = tmp_path / "pw"
+    pw.write_text("secret\n")
+    agent = files[AGENT_FILE]
+    agent["remote_write"][0]["basic_auth"]["password_file"] = str(pw)  # promtool checks the file exists
+    path = tmp_path / "agent.yml"
+    path.write_text(yaml.safe_dump(agent))
+    r = subprocess.run([promtool, "check", "config", "--agent", str(path)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "secret" not in path.read_text()  # the password stays in its file
+    relabel = agent["scrape_configs"][0]["relabel_configs"]
+    assert relabel[0]["action"] == "hashmod" and relabel[0]["modulus"] == 4 and relabel[1]["regex"] == "1"
+    # The snippet merged into a full Prometheus that evaluates our rules.
+    full = {
+        **files[SNIPPET_FILE],
+        "rule_files": [str(ROOT / ALERTS_FILE), str(ROOT / RECORDING_FILE)],
+        "scrape_configs": agent["scrape_configs"],
+    }
+    full["remote_write"][0]["basic_auth"]["password_file"] = str(pw)
+    path.write_text(yaml.safe_dump(full))
+    r = subprocess.run([promtool, "check", "config", str(path)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    with pytest.raises(ValueError, match="shard"):
+        agent_config(RemoteWriteConfig(shards=2, shard=2))
+
+
+def test_agent_job_name_follows_the_mixin_selector() -> None:
+    cfg = mixin_config.MixinConfig(exporter_selector='job="gpu-sidecars", cluster="a"')
+    assert agent_config(RemoteWriteConfig(), cfg)["scrape_configs"][0]["job_name"] == "gpu-sidecars"
+    assert agent_config(RemoteWriteConfig())["scrape_configs"][0]["honor_labels"] is True
+
+
+# --- end to end against VictoriaMetrics -------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def stores(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    for b in ("prometheus", "victoria-metrics", "vmalert"):
+        require_binary(b)
+    import fleet_sim
+
+    from mlops_obs.alertmanager_server import AlertmanagerProcess
+
+    work = tmp_path_factory.mktemp("central")
+    tmpl = work / "templates.json"
+    tmpl.write_text(json.dumps(fleet_sim.render_templates(ranks=2, gap=1.0)))
+    ready = work / "ports.json"
+    sim = subprocess.Popen(
+        [sys.executable, fleet_sim.__file__, "serve", "--templates", str(tmpl), "--nodes", "3", "--ready", str(ready)]
+    )
+    started: list[ChildServer] = []
+    try:
+        deadline = time.monotonic() + 60
+        while not ready.exists():
+            assert sim.poll() is None and time.monotonic() < deadline, "fleet simulator did not start"
+            time.sleep(0.05)
+        targets = [f"127.0.0.1:{m['port']}" for m in json.loads(ready.read_text())]
+        # Windows short enough to be full of data within the test (the comparison is about semantics).
+        cfg = mixin_config.e2e_profile(training_baseline_window="20s", goodput_window="20s", gpu_error_window="20s")
+        files = render_files(cfg)
+        rules = []
+        for rel in (ALERTS_FILE, RECORDING_FILE):
+            (work / Path(rel).name).write_text(files[rel])
+            rules.append(work / Path(rel).name)
+        am = AlertmanagerProcess(work / "am", yaml.safe_load(files["alerts/alertmanager.yml"])).start()
+        started.append(am)
+        vm = VictoriaMetricsProcess(work / "vm").start()
+        started.append(vm)
+        vmalert = VmalertProcess(
+            work / "vmalert", vmalert_args([str(r) for r in rules], vm.url, am.url, evaluation_interval="1s")
+        ).start()
+        started.append(vmalert)
+        rw = RemoteWriteConfig(
+            url=vm.url + "/api/v1/write",
+            cluster="test",
+            targets=tuple(targets),
+            scrape_interval="1s",
+            batch_send_deadline="200ms",
+        )
+        agent = PrometheusAgent(work / "agent", rw).start()
+        started.append(agent)
+        local = PrometheusProcess(work / "local", targets, rule_files=rules).start()
+        started.append(local)
+        yield {"vm": vm, "local": local, "agent": agent, "cfg": cfg, "targets": targets}
+    finally:
+        for s in reversed(started):
+            s.stop()
+        sim.terminate()
+        sim.wait(timeout=30)
+
+
+def _normalise(result: list[dict[str, Any]]) -> dict[tuple[tuple[str, str], ...], float]:
+    """Label set (without the agent's external label and the metric name) -> value; NaN dropped."""
+    out = {}
+    for r in result:
+        v = float(r["value"][1])
+        if math.isnan(v):
+            continue
+        labels = tuple(sorted((k, x) for k, x in r["metric"].items() if k not in ("cluster", "__name__")))
+        out[labels] = v
+    return out
+
+
+def _compare(expr: str, a: dict[Any, float], b: dict[Any, float]) -> str | None:
+    if a.keys() != b.keys():
+        only_a, only_b = a.keys() - b.keys(), b.keys() - a.keys()
+        return f"label sets differ: only Prometheus {sorted(only_a)[:3]}, only VictoriaMetrics {sorted(only_b)[:3]}"
+    abs_tol = 3.0 if "time()" in expr else 1e-6  # a heartbeat's age moves with each store's own scrape instant
+    for k, v in a.items():
+        w = b[k]
+        if not (math.isinf(v) and v == w) and not math.isclose(v, w, rel_tol=0.05, abs_tol=abs_tol):
+            return f"{dict(k)}: Prometheus {v!r}, VictoriaMetrics {w!r}"
+    return None
+
+
+def _wait_until_both_have(stores: dict[str, Any], expr: str, timeout: float = 90.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        at = time.time()
+        if stores["local"].query(expr) and stores["vm"].query(expr, at):
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"{expr} never had data in both stores")
+
+
+def _recording_rules(cfg: mixin_config.MixinConfig) -> list[str]:
+    from mlops_obs.mixin import rules
+
+    return [r["record"] for g in rules.recording_groups(cfg)["groups"] for r in g["rules"]]
+
+
+def test_recording_rules_and_dashboard_queries_agree_on_victoriametrics(stores: dict[str, Any]) -> None:
+    cfg = stores["cfg"]
+    records = _recording_rules(cfg)
+    for name in records:  # vmalert and the local Prometheus have both evaluated every recording rule
+        _wait_until_both_have(stores, name)
+    time.sleep(21)  # every rule's and panel's window (20 s at most) full of data in both stores
+    at = time.time() - 2.0  # remote write and vmalert's write-back have delivered up to here
+    queries = [("recording", name, name) for name in records]
+    for stem, d in dashboards.dashboards(cfg).items():
+        for row in d.rows:
+            for p in row.panels:
+                for q in p.queries:
+                    expr = re.sub(
+                        r"\$\{?(job|node|rank|gpu)\}?", ".*", q.expr.replace("$__rate_interval", RATE_INTERVAL)
+                    )
+                    queries.append((stem, p.title, expr))
+    differ: dict[str, str] = {}
+    empty = []
+    for where, title, expr in queries:
+        a = _normalise(_query(stores["local"].url + "/api/v1/query", expr, at))
+        b = _normalise(stores["vm"].query(expr, at))
+        if not a and not b:
+            empty.append(f"{where}/{title}")
+        if expr.startswith(PER_SCRAPER):
+            assert a.keys() == b.keys(), expr
+            continue
+        why = _compare(expr, a, b)
+        if why:
+            differ[expr] = f"{where}/{title}: {why}"
+    unexplained = {e: w for e, w in differ.items() if e not in KNOWN_DIFFERENCES}
+    assert unexplained == {}, "\n".join(unexplained.values())
+    print(f"compared {len(queries)} queries at {at:.0f}; empty in both: {empty}")
+    assert len(empty) < len(queries) / 4, empty  # the comparison compared data, not two empty answers

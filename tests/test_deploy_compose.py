@@ -285,27 +285,33 @@ def compose_services(tmp_path: Path) -> Iterator[dict[str, Any]]:
                 )
         yield {"procs": procs, "ports": ports, "fake": fake, "tmp": tmp_path, "logs": logs, "compose": compose}
     finally:
-        for p in procs.values():
-            p.terminate()
-        for p in procs.values():
-            try:
-                p.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
-        _stop_ranks()
+        _stop_all(list(procs.values()))
         fake.stop()
 
 
-def _stop_ranks() -> None:
+def _stop_all(procs: list[subprocess.Popen[bytes]]) -> None:
+    """Stop the services and everything they started: the workload's ranks are collected first, since once
+    their launcher is gone they are re-parented away from this process and no longer found as children."""
     import psutil
 
-    for child in psutil.Process().children(recursive=True):
+    descendants = []
+    for p in procs:
         try:
-            if "mlops_obs.workload.train" in " ".join(child.cmdline()):
-                child.kill()
+            descendants += psutil.Process(p.pid).children(recursive=True)
         except psutil.Error:
             pass
+    for p in procs:
+        p.terminate()
+    for p in procs:
+        try:
+            p.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+    _, alive = psutil.wait_procs(descendants, timeout=10)
+    for d in alive:
+        d.kill()
+    psutil.wait_procs(alive, timeout=10)
 
 
 def _eventually(what: str, check: Any, env: dict[str, Any], timeout: float = 120.0) -> Any:

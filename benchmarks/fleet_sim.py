@@ -163,7 +163,7 @@ def render_templates(ranks: int = RANKS_PER_NODE, gap: float = 4.0) -> dict[str,
                     return False
 
             for url in urls.values():
-                _wait(lambda u=url: ready(u), f"the template exporter at {url} was not ready")  # type: ignore[misc]
+                _wait(lambda u=url: ready(u), f"the template exporter at {url} was not ready")
             first = {k: _get(u) for k, u in urls.items()}
             time.sleep(gap)  # the rate of every counter comes from this real interval
             for k, u in urls.items():
@@ -350,7 +350,7 @@ async def _serve(nodes: list[Node], ready: Path) -> None:
             lambda r, w, n=node: _serve_node(n, r, w),
             "127.0.0.1",
             0,
-            backlog=16,  # type: ignore[misc]
+            backlog=16,
         )
         servers.append(srv)
         ports.append(int(srv.sockets[0].getsockname()[1]))

@@ -41,6 +41,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -127,6 +128,7 @@ class SizeResult:
     iterations_missed: float = 0.0
     scrape_interval_p99_s: float = 0.0  # how late scrapes ran: Prometheus keeping up or not
     simulator_cpu_cores: float = 0.0
+    loadavg: float = 0.0  # the machine's 1-minute load at the end of the warm-up: how contended it was
     queries: list[dict[str, Any]] = field(default_factory=list)
     growth: list[dict[str, Any]] = field(default_factory=list)
 
@@ -141,10 +143,23 @@ def pct(values: list[float], q: float) -> float:
 
 
 def timed_query(prom: PrometheusProcess, path: str, params: dict[str, str]) -> tuple[float, int]:
-    """Seconds for one API query and the number of series it returned; raises on an error answer."""
+    """Seconds for one API query and the number of series it returned; raises on an error answer.
+
+    Its own connection and a long timeout: at a large fleet on a busy machine one query can take seconds,
+    and a slow answer is a measurement, not a failure."""
+    conn = http.client.HTTPConnection("127.0.0.1", prom.port, timeout=300)
     t0 = time.perf_counter()
-    data = prom.api(path, **params)
-    return time.perf_counter() - t0, len(data["result"])
+    try:
+        conn.request("GET", f"/api/v1/{path}?{urllib.parse.urlencode(params)}")
+        resp = conn.getresponse()
+        body = resp.read()
+    finally:
+        conn.close()
+    dt = time.perf_counter() - t0
+    data = json.loads(body)
+    if resp.status != 200 or data.get("status") != "success":
+        raise RuntimeError(f"{path} failed ({resp.status}): {data.get('error', body[:200])}")
+    return dt, len(data["data"]["result"])
 
 
 def cpu_seconds(pid: int) -> float:
@@ -197,6 +212,7 @@ def measure_size(
         res.rss = b["process_resident_memory_bytes"]
         res.heap_inuse = b.get("go_memstats_heap_inuse_bytes", 0.0)
         res.head_series = b["prometheus_tsdb_head_series"]
+        res.loadavg = os.getloadavg()[0]
         late = [groups_of(m, "prometheus_rule_group_last_duration_seconds") for _, m in snaps[len(snaps) // 2 :]]
         for g in late[-1]:
             seen = [d[g] for d in late if g in d]
@@ -246,7 +262,7 @@ def run_queries(prom: PrometheusProcess, t_up: float, args: argparse.Namespace) 
             "panel": p,
             "expr": e,
             "series": series[i],
-            "error": errors[i],
+            "error": errors[i] or (None if inst[i] and rng[i] else "no successful run"),
             "instant_p95_s": pct(inst[i], 0.95) if inst[i] else None,
             "range_p95_s": pct(rng[i], 0.95) if rng[i] else None,
         }
@@ -259,7 +275,7 @@ def measure_growth(
 ) -> list[dict[str, Any]]:
     """Rule group durations and the slowest range queries' latency as minutes of data accumulate."""
     out = []
-    slow = sorted((q for q in queries if q["range_p95_s"] is not None), key=lambda q: -q["range_p95_s"])[:3]
+    slow = sorted((q for q in queries if not q["error"]), key=lambda q: -q["range_p95_s"])[:3]
     end = time.monotonic() + args.growth
     while True:
         m = prom_metrics(prom)
@@ -315,7 +331,7 @@ def extrapolate(results: list[SizeResult], interval: float, cores: int) -> dict[
         b0, b1 = fit(ns, [r.rule_groups_s.get(g, 0.0) for r in results])
         groups[g] = (interval - b0) / b1 if b1 > 0 else float("inf")
     out["nodes_at_eval_interval"] = groups
-    slow = sorted((q for q in big.queries if q["range_p95_s"] is not None), key=lambda q: -q["range_p95_s"])
+    slow = sorted((q for q in big.queries if not q["error"]), key=lambda q: -q["range_p95_s"])
     # A 3 h dashboard at one point per scrape interval evaluates 3 h / span times more steps with data.
     out["slowest_at_1000_nodes"] = [
         {
@@ -335,19 +351,19 @@ def table(results: list[SizeResult]) -> str:
     lines = [
         "| nodes | head series | samples/s | Prometheus CPU (cores) | RSS (GiB) | RSS/series (B) "
         "| slowest rule group (ms) | all groups (ms) | dashboard p95 instant, median / max (ms) "
-        "| dashboard p95 range, median / max (ms) | scrape interval p99 (s) |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| dashboard p95 range, median / max (ms) | scrape interval p99 (s) | load average |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
-        inst = [q["instant_p95_s"] * 1000 for q in r.queries if q["instant_p95_s"] is not None]
-        rng = [q["range_p95_s"] * 1000 for q in r.queries if q["range_p95_s"] is not None]
+        inst = [q["instant_p95_s"] * 1000 for q in r.queries if not q["error"]] or [0.0]
+        rng = [q["range_p95_s"] * 1000 for q in r.queries if not q["error"]] or [0.0]
         slow = max(r.rule_groups_s.values(), default=0.0) * 1000
         total = sum(r.rule_groups_s.values()) * 1000
         lines.append(
             f"| {r.nodes} | {r.head_series:,.0f} | {r.samples_per_s:,.0f} | {r.cpu_cores:.2f} | {r.rss / GiB:.2f} "
             f"| {r.rss_per_series:,.0f} | {slow:.1f} | {total:.1f} "
             f"| {statistics.median(inst):.1f} / {max(inst):.1f} | {statistics.median(rng):.1f} / {max(rng):.1f} "
-            f"| {r.scrape_interval_p99_s:.2f} |"
+            f"| {r.scrape_interval_p99_s:.2f} | {r.loadavg:.1f} |"
         )
     return "\n".join(lines)
 
@@ -361,7 +377,7 @@ def report(results: list[SizeResult], extra: dict[str, Any], args: argparse.Name
         f"Slowest dashboard queries at {big.nodes} nodes (p95 ms: instant / range over "
         f"{big.data_span_s / 60:.0f} min of data):"
     )
-    for q in sorted(big.queries, key=lambda q: -(q["range_p95_s"] or 0))[:12]:
+    for q in sorted((q for q in big.queries if not q["error"]), key=lambda q: -q["range_p95_s"])[:12]:
         out.append(
             f"  {q['dashboard']}/{q['panel']}: {q['instant_p95_s'] * 1000:.1f} / "
             f"{q['range_p95_s'] * 1000:.1f}  {q['expr'][:110]}"
@@ -398,6 +414,16 @@ def report(results: list[SizeResult], extra: dict[str, Any], args: argparse.Name
             rq = ", ".join(f"{v:.2f}" for v in gpt["range_s"].values())
             out.append(f"  {gpt['data_span_s'] / 60:5.1f}: {slow:8.1f}  {gpt['rss'] / GiB:.2f}  {rq}")
     return "\n".join(out)
+
+
+def write_json(args: argparse.Namespace, results: list[SizeResult], extra: dict[str, Any] | None = None) -> None:
+    doc = {
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "machine": {"cpus": os.cpu_count(), "loadavg_end": os.getloadavg()},
+        "results": [{**r.__dict__, "rss_per_series": r.rss_per_series} for r in results],
+        "extrapolation": extra,
+    }
+    args.json.write_text(json.dumps(doc, indent=1, default=str))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -456,24 +482,15 @@ def main(argv: list[str] | None = None) -> int:
             ports = [int(m["port"]) for m in json.loads(ready.read_text())]
             for n in sizes:
                 results.append(measure_size(n, ports, sim.pid, work, args, growth=n == sizes[-1] and args.growth > 0))
+                if args.json:  # after every size: a long run stopped part-way keeps what it measured
+                    write_json(args, results)
         finally:
             sim.terminate()
             sim.wait(timeout=30)
     extra = extrapolate(results, args.scrape_interval, os.cpu_count() or 1)
     print(report(results, extra, args))
     if args.json:
-        args.json.write_text(
-            json.dumps(
-                {
-                    "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-                    "machine": {"cpus": os.cpu_count()},
-                    "results": [{**r.__dict__, "rss_per_series": r.rss_per_series} for r in results],
-                    "extrapolation": extra,
-                },
-                indent=1,
-                default=str,
-            )
-        )
+        write_json(args, results, extra)
     return 0
 
 

@@ -225,8 +225,9 @@ def measure_size(
             f"x{args.repeats}",
             file=sys.stderr,
         )
-        res.queries = run_queries(prom, t_up, args)
         res.data_span_s = time.time() - t_up
+        if not args.query_max_nodes or n <= args.query_max_nodes:
+            res.queries = run_queries(prom, t_up, args)
         if growth:
             res.growth = measure_growth(prom, t_up, res.queries, args)
     finally:
@@ -241,9 +242,11 @@ def run_queries(prom: PrometheusProcess, t_up: float, args: argparse.Namespace) 
     rng: list[list[float]] = [[] for _ in queries]
     series = [0] * len(queries)
     errors: list[str | None] = [None] * len(queries)
+    # Every run of a query asks about the same instant and the same range (the data present when the phase
+    # starts), so its repeats measure the same work however long the phase takes on a busy machine.
+    now = time.time()
     for _ in range(args.repeats):
         for i, (_, _, expr) in enumerate(queries):  # round-robin: no query runs twice in a row
-            now = time.time()
             try:
                 dt, k = timed_query(prom, "query", {"query": expr, "time": f"{now:.3f}"})
                 inst[i].append(dt)
@@ -331,6 +334,7 @@ def extrapolate(results: list[SizeResult], interval: float, cores: int) -> dict[
         b0, b1 = fit(ns, [r.rule_groups_s.get(g, 0.0) for r in results])
         groups[g] = (interval - b0) / b1 if b1 > 0 else float("inf")
     out["nodes_at_eval_interval"] = groups
+    big = _with_queries(results)
     slow = sorted((q for q in big.queries if not q["error"]), key=lambda q: -q["range_p95_s"])
     # A 3 h dashboard at one point per scrape interval evaluates 3 h / span times more steps with data.
     out["slowest_at_1000_nodes"] = [
@@ -347,6 +351,11 @@ def extrapolate(results: list[SizeResult], interval: float, cores: int) -> dict[
     return out
 
 
+def _with_queries(results: list[SizeResult]) -> SizeResult:
+    """The largest size whose dashboard queries were run (``--query-max-nodes`` skips the larger ones)."""
+    return max((r for r in results if r.queries), key=lambda r: r.nodes, default=results[-1])
+
+
 def table(results: list[SizeResult]) -> str:
     lines = [
         "| nodes | head series | samples/s | Prometheus CPU (cores) | RSS (GiB) | RSS/series (B) "
@@ -355,14 +364,15 @@ def table(results: list[SizeResult]) -> str:
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
-        inst = [q["instant_p95_s"] * 1000 for q in r.queries if not q["error"]] or [0.0]
-        rng = [q["range_p95_s"] * 1000 for q in r.queries if not q["error"]] or [0.0]
+        inst = [q["instant_p95_s"] * 1000 for q in r.queries if not q["error"]]
+        rng = [q["range_p95_s"] * 1000 for q in r.queries if not q["error"]]
         slow = max(r.rule_groups_s.values(), default=0.0) * 1000
         total = sum(r.rule_groups_s.values()) * 1000
+        qi = f"{statistics.median(inst):.1f} / {max(inst):.1f}" if inst else "not run"
+        qr = f"{statistics.median(rng):.1f} / {max(rng):.1f}" if rng else "not run"
         lines.append(
             f"| {r.nodes} | {r.head_series:,.0f} | {r.samples_per_s:,.0f} | {r.cpu_cores:.2f} | {r.rss / GiB:.2f} "
-            f"| {r.rss_per_series:,.0f} | {slow:.1f} | {total:.1f} "
-            f"| {statistics.median(inst):.1f} / {max(inst):.1f} | {statistics.median(rng):.1f} / {max(rng):.1f} "
+            f"| {r.rss_per_series:,.0f} | {slow:.1f} | {total:.1f} | {qi} | {qr} "
             f"| {r.scrape_interval_p99_s:.2f} | {r.loadavg:.1f} |"
         )
     return "\n".join(lines)
@@ -373,11 +383,12 @@ def report(results: list[SizeResult], extra: dict[str, Any], args: argparse.Name
     out = [table(results), "", f"Rule groups at {big.nodes} nodes (median / max of the last evaluations, ms):"]
     for g, v in sorted(big.rule_groups_s.items()):
         out.append(f"  {g}: {v * 1000:.1f} / {big.rule_groups_max_s[g] * 1000:.1f}")
+    qbig = _with_queries(results)
     out.append(
-        f"Slowest dashboard queries at {big.nodes} nodes (p95 ms: instant / range over "
-        f"{big.data_span_s / 60:.0f} min of data):"
+        f"Slowest dashboard queries at {qbig.nodes} nodes (p95 ms: instant / range over "
+        f"{qbig.data_span_s / 60:.0f} min of data):"
     )
-    for q in sorted((q for q in big.queries if not q["error"]), key=lambda q: -q["range_p95_s"])[:12]:
+    for q in sorted((q for q in qbig.queries if not q["error"]), key=lambda q: -q["range_p95_s"])[:12]:
         out.append(
             f"  {q['dashboard']}/{q['panel']}: {q['instant_p95_s'] * 1000:.1f} / "
             f"{q['range_p95_s'] * 1000:.1f}  {q['expr'][:110]}"
@@ -438,13 +449,42 @@ def main(argv: list[str] | None = None) -> int:
         default=0.0,
         help="At the largest size, keep sampling rule group durations this many seconds more.",
     )
+    ap.add_argument(
+        "--query-max-nodes",
+        type=int,
+        default=0,
+        help="Above this many nodes, skip the dashboard queries (0: never skip); their latency is "
+        "then extrapolated from the sizes that ran them.",
+    )
     ap.add_argument("--ranks", type=int, default=fleet_sim.RANKS_PER_NODE, help="SDK ranks in the template body.")
     ap.add_argument("--templates", type=Path, help="Rendered template bodies to reuse (fleet_sim.py render).")
     ap.add_argument("--quick", action="store_true", help="1 and 2 nodes, 1 s intervals: the smoke test, in seconds.")
     ap.add_argument("--json", type=Path, help="Also write the results here.")
+    ap.add_argument(
+        "--report",
+        type=Path,
+        nargs="+",
+        metavar="JSON",
+        help="Measure nothing: report (and extrapolate from) the sizes in these --json files.",
+    )
     args = ap.parse_args(argv)
     if args.quick:
         args.sizes, args.scrape_interval, args.warmup, args.repeats, args.ranks = "1,2", 1.0, 3.0, 2, 2
+    if args.report:
+        results = sorted(
+            (
+                SizeResult(**{k: v for k, v in r.items() if k != "rss_per_series"})
+                for f in args.report
+                for r in json.loads(f.read_text())["results"]
+            ),
+            key=lambda r: r.nodes,
+        )
+        args.scrape_interval = json.loads(args.report[0].read_text())["args"]["scrape_interval"]
+        extra = extrapolate(results, args.scrape_interval, os.cpu_count() or 1)
+        print(report(results, extra, args))
+        if args.json:
+            write_json(args, results, extra)
+        return 0
     sizes = sorted(int(s) for s in args.sizes.split(","))
     if not find_binary("prometheus"):
         print("bench: prometheus is not installed (apt-get install prometheus)", file=sys.stderr)

@@ -52,7 +52,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import fleet_sim  # noqa: E402
 
-from mlops_obs.prometheus_server import PrometheusProcess, find_binary  # noqa: E402
+from mlops_obs.children import find_binary  # noqa: E402
+from mlops_obs.children.prometheus import PrometheusProcess  # noqa: E402
 
 GiB = 1024**3
 

@@ -117,7 +117,7 @@ def _wait(pred: Any, what: str, timeout: float = 60.0) -> None:
 def render_templates(ranks: int = RANKS_PER_NODE, gap: float = 4.0) -> dict[str, Any]:
     """Two renderings ``gap`` seconds apart of a training node (``ranks`` SDK ranks, 8 busy fake H100s,
     host and process collectors) and of an idle node (same GPUs, no processes, no ranks)."""
-    from mlops_obs.child_process import free_port
+    from mlops_obs.children import free_port
 
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     procs: list[subprocess.Popen[bytes]] = []

@@ -24,7 +24,7 @@ import orjson
 import pytest
 import yaml
 
-from mlops_obs.child_process import free_port, http_get
+from mlops_obs.children import free_port, http_get
 from tests.conftest import require_binary
 from tests.fake_opensearch import FakeOpenSearch
 

@@ -24,7 +24,8 @@ import orjson
 import pytest
 import yaml
 
-from mlops_obs.child_process import ChildServer, http_get
+from mlops_obs.children import ChildServer, http_get
+from mlops_obs.children.prometheus import PrometheusProcess
 from mlops_obs.mixin import config as mixin_config
 from mlops_obs.mixin import dashboards
 from mlops_obs.mixin.generate import ALERTS_FILE, RECORDING_FILE, render_files
@@ -36,7 +37,6 @@ from mlops_obs.mixin.remote_write import (
     remote_write_files,
     vmalert_args,
 )
-from mlops_obs.prometheus_server import PrometheusProcess
 from tests.conftest import require_binary
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -175,7 +175,7 @@ def stores(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
         require_binary(b)
     import fleet_sim
 
-    from mlops_obs.alertmanager_server import AlertmanagerProcess
+    from mlops_obs.children.alertmanager import AlertmanagerProcess
 
     work = tmp_path_factory.mktemp("central")
     tmpl = work / "templates.json"

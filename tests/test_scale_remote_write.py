@@ -15,17 +15,16 @@ import re
 import subprocess
 import sys
 import time
-import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import orjson
 import pytest
 import yaml
 
-from mlops_obs.children import ChildServer, http_get
+from mlops_obs.children import ChildServer
 from mlops_obs.children.prometheus import PrometheusProcess
+from mlops_obs.children.victoriametrics import VictoriaMetricsProcess, VmalertProcess
 from mlops_obs.mixin import config as mixin_config
 from mlops_obs.mixin import dashboards
 from mlops_obs.mixin.generate import ALERTS_FILE, RECORDING_FILE, render_files
@@ -52,54 +51,6 @@ KNOWN_DIFFERENCES: dict[str, str] = {}
 PER_SCRAPER = ("scrape_duration_seconds",)
 
 
-# --- the binaries as children -----------------------------------------------------------------------------
-
-
-class VictoriaMetricsProcess(ChildServer):
-    name = "victoria-metrics"
-    binaries = ("victoria-metrics", "victoria-metrics-prod")
-    apt_package = "victoria-metrics"
-
-    def config(self) -> dict[str, Any]:
-        return {}  # configured by flags only
-
-    def flags(self, config_path: Path) -> list[str]:
-        return [
-            f"-storageDataPath={self.workdir / 'data'}",
-            f"-httpListenAddr=127.0.0.1:{self.port}",
-            "-retentionPeriod=1d",
-            # Answer with the newest samples (the default hides the last 30 s, for slow remote writers) and
-            # never from the rollup cache, so a comparison sees the data both stores hold.
-            "-search.latencyOffset=0s",
-            "-search.disableCache",
-            "-loggerLevel=WARN",
-        ]
-
-    def query(self, expr: str, at: float) -> list[dict[str, Any]]:
-        return _query(self.url + "/api/v1/query", expr, at)
-
-
-class VmalertProcess(ChildServer):
-    name = "vmalert"
-    binaries = ("vmalert", "vmalert-prod")
-    apt_package = "victoria-metrics"
-
-    def __init__(self, workdir: Path, args: list[str]) -> None:
-        super().__init__(workdir)
-        self.args = args
-
-    def config(self) -> dict[str, Any]:
-        return {}
-
-    def flags(self, config_path: Path) -> list[str]:
-        return [
-            *self.args,
-            f"-httpListenAddr=127.0.0.1:{self.port}",
-            "-remoteWrite.flushInterval=200ms",
-            "-loggerLevel=WARN",
-        ]
-
-
 class PrometheusAgent(PrometheusProcess):
     """Prometheus with ``--enable-feature=agent`` running the generated agent configuration."""
 
@@ -120,12 +71,8 @@ class PrometheusAgent(PrometheusProcess):
         ]
 
 
-def _query(url: str, expr: str, at: float) -> list[dict[str, Any]]:
-    code, body = http_get(url + "?" + urllib.parse.urlencode({"query": expr, "time": f"{at:.3f}"}), timeout=30)
-    data = orjson.loads(body)
-    if code != 200 or data.get("status") != "success":
-        raise RuntimeError(f"{url} {expr!r} failed ({code}): {data.get('error', body[:300])}")
-    return list(data["data"]["result"])
+def _query(prom: PrometheusProcess, expr: str, at: float) -> list[dict[str, Any]]:
+    return list(prom.api("query", query=expr, time=f"{at:.3f}")["result"])
 
 
 # --- the generated configuration --------------------------------------------------------------------------
@@ -207,7 +154,7 @@ def stores(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]
         ).start()
         started.append(vmalert)
         rw = RemoteWriteConfig(
-            url=vm.url + "/api/v1/write",
+            url=vm.write_url,
             cluster="test",
             targets=tuple(targets),
             scrape_interval="1s",
@@ -292,7 +239,7 @@ def test_recording_rules_and_dashboard_queries_agree_on_victoriametrics(stores: 
             if attempt:
                 time.sleep(1.0)
                 at = time.time() - 2.0
-            a = _normalise(_query(stores["local"].url + "/api/v1/query", expr, at))
+            a = _normalise(_query(stores["local"], expr, at))
             b = _normalise(stores["vm"].query(expr, at))
             if expr.startswith(PER_SCRAPER):
                 why = None if a.keys() == b.keys() else "label sets differ"

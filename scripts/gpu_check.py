@@ -352,7 +352,7 @@ def measure_nvml(rounds: int, every_call: bool = False) -> tuple[list[CallLatenc
     per-process utilisation from timestamp 0), so their cost is on record."""
     from mlops_obs.collectors import gpu as gpu_module
 
-    config: dict[str, Any] = {"gpu.backend": "nvml", "gpu.xid-events": False}
+    config: dict[str, Any] = {"gpu.backend": "nvml", "gpu.xid-events": False, "gpu.profile": "full"}
     if every_call:
         config["gpu.counter-interval"] = 0.0
     c = gpu_module.GpuCollector(config)
@@ -416,6 +416,7 @@ def run(args: argparse.Namespace) -> Report:
             f"--web.listen-address=127.0.0.1:{port}",
             f"--multiproc-dir={mp}",
             "--sampler.interval=1s",
+            "--gpu.profile=full",  # every field: the check reads the shutdown threshold
             "--log.level=warn",
         ],
         env=env,

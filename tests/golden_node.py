@@ -3,9 +3,11 @@
 Eight fake H100s (every field, one process each), the host collector on the recorded ``gpu-node``
 procfs and ``ib-node`` sysfs fixtures, eight ranks' snapshot files with fixed content (rank 0 on the
 fixture's pid 4242, so the process collector reports it; ranks 1-7 own GPUs 1-7), sampled by the
-real sampler for three rounds. Values that move with the clock (the fake's energy, NVLink, PCIe and
-throttle counters, the kernel's adjtimex figures, durations and CPU seconds) are masked; everything
-else, text and order, is compared byte for byte with ``tests/fixtures/golden/node-metrics.txt``.
+real sampler for three rounds, with the GPU collector's ``full`` profile (every series it can report;
+``profile="default"`` gives the default profile's body instead). Values that move with the clock (the
+fake's energy, NVLink, PCIe and throttle counters, the kernel's adjtimex figures, durations and CPU
+seconds) are masked; everything else, text and order, is compared byte for byte with
+``tests/fixtures/golden/node-metrics.txt``.
 
 Only long-standing entry points are used (``collectors.build``, ``Sampler``, ``settings()``, the
 snapshot file name and format written by hand), so the same script runs on an older checkout::
@@ -83,8 +85,11 @@ def _snapshot(rank: int) -> dict[str, Any]:
     }
 
 
-def node_metrics(work: Path) -> str:
-    """Three sampling rounds of every collector over the fixed inputs; the scrape body, masked."""
+def node_metrics(work: Path, profile: str = "full", per_cpu: bool = True) -> str:
+    """Three sampling rounds of every collector over the fixed inputs; the scrape body, masked.
+
+    ``per_cpu`` turns on the host collector's per-core series (off by default in the sidecar), which the
+    golden file covers too."""
     from mlops_obs import collectors, exporter
     from mlops_obs.config import resolve
     from mlops_obs.exporter.sampler import Sampler
@@ -117,12 +122,15 @@ def node_metrics(work: Path) -> str:
         "path.procfs": str(FIX / "proc" / "gpu-node"),
         "path.sysfs": str(FIX / "sys" / "ib-node"),
         "host.filesystem-paths": [],
-        "host.per-cpu": True,
+        "host.per-cpu": per_cpu,
     }
     saved = os.environ.pop("NODE_NAME", None)
     os.environ["NODE_NAME"] = "node-a"
     try:
-        cfg = resolve(exporter.settings(), values, environ={})
+        settings = exporter.settings()
+        if any(s.key == "gpu.profile" for s in settings):  # an older checkout has only the full set
+            values["gpu.profile"] = profile
+        cfg = resolve(settings, values, environ={})
         built = collectors.build(cfg)
         sampler = Sampler(built, 1.0, 60.0, _NullLog(), static=exporter._build_info())
         try:

@@ -71,7 +71,7 @@ def _run(tmp_path: Path, mutate: Any = None) -> list[Any]:
                 "start_time": now,
             },
         )
-    c = GpuCollector({"gpu.backend": "fake", "multiproc-dir": mp, "gpu.xid-events": False})
+    c = GpuCollector({"gpu.backend": "fake", "multiproc-dir": mp, "gpu.xid-events": False, "gpu.profile": "full"})
     scrapes = []
     try:
         c.sample()

@@ -78,6 +78,7 @@ def gpu(tmp_path: Path) -> Iterator[Callable[..., GpuCollector]]:
             "gpu.fake-scenario": None,
             "gpu.xid-events": True,
             "gpu.counter-interval": 0.0,
+            "gpu.profile": "full",  # every series; the default profile's tests ask for it
         }
         if scenario is not None:
             path = tmp_path / f"scenario{len(made)}.yaml"
@@ -147,7 +148,8 @@ def test_full_node_output_passes_promtool_check_metrics(start_exporter: Callable
     promtool = require_binary("promtool")
     scenario = tmp_path / "full.yaml"
     scenario.write_text(yaml.safe_dump(FULL))
-    ex = start_exporter(**{"gpu.backend": "fake", "gpu.fake-scenario": scenario, "collector.gpu": True})
+    ex = start_exporter(**{"gpu.backend": "fake", "gpu.fake-scenario": scenario, "collector.gpu": True,
+                           "gpu.profile": "full"})  # fmt: skip
     wait_for(
         lambda: all(
             f"{n}{{" in _get(ex.url + "/metrics") for n in ("mlops_gpu_xid_errors_total", "mlops_gpu_sm_active_ratio")
@@ -511,3 +513,105 @@ def test_not_supported_memory_stays_bounded_when_handles_are_new_each_round() ->
     h = object()
     n.call("nvmlDeviceGetFanSpeed", h)
     assert any(args == (h,) for _, args in n._absent.values())
+
+
+# --- the default profile -----------------------------------------------------------------------------------
+
+
+def _without(labels: tuple[tuple[str, str], ...], *drop: str) -> tuple[tuple[str, str], ...]:
+    return tuple((k, v) for k, v in labels if k not in drop)
+
+
+def test_default_profile_sums_nvlink_per_gpu(gpu: Callable[..., GpuCollector], monkeypatch: pytest.MonkeyPatch) -> None:
+    """NVLink in the default profile: one transmit, one receive and one error counter a GPU, each the sum
+    over its links (and error types) of what the full profile reports per link."""
+    from mlops_obs.collectors.fake_nvml import FakeDevice
+
+    monkeypatch.setattr(FakeDevice, "elapsed", lambda self: 100.0)  # both fakes' byte counters alike
+    scenario = {"devices": [{"count": 2, "nvlink_errors": {"replay": 2, "recovery": 1, "crc": 3}}]}
+    full, default = sample(gpu(scenario)), sample(gpu(scenario, **{"gpu.profile": "default"}))
+    for name in ("mlops_gpu_nvlink_errors_total", "mlops_gpu_nvlink_transmit_bytes_total"):
+        want: dict[tuple[tuple[str, str], ...], float] = {}
+        for (n, lb), v in full.items():
+            if n == name:
+                key = _without(lb, "link", "type")
+                want[key] = want.get(key, 0.0) + v
+        got = {lb: v for (n, lb), v in default.items() if n == name}
+        assert sorted(got) == sorted(want) and len(got) == 2, name
+        for key, v in got.items():
+            assert v == want[key], (name, key)
+    assert values(default, "mlops_gpu_nvlink_errors_total", gpu="0") == [18 * 6.0]
+    assert not any("link" in dict(lb) or "type" in dict(lb) for n, lb in default if "nvlink" in n)
+
+
+def test_default_profile_leaves_out_the_full_only_families_and_their_calls(gpu: Callable[..., GpuCollector]) -> None:
+    """Families of the full profile only have no series (and their NVML calls are not made); ECC is the
+    volatile scope, throttling the reasons the alerts read; every other family is as in full."""
+    from mlops_obs.collectors.gpu_device import DEFAULT_THROTTLE_REASONS, FULL_ONLY_FAMILIES
+
+    c = gpu(FULL, **{"gpu.profile": "default"})
+    sample(c)
+    s = sample(c)
+    names = {n for n, _ in s}
+    assert not names & FULL_ONLY_FAMILIES
+    wait_for(lambda: c.xid is not None and bool(c.xid.snapshot()))
+    names |= {n for n, _ in sample(c)}
+    assert names == set(FAMILIES) - FULL_ONLY_FAMILIES
+    calls = fake(c).calls
+    for fn in ("nvmlDeviceGetFanSpeed", "nvmlDeviceGetPerformanceState", "nvmlDeviceGetPersistenceMode",
+               "nvmlDeviceGetCurrPcieLinkGeneration"):  # fmt: skip
+        assert calls.get(fn, 0) == 0, fn
+    assert {dict(lb)["scope"] for n, lb in s if n == "mlops_gpu_ecc_errors_total"} == {"volatile"}
+    reasons = {dict(lb)["reason"] for n, lb in s if n == "mlops_gpu_throttle_seconds_total"}
+    assert reasons == set(DEFAULT_THROTTLE_REASONS)
+    # GPU 7 has a driver without the throttle fields: one nvmlDeviceGetViolationStatus per reason reported.
+    before = calls["nvmlDeviceGetViolationStatus"]
+    sample(c)
+    assert calls["nvmlDeviceGetViolationStatus"] - before == len(DEFAULT_THROTTLE_REASONS)
+    assert values(s, "mlops_gpu_throttle_seconds_total", gpu="7", reason="thermal") != []
+
+
+def test_default_profile_sums_processes_per_gpu_and_owner(gpu: Callable[..., GpuCollector], tmp_path: Path) -> None:
+    """Per-process series in the default profile carry no pid: the processes of one owner (a rank and its
+    CUDA-using data loader workers; or nobody) on a GPU are one series, memory and utilisation summed."""
+    import os
+
+    from mlops_obs.rankdir import RankDirectory
+
+    me = os.getpid()  # a live process the rank directory can name as rank 0's
+    mp = tmp_path / "mp"
+    mp.mkdir()
+    (mp / "j.0.rank.json").write_text(
+        f'{{"v": 2, "job": "j", "rank": 0, "world_size": 1, "pid": {me}, "updated": {time.time()}}}'
+    )
+    procs = [{"pid": me, "used_memory": 1_000, "sm_util": 50},
+             {"pid": 999_999_001, "used_memory": 200, "sm_util": 10},
+             {"pid": 999_999_002, "used_memory": 30, "sm_util": 5}]  # fmt: skip
+    scenario = {"devices": [{"processes": procs}, {"processes": []}]}
+    path = tmp_path / "procs.yaml"
+    path.write_text(yaml.safe_dump(scenario))
+    c = GpuCollector({"gpu.backend": "fake", "gpu.fake-scenario": path, "gpu.xid-events": False,
+                      "gpu.counter-interval": 0.0}, RankDirectory(mp))  # fmt: skip
+    try:
+        s = sample(c)
+    finally:
+        c.close()
+    mem = {dict(_without(lb, "uuid")).get("rank", "-"): v for (n, lb), v in s.items()
+           if n == "mlops_gpu_process_memory_used_bytes"}  # fmt: skip
+    assert mem == {"0": 1_000.0, "-": 230.0}
+    util = sorted(values(s, "mlops_gpu_process_utilization_ratio", gpu="0"))
+    assert util == [pytest.approx(0.15), pytest.approx(0.5)]
+    assert not any("pid" in dict(lb) for n, lb in s if n.startswith("mlops_gpu_process_"))
+    # The device series name the one rank using it.
+    assert values(s, "mlops_gpu_utilization_ratio", gpu="0", job="j", rank="0") == [0.87]
+    full = sample(gpu(scenario))
+    assert len(values(full, "mlops_gpu_process_memory_used_bytes", gpu="0")) == 3
+
+
+def test_unknown_profile_is_a_one_line_config_error(tmp_path: Path) -> None:
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "mlops_obs", "exporter", "--gpu.backend=fake", "--gpu.profile=tiny",
+                        "--web.listen-address=127.0.0.1:0"], capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert r.returncode == 2
+    assert "gpu.profile" in r.stderr and "default, full" in r.stderr

@@ -162,7 +162,7 @@ def test_real_process_gets_job_rank_and_pod_and_drops_out_when_it_exits(
     mp = tmp_path / "mp"
     mp.mkdir()
     _snap(mp, "bert", 1, child.pid)
-    c = GpuCollector({"gpu.backend": "fake", "multiproc-dir": mp, "gpu.xid-events": False})
+    c = GpuCollector({"gpu.backend": "fake", "multiproc-dir": mp, "gpu.xid-events": False, "gpu.profile": "full"})
     try:
         c.sample()
         f = c.nvml.lib
@@ -203,7 +203,7 @@ def test_real_process_gets_job_rank_and_pod_and_drops_out_when_it_exits(
 def test_process_series_are_bounded_per_gpu() -> None:
     """Past gpu.process-limit, only the largest processes by memory get series."""
     procs = [{"pid": 900_000_000 + i, "used_memory": 1000 * (i + 1)} for i in range(10)]
-    c = GpuCollector({"gpu.backend": "fake", "gpu.process-limit": 3, "gpu.xid-events": False})
+    c = GpuCollector({"gpu.backend": "fake", "gpu.process-limit": 3, "gpu.xid-events": False, "gpu.profile": "full"})
     try:
         c.sample()
         f = c.nvml.lib

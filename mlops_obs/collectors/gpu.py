@@ -36,7 +36,6 @@ from mlops_obs.collectors import Collector, CollectorUnavailable, register
 from mlops_obs.collectors._nvml import GpuLost, Nvml
 from mlops_obs.collectors._nvml_structs import field_values
 from mlops_obs.collectors.gpu_device import (
-    AGGREGATE_ECC,
     CLOCK_MEM,
     CLOCK_SM,
     FI_MEMORY_TEMP,
@@ -53,11 +52,11 @@ from mlops_obs.collectors.gpu_device import (
     PCIE_TX,
     PSTATE_UNKNOWN,
     TEMPERATURE_GPU,
-    THROTTLE_REASONS,
-    VOLATILE_ECC,
     Device,
     Identity,
     Owner,
+    Profile,
+    profile,
 )
 from mlops_obs.collectors.gpu_process import Attributor
 from mlops_obs.collectors.gpu_xid import XidWatcher
@@ -114,9 +113,18 @@ FAMILIES: dict[str, tuple[str, str]] = {
         "PCIe receive throughput over NVML's 20 ms window (only from drivers without the PCIe byte counters).",
     ),
     "mlops_gpu_pcie_replays_total": ("counter", "PCIe replays (link-level retransmissions)."),
-    "mlops_gpu_nvlink_transmit_bytes_total": ("counter", "NVLink data bytes transmitted, per link."),
-    "mlops_gpu_nvlink_receive_bytes_total": ("counter", "NVLink data bytes received, per link."),
-    "mlops_gpu_nvlink_errors_total": ("counter", "NVLink data-link errors, per link and type."),
+    "mlops_gpu_nvlink_transmit_bytes_total": (
+        "counter",
+        "NVLink data bytes transmitted (per GPU; per link with --gpu.profile=full).",
+    ),
+    "mlops_gpu_nvlink_receive_bytes_total": (
+        "counter",
+        "NVLink data bytes received (per GPU; per link with --gpu.profile=full).",
+    ),
+    "mlops_gpu_nvlink_errors_total": (
+        "counter",
+        "NVLink data-link errors of every type (per GPU; per link and type with --gpu.profile=full).",
+    ),
     "mlops_gpu_ecc_errors_total": ("counter", "Memory ECC errors by type and scope (volatile: since driver load)."),
     "mlops_gpu_remapped_rows_total": ("counter", "Memory rows remapped, by the error that caused it."),
     "mlops_gpu_remap_pending": ("gauge", "1 when a row remap waits for a GPU reset."),
@@ -131,12 +139,19 @@ FAMILIES: dict[str, tuple[str, str]] = {
         "Fraction of time the graphics/compute engine was busy (GPM; counter-interval mean).",
     ),
     "mlops_gpu_persistence_mode": ("gauge", "1 when persistence mode is on."),
-    "mlops_gpu_process_memory_used_bytes": ("gauge", "Device memory used by a process."),
+    "mlops_gpu_process_memory_used_bytes": (
+        "gauge",
+        "Device memory used by processes (per GPU and owner; per pid with --gpu.profile=full).",
+    ),
     "mlops_gpu_process_utilization_ratio": (
         "gauge",
-        "Fraction of time a process's kernels ran (SM), averaged over NVML's samples of the last counter interval.",
+        "Fraction of time processes' kernels ran (SM), averaged over NVML's samples of the last counter "
+        "interval (per GPU and owner, summed; per pid with --gpu.profile=full).",
     ),
 }
+
+
+PROFILES = ("default", "full")
 
 
 def _loader(config: Mapping[str, Any]) -> Any:
@@ -178,8 +193,13 @@ class GpuCollector(Collector):
                 "Re-read counters, slow health state and the windowed ratios (ECC, NVLink, PCIe bytes, "
                 "throttle time, energy, power limit, PCIe link, per-process and GPM utilisation) this "
                 "often; 0: every round.", metavar="DURATION"),
-        Setting("gpu.nvlink", parse_bool, True, "Report per-link NVLink throughput and error counters.",
+        Setting("gpu.nvlink", parse_bool, True,
+                "Report NVLink throughput and error counters (per GPU; per link with --gpu.profile=full).",
                 kind="bool"),
+        Setting("gpu.profile", choice_parser(*PROFILES), "default",
+                "Which series: default: what the alerts, dashboards and rank attribution read (NVLink per GPU, "
+                "processes per GPU and owner; ~37 series a GPU); full: every field, NVLink per link and type, "
+                "processes per pid (~130 series an H100).", choices=PROFILES),
     )  # fmt: skip
 
     def __init__(
@@ -200,6 +220,8 @@ class GpuCollector(Collector):
         self.processes = bool(config.get("gpu.processes", True))
         self.process_limit = int(config.get("gpu.process-limit", 32))
         self.nvlink = bool(config.get("gpu.nvlink", True))
+        self.profile: Profile = profile(str(config.get("gpu.profile", "default")), frozenset(FAMILIES))
+        self.families = self.profile.families
         self.xid_enabled = bool(config.get("gpu.xid-events", True))
         self.counter_interval = float(config.get("gpu.counter-interval", 15.0))
         self.node = os.environ.get("NODE_NAME") or None
@@ -231,7 +253,7 @@ class GpuCollector(Collector):
             try:
                 ident = d.ident
                 if ident is None:
-                    ident = d.prepare(self.nvml, labels, self._driver or "", self.node, self.nvlink)
+                    ident = d.prepare(self.nvml, labels, self._driver or "", self.node, self.nvlink, self.profile)
                 self._sample_device(d, ident, out, live_pids)
             except GpuLost:
                 d.lost()
@@ -246,7 +268,8 @@ class GpuCollector(Collector):
         return out.metrics()
 
     def _processes(self, d: Device, out: Families, live: set[int]) -> tuple[str, str] | None:
-        """Per-process series; returns the (job, rank) that owns the device, if exactly one does."""
+        """Per-process series (per pid, or summed per owner); returns the (job, rank) that owns the device,
+        if exactly one does."""
         procs = self.nvml.call("nvmlDeviceGetComputeRunningProcesses", d.handle)
         if procs is None:
             return None
@@ -265,9 +288,13 @@ class GpuCollector(Collector):
         owners: set[tuple[str, str]] = set()
         attribute = self.attributor.labels
         intern = self.out.labels.get
-        add = out.add
+        per_pid = self.profile.process_per_pid
         cache = d.proc_labels
         seen: dict[int, tuple[dict[str, str], Labels]] = {}
+        # label set -> [memory, utilisation, processes with a utilisation]: one entry a pid (full profile),
+        # or one per owner with the pids' values summed (default: a rank's data loader workers that open a
+        # CUDA context, or a restarted rank, add no series).
+        sums: dict[Labels, list[float]] = {}
         for p in procs:
             pid = int(p.pid)
             live.add(pid)
@@ -276,17 +303,30 @@ class GpuCollector(Collector):
             # label set built from it last round is still right.
             hit = cache.get(pid)
             if hit is None or hit[0] is not attr:
-                hit = (attr, intern({"gpu": d.labels["gpu"], "uuid": d.labels["uuid"], "pid": str(pid), **attr}))
+                base = {"gpu": d.labels["gpu"], "uuid": d.labels["uuid"]}
+                if per_pid:
+                    base["pid"] = str(pid)
+                hit = (attr, intern({**base, **attr}))
             seen[pid] = hit
-            labels = hit[1]
             if "job" in attr and "rank" in attr:
                 owners.add((str(attr["job"]), str(attr["rank"])))
+            acc = sums.get(hit[1])
+            if acc is None:
+                acc = sums[hit[1]] = [0, 0, 0.0, 0]  # memory, processes with memory, utilisation, with one
             used = p.usedGpuMemory
             if used is not None:
-                add("mlops_gpu_process_memory_used_bytes", labels, used)
+                acc[0] += used
+                acc[1] += 1
             if util is not None and pid in util:  # a pid that appeared since the last read waits for the next
-                add("mlops_gpu_process_utilization_ratio", labels, util[pid])
+                acc[2] += util[pid]
+                acc[3] += 1
         d.proc_labels = seen  # only the pids listed this round stay cached
+        add = out.add
+        for labels, (mem, with_mem, ratio, with_util) in sums.items():
+            if with_mem:
+                add("mlops_gpu_process_memory_used_bytes", labels, mem)
+            if with_util:
+                add("mlops_gpu_process_utilization_ratio", labels, ratio)
         return owners.pop() if len(owners) == 1 else None
 
     def _sample_device(self, d: Device, ident: Identity, out: Families, live: set[int]) -> None:
@@ -316,6 +356,7 @@ class GpuCollector(Collector):
             d.owner_labels = (owner, lb)
         # Every series below shares the device's label set, ~40 of them a device a round.
         add = out.add
+        fams = self.families
 
         add("mlops_gpu_info", ident.info_labels, 1)
         add("mlops_gpu_profiling_supported", lb, int(ident.gpm is not None))
@@ -327,14 +368,16 @@ class GpuCollector(Collector):
         m = call("nvmlDeviceGetMemoryInfo", h, NVML_MEMORY_V2)
         if m is not None:
             add("mlops_gpu_memory_used_bytes", lb, m.used)
-            add("mlops_gpu_memory_free_bytes", lb, m.free)
-            add("mlops_gpu_memory_reserved_bytes", lb, m.reserved)
+            if "mlops_gpu_memory_free_bytes" in fams:
+                add("mlops_gpu_memory_free_bytes", lb, m.free)
+                add("mlops_gpu_memory_reserved_bytes", lb, m.reserved)
             add("mlops_gpu_memory_total_bytes", lb, m.total)
         else:
             m1 = call("nvmlDeviceGetMemoryInfo", h)
             if m1 is not None:
                 add("mlops_gpu_memory_used_bytes", lb, m1.used)
-                add("mlops_gpu_memory_free_bytes", lb, m1.free)
+                if "mlops_gpu_memory_free_bytes" in fams:
+                    add("mlops_gpu_memory_free_bytes", lb, m1.free)
                 add("mlops_gpu_memory_total_bytes", lb, m1.total)
         v = call("nvmlDeviceGetClockInfo", h, CLOCK_SM)
         if v is not None:
@@ -354,7 +397,7 @@ class GpuCollector(Collector):
         st = ident.static
         if "slowdown" in st:
             add("mlops_gpu_slowdown_temperature_celsius", lb, st["slowdown"])
-        if "shutdown" in st:
+        if "shutdown" in st and "mlops_gpu_shutdown_temperature_celsius" in fams:
             add("mlops_gpu_shutdown_temperature_celsius", lb, st["shutdown"])
 
         v = call("nvmlDeviceGetPowerUsage", h)
@@ -363,18 +406,21 @@ class GpuCollector(Collector):
         v = rarely("nvmlDeviceGetEnforcedPowerLimit")
         if v is not None:
             add("mlops_gpu_power_limit_watts", lb, v / 1000.0)
-        v = call("nvmlDeviceGetPerformanceState", h)
-        if v is not None and int(v) != PSTATE_UNKNOWN:
-            add("mlops_gpu_pstate", lb, v)
-        v = call("nvmlDeviceGetFanSpeed", h)
-        if v is not None:
-            add("mlops_gpu_fan_speed_ratio", lb, v / 100.0)
+        if "mlops_gpu_pstate" in fams:
+            v = call("nvmlDeviceGetPerformanceState", h)
+            if v is not None and int(v) != PSTATE_UNKNOWN:
+                add("mlops_gpu_pstate", lb, v)
+        if "mlops_gpu_fan_speed_ratio" in fams:
+            v = call("nvmlDeviceGetFanSpeed", h)
+            if v is not None:
+                add("mlops_gpu_fan_speed_ratio", lb, v / 100.0)
 
-        v = rarely("nvmlDeviceGetCurrPcieLinkGeneration")
-        if v is not None:
-            add("mlops_gpu_pcie_link_generation", lb, v)
-        if "gen_max" in st:
-            add("mlops_gpu_pcie_link_generation_max", lb, st["gen_max"])
+        if "mlops_gpu_pcie_link_generation" in fams:
+            v = rarely("nvmlDeviceGetCurrPcieLinkGeneration")
+            if v is not None:
+                add("mlops_gpu_pcie_link_generation", lb, v)
+            if "gen_max" in st:
+                add("mlops_gpu_pcie_link_generation_max", lb, st["gen_max"])
         v = rarely("nvmlDeviceGetCurrPcieLinkWidth")
         if v is not None:
             add("mlops_gpu_pcie_link_width", lb, v)
@@ -390,7 +436,8 @@ class GpuCollector(Collector):
         self._counters(d, ident, out, lb, owner or (None, None))
         if ident.gpm is not None:
             for name, value in ident.gpm.read(n, h, time.monotonic(), self.counter_interval):
-                add(name, lb, value)
+                if name in fams:
+                    add(name, lb, value)
         if ident.mig_enabled:
             self._mig(d, out, live)
 
@@ -417,8 +464,9 @@ class GpuCollector(Collector):
         if v is not None:
             add("mlops_gpu_pcie_replays_total", lb, v)
 
+        prof = self.profile
         for etype, ename in ((MEMORY_ERROR_CORRECTED, "corrected"), (MEMORY_ERROR_UNCORRECTED, "uncorrected")):
-            for scope, sname in ((VOLATILE_ECC, "volatile"), (AGGREGATE_ECC, "aggregate")):
+            for scope, sname in prof.ecc_scopes:
                 v = n.call("nvmlDeviceGetTotalEccErrors", h, etype, scope)
                 if v is not None:
                     add("mlops_gpu_ecc_errors_total", intern({**lb, "type": ename, "scope": sname}), v)
@@ -430,41 +478,57 @@ class GpuCollector(Collector):
             add("mlops_gpu_remap_pending", lb, int(bool(pending)))
             add("mlops_gpu_remap_failure", lb, int(bool(failure)))
         if not ident.throttle_fields:  # an older driver: one call per reason
-            for policy, reason in THROTTLE_REASONS.items():
+            for policy, reason in prof.throttle_policies().items():
                 t = n.call("nvmlDeviceGetViolationStatus", h, policy)
                 if t is not None:
                     add("mlops_gpu_throttle_seconds_total", intern({**lb, "reason": reason}), t.violationTime / 1e9)
-        v = n.call("nvmlDeviceGetPersistenceMode", h)
-        if v is not None:
-            add("mlops_gpu_persistence_mode", lb, int(v == 1))
+        if "mlops_gpu_persistence_mode" in self.families:
+            v = n.call("nvmlDeviceGetPersistenceMode", h)
+            if v is not None:
+                add("mlops_gpu_persistence_mode", lb, int(v == 1))
         fvs = n.call("nvmlDeviceGetFieldValues", h, ident.field_ids) if ident.field_ids else None
         if fvs is not None:
             # Per-link label sets are built once per owner, not ~90 fresh dicts a device a round.
             if d.link_labels is None or d.link_labels[0] != key:
                 d.link_labels = (key, {})
             ll = d.link_labels[1]
+            per_link = prof.nvlink_per_link
+            # Per GPU (default profile): each family's sum over the links (and error types), or nothing
+            # when a link's value is missing from this read: a partial sum would look like a counter reset.
+            totals: dict[str, float | None] = {}
             for fid, scope, x in field_values(fvs):
-                if x is None:
-                    continue
                 if fid == FI_PCIE_TX_BYTES:
-                    add("mlops_gpu_pcie_transmit_bytes_total", lb, x)
+                    if x is not None:
+                        add("mlops_gpu_pcie_transmit_bytes_total", lb, x)
                     continue
                 if fid == FI_PCIE_RX_BYTES:
-                    add("mlops_gpu_pcie_receive_bytes_total", lb, x)
+                    if x is not None:
+                        add("mlops_gpu_pcie_receive_bytes_total", lb, x)
                     continue
                 if fid in FI_THROTTLE:
-                    add("mlops_gpu_throttle_seconds_total", intern({**lb, "reason": FI_THROTTLE[fid]}), x / 1e9)
+                    if x is not None:
+                        add("mlops_gpu_throttle_seconds_total", intern({**lb, "reason": FI_THROTTLE[fid]}), x / 1e9)
+                    continue
+                if fid == FI_NVLINK_DATA_TX:
+                    name, value = "mlops_gpu_nvlink_transmit_bytes_total", None if x is None else x * 1024
+                elif fid == FI_NVLINK_DATA_RX:
+                    name, value = "mlops_gpu_nvlink_receive_bytes_total", None if x is None else x * 1024
+                else:
+                    name, value = "mlops_gpu_nvlink_errors_total", x
+                if not per_link:
+                    t = totals.get(name, 0)
+                    totals[name] = None if t is None or value is None else t + value
+                    continue
+                if value is None:
                     continue
                 labels = ll.get((fid, scope))
                 if labels is None:
                     extra = {"type": FI_NVLINK_ERRORS[fid]} if fid in FI_NVLINK_ERRORS else {}
                     labels = ll[(fid, scope)] = intern({**lb, "link": str(scope), **extra})
-                if fid == FI_NVLINK_DATA_TX:
-                    add("mlops_gpu_nvlink_transmit_bytes_total", labels, x * 1024)
-                elif fid == FI_NVLINK_DATA_RX:
-                    add("mlops_gpu_nvlink_receive_bytes_total", labels, x * 1024)
-                elif fid in FI_NVLINK_ERRORS:
-                    add("mlops_gpu_nvlink_errors_total", labels, x)
+                add(name, labels, value)
+            for name, total in totals.items():
+                if total is not None:
+                    add(name, lb, total)
         for name, samples in d.counters.set(list(so.items()), now, key):
             out.extend(name, samples)
 
@@ -484,17 +548,23 @@ class GpuCollector(Collector):
             m = n.call("nvmlDeviceGetMemoryInfo", mh)
             if m is not None:
                 out.add("mlops_gpu_memory_used_bytes", lb, m.used)
-                out.add("mlops_gpu_memory_free_bytes", lb, m.free)
+                if "mlops_gpu_memory_free_bytes" in self.families:
+                    out.add("mlops_gpu_memory_free_bytes", lb, m.free)
                 out.add("mlops_gpu_memory_total_bytes", lb, m.total)
             if self.processes:
                 procs = n.call("nvmlDeviceGetComputeRunningProcesses", mh) or []
+                used: dict[Labels, int] = {}
                 for p in procs[: self.process_limit or None]:
                     pid = int(p.pid)
                     live.add(pid)
                     if p.usedGpuMemory is not None:
-                        labels = {"gpu": d.labels["gpu"], "uuid": d.labels["uuid"], "pid": str(pid),
-                                  "gpu_instance": lb["gpu_instance"], **self.attributor.labels(pid)}  # fmt: skip
-                        out.add("mlops_gpu_process_memory_used_bytes", intern(labels), p.usedGpuMemory)
+                        base = {"gpu": d.labels["gpu"], "uuid": d.labels["uuid"], "gpu_instance": lb["gpu_instance"]}
+                        if self.profile.process_per_pid:
+                            base["pid"] = str(pid)
+                        labels = intern({**base, **self.attributor.labels(pid)})
+                        used[labels] = used.get(labels, 0) + p.usedGpuMemory
+                for labels, value in used.items():
+                    out.add("mlops_gpu_process_memory_used_bytes", labels, value)
 
     def close(self) -> None:
         if self.xid is not None:

@@ -50,6 +50,58 @@ FI_THROTTLE = dict(zip(range(74, 82), THROTTLE_REASONS.values()))
 Owner = tuple[str | None, str | None]  # the (job, rank) that owns a device, or (None, None)
 
 
+@dataclass(frozen=True)
+class Profile:
+    """Which series the collector reports (``--gpu.profile``), as dcgm-exporter's counter sets.
+
+    ``full`` is every field NVML has, NVLink per link and error type, processes per pid. ``default`` is
+    what the alerts, the dashboards and the GPU-to-rank attribution read (replay and rca), plus
+    dcgm-exporter's default counters: about a third of a node's series (``docs/gpu.md`` says what each
+    leaves out and why). Every query of the mixin gives the same answer on either.
+    """
+
+    name: str
+    families: frozenset[str]  # the families reported at all
+    nvlink_per_link: bool  # per link and error type; else one series per GPU, links (and types) summed
+    process_per_pid: bool  # per pid; else per GPU and owner (job, rank, container, pod), pids summed
+    ecc_scopes: tuple[tuple[int, str], ...]  # (NVML counter type, scope label)
+    throttle_reasons: tuple[str, ...]  # the reason labels of mlops_gpu_throttle_seconds_total
+
+    def throttle_policies(self) -> dict[int, str]:
+        """Perf policy id -> reason, for this profile's reasons."""
+        return {p: r for p, r in THROTTLE_REASONS.items() if r in self.throttle_reasons}
+
+    def throttle_fields(self) -> dict[int, str]:
+        """NVML_FI_DEV_PERF_POLICY_* field id -> reason, for this profile's reasons."""
+        return {f: r for f, r in FI_THROTTLE.items() if r in self.throttle_reasons}
+
+
+# Families only the full profile reports: configuration read once (shutdown threshold, maximum PCIe link
+# generation, persistence mode), values no alert, panel or detector reads and dcgm-exporter's default set
+# leaves out too (free and reserved memory: used and total tell how full a GPU is; P-state, fan, current
+# PCIe generation: it drops at idle by design), and the GPM graphics-engine ratio (the SM and tensor
+# ratios say more, and utilisation_ratio covers "is a kernel running").
+FULL_ONLY_FAMILIES = frozenset({
+    "mlops_gpu_memory_free_bytes", "mlops_gpu_memory_reserved_bytes", "mlops_gpu_shutdown_temperature_celsius",
+    "mlops_gpu_pstate", "mlops_gpu_fan_speed_ratio", "mlops_gpu_pcie_link_generation",
+    "mlops_gpu_pcie_link_generation_max", "mlops_gpu_persistence_mode", "mlops_gpu_graphics_engine_active_ratio",
+})  # fmt: skip
+ECC_SCOPES = ((VOLATILE_ECC, "volatile"), (AGGREGATE_ECC, "aggregate"))
+# The reasons the mixin's throttle classes read (thermal; power and board limit): the others are either
+# clocks lowered on purpose (low_utilization: idle; sync_boost: matched to a slower peer) or derived
+# totals of the rest (app_clocks, base_clocks), and reliability is rare enough to look at with `full`.
+DEFAULT_THROTTLE_REASONS = ("power", "thermal", "board_limit")
+
+
+def profile(name: str, families: frozenset[str]) -> Profile:
+    """The profile called ``name`` over the collector's ``families``."""
+    if name == "full":
+        return Profile("full", families, True, True, ECC_SCOPES, tuple(THROTTLE_REASONS.values()))
+    if name == "default":
+        return Profile("default", families - FULL_ONLY_FAMILIES, False, False, ECC_SCOPES[:1], DEFAULT_THROTTLE_REASONS)
+    raise ValueError(f"unknown GPU profile {name!r}")
+
+
 class Gpm:
     """A device's GPM profiling ratios: the means between two samples one counter interval apart.
 
@@ -145,8 +197,10 @@ class Device:
         self.counters.expire()
         self.rare.expire()
 
-    def prepare(self, nvml: Nvml, labels: LabelSets, driver: str, node: str | None, nvlink: bool) -> Identity:
-        """Read what does not change while the driver is loaded."""
+    def prepare(
+        self, nvml: Nvml, labels: LabelSets, driver: str, node: str | None, nvlink: bool, prof: Profile
+    ) -> Identity:
+        """Read what does not change while the driver is loaded (and the field ids ``prof`` reports)."""
         n = nvml
         if self.handle is None:
             self.handle = n.call("nvmlDeviceGetHandleByIndex", self.index)
@@ -190,7 +244,7 @@ class Device:
         throttle_fields = fv is not None and all(x is not None for _, _, x in field_values(fv))
         ids: list[Any] = [FI_PCIE_TX_BYTES, FI_PCIE_RX_BYTES] if pcie_counters else []
         if throttle_fields:
-            ids += list(FI_THROTTLE)
+            ids += list(prof.throttle_fields())
         for link in range(links):
             ids += [(FI_NVLINK_DATA_TX, link), (FI_NVLINK_DATA_RX, link)]
             ids += [(fid, link) for fid in FI_NVLINK_ERRORS]

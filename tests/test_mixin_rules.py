@@ -101,6 +101,25 @@ def test_recording_rule_names_follow_level_metric_operation() -> None:
         assert re.fullmatch(r"[a-z_]+:mlops_[a-z_]+:[a-z0-9_]+", r.record), r.record
 
 
+def test_fleet_recording_rules_are_tested_on_both_gpu_profiles() -> None:
+    """Every rule a fleet view or a GPU alert reads has promtool cases; a rule over series the two GPU
+    profiles shape differently (per link or per GPU, every throttle reason or the default's) has a case of
+    each shape, expecting the same output: it records the same from a fleet running either."""
+    fleet = [*rules.gpu_rules(CFG), *(r for r in rules.recording_rules(CFG) if r.record in (
+        rules.JOB_GPU_UTIL, rules.JOB_RANKS, rules.JOB_FAILED_RANKS, rules.STEP_BUCKETS))]  # fmt: skip
+    assert len(fleet) == 13
+    shaped = {rules.NVLINK_ERRORS, rules.ECC_ERRORS, rules.THROTTLE, *rules.NVLINK_BYTES.values()}
+    for r in fleet:
+        assert r.cases, r.record
+        if r.record in shaped:
+            assert len(r.cases) >= 2, r.record
+            full, default = r.cases[:2]  # the full profile's shape, then the default's
+            assert full.expected == default.expected and set(full.series) != set(default.series), r.record
+    nvlink = next(r for r in fleet if r.record == rules.NVLINK_ERRORS)
+    assert ["link=" in k for k in nvlink.cases[0].series] == [True] * 3
+    assert ["link=" in k for k in nvlink.cases[1].series] == [False]
+
+
 def test_promtool_check_rules() -> None:
     promtool = require_binary("promtool")
     out = subprocess.run([promtool, "check", "rules", ALERTS_FILE, RECORDING_FILE], cwd=ROOT,
@@ -113,7 +132,7 @@ def test_every_alert_has_a_firing_and_a_quiet_unit_test() -> None:
     tests = yaml.safe_load((ROOT / RULE_TESTS_FILE).read_text())["tests"]
     seen: dict[str, list[bool]] = {}
     for t in tests:
-        for case in t["alert_rule_test"]:
+        for case in t.get("alert_rule_test", []):
             seen.setdefault(case["alertname"], []).append(bool(case["exp_alerts"]))
     expected = {a.name: [False] * (1 + len(a.also_quiet)) + [True] * (1 + len(a.also_fires)) for a in rules.alerts(CFG)}
     assert {name: sorted(v) for name, v in seen.items()} == expected
@@ -301,8 +320,11 @@ def test_rule_tests_follow_overridden_thresholds(tmp_path: Path) -> None:
             "GpuTemperatureNearSlowdown", "MlopsExporterDown", "NodeCpuSaturated", "TrainingNodeDown",
             "TrainingDataLoaderBound"}  # fmt: skip
     spec = rules.rule_tests(cfg, [Path(ALERTS_FILE).name, Path(RECORDING_FILE).name])
-    spec["tests"] = [t for t in spec["tests"] if t["alert_rule_test"][0]["alertname"] in keep]
-    assert len(spec["tests"]) == sum(len(a.cases()) for a in rules.alerts(cfg) if a.name in keep)
+    spec["tests"] = [t for t in spec["tests"]
+                     if "promql_expr_test" in t or t["alert_rule_test"][0]["alertname"] in keep]  # fmt: skip
+    assert len(spec["tests"]) == sum(len(a.cases()) for a in rules.alerts(cfg) if a.name in keep) + sum(
+        len(r.cases) for r in rules.recording_rules(cfg)
+    )
     (tmp_path / "t.yml").write_text(yaml.safe_dump(spec))
     out = subprocess.run([promtool, "test", "rules", "t.yml"], cwd=tmp_path, capture_output=True, text=True,
                          timeout=120)  # fmt: skip

@@ -19,6 +19,8 @@ Select it with ``--gpu.backend=fake`` and optionally ``--gpu.fake-scenario=FILE`
         not_supported: [nvmlDeviceGetFanSpeed, memory_temperature, pcie_counters]   # pcie_counters,
                                       # throttle_fields: an older driver without those field ids
         ecc: {volatile: {corrected: 3, uncorrected: 0}}
+        nvlink_errors: {crc: 1}       # per link; nvlink_errors_per_second: {crc: 0.5} makes them grow
+        pcie_replays_per_second: 5    # a marginal PCIe link
         throttle: {power: 0.25}       # fraction of wall time each reason holds clocks down
         xid: [79]                     # XID events delivered once the event thread listens
         processes: [{pid: 4242, used_memory: 1073741824, sm_util: 80}]
@@ -26,7 +28,8 @@ Select it with ``--gpu.backend=fake`` and optionally ``--gpu.fake-scenario=FILE`
         lost: false                   # true: every call on it raises NVML_ERROR_GPU_IS_LOST
         hang: [nvmlDeviceGetPowerUsage]   # these calls block until release() (or "all")
 
-Counters (energy, throttle time, NVLink and PCIe bytes) advance with wall time, as a real GPU's would.
+Counters (energy, throttle time, NVLink and PCIe bytes, and errors given a rate) advance with wall time, as a
+real GPU's would.
 """
 
 from __future__ import annotations
@@ -70,10 +73,12 @@ DEFAULT_DEVICE: dict[str, Any] = {
     "pcie_tx_kbps": 1_200_000,
     "pcie_rx_kbps": 2_400_000,
     "pcie_replays": 0,
+    "pcie_replays_per_second": 0.0,
     "nvlink_links": 18,
     "nvlink_tx_kib_per_s": 20_000_000,
     "nvlink_rx_kib_per_s": 20_000_000,
     "nvlink_errors": {},  # {"replay": n, "recovery": n, "crc": n}, per link
+    "nvlink_errors_per_second": {},  # the same keys: errors a second added per link
     "ecc": {},  # {"volatile": {"corrected": n, "uncorrected": n}, "aggregate": {...}}
     "remapped_rows": {"correctable": 0, "uncorrectable": 0, "pending": False, "failure": False},
     "throttle": {},  # reason -> fraction of wall time
@@ -416,7 +421,9 @@ class FakeNvml:
         return int(self._value(h, "nvmlDeviceGetPcieThroughput", key))
 
     def nvmlDeviceGetPcieReplayCounter(self, h: Any) -> int:
-        return int(self._value(h, "nvmlDeviceGetPcieReplayCounter", "pcie_replays"))
+        base = int(self._value(h, "nvmlDeviceGetPcieReplayCounter", "pcie_replays"))
+        d = h.parent if isinstance(h, FakeMig) else h
+        return base + int(float(d["pcie_replays_per_second"] or 0.0) * d.elapsed())
 
     def nvmlDeviceGetFieldValues(self, h: Any, field_ids: list[Any]) -> Any:
         d = self._dev(h, "nvmlDeviceGetFieldValues")
@@ -426,6 +433,7 @@ class FakeNvml:
         now_us = int(time.time() * 1e6)
         elapsed = d.elapsed()
         errors = d["nvlink_errors"] or {}
+        error_rates = d["nvlink_errors_per_second"] or {}
         ok, unsupported = pynvml.NVML_SUCCESS, pynvml.NVML_ERROR_NOT_SUPPORTED
         ull, uint = pynvml.NVML_VALUE_TYPE_UNSIGNED_LONG_LONG, pynvml.NVML_VALUE_TYPE_UNSIGNED_INT
         tx_id, rx_id = pynvml.NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_TX, pynvml.NVML_FI_DEV_NVLINK_THROUGHPUT_DATA_RX
@@ -471,7 +479,8 @@ class FakeNvml:
                 if no_nvlink or scope >= links:
                     ret = unsupported
                 else:
-                    value = int(errors.get(_NVLINK_FIELDS[fid], 0))
+                    kind = _NVLINK_FIELDS[fid]
+                    value = int(errors.get(kind, 0)) + int(float(error_rates.get(kind, 0.0)) * elapsed)
             else:
                 ret = unsupported
             packed = value.to_bytes(8, "little") if vtype == ull else value.to_bytes(4, "little") + bytes(4)

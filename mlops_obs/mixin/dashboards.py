@@ -15,17 +15,27 @@ from urllib.parse import quote
 from mlops_obs.mixin.config import MixinConfig, selector
 from mlops_obs.mixin.grafana import Dashboard, Link, Panel, Query, Row, Variable
 from mlops_obs.mixin.rules import (
+    CLUSTER_GPU_UTIL,
     CURRENT_PHASE,
+    ECC_ERRORS,
     GOODPUT,
+    JOB_FAILED_RANKS,
+    JOB_GPU_UTIL,
+    JOB_RANKS,
     NODE_INFO,
+    NVLINK_BYTES,
+    NVLINK_ERRORS,
     PHASE_RATIO,
+    SAMPLES_RECENT,
+    STEP_BUCKETS,
     STRAGGLER,
+    THROTTLE,
     new_or_increase,
     running,
 )
 
 RI = "$__rate_interval"
-VOLATILE, IDLE, LOAD1 = 'scope="volatile"', 'mode="idle"', 'window="1m"'
+IDLE, LOAD1 = 'mode="idle"', 'window="1m"'
 
 
 def _vars(c: MixinConfig) -> list[Variable]:
@@ -127,9 +137,9 @@ def training_dashboard(c: MixinConfig) -> Dashboard:
                       "short", "Steps that raised an exception.", thresholds=((1, "red"),)),
             )),
             Row("Step time", (
-                Panel("Step time heatmap", (Query(f"sum by (le) (increase({step}_bucket{s}[{RI}]))", "{{le}}"),),
-                      "s", "Distribution of step wall times across the selected ranks.", kind="heatmap",
-                      width=12),
+                Panel("Step time heatmap", (Query(f"sum by (le) ({STEP_BUCKETS}{jobs})", "{{le}}"),),
+                      "s", f"Distribution of step wall times across the selected jobs' ranks (steps a second "
+                      f"over {c.training_rate_window}, recording rule).", kind="heatmap", width=12),
                 Panel("Mean step time per rank",
                       (Query(f"rate({step}_sum{s}[{RI}]) / rate({step}_count{s}[{RI}])", rk),),
                       "s", "Mean wall time of a step.", width=12, links=links),
@@ -218,10 +228,6 @@ def gpu_dashboard(c: MixinConfig) -> Dashboard:
     def q(metric: str, legend: str = gl, *extra: str) -> Query:
         return Query(_on_node(c, f"{metric}{_gpu(c, *extra)}"), legend)
 
-    def rate(metric: str, by: str = "") -> tuple[Query, ...]:
-        inner = f"sum by ({n}, gpu{', ' + by if by else ''}) (rate({metric}{_gpu(c)}[{RI}]))"
-        return (Query(_on_node(c, inner), gl + (f" {{{{{by}}}}}" if by else "")),)
-
     def events(metric: str, identity: str, by: str, *extra: str) -> str:
         return _on_node(c, f"sum by ({n}, gpu, {by}) {new_or_increase(c, f'{metric}{_gpu(c, *extra)}', identity)}")
 
@@ -254,15 +260,16 @@ def gpu_dashboard(c: MixinConfig) -> Dashboard:
                                       q("mlops_gpu_memory_temperature_celsius", gl + " memory")),
                       "celsius", "Core and memory temperature against the slowdown limit.",
                       thresholds=((c.hot_idle_temperature_celsius, "orange"),)),
-                Panel("Throttling", rate("mlops_gpu_throttle_seconds_total", "reason"), "percentunit",
-                      "Fraction of time clocks were held down, by reason.", thresholds=((c.throttle_ratio, "red"),)),
+                Panel("Throttling", (Query(_on_node(c, f"{THROTTLE}{_gpu(c)}"), gl + " {{class}}"),), "percentunit",
+                      f"Fraction of time clocks were held down over {c.node_rate_window}, by class of reason (the "
+                      "recording rule the throttle alerts read).", thresholds=((c.throttle_ratio, "red"),)),
             )),
             Row("Errors", (
                 Panel("XID errors", (Query(events("mlops_gpu_xid_errors_total", "gpu, xid", "xid"),
                                            gl + " XID {{xid}}"),),
                       "short", f"XIDs by code over the last {w}, the first of a code included (its counter "
                       "appears at 1).", thresholds=((1, "red"),)),
-                Panel("ECC errors", (Query(events("mlops_gpu_ecc_errors_total", "gpu, type, scope", "type", VOLATILE),
+                Panel("ECC errors", (Query(_on_node(c, f"sum by ({n}, gpu, type) ({ECC_ERRORS}{_gpu(c)})"),
                                            gl + " {{type}}"),),
                       "short", f"Volatile corrected and uncorrected ECC errors over the last {w}, counting what a "
                       "GPU already had when its series appeared.", thresholds=((1, "red"),)),
@@ -289,14 +296,12 @@ def gpu_dashboard(c: MixinConfig) -> Dashboard:
                     for d, short in (("transmit", "tx"), ("receive", "rx"))),
                       "Bps", "Host <-> device traffic."),
                 Panel("NVLink traffic", tuple(
-                    Query(_on_node(c, f"sum by ({n}, gpu) (rate(mlops_gpu_nvlink_{d}_bytes_total{_gpu(c)}[{RI}]))"),
-                          gl + f" {short}")
+                    Query(_on_node(c, f"{NVLINK_BYTES[d]}{_gpu(c)}"), gl + f" {short}")
                     for d, short in (("transmit", "tx"), ("receive", "rx"))),
-                      "Bps", "NVLink bytes per second, sent and received (all links)."),
-                Panel("NVLink errors", (Query(_on_node(c, f"sum by ({n}, gpu, link) (increase("
-                                                          f"mlops_gpu_nvlink_errors_total{_gpu(c)}[{w}]))"),
-                                              gl + " link {{link}}"),),
-                      "short", "NVLink errors over the alert window.",
+                      "Bps", f"NVLink bytes per second over {c.node_rate_window}, sent and received (all links)."),
+                Panel("NVLink errors", (Query(_on_node(c, f"{NVLINK_ERRORS}{_gpu(c)}"), gl),),
+                      "short", "NVLink errors of all links over the alert window (per link: the sidecar's "
+                      "--gpu.profile=full, or nvidia-smi nvlink -e on the node).",
                       thresholds=((c.nvlink_errors_threshold, "red"),)),
             )),
         ],
@@ -437,10 +442,9 @@ def pipeline_dashboard(c: MixinConfig) -> Dashboard:
 
 
 def overview_dashboard(c: MixinConfig) -> Dashboard:
-    t = c.training_selector
+    """The fleet view: every query reads recording rules or one series a node, so it stays fast at
+    thousands of nodes (docs/scale.md)."""
     h = selector(c.exporter_selector)
-    live = running(c, f"mlops_training_world_size{selector(t)}")
-    failed = selector(t, 'state="failed"')
     return Dashboard(
         uid=f"{c.dashboard_uid_prefix}-overview",
         title="mlops-obs / Cluster overview",
@@ -449,12 +453,12 @@ def overview_dashboard(c: MixinConfig) -> Dashboard:
         variables=_vars(c),
         rows=[
             Row("Cluster", (
-                Panel("Training jobs", (Query(f"count(count by (job) ({live})) or vector(0)"),),
+                Panel("Training jobs", (Query(f"count({JOB_RANKS}) or vector(0)"),),
                       "short", "Jobs with running ranks (finished and failed ones are left out).", kind="stat",
                       width=3, height=4),
-                Panel("Ranks", (Query(f"count({live}) or vector(0)"),), "short",
+                Panel("Ranks", (Query(f"sum({JOB_RANKS}) or vector(0)"),), "short",
                       "Running ranks.", kind="stat", width=3, height=4),
-                Panel("Failed ranks", (Query(f"count(mlops_training_rank_state{failed} == 1) or vector(0)"),),
+                Panel("Failed ranks", (Query(f"sum({JOB_FAILED_RANKS}) or vector(0)"),),
                       "short", "Ranks that failed, until their sidecar forgets them.", thresholds=((1, "red"),),
                       kind="stat", width=3, height=4),
                 Panel("Nodes", (Query(f"count(count by (node) ({NODE_INFO})) or vector(0)"),), "short",
@@ -468,15 +472,14 @@ def overview_dashboard(c: MixinConfig) -> Dashboard:
                       "short", "Firing critical alerts.", thresholds=((1, "red"),), kind="stat", width=4, height=4),
             )),
             Row("Jobs", (
-                Panel("Samples/s per job", (Query(f"sum by (job) (rate(mlops_training_samples_total"
-                                                  f"{selector(t)}[{RI}]))", "{{job}}"),),
-                      "short", "Training throughput by job.", width=12),
+                Panel("Samples/s per job", (Query(SAMPLES_RECENT, "{{job}}"),),
+                      "short", f"Training throughput by job over {c.training_rate_window} (recording rule).",
+                      width=12),
                 Panel("Goodput per job", (Query(GOODPUT, "{{job}}"),), "percentunit",
                       f"Productive share of the running ranks' time over {c.goodput_window} (recording rule).",
                       thresholds=((c.goodput_ratio, "yellow"),), width=12, min=0, max=1),
-                Panel("Mean GPU utilisation", (Query(f"avg(mlops_gpu_utilization_ratio{selector(c.gpu_selector)})",
-                                                     "all GPUs"),),
-                      "percentunit", "Average across every GPU.",
+                Panel("Mean GPU utilisation", (Query(CLUSTER_GPU_UTIL, "all GPUs"), Query(JOB_GPU_UTIL, "{{job}}")),
+                      "percentunit", "Average across every GPU, and across each job's GPUs (recording rules).",
                       thresholds=((c.gpu_idle_utilization, "blue"),), width=12, min=0, max=1),
                 Panel("Firing alerts", (Query('sum by (alertname, severity) (ALERTS{alertstate="firing"})',
                                               "{{alertname}} ({{severity}})"),),

@@ -40,6 +40,23 @@ STEP_RECENT, STEP_BASELINE = f"job_rank:{STEP}:mean_recent", f"job_rank:{STEP}:m
 SAMPLES_RECENT = "job:mlops_training_samples:rate_recent"
 PHASE_RATIO = "job_rank:mlops_training_phase_seconds:ratio_rate_recent"
 CURRENT_PHASE = "mlops_training_current_phase_start_timestamp_seconds"
+# Fleet views: what the GPU alerts and the overview and GPU dashboards read instead of every GPU's (and
+# every link's) raw series. Windows in the names are the shipped ones (gpu_error_window, node_rate_window,
+# gpu_idle_window); a config that changes a window keeps the name.
+NVLINK_ERRORS = "instance_gpu:mlops_gpu_nvlink_errors:increase10m"
+NVLINK_BYTES = {d: f"instance_gpu:mlops_gpu_nvlink_{d}_bytes:rate5m" for d in ("transmit", "receive")}
+ECC_ERRORS = "instance_gpu:mlops_gpu_ecc_errors:increase10m"
+THROTTLE = "instance_gpu:mlops_gpu_throttle_seconds:rate5m"
+GPU_IDLE = "instance_gpu:mlops_gpu_utilization_ratio:avg_over_time30m"
+NODE_GPU_UTIL = "instance:mlops_gpu_utilization_ratio:avg"
+CLUSTER_GPU_UTIL = "cluster:mlops_gpu_utilization_ratio:avg"
+JOB_GPU_UTIL = "job:mlops_gpu_utilization_ratio:avg"
+JOB_RANKS = "job:mlops_training_ranks:count"
+JOB_FAILED_RANKS = "job:mlops_training_failed_ranks:count"
+STEP_BUCKETS = "job_le:mlops_training_step_duration_seconds_bucket:rate_recent"
+# Labels a device's series may carry that the per-GPU rules sum away: the owner (joined again from
+# GPU_OWNER by the alerts), and what only the full GPU profile reports (per link, per error type).
+PER_GPU_DROP = "job, rank"
 
 # Values of series that hold for a whole test case (the joins' inputs), as long as the case.
 ALWAYS = "1x{n}"
@@ -92,9 +109,33 @@ class Alert:
 
 
 @dataclass(frozen=True)
+class RecordingCase:
+    """Input series, an evaluation time, and the recorded samples expected then (``'{labels}' -> value``).
+
+    ``per_second``: the values are rates of a count, so on a clock ``f`` times faster they are ``1/f``
+    times larger (rates of a seconds counter, counts and ratios are the same on any clock)."""
+
+    series: dict[str, str]
+    at: str
+    expected: dict[str, float]
+    per_second: bool = False
+
+
+@dataclass(frozen=True)
 class Recording:
     record: str
     expr: str
+    group: str = "joins"
+    labels: Labels = field(default_factory=dict)
+    # Cases proving what it records; a rule reading GPU series has one with the full profile's shape (per
+    # link, per pid) and one with the default's (per GPU), expecting the same output.
+    cases: tuple[RecordingCase, ...] = ()
+
+    def rule(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"record": self.record, "expr": self.expr}
+        if self.labels:
+            out["labels"] = dict(self.labels)
+        return out
 
 
 def _labels(d: Labels) -> str:
@@ -215,12 +256,26 @@ def running(c: MixinConfig, expr: str, *extra: str) -> str:
 
 
 def recording_rules(c: MixinConfig) -> list[Recording]:
-    t, e, s = c.training_selector, c.exporter_selector, c.gpu_selector
-    rw, bw, gw = c.training_rate_window, c.training_baseline_window, c.goodput_window
+    return [*join_rules(c), *gpu_rules(c), *training_rules(c)]
+
+
+def _device(c: MixinConfig, gpu: str = "0") -> tuple[Labels, Labels]:
+    """A GPU's series as scraped in test cases (the scrape job's label, unowned), and the labels of what
+    a per-GPU rule records for it (no ``job``)."""
+    g: Labels = {**_equalities(c.gpu_selector), **_scrape_job(c), **_instance(c), "gpu": gpu, "uuid": f"GPU-{gpu}",
+                 "model": "H100"}  # fmt: skip
+    return g, {k: v for k, v in g.items() if k != "job"}
+
+
+def join_rules(c: MixinConfig) -> list[Recording]:
+    """Node names and GPU owners, which other rules and panels join; the per-job GPU utilisation."""
+    e, s = c.exporter_selector, c.gpu_selector
     inst, last = c.instance, c.instance_labels[-1]
-    median = running(c, f"mlops_training_step_compute_median_seconds{selector(t)}")
-    good = running(c, f"increase(mlops_training_goodput_seconds_total{selector(t)}[{gw}])")
-    started = running(c, f"min_over_time(mlops_training_process_start_time_seconds{selector(t)}[{gw}])")
+    i = _instance(c)
+    g0, _ = _device(c, "0")
+    g1, _ = _device(c, "1")
+    owner = f"mlops_gpu_owner_info{_labels({**_equalities(s), **i, 'gpu': '0', 'uuid': 'GPU-0', 'job': 'train-a', 'rank': '0'})}"  # noqa: E501
+    lost = {f"mlops_gpu_lost{_labels({**_equalities(s), **i, 'gpu': x})}": "0x20" for x in "01"}
     return [
         # One row per scraped sidecar: its node name, or its address where it reports none (yet).
         Recording(NODE_INFO,
@@ -232,25 +287,149 @@ def recording_rules(c: MixinConfig) -> list[Recording]:
                   f"topk by ({inst}, gpu) (1, max by ({inst}, gpu, job, rank) (last_over_time("
                   f"mlops_gpu_owner_info{selector(s)}[{c.gpu_owner_lookback}]))) or on ({inst}, gpu) "
                   f"group by ({inst}, gpu) (mlops_gpu_lost{selector(s)})"),
+        # The mean utilisation of each job's GPUs (the overview's per-job view); unowned GPUs have no job.
+        Recording(JOB_GPU_UTIL,
+                  f"avg by (job) (max without ({PER_GPU_DROP}) (mlops_gpu_utilization_ratio{selector(s)}) "
+                  f'* on ({inst}, gpu) group_left (job) {GPU_OWNER}{{job!=""}})',
+                  cases=(RecordingCase({**lost, owner: "1x20", f"mlops_gpu_utilization_ratio{_labels(g0)}": "0.25x20",
+                                        f"mlops_gpu_utilization_ratio{_labels(g1)}": "0.75x20"}, "10m",
+                                       {'{job="train-a"}': 0.25}),)),
+    ]  # fmt: skip
+
+
+def gpu_rules(c: MixinConfig) -> list[Recording]:
+    """Per-GPU aggregates over the alerts' windows, the same whichever GPU profile the sidecars run: the
+    GPU alerts and panels read a few series a GPU from here instead of every link's and reason's window."""
+    s, inst = c.gpu_selector, c.instance
+    w, rw = c.gpu_error_window, c.node_rate_window
+    g, d = _device(c)
+    g1, _ = _device(c, "1")
+    at = "15m"
+
+    def link(lb: Labels, n: int, **extra: str) -> str:
+        return _labels({**lb, "link": str(n), **extra})
+
+    def per_gpu(name: str, drop: str) -> str:
+        return f"sum without ({drop}, {PER_GPU_DROP}) ({name})"
+
+    ecc = f"mlops_gpu_ecc_errors_total{selector(s, VOLATILE)}"
+    unc = f"mlops_gpu_ecc_errors_total{_labels({**g, 'type': 'uncorrected', 'scope': 'volatile'})}"
+    agg = f"mlops_gpu_ecc_errors_total{_labels({**g, 'type': 'uncorrected', 'scope': 'aggregate'})}"  # full only
+    ecc_out = _labels({**d, "type": "uncorrected", "scope": "volatile"})
+    # (class, reason matcher, its share in the test cases)
+    classes = (("thermal", f'reason=~"{c.thermal_throttle_reasons}"', 0.5),
+               ("power", f'reason=~"{c.power_throttle_reasons}"', 0.375))  # fmt: skip
+    throttle_full = {"power": "0+15x20", "board_limit": "0+7.5x20", "thermal": "0+30x20", "sync_boost": "0+60x20",
+                     "low_utilization": "0+60x20"}  # fmt: skip
+    util = f"mlops_gpu_utilization_ratio{selector(s)}"
+    by_cluster = ", ".join(c.instance_labels[:-1])
+    cluster_out = _labels({k: v for k, v in _instance(c).items() if k in c.instance_labels[:-1]})
+    two_gpus = {f"mlops_gpu_utilization_ratio{_labels(g)}": "0.25x40", f"mlops_gpu_utilization_ratio{_labels(g1)}":
+                "0.75x40"}  # fmt: skip
+    return [
+        # NVLink errors of every link and type in the error window (full profile: per link and type; default:
+        # one counter a GPU).
+        Recording(NVLINK_ERRORS, per_gpu(f"increase(mlops_gpu_nvlink_errors_total{selector(s)}[{w}])", "link, type"),
+                  "gpu-errors",
+                  cases=(RecordingCase({f"mlops_gpu_nvlink_errors_total{link(g, 0, type='crc')}": "0+2x20",
+                                        f"mlops_gpu_nvlink_errors_total{link(g, 0, type='replay')}": "0x20",
+                                        f"mlops_gpu_nvlink_errors_total{link(g, 1, type='replay')}": "0+1x20"}, at,
+                                       {_labels(d): 30.0}),
+                         RecordingCase({f"mlops_gpu_nvlink_errors_total{_labels(g)}": "0+3x20"}, at,
+                                       {_labels(d): 30.0}))),
+        # Volatile ECC errors by type in the error window, a count a GPU already had when its series
+        # appeared (since the driver loaded) included.
+        Recording(ECC_ERRORS, f"sum without ({PER_GPU_DROP}) {new_or_increase(c, ecc, 'gpu, type, scope')}",
+                  "gpu-errors",
+                  cases=(RecordingCase({unc: "0x5 2x20", agg: "7x5 9x20"}, "10m", {ecc_out: 2.0}),
+                         RecordingCase({unc: "0x5 2x20"}, "10m", {ecc_out: 2.0}),
+                         # Already non-zero when its series appeared.
+                         RecordingCase({unc: "_x5 3x20"}, "10m", {ecc_out: 3.0}))),
+        # The share of time each class of reasons held the clocks down (full profile: every reason; default:
+        # the reasons the classes read).
+        *(Recording(THROTTLE, per_gpu(f"rate(mlops_gpu_throttle_seconds_total{selector(s, reason)}[{rw}])", "reason"),
+                    "gpu", {"class": cls},
+                    cases=tuple(RecordingCase({f"mlops_gpu_throttle_seconds_total{_labels({**g, 'reason': r})}": v
+                                               for r, v in throttle_full.items() if r in keep}, at,
+                                              {_labels({**d, "class": cls}): value})
+                                for keep in (set(throttle_full), {"power", "board_limit", "thermal"})))
+          for cls, reason, value in classes),
+        *(Recording(NVLINK_BYTES[dr], per_gpu(f"rate(mlops_gpu_nvlink_{dr}_bytes_total{selector(s)}[{rw}])", "link"),
+                    "gpu",
+                    cases=(RecordingCase({f"mlops_gpu_nvlink_{dr}_bytes_total{link(g, 0)}": "0+61440x20",
+                                          f"mlops_gpu_nvlink_{dr}_bytes_total{link(g, 1)}": "0+122880x20"}, at,
+                                         {_labels(d): 3072.0}, per_second=True),
+                           RecordingCase({f"mlops_gpu_nvlink_{dr}_bytes_total{_labels(g)}": "0+184320x20"}, at,
+                                         {_labels(d): 3072.0}, per_second=True)))
+          for dr in ("transmit", "receive")),
+        # Each GPU's mean utilisation over the idle window (the two idle alerts read it).
+        Recording(GPU_IDLE, f"max without ({PER_GPU_DROP}) (avg_over_time({util}[{c.gpu_idle_window}]))", "gpu",
+                  cases=(RecordingCase({f"mlops_gpu_utilization_ratio{_labels(g)}": "0.25x40"}, "40m",
+                                       {_labels(d): 0.25}),
+                         # A new owner within the window: the GPU is idle only if it was under each.
+                         RecordingCase({f"mlops_gpu_utilization_ratio{_labels(g)}": "0x35 _x10",
+                                        f"mlops_gpu_utilization_ratio{_labels({**g, 'job': 'b', 'rank': '0'})}":
+                                        "_x35 0.5x10"}, "40m", {_labels(d): 0.5}))),
+        # Mean utilisation per node and over all nodes (of a cluster, where instance_labels name one).
+        Recording(NODE_GPU_UTIL, f"avg by ({inst}) ({util})", "gpu",
+                  cases=(RecordingCase(two_gpus, "10m", {_labels(_instance(c)): 0.5}),)),
+        Recording(CLUSTER_GPU_UTIL, f"avg by ({by_cluster}) ({util})" if by_cluster else f"avg ({util})", "gpu",
+                  cases=(RecordingCase(two_gpus, "10m", {cluster_out or "{}": 0.5}),)),
+    ]  # fmt: skip
+
+
+def training_rules(c: MixinConfig) -> list[Recording]:
+    t = c.training_selector
+    rw, bw, gw = c.training_rate_window, c.training_baseline_window, c.goodput_window
+    median = running(c, f"mlops_training_step_compute_median_seconds{selector(t)}")
+    good = running(c, f"increase(mlops_training_goodput_seconds_total{selector(t)}[{gw}])")
+    started = running(c, f"min_over_time(mlops_training_process_start_time_seconds{selector(t)}[{gw}])")
+    rank = {**_equalities(t), "job": "train-a", "node": "n1"}
+    failed = selector(t, 'state="failed"')
+
+    def state(r: int, current: str) -> dict[str, str]:
+        return {f"mlops_training_rank_state{_labels({**rank, 'rank': str(r), 'state': st})}": f"{int(st == current)}x20"
+                for st in ("running", "finished", "failed")}  # fmt: skip
+
+    ranks = {**state(0, "running"), **state(1, "failed"), **state(2, "finished"),
+             **{f"mlops_training_world_size{_labels({**rank, 'rank': str(r)})}": "4x20" for r in range(4)}}  # fmt: skip
+    bucket = {le: f"{STEP}_bucket{_labels({**rank, 'rank': '0', 'le': le})}" for le in ("0.5", "+Inf")}
+    return [
         # Each running rank's median step compute time against the other ranks': the median of all ranks
         # from three on (one straggler cannot move it), the other rank's at two.
         Recording(STRAGGLER,
                   f"(quantile by (job) (0.5, {median}) / on (job) group_right () ({median})"
                   f" and on (job) count by (job) ({median}) >= 3)"
                   f" or ((sum by (job) ({median}) - on (job) group_right () ({median})) / ({median})"
-                  f" and on (job) count by (job) ({median}) == 2)"),
-        Recording(STEP_RECENT, f"rate({STEP}_sum{selector(t)}[{rw}]) / rate({STEP}_count{selector(t)}[{rw}])"),
+                  f" and on (job) count by (job) ({median}) == 2)", "training"),
+        Recording(STEP_RECENT, f"rate({STEP}_sum{selector(t)}[{rw}]) / rate({STEP}_count{selector(t)}[{rw}])",
+                  "training"),
         # The baseline ends where the recent window starts, so a slowdown does not raise its own baseline.
         Recording(STEP_BASELINE, f"rate({STEP}_sum{selector(t)}[{bw}] offset {rw}) / "
-                                 f"rate({STEP}_count{selector(t)}[{bw}] offset {rw})"),
-        Recording(SAMPLES_RECENT, f"sum by (job) (rate(mlops_training_samples_total{selector(t)}[{rw}]))"),
+                                 f"rate({STEP}_count{selector(t)}[{bw}] offset {rw})", "training"),
+        Recording(SAMPLES_RECENT, f"sum by (job) (rate(mlops_training_samples_total{selector(t)}[{rw}]))",
+                  "training"),
         Recording(PHASE_RATIO,
                   f"rate(mlops_training_phase_seconds_total{selector(t)}[{rw}]) / ignoring (phase) group_left () "
-                  f"sum without (phase) (rate(mlops_training_phase_seconds_total{selector(t)}[{rw}]))"),
+                  f"sum without (phase) (rate(mlops_training_phase_seconds_total{selector(t)}[{rw}]))", "training"),
         # Productive seconds over the running ranks' wall seconds in the window (since their first start in
         # it): hung, waiting and restart time count as lost. Both sides cover only the history the job has.
         Recording(GOODPUT,
-                  f"sum by (job) ({good}) / sum by (job) (clamp_max(time() - ({started}), {_g(seconds(gw))}))"),
+                  f"sum by (job) ({good}) / sum by (job) (clamp_max(time() - ({started}), {_g(seconds(gw))}))",
+                  "training"),
+        # Running and failed ranks per job: the overview's job and rank counts read these, not every rank.
+        Recording(JOB_RANKS, f"count by (job) ({running(c, f'mlops_training_world_size{selector(t)}')})", "training",
+                  cases=(RecordingCase(ranks, "10m", {'{job="train-a"}': 2.0}),)),
+        Recording(JOB_FAILED_RANKS,
+                  f"count by (job) (mlops_training_rank_state{failed} == 1)", "training",
+                  cases=(RecordingCase(ranks, "10m", {'{job="train-a"}': 1.0}),)),
+        # Step-time buckets per job, for the heatmap across a job's ranks.
+        Recording(STEP_BUCKETS, f"sum by (job, le) (rate({STEP}_bucket{selector(t)}[{rw}]))", "training",
+                  cases=(RecordingCase({bucket["0.5"]: "0+60x20", bucket["+Inf"]: "0+120x20",
+                                        bucket["0.5"].replace('rank="0"', 'rank="1"'): "0+60x20",
+                                        bucket["+Inf"].replace('rank="0"', 'rank="1"'): "0+60x20"}, "10m",
+                                       {'{job="train-a", le="0.5"}': 2.0, '{job="train-a", le="+Inf"}': 3.0},
+                                       per_second=True),)),
     ]  # fmt: skip
 
 
@@ -292,27 +471,23 @@ def gpu_alerts(c: MixinConfig) -> list[Alert]:
 
     xid_born, xid_rises = "_x5 1x30", "1x5 2x30"  # a first XID of the code (the counter appears at 1); a next
 
-    def throttle(name: str, reasons: str, what: str) -> Alert:
-        reason = f'reason=~"{reasons}"'
-        m = f"mlops_gpu_throttle_seconds_total{selector(s, reason)}"
+    def throttle(name: str, cls: str, reasons: str) -> Alert:
         key = f"mlops_gpu_throttle_seconds_total{_labels({**g, 'reason': reasons.split('|')[0]})}"
         return Alert(
-            name, "gpu", with_owner(c, f"sum without (reason) (rate({m}[{c.node_rate_window}])) > {c.throttle_ratio}"),
+            name, "gpu-health", with_owner(c, f'{THROTTLE}{{class="{cls}"}} > {c.throttle_ratio}'),
             c.for_medium, "warning",
-            f"{where} is {what} throttled",
-            f"{where} spent more than {_pct(c.throttle_ratio)} of the time throttled for {what} reasons; "
+            f"{where} is {cls} throttled",
+            f"{where} spent more than {_pct(c.throttle_ratio)} of the time throttled for {cls} reasons; "
             "steps on it (and on every rank waiting for it) slow down.",
-            case({key: "0+30x40"}, "30m", out),
+            case({key: "0+30x40"}, "30m", {**out, "class": cls}),
             case({key: "0+1x40"}, "30m"),
         )  # fmt: skip
 
     temp, slow = f"mlops_gpu_temperature_celsius{selector(s)}", f"mlops_gpu_slowdown_temperature_celsius{selector(s)}"
     used, total = f"mlops_gpu_memory_used_bytes{selector(s)}", f"mlops_gpu_memory_total_bytes{selector(s)}"
-    util = f"mlops_gpu_utilization_ratio{selector(s)}"
     on = f"on ({c.instance}, gpu)"
-    idle = f"avg_over_time({util}[{c.gpu_idle_window}]) < {c.gpu_idle_utilization}"
+    idle = f"{GPU_IDLE} < {c.gpu_idle_utilization}"
     ecc = {**g, "type": "uncorrected", "scope": "volatile"}
-    ecc_m = f"mlops_gpu_ecc_errors_total{selector(s, UNCORRECTED, VOLATILE)}"
     nodes = {**_scrape_job(c), **inst}
     slow_in = f"mlops_gpu_slowdown_temperature_celsius{gl}"
     return [
@@ -346,7 +521,7 @@ def gpu_alerts(c: MixinConfig) -> list[Alert]:
         ),
         Alert(
             "GpuEccUncorrectedErrors", "gpu",
-            with_owner(c, new_or_increase(c, ecc_m, "gpu, type, scope") + " > 0"), c.for_critical, "critical",
+            with_owner(c, f"{ECC_ERRORS}{{{UNCORRECTED}}} > 0"), c.for_critical, "critical",
             f"{where} had uncorrectable ECC errors",
             f"Uncorrectable memory errors on {where} corrupt or kill the job using it; drain the node and reset "
             "the GPU (row remapping happens on reset). A count the GPU already had when its series first "
@@ -423,19 +598,20 @@ def gpu_alerts(c: MixinConfig) -> list[Alert]:
             case({f"mlops_gpu_pcie_replays_total{gl}": "0+5x40"}, "30m"),
         ),
         Alert(
-            "GpuNvlinkErrors", "gpu",
-            with_owner(c, f"sum without (type) (increase(mlops_gpu_nvlink_errors_total{selector(s)}[{w}])) "
-                          f"> {_g(c.nvlink_errors_threshold)}"),
+            "GpuNvlinkErrors", "gpu", with_owner(c, f"{NVLINK_ERRORS} > {_g(c.nvlink_errors_threshold)}"),
             c.for_short, "warning",
-            f"NVLink {{{{ $labels.link }}}} of {where} has errors",
-            f"More than {_num(c.nvlink_errors_threshold)} NVLink errors in {w} on link {{{{ $labels.link }}}} of "
-            f"{where}; collectives over it retry or fail.",
-            case({f"mlops_gpu_nvlink_errors_total{_labels({**g, 'link': '0', 'type': 'crc_flit'})}": "0+5x40"},
-                 "30m", {**out, "link": "0"}),
-            case({f"mlops_gpu_nvlink_errors_total{_labels({**g, 'link': '0', 'type': 'crc_flit'})}": "0x40"}, "30m"),
+            f"NVLink of {where} has errors",
+            f"More than {_num(c.nvlink_errors_threshold)} NVLink errors in {w} on the links of {where}; collectives "
+            "over them retry or fail. `nvidia-smi nvlink -e` (or the sidecar's --gpu.profile=full) says which link.",
+            case({f"mlops_gpu_nvlink_errors_total{_labels({**g, 'link': '0', 'type': 'crc'})}": "0+5x40"}, "30m", out),
+            case({f"mlops_gpu_nvlink_errors_total{_labels({**g, 'link': '0', 'type': 'crc'})}": "0x40"}, "30m"),
+            also_fires=(
+                # The default profile's shape: one counter a GPU, the links' errors summed.
+                case({f"mlops_gpu_nvlink_errors_total{gl}": "0+5x40"}, "30m", out),
+            ),
         ),
         Alert(
-            "GpuTemperatureNearSlowdown", "gpu",
+            "GpuTemperatureNearSlowdown", "gpu-health",
             with_owner(c, f"{temp} > {on} group_left () ({slow} - {_g(c.temperature_margin_celsius)})"),
             c.for_short, "warning",
             f"{where} is close to its slowdown temperature",
@@ -446,10 +622,10 @@ def gpu_alerts(c: MixinConfig) -> list[Alert]:
             case({f"mlops_gpu_temperature_celsius{gl}": "70x20", slow_in: "87x20"},
                  "15m"),
         ),
-        throttle("GpuThermalThrottling", c.thermal_throttle_reasons, "thermal"),
-        throttle("GpuPowerThrottling", c.power_throttle_reasons, "power"),
+        throttle("GpuThermalThrottling", "thermal", c.thermal_throttle_reasons),
+        throttle("GpuPowerThrottling", "power", c.power_throttle_reasons),
         Alert(
-            "GpuMemoryNearFull", "gpu",
+            "GpuMemoryNearFull", "gpu-health",
             with_owner(c, f"{used} / {on} group_left () {total} > {_g(c.gpu_memory_full_ratio)}"),
             c.for_medium, "warning",
             f"{where} memory is nearly full",
@@ -461,7 +637,7 @@ def gpu_alerts(c: MixinConfig) -> list[Alert]:
                  "25m"),
         ),
         Alert(
-            "GpuAllocatedButIdle", "gpu", with_owner(c, f"{idle} and {on} {used} > {_g(c.gpu_allocated_bytes)}"),
+            "GpuAllocatedButIdle", "gpu-health", with_owner(c, f"{idle} and {on} {used} > {_g(c.gpu_allocated_bytes)}"),
             c.for_long, "warning",
             f"{where} is allocated but idle",
             f"{where} holds more than {_num(c.gpu_allocated_bytes)}B of memory but averaged under "
@@ -471,7 +647,7 @@ def gpu_alerts(c: MixinConfig) -> list[Alert]:
             case({f"mlops_gpu_utilization_ratio{gl}": "0.5x90", f"mlops_gpu_memory_used_bytes{gl}": "2e9x90"}, "75m"),
         ),
         Alert(
-            "GpuHotWhileIdle", "gpu",
+            "GpuHotWhileIdle", "gpu-health",
             with_owner(c, f"{temp} > {_g(c.hot_idle_temperature_celsius)} and {on} {idle}"),
             c.for_medium, "warning",
             f"{where} is hot while idle",
@@ -1038,8 +1214,14 @@ def pipeline_alerts(c: MixinConfig) -> list[Alert]:
 
 # --- files ----------------------------------------------------------------------------------------------
 
-GROUP_TITLES = {"gpu": "mlops-obs.gpu", "node": "mlops-obs.node", "training": "mlops-obs.training",
-                "pipeline": "mlops-obs.pipeline"}  # fmt: skip
+# Groups run concurrently, each on its own core, while a group's rules run one after another: the GPU
+# alerts are two groups (hardware faults; health: heat, throttling, memory, idleness) and the recording
+# rules four (joins, GPU error windows, other GPU aggregates, training), so no one group holds a fleet's
+# GPU work. Alerts read the recording rules, which hold the expensive windows.
+GROUP_TITLES = {"gpu": "mlops-obs.gpu", "gpu-health": "mlops-obs.gpu-health", "node": "mlops-obs.node",
+                "training": "mlops-obs.training", "pipeline": "mlops-obs.pipeline"}  # fmt: skip
+RECORDING_GROUP_TITLES = {"joins": "mlops-obs.rules", "gpu-errors": "mlops-obs.gpu-errors.rules",
+                          "gpu": "mlops-obs.gpu.rules", "training": "mlops-obs.training.rules"}  # fmt: skip
 
 
 def alert_groups(cfg: MixinConfig) -> dict[str, Any]:
@@ -1056,13 +1238,16 @@ def alert_groups(cfg: MixinConfig) -> dict[str, Any]:
 
 
 def recording_groups(cfg: MixinConfig) -> dict[str, Any]:
-    g: dict[str, Any] = {
-        "name": "mlops-obs.rules",
-        "rules": [{"record": r.record, "expr": r.expr} for r in recording_rules(cfg)],
-    }
-    if cfg.rule_interval:
-        g["interval"] = cfg.rule_interval
-    return {"groups": [g]}
+    groups: dict[str, list[dict[str, Any]]] = {key: [] for key in RECORDING_GROUP_TITLES}
+    for r in recording_rules(cfg):
+        groups[r.group].append(r.rule())
+    out = []
+    for key, rules in groups.items():
+        g: dict[str, Any] = {"name": RECORDING_GROUP_TITLES[key], "rules": rules}
+        if cfg.rule_interval:
+            g["interval"] = cfg.rule_interval
+        out.append(g)
+    return {"groups": out}
 
 
 _TEMPLATE = re.compile(r"\{\{\s*(?:\$labels\.(\w+)|printf \"%\.0f\" \$value)\s*\}\}")
@@ -1120,7 +1305,8 @@ def is_time_valued(series: str) -> bool:
 
 
 def rule_tests(cfg: MixinConfig, rule_files: list[str], time_scale: float = 1.0) -> dict[str, Any]:
-    """promtool test input: for every alert the groups where it fires and where it must stay quiet.
+    """promtool test input: for every alert the groups where it fires and where it must stay quiet, and
+    for every recording rule with cases what it records (for a GPU rule, the same from either profile).
 
     The cases are written for ``cfg`` at the shipped time scale; with ``time_scale`` they run against the
     rules of :func:`scaled` ``(cfg, time_scale)``: every interval, evaluation time and time-valued sample
@@ -1142,13 +1328,39 @@ def rule_tests(cfg: MixinConfig, rule_files: list[str], time_scale: float = 1.0)
                 full = {**lab, "severity": a.severity, **a.extra_labels}
                 ann = {k: render_annotation(v, full, case.value) for k, v in a_shown.annotations(shown).items()}
                 exp.append({"exp_labels": full, "exp_annotations": ann})
-            series = [{"series": k, "values": _scale_values(v, time_scale) if is_time_valued(k) else v}
-                      for k, v in case.series.items()]  # fmt: skip
             tests.append(
                 {
                     "interval": interval,
-                    "input_series": series,
+                    "input_series": _input_series(case.series, time_scale),
                     "alert_rule_test": [{"eval_time": at(case.at), "alertname": a.name, "exp_alerts": exp}],
                 }
             )
+    for r in recording_rules(cfg):
+        for rc in r.cases:
+            factor = 1.0 / time_scale if rc.per_second else 1.0
+            samples = [{"labels": f"{r.record}{lb}" if lb != "{}" else r.record, "value": v * factor}
+                       for lb, v in rc.expected.items()]  # fmt: skip
+            tests.append(
+                {
+                    "interval": interval,
+                    "input_series": _input_series(rc.series, time_scale),
+                    "promql_expr_test": [
+                        {
+                            "expr": f"{r.record}{_labels(r.labels) if r.labels else ''}",
+                            "eval_time": at(rc.at),
+                            "exp_samples": samples,
+                        }
+                    ],
+                }
+            )
     return {"rule_files": rule_files, "evaluation_interval": interval, "tests": tests}
+
+
+def _input_series(series: dict[str, str], time_scale: float) -> list[dict[str, str]]:
+    """promtool's input series, time-valued ones on the scaled clock. Histogram buckets are counts (the
+    recording rules' cases only rate them; their bounds stay labels)."""
+    out = []
+    for k, v in series.items():
+        timed = not k.split("{", 1)[0].endswith("_bucket") and is_time_valued(k)
+        out.append({"series": k, "values": _scale_values(v, time_scale) if timed else v})
+    return out

@@ -58,22 +58,29 @@ from mlops_obs.children.prometheus import PrometheusProcess  # noqa: E402
 GiB = 1024**3
 
 
-def rule_files() -> list[Path]:
-    return sorted((ROOT / "alerts").glob("mlops-*.yml"))
+def rule_files(directory: Path | None = None) -> list[Path]:
+    """The rule files Prometheus loads: the repository's, or those in ``directory`` (another revision's,
+    for a before/after comparison on the same machine)."""
+    return sorted((directory or ROOT / "alerts").glob("mlops-*.yml"))
 
 
-def dashboard_queries(rate_interval: str) -> list[tuple[str, str, str]]:
-    """(dashboard, panel title, expression) for every panel query, variables set to All."""
+def dashboard_queries(rate_interval: str, directory: Path | None = None) -> list[tuple[str, str, str]]:
+    """(dashboard, panel title, expression) for every panel query, variables set to All: the mixin's, or
+    those of the generated dashboards in ``directory`` (another revision's ``dashboards/``)."""
     from mlops_obs.mixin import config, dashboards
 
-    out = []
-    for stem, d in dashboards.dashboards(config.MixinConfig()).items():
-        for row in d.rows:
-            for p in row.panels:
-                for q in p.queries:
-                    expr = q.expr.replace("$__rate_interval", rate_interval)
-                    out.append((stem, p.title, re.sub(r"\$\{?(job|node|rank|gpu)\}?", ".*", expr)))
-    return out
+    found: list[tuple[str, str, str]] = []
+    if directory is not None:
+        for path in sorted(directory.glob("*.json")):
+            for panel in json.loads(path.read_text())["panels"]:
+                found += [(path.stem, panel["title"], t["expr"]) for t in panel.get("targets", []) if t.get("expr")]
+    else:
+        for stem, d in dashboards.dashboards(config.MixinConfig()).items():
+            found += [(stem, p.title, q.expr) for row in d.rows for p in row.panels for q in p.queries]
+    return [
+        (stem, title, re.sub(r"\$\{?(job|node|rank|gpu)\}?", ".*", expr.replace("$__rate_interval", rate_interval)))
+        for stem, title, expr in found
+    ]
 
 
 def prom_metrics(prom: PrometheusProcess) -> dict[str, float]:
@@ -130,6 +137,7 @@ class SizeResult:
     scrape_interval_p99_s: float = 0.0  # how late scrapes ran: Prometheus keeping up or not
     simulator_cpu_cores: float = 0.0
     loadavg: float = 0.0  # the machine's 1-minute load at the end of the warm-up: how contended it was
+    gpu_profile: str = "default"  # the sidecars' GPU profile the bodies were rendered with
     queries: list[dict[str, Any]] = field(default_factory=list)
     growth: list[dict[str, Any]] = field(default_factory=list)
 
@@ -178,9 +186,9 @@ def measure_size(
         [f"127.0.0.1:{p}" for p in ports[:n]],
         scrape_interval=f"{si:g}s",
         evaluation_interval=f"{si:g}s",
-        rule_files=rule_files(),
+        rule_files=rule_files(args.rules_dir),
     )
-    res = SizeResult(n)
+    res = SizeResult(n, gpu_profile=args.gpu_profile)
     prom.start(timeout=120)
     try:
         prom.wait_for("count(up == 1)", lambda r: bool(r) and float(r[0]["value"][1]) >= n, timeout=4 * si + 120)
@@ -222,8 +230,8 @@ def measure_size(
         res.iterations_missed = sum(groups_of(b, "prometheus_rule_group_iterations_missed_total").values())
         print(
             f"  {n} nodes: {res.head_series:.0f} series, {res.samples_per_s:.0f} samples/s, "
-            f"RSS {res.rss / GiB:.2f} GiB; running {len(dashboard_queries('1m'))} dashboard queries "
-            f"x{args.repeats}",
+            f"RSS {res.rss / GiB:.2f} GiB; running {len(dashboard_queries('1m', args.dashboards_dir))} dashboard "
+            f"queries x{args.repeats}",
             file=sys.stderr,
         )
         res.data_span_s = time.time() - t_up
@@ -238,7 +246,7 @@ def measure_size(
 
 def run_queries(prom: PrometheusProcess, t_up: float, args: argparse.Namespace) -> list[dict[str, Any]]:
     si = args.scrape_interval
-    queries = dashboard_queries(f"{4 * si:g}s")
+    queries = dashboard_queries(f"{4 * si:g}s", args.dashboards_dir)
     inst: list[list[float]] = [[] for _ in queries]
     rng: list[list[float]] = [[] for _ in queries]
     series = [0] * len(queries)
@@ -338,6 +346,12 @@ def extrapolate(results: list[SizeResult], interval: float, cores: int) -> dict[
     big = _with_queries(results)
     slow = sorted((q for q in big.queries if not q["error"]), key=lambda q: -q["range_p95_s"])
     # A 3 h dashboard at one point per scrape interval evaluates 3 h / span times more steps with data.
+    # The overview reads recording rules and one series a node: its cost is at most linear in nodes.
+    overview = [q for q in big.queries if not q["error"] and q["dashboard"] == "overview"]
+    out["overview_at_1000_nodes"] = [
+        {"panel": q["panel"], "p95_s": max(q["instant_p95_s"], q["range_p95_s"]) * 1000 / big.nodes, "expr": q["expr"]}
+        for q in sorted(overview, key=lambda q: -max(q["instant_p95_s"], q["range_p95_s"]))
+    ]
     out["slowest_at_1000_nodes"] = [
         {
             "dashboard": q["dashboard"],
@@ -361,8 +375,9 @@ def table(results: list[SizeResult]) -> str:
     lines = [
         "| nodes | head series | samples/s | Prometheus CPU (cores) | RSS (GiB) | RSS/series (B) "
         "| slowest rule group (ms) | all groups (ms) | dashboard p95 instant, median / max (ms) "
-        "| dashboard p95 range, median / max (ms) | scrape interval p99 (s) | load average |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| dashboard p95 range, median / max (ms) | scrape interval p99 (s) | load average "
+        "| overview p95, slowest query (ms) |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         inst = [q["instant_p95_s"] * 1000 for q in r.queries if not q["error"]]
@@ -371,10 +386,13 @@ def table(results: list[SizeResult]) -> str:
         total = sum(r.rule_groups_s.values()) * 1000
         qi = f"{statistics.median(inst):.1f} / {max(inst):.1f}" if inst else "not run"
         qr = f"{statistics.median(rng):.1f} / {max(rng):.1f}" if rng else "not run"
+        ov = [max(q["instant_p95_s"], q["range_p95_s"]) * 1000 for q in r.queries
+              if not q["error"] and q["dashboard"] == "overview"]  # fmt: skip
+        overview = f"{max(ov):.1f}" if ov else "not run"
         lines.append(
             f"| {r.nodes} | {r.head_series:,.0f} | {r.samples_per_s:,.0f} | {r.cpu_cores:.2f} | {r.rss / GiB:.2f} "
             f"| {r.rss_per_series:,.0f} | {slow:.1f} | {total:.1f} | {qi} | {qr} "
-            f"| {r.scrape_interval_p99_s:.2f} | {r.loadavg:.1f} |"
+            f"| {r.scrape_interval_p99_s:.2f} | {r.loadavg:.1f} | {overview} |"
         )
     return "\n".join(lines)
 
@@ -415,6 +433,8 @@ def report(results: list[SizeResult], extra: dict[str, Any], args: argparse.Name
             f"  at 1000 nodes ~{q['instant_p95_s'] * 1000:.0f} ms instant, ~{q['range_3h_s']:.1f} s for a 3 h "
             f"range: {q['dashboard']}/{q['panel']}"
         )
+    for q in extra.get("overview_at_1000_nodes", [])[:3]:
+        out.append(f"  overview at 1000 nodes (linear): ~{q['p95_s'] * 1000:.0f} ms p95, {q['panel']}")
     out.append(f"Simulator CPU at {big.nodes} nodes: {big.simulator_cpu_cores:.2f} cores")
     if big.growth:
         out.append(
@@ -459,6 +479,23 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--ranks", type=int, default=fleet_sim.RANKS_PER_NODE, help="SDK ranks in the template body.")
     ap.add_argument("--templates", type=Path, help="Rendered template bodies to reuse (fleet_sim.py render).")
+    ap.add_argument(
+        "--gpu-profile",
+        choices=("default", "full"),
+        default="default",
+        help="The sidecars' --gpu.profile the template bodies are rendered with.",
+    )
+    ap.add_argument(
+        "--rules-dir",
+        type=Path,
+        help="Load the mlops-*.yml rule files from here instead of the repository's alerts/ (e.g. "
+        "`git show` of an earlier revision's, for a before/after run).",
+    )
+    ap.add_argument(
+        "--dashboards-dir",
+        type=Path,
+        help="Run the panel queries of the generated dashboards (*.json) here instead of the mixin's.",
+    )
     ap.add_argument("--quick", action="store_true", help="1 and 2 nodes, 1 s intervals: the smoke test, in seconds.")
     ap.add_argument("--json", type=Path, help="Also write the results here.")
     ap.add_argument(
@@ -494,10 +531,13 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="mlops-obs-fleet-") as tmp:
         work = Path(tmp)
         tmpl = args.templates
-        if tmpl is None:
+        if tmpl is not None:  # bodies rendered before the profiles existed are the full set
+            args.gpu_profile = json.loads(tmpl.read_text()).get("gpu_profile", "full")
+        else:
             print(f"rendering template bodies from real exporters ({args.ranks} ranks) ...", file=sys.stderr)
             tmpl = work / "templates.json"
-            tmpl.write_text(json.dumps(fleet_sim.render_templates(args.ranks, gap=min(4.0, 2 * args.scrape_interval))))
+            tmpl.write_text(json.dumps(fleet_sim.render_templates(
+                args.ranks, gap=min(4.0, 2 * args.scrape_interval), gpu_profile=args.gpu_profile)))  # fmt: skip
         ready = work / "ports.json"
         sim = subprocess.Popen(
             [

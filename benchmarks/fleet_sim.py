@@ -114,14 +114,15 @@ def _wait(pred: Any, what: str, timeout: float = 60.0) -> None:
         time.sleep(0.1)
 
 
-def render_templates(ranks: int = RANKS_PER_NODE, gap: float = 4.0) -> dict[str, Any]:
+def render_templates(ranks: int = RANKS_PER_NODE, gap: float = 4.0, gpu_profile: str = "default") -> dict[str, Any]:
     """Two renderings ``gap`` seconds apart of a training node (``ranks`` SDK ranks, 8 busy fake H100s,
-    host and process collectors) and of an idle node (same GPUs, no processes, no ranks)."""
+    host and process collectors) and of an idle node (same GPUs, no processes, no ranks), the GPU
+    collector on ``gpu_profile``."""
     from mlops_obs.children import free_port
 
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
     procs: list[subprocess.Popen[bytes]] = []
-    out: dict[str, Any] = {"gap": gap, "bodies": {}}
+    out: dict[str, Any] = {"gap": gap, "bodies": {}, "gpu_profile": gpu_profile}
     with tempfile.TemporaryDirectory(prefix="fleet-tmpl-") as tmp:
         work = Path(tmp)
         try:
@@ -149,6 +150,8 @@ def render_templates(ranks: int = RANKS_PER_NODE, gap: float = 4.0) -> dict[str,
                     f"--web.listen-address=127.0.0.1:{port}",
                     "--gpu.backend=fake",
                     f"--gpu.fake-scenario={scen}",
+                    f"--gpu.profile={gpu_profile}",
+                    "--gpu.counter-interval=1s",  # counters that move between the two renderings
                     f"--multiproc-dir={mpdir}",
                     "--sampler.interval=0.5s",
                     "--log.level=warn",
@@ -375,6 +378,7 @@ def main(argv: list[str] | None = None) -> int:
     r = sub.add_parser("render", help="Render the template bodies from real exporters into a JSON file.")
     r.add_argument("out", type=Path)
     r.add_argument("--ranks", type=int, default=RANKS_PER_NODE)
+    r.add_argument("--gpu-profile", choices=("default", "full"), default="default")
     s = sub.add_parser("serve", help="Serve N simulated nodes until SIGTERM.")
     s.add_argument("--templates", type=Path, required=True)
     s.add_argument("--nodes", type=int, required=True)
@@ -382,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--seed", type=int, default=1)
     args = ap.parse_args(argv)
     if args.cmd == "render":
-        args.out.write_text(json.dumps(render_templates(args.ranks)))
+        args.out.write_text(json.dumps(render_templates(args.ranks, gpu_profile=args.gpu_profile)))
         return 0
     raise_fd_limit(2 * args.nodes + 64)  # a listening socket and a scrape connection per node
     nodes = build_fleet(json.loads(args.templates.read_text()), args.nodes, args.seed)

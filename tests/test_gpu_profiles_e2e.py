@@ -34,23 +34,11 @@ from mlops_obs.mixin.generate import ALERTS_FILE, RECORDING_FILE, render_files
 from tests.conftest import require_binary, wait_for
 from tests.test_alerts_e2e import NEEDS_PRODUCER
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 pytestmark = pytest.mark.timeout(300)
 TIME_SCALE = 1 / 15
 ROOT = Path(__file__).resolve().parent.parent
 
-RANK_CODE = """
-import sys, time
-from mlops_obs.instrument import TrainingMonitor
-m = TrainingMonitor(job="fleet", rank=int(sys.argv[1]), world_size=2, directory=sys.argv[2], flush_interval=0.2,
-                    flops_per_sample=1e9, peak_flops=1e13)
-while True:
-    with m.step(samples=32, tokens=32 * 512):
-        with m.phase("forward"):
-            time.sleep(0.01)
-        with m.phase("backward"):
-            time.sleep(0.02)
-    m.record(loss=1.0, grad_norm=1.0, lr=1e-4)
-"""
 
 # Alerts whose expression returns nothing on this node, and why. GPU alerts must all return data but
 # GpuMissing; the others read host, training and pipeline faults this node does not play.
@@ -92,6 +80,7 @@ NEEDS_FAULT = {
 NO_DATA = {
     "Failed ranks": "no rank fails",
     "CUDA memory allocated": "CPU-only ranks",
+    "MFU": "the ranks give no FLOPs",
     "Checkpoint duration (p90)": "the ranks do not checkpoint",
     "InfiniBand throughput": "no InfiniBand HCA on this machine",
     "InfiniBand errors": "no InfiniBand HCA on this machine",
@@ -130,6 +119,8 @@ def _scenario(rank_pids: list[int]) -> dict[str, Any]:
 def proms(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     if not find_binary("prometheus"):
         require_binary("prometheus")
+    import fleet_sim  # benchmarks/: the fleet simulator's ranks
+
     from mlops_obs.config import resolve
     from mlops_obs.exporter import Exporter, settings
 
@@ -142,7 +133,8 @@ def proms(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     mp = work / "mp"
     mp.mkdir()
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    ranks = [subprocess.Popen([sys.executable, "-c", RANK_CODE, str(r), str(mp)], env=env) for r in range(2)]
+    ranks = [subprocess.Popen([sys.executable, "-c", fleet_sim.RANK_CODE, str(r), str(mp), "fleet", "2", "node-a"],
+                              env=env) for r in range(2)]  # fmt: skip
     exporters: list[Any] = []
     started: list[PrometheusProcess] = []
     try:

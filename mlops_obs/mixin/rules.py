@@ -1224,30 +1224,24 @@ RECORDING_GROUP_TITLES = {"joins": "mlops-obs.rules", "gpu-errors": "mlops-obs.g
                           "gpu": "mlops-obs.gpu.rules", "training": "mlops-obs.training.rules"}  # fmt: skip
 
 
-def alert_groups(cfg: MixinConfig) -> dict[str, Any]:
-    groups: dict[str, list[dict[str, Any]]] = {}
-    for a in alerts(cfg):
-        groups.setdefault(a.group, []).append(a.rule(cfg))
+def _groups(cfg: MixinConfig, titles: dict[str, str], rules: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
+    """(group key, rule) pairs as rule file groups, in ``titles``' order."""
     out = []
-    for key, rules in groups.items():
-        g: dict[str, Any] = {"name": GROUP_TITLES[key], "rules": rules}
+    for key, title in titles.items():
+        g: dict[str, Any] = {"name": title, "rules": [r for k, r in rules if k == key]}
         if cfg.rule_interval:
             g["interval"] = cfg.rule_interval
-        out.append(g)
+        if g["rules"]:
+            out.append(g)
     return {"groups": out}
+
+
+def alert_groups(cfg: MixinConfig) -> dict[str, Any]:
+    return _groups(cfg, GROUP_TITLES, [(a.group, a.rule(cfg)) for a in alerts(cfg)])
 
 
 def recording_groups(cfg: MixinConfig) -> dict[str, Any]:
-    groups: dict[str, list[dict[str, Any]]] = {key: [] for key in RECORDING_GROUP_TITLES}
-    for r in recording_rules(cfg):
-        groups[r.group].append(r.rule())
-    out = []
-    for key, rules in groups.items():
-        g: dict[str, Any] = {"name": RECORDING_GROUP_TITLES[key], "rules": rules}
-        if cfg.rule_interval:
-            g["interval"] = cfg.rule_interval
-        out.append(g)
-    return {"groups": out}
+    return _groups(cfg, RECORDING_GROUP_TITLES, [(r.group, r.rule()) for r in recording_rules(cfg)])
 
 
 _TEMPLATE = re.compile(r"\{\{\s*(?:\$labels\.(\w+)|printf \"%\.0f\" \$value)\s*\}\}")

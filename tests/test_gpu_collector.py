@@ -544,6 +544,19 @@ def test_default_profile_sums_nvlink_per_gpu(gpu: Callable[..., GpuCollector], m
     assert not any("link" in dict(lb) or "type" in dict(lb) for n, lb in default if "nvlink" in n)
 
 
+def test_default_profile_nvlink_sums_never_dip(gpu: Callable[..., GpuCollector]) -> None:
+    """A per-GPU NVLink sum leaves out a field the device never supports, and is not reported at all in a
+    read where a field that answered before is missing (a smaller sum would read as a counter reset)."""
+    c = gpu({"devices": [{"nvlink_errors": {"replay": 1, "crc": 2}, "not_supported": ["nvlink_recovery"]}]},
+            **{"gpu.profile": "default"})  # fmt: skip
+    assert values(sample(c), "mlops_gpu_nvlink_errors_total") == [18 * 3.0]
+    fake(c).devices[0]["nvlink_links"] = 17  # one link stops answering
+    s = sample(c)
+    assert values(s, "mlops_gpu_nvlink_errors_total") == values(s, "mlops_gpu_nvlink_transmit_bytes_total") == []
+    fake(c).devices[0]["nvlink_links"] = 18
+    assert values(sample(c), "mlops_gpu_nvlink_errors_total") == [18 * 3.0]
+
+
 def test_default_profile_leaves_out_the_full_only_families_and_their_calls(gpu: Callable[..., GpuCollector]) -> None:
     """Families of the full profile only have no series (and their NVML calls are not made); ECC is the
     volatile scope, throttling the reasons the alerts read; every other family is as in full."""

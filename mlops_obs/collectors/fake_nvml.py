@@ -16,7 +16,8 @@ Select it with ``--gpu.backend=fake`` and optionally ``--gpu.fake-scenario=FILE`
         arch: hopper                  # hopper and newer have GPM profiling ratios
         utilization: 87               # percent, as NVML reports it
         fan_speed: null               # null or listed in not_supported: NVML_ERROR_NOT_SUPPORTED
-        not_supported: [nvmlDeviceGetFanSpeed, memory_temperature, pcie_counters]   # pcie_counters,
+        not_supported: [nvmlDeviceGetFanSpeed, memory_temperature, pcie_counters]   # nvlink_crc (one
+                                      # error type's field), pcie_counters,
                                       # throttle_fields: an older driver without those field ids
         ecc: {volatile: {corrected: 3, uncorrected: 0}}
         nvlink_errors: {crc: 1}       # per link; nvlink_errors_per_second: {crc: 0.5} makes them grow
@@ -476,10 +477,10 @@ class FakeNvml:
                     frac = float((d["throttle"] or {}).get(_THROTTLE_FIELDS[fid], 0.0))
                     value = int(frac * elapsed * 1e9)
             elif fid in _NVLINK_FIELDS:
-                if no_nvlink or scope >= links:
+                kind = _NVLINK_FIELDS[fid]
+                if no_nvlink or scope >= links or f"nvlink_{kind}" in ns:
                     ret = unsupported
                 else:
-                    kind = _NVLINK_FIELDS[fid]
                     value = int(errors.get(kind, 0)) + int(float(error_rates.get(kind, 0.0)) * elapsed)
             else:
                 ret = unsupported

@@ -199,7 +199,7 @@ class GpuCollector(Collector):
         Setting("gpu.profile", choice_parser(*PROFILES), "default",
                 "Which series: default: what the alerts, dashboards and rank attribution read (NVLink per GPU, "
                 "processes per GPU and owner; ~37 series a GPU); full: every field, NVLink per link and type, "
-                "processes per pid (~130 series an H100).", choices=PROFILES),
+                "processes per pid (~140 series an H100).", choices=PROFILES),
     )  # fmt: skip
 
     def __init__(
@@ -291,9 +291,9 @@ class GpuCollector(Collector):
         per_pid = self.profile.process_per_pid
         cache = d.proc_labels
         seen: dict[int, tuple[dict[str, str], Labels]] = {}
-        # label set -> [memory, utilisation, processes with a utilisation]: one entry a pid (full profile),
-        # or one per owner with the pids' values summed (default: a rank's data loader workers that open a
-        # CUDA context, or a restarted rank, add no series).
+        # label set -> [memory, processes with one, utilisation, processes with one]: one entry a pid (full
+        # profile), or one per owner with the pids' values summed (default: a rank's data loader workers
+        # that open a CUDA context, or a restarted rank, add no series).
         sums: dict[Labels, list[float]] = {}
         for p in procs:
             pid = int(p.pid)
@@ -493,9 +493,11 @@ class GpuCollector(Collector):
                 d.link_labels = (key, {})
             ll = d.link_labels[1]
             per_link = prof.nvlink_per_link
-            # Per GPU (default profile): each family's sum over the links (and error types), or nothing
-            # when a link's value is missing from this read: a partial sum would look like a counter reset.
-            totals: dict[str, float | None] = {}
+            # Per GPU (default profile): each family's sum over the links (and error types) that have
+            # answered, or no sample when one that answered before is missing from this read: a partial
+            # sum would look like a counter reset. A field the device never supports is simply not summed.
+            totals: dict[str, float] = {}
+            answered: set[tuple[int, int]] = set()
             for fid, scope, x in field_values(fvs):
                 if fid == FI_PCIE_TX_BYTES:
                     if x is not None:
@@ -515,19 +517,20 @@ class GpuCollector(Collector):
                     name, value = "mlops_gpu_nvlink_receive_bytes_total", None if x is None else x * 1024
                 else:
                     name, value = "mlops_gpu_nvlink_errors_total", x
-                if not per_link:
-                    t = totals.get(name, 0)
-                    totals[name] = None if t is None or value is None else t + value
-                    continue
                 if value is None:
+                    continue
+                if not per_link:
+                    totals[name] = totals.get(name, 0) + value
+                    answered.add((fid, scope))
                     continue
                 labels = ll.get((fid, scope))
                 if labels is None:
                     extra = {"type": FI_NVLINK_ERRORS[fid]} if fid in FI_NVLINK_ERRORS else {}
                     labels = ll[(fid, scope)] = intern({**lb, "link": str(scope), **extra})
                 add(name, labels, value)
-            for name, total in totals.items():
-                if total is not None:
+            if answered >= d.nvlink_answered:
+                d.nvlink_answered = answered
+                for name, total in totals.items():
                     add(name, lb, total)
         for name, samples in d.counters.set(list(so.items()), now, key):
             out.extend(name, samples)

@@ -185,6 +185,8 @@ class Device:
     owner_labels: tuple[tuple[str, str], Labels] | None = None  # the owning rank, and labels with it
     link_labels: tuple[Owner, dict[tuple[int, int], Labels]] | None = None  # per (field, link), per owner
     proc_labels: dict[int, tuple[dict[str, str], Labels]] = field(default_factory=dict)  # pid -> (attribution, set)
+    # The NVLink (field, link) pairs the per-GPU sums added up at their last read (default profile).
+    nvlink_answered: set[tuple[int, int]] = field(default_factory=set)
     # Re-read every gpu.counter-interval.
     counters: Timed[list[tuple[str, list[Sample]]]] = field(default_factory=lambda: Timed([]))  # per family
     rare: Timed[dict[str, Any]] = field(default_factory=lambda: Timed({}))  # settings-like gauges, by function
@@ -212,6 +214,7 @@ class Device:
         self.labels = labels.get({"gpu": str(self.index), "uuid": uuid, "model": model})
         self.link_labels = None
         self.owner_labels = None
+        self.nvlink_answered = set()
         self.proc_labels = {}
         pci = n.call("nvmlDeviceGetPciInfo", h)
         info = {"driver_version": driver}

@@ -40,7 +40,6 @@ import itertools
 import os
 import random
 import signal
-import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -50,6 +49,7 @@ from typing import Any, Protocol
 
 import orjson
 
+from mlops_obs.config import node_name
 from mlops_obs.logs.events import LineParser
 from mlops_obs.logs.store import ParsedEvents
 
@@ -226,7 +226,7 @@ class Shipper:
         self.sink = sink
         self.log = log
         self.stats = Stats()
-        self.node = socket.gethostname()
+        self.node = node_name()
         self.stop_event = threading.Event()
         self.state_dir = Path(options.state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)

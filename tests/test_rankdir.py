@@ -36,21 +36,25 @@ def test_the_monitor_writes_exactly_the_schemas_fields(tmp_path: Path) -> None:
     with TrainingMonitor("j", 0, 1, tmp_path, flush_interval=60) as m, m.step(samples=1):
         pass
     written = rankdir.read(tmp_path / rankdir.file_name("j", 0))
-    assert written is not None and written["v"] == rankdir.SCHEMA_VERSION == 2
+    assert written is not None and written["v"] == rankdir.SCHEMA_VERSION == 3
     assert set(written) == set(typing.get_type_hints(rankdir.Snapshot))
 
 
-def test_version_1_is_read_as_the_current_version_and_others_are_not() -> None:
-    """The previous version's window of step times becomes its count and median; a hand-edited window
-    keeps its numbers; any other version, or a document that is not an object, is not a snapshot."""
-    v1 = rankdir.parse({"v": 1, "job": "j", "rank": 0, "recent_step_seconds": [0.3, 0.1, 0.2, 0.4]})
-    assert v1 == {"v": 2, "job": "j", "rank": 0, "recent_steps": 4, "recent_step_median": pytest.approx(0.25)}
-    junk = rankdir.parse({"v": 1, "recent_step_seconds": [0.5, "x", None, True, 1.5]})
-    assert junk is not None and (junk["recent_steps"], junk["recent_step_median"]) == (2, 1.0)
-    assert rankdir.parse({"v": 1, "recent_step_seconds": 7}) == {"v": 2}
-    current = {"v": 2, "job": "j", "recent_steps": 3, "recent_step_median": 0.2}
+def test_version_2_is_read_as_the_current_version_and_others_are_not() -> None:
+    """The previous version's ``closed`` becomes finished (it could not tell a crash), its compute-time
+    median keeps its meaning under the new name; any other version, or a document that is not an
+    object, is not a snapshot."""
+    v2 = rankdir.parse({"v": 2, "job": "j", "rank": 0, "updated": 5.0, "closed": True, "recent_steps": 9,
+                        "recent_step_median": 0.25})  # fmt: skip
+    assert v2 == {"v": 3, "job": "j", "rank": 0, "updated": 5.0, "recent_steps": 9, "state": "finished",
+                  "end_time": 5.0, "failure": None, "phase": None, "step_compute_median": 0.25,
+                  "step_median": None}  # fmt: skip
+    running = rankdir.parse({"v": 2, "job": "j", "closed": "yes"})  # not a boolean: not closed
+    assert running is not None and (running["state"], running["end_time"]) == ("running", None)
+    assert "pid_ns" not in running  # nothing says which pid namespace: never taken for vanished
+    current = {"v": 3, "job": "j", "recent_steps": 3, "step_compute_median": 0.2}
     assert rankdir.parse(current) is current
-    for other in ({"v": 0}, {"v": 3}, {"job": "j"}, [1, 2], "v", None):
+    for other in ({"v": 1, "recent_step_seconds": [0.1]}, {"v": 4}, {"job": "j"}, [1, 2], "v", None):
         assert rankdir.parse(other) is None
 
 

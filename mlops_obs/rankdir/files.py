@@ -8,6 +8,7 @@ the old or the new file, never a torn one.
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import stat
@@ -26,6 +27,7 @@ MAX_BYTES = 1 << 20
 OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
+_writes = itertools.count()
 
 
 def file_name(job: str, rank: int) -> str:
@@ -35,7 +37,9 @@ def file_name(job: str, rank: int) -> str:
 def write(directory: Path, job: str, rank: int, data: Snapshot) -> None:
     """Atomically replace this rank's snapshot."""
     final = directory / file_name(job, rank)
-    tmp = directory / f".{final.name}.{os.getpid()}.tmp"
+    # A name of its own per write: a rank's final snapshot (written from a signal handler or another
+    # thread) may overlap its flush thread's write, and two writers must never share a temp file.
+    tmp = directory / f".{final.name}.{os.getpid()}-{next(_writes)}.tmp"
     with open(tmp, "wb") as f:
         f.write(orjson.dumps(data, option=orjson.OPT_SERIALIZE_NUMPY))
     os.replace(tmp, final)
@@ -50,14 +54,14 @@ def remove_leftovers(directory: Path, job: str, rank: int) -> int:
     namespace). Returns how many were removed.
     """
     prefix = f".{file_name(job, rank)}."
-    mine = f"{prefix}{os.getpid()}.tmp"
+    mine = f"{prefix}{os.getpid()}-"
     removed = 0
     try:
         entries = list(os.scandir(directory))
     except OSError:
         return 0
     for entry in entries:
-        if entry.name.startswith(prefix) and entry.name.endswith(".tmp") and entry.name != mine:
+        if entry.name.startswith(prefix) and entry.name.endswith(".tmp") and not entry.name.startswith(mine):
             try:
                 os.unlink(entry.path)
                 removed += 1

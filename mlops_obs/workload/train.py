@@ -11,7 +11,6 @@ import ctypes
 import datetime
 import os
 import signal
-import socket
 import sys
 import threading
 import time
@@ -56,6 +55,7 @@ def main() -> int:
     from torch import nn
     from torch.nn.parallel import DistributedDataParallel as DDP
 
+    from mlops_obs.config import node_name
     from mlops_obs.instrument import TrainingMonitor
     from mlops_obs.instrument.torch import (
         NonFiniteLossError,
@@ -71,7 +71,7 @@ def main() -> int:
     rank = int(os.environ["RANK"])
     world = int(os.environ["WORLD_SIZE"])
     job = os.environ.get("MLOPS_OBS_JOB", "workload")
-    node = os.environ.get("MLOPS_OBS_NODE") or socket.gethostname()
+    node = node_name()
     log_dir = Path(opts.get("log_dir", "logs"))
     log_dir.mkdir(parents=True, exist_ok=True)
     log_file = open(log_dir / f"{job}-rank{rank}.jsonl", "ab")  # noqa: SIM115 - lives as long as the process
@@ -180,12 +180,12 @@ def main() -> int:
         # all-reduce until the launcher stops them.
         log.error("non-finite loss, stopping", step=e.step, loss=str(e.value))
         log_file.flush()
-        monitor.close()
+        monitor.close(error=e)  # the rank stops on an error it handled: failed, not finished
         print(f"workload rank {rank}: {e}", file=sys.stderr)
         return 1
     except Exception as e:
         # What a real job's top-level handler leaves: a log line with the traceback, the traceback on
-        # stderr (the re-raise), exit code 1. The final snapshot is written by the monitor at exit.
+        # stderr (the re-raise), exit code 1. The monitor's exception hook writes the rank failed.
         log.exception("rank failed", step=step, error=f"{type(e).__name__}: {e}")
         log_file.flush()
         raise

@@ -14,6 +14,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from mlops_obs import rankdir
 from mlops_obs.collectors import CollectorUnavailable
 from mlops_obs.collectors.fake_nvml import FakeNvml
 from mlops_obs.collectors.gpu import FAMILIES, GpuCollector
@@ -106,9 +107,17 @@ def fake(c: GpuCollector) -> FakeNvml:
     return lib
 
 
-def test_every_field_of_a_full_node_is_reported_in_base_units(gpu: Callable[..., GpuCollector]) -> None:
+def _rank_on_gpu0(directory: Path) -> Path:
+    """A training rank's snapshot naming GPU 0's process of FULL, so the device has an owner."""
+    directory.mkdir(exist_ok=True)
+    rankdir.write(directory, "full", 0, {"v": rankdir.SCHEMA_VERSION, "job": "full", "rank": 0, "pid": 999_999_001,
+                                         "updated": time.time(), "state": "running"})  # fmt: skip
+    return directory
+
+
+def test_every_field_of_a_full_node_is_reported_in_base_units(gpu: Callable[..., GpuCollector], tmp_path: Path) -> None:
     """Every family in FAMILIES appears for the full scenario, with values converted to base units."""
-    c = gpu(FULL)
+    c = gpu(FULL, **{"multiproc-dir": _rank_on_gpu0(tmp_path / "mp")})
     c.sample()
     wait_for(lambda: c.xid is not None and bool(c.xid.snapshot()))
     time.sleep(0.05)
@@ -138,6 +147,12 @@ def test_every_field_of_a_full_node_is_reported_in_base_units(gpu: Callable[...,
     assert values(s, "mlops_gpu_sm_active_ratio", **g0) == [0.715]
     info = [lb for (n, lb) in s if n == "mlops_gpu_info" and ("gpu", "0") in lb]
     assert ("driver_version", "550.54.15") in info[0]
+    # The rank owns each GPU its process uses alone: the same attribution as the per-process series.
+    owners = sorted((dict(lb)["gpu"], dict(lb)["uuid"], dict(lb)["job"], dict(lb)["rank"])
+                    for (n, lb) in s if n == "mlops_gpu_owner_info")  # fmt: skip
+    used = sorted((dict(lb)["gpu"], dict(lb)["uuid"], "full", "0") for (n, lb) in s
+                  if n == "mlops_gpu_process_memory_used_bytes" and ("job", "full") in lb)  # fmt: skip
+    assert owners == used and owners[0][:2] == ("0", dict(info[0])["uuid"]), owners
     # Counters carry _total and only counters do.
     assert all(n.endswith("_total") == (FAMILIES[n][0] == "counter") for n in FAMILIES)
 
@@ -147,7 +162,14 @@ def test_full_node_output_passes_promtool_check_metrics(start_exporter: Callable
     promtool = require_binary("promtool")
     scenario = tmp_path / "full.yaml"
     scenario.write_text(yaml.safe_dump(FULL))
-    ex = start_exporter(**{"gpu.backend": "fake", "gpu.fake-scenario": scenario, "collector.gpu": True})
+    ex = start_exporter(
+        **{
+            "gpu.backend": "fake",
+            "gpu.fake-scenario": scenario,
+            "collector.gpu": True,
+            "multiproc-dir": _rank_on_gpu0(tmp_path / "mp"),
+        }
+    )
     wait_for(
         lambda: all(
             f"{n}{{" in _get(ex.url + "/metrics") for n in ("mlops_gpu_xid_errors_total", "mlops_gpu_sm_active_ratio")

@@ -1,5 +1,9 @@
 """``mlops-obs exporter``: run the sidecar until SIGTERM or SIGINT; SIGHUP reloads its configuration.
 
+On SIGTERM it keeps sampling and serving for ``--web.shutdown-delay`` first: in a training pod the
+sidecar is stopped together with the trainer, and the ranks' final state (a failure above all) must
+still reach a scrape. A second SIGTERM, or SIGINT, stops it at once.
+
 The machinery is :class:`mlops_obs.exporter.Exporter`; this module holds what belongs to the
 long-running process alone: its settings, signal handling, exit codes and garbage-collector tuning.
 """
@@ -12,6 +16,7 @@ import importlib
 import os
 import pkgutil
 import signal
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -109,6 +114,23 @@ def _serve(cfg: Mapping[str, Any], handled: set[signal.Signals]) -> int:
             exporter.reload()
         else:
             break
+    delay = float(cfg.get("web.shutdown-delay") or 0.0)
+    if signum == signal.SIGTERM and delay > 0:
+        log.info("exporter stopping after the shutdown delay", delay_seconds=delay)
+        _serve_for(exporter, handled, delay)
     log.info("exporter stopping")
     exporter.stop()
     return 0
+
+
+def _serve_for(exporter: Exporter, handled: set[signal.Signals], seconds: float) -> None:
+    """Go on serving for ``seconds`` (SIGHUP still reloads); SIGTERM or SIGINT ends the wait."""
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        info = signal.sigtimedwait(handled, left)
+        if info is None:
+            return
+        if info.si_signo == signal.SIGHUP:
+            exporter.reload()
+        else:
+            return

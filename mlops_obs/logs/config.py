@@ -30,7 +30,15 @@ import structlog
 from structlog.tracebacks import ExceptionDictTransformer
 from structlog.typing import EventDict, FilteringBoundLogger, Processor, WrappedLogger
 
-from mlops_obs.logs.redact import RedactSecrets, plain_value, redact_event
+from mlops_obs.logs.redact import (
+    LEAVE,
+    SCAN_VALUE,
+    RedactSecrets,
+    _maybe_secret,
+    plain_value,
+    redact_text,
+    redact_value,
+)
 
 Logger = FilteringBoundLogger
 """The type of our loggers (:func:`get_logger`): structlog's level-filtering bound logger protocol."""
@@ -116,6 +124,7 @@ class JsonLines(JobStamp):
         except orjson.JSONEncodeError:  # e.g. an int over 64 bits: the slow path renders a plain copy
             self._ctx, self._fast = "", False
         self._heads: dict[str, tuple[bytes, bytes]] = {}
+        self._actions = self._redactor.actions if self._redactor is not None else {}
 
     def _head(self, method: str) -> tuple[bytes, bytes]:
         """``,<context>,"level":"<level>","ts":"`` (and without the comma, after an empty dict)."""
@@ -134,9 +143,26 @@ class JsonLines(JobStamp):
     def __call__(self, logger: WrappedLogger, method: str, event_dict: EventDict) -> bytes:  # type: ignore[override]
         if not self._fast or not self._reserved.isdisjoint(event_dict):
             return self._slow(logger, method, event_dict)
-        redactor = self._redactor
-        if redactor is not None:
-            event_dict = redact_event(event_dict, redactor.actions, redactor.skip)
+        if self._redactor is not None:
+            # redact_event's loop, inlined (a call is a visible share of the event), with the same
+            # cached key_action decisions; a key naming or holding a secret (rare) takes the slow path.
+            actions = self._actions
+            for k, v in event_dict.items():
+                t = type(v)
+                if t is float:
+                    continue
+                try:
+                    action = actions[k]
+                except KeyError:
+                    action = self._redactor.action(k)
+                if action == SCAN_VALUE:
+                    if t is str:
+                        if len(v) >= 8 and _maybe_secret(v):
+                            event_dict[k] = redact_text(v)
+                    elif t is not int and v is not None and t is not bool:
+                        event_dict[k] = redact_value(v, actions)
+                elif action != LEAVE:
+                    return self._slow(logger, method, event_dict)
         try:
             body = orjson.dumps(event_dict, default=str)
         except (orjson.JSONEncodeError, RecursionError):

@@ -292,8 +292,9 @@ def _text_of(value: Any) -> str:
 
 
 def _mask(value: Any) -> Any:
-    """A value under a secret-named key: masked unless it cannot hold anything (None, a bool, empty)."""
-    if value is None or value is True or value is False:
+    """A value under a secret-named key: masked unless it cannot hold a secret (None, a bool, a
+    non-integer number, which is a measurement, an empty string or container)."""
+    if value is None or isinstance(value, bool | float):
         return value
     try:
         if len(value) == 0:
@@ -518,7 +519,7 @@ class RedactSecrets:
 
     Place it after the exception renderer (``format_exc_info`` or ``dict_tracebacks``): a traceback's
     text and an exception's message are values like any other. Whether a key names a secret is
-    decided once per distinct key and cached (:attr:`actions`).
+    decided once per distinct key and cached (:attr:`actions`, :meth:`action`).
     """
 
     DEFAULT_SKIP = ("ts", "level", "seq", "job", "rank", "node", "run_id")
@@ -526,6 +527,10 @@ class RedactSecrets:
     def __init__(self, skip_keys: Iterable[str] = DEFAULT_SKIP) -> None:
         self.skip = frozenset(skip_keys)
         self.actions: dict[str, int] = {}
+
+    def action(self, key: str) -> int:
+        """:func:`key_action` for ``key`` with this processor's skip list, remembered in :attr:`actions`."""
+        return _remember(self.actions, key, key_action(key, self.skip))
 
     def __call__(self, logger: WrappedLogger, method: str, event_dict: EventDict) -> EventDict:
         return redact_event(event_dict, self.actions, self.skip)

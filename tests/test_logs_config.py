@@ -8,6 +8,7 @@ import io
 import logging
 import os
 import pty
+import time
 import warnings
 from pathlib import Path
 
@@ -233,6 +234,33 @@ def test_exception_message_redacted_in_both_formats(tmp_path: Path) -> None:
     except ValueError:
         get_logger().exception("step failed")
     assert "Traceback" in buf.getvalue() and "Hq7nB2vXk9LmPw" not in buf.getvalue()
+
+
+# Strings built to make a backtracking regex quadratic: before the patterns were bounded, the first
+# took 5 minutes and the second 40 s at 100-200 kB.
+HOSTILE = {
+    "key run": "key" * 66_000,
+    "key= run": "key=" * 50_000,
+    "password= run": "password=" * 22_000,
+    "schemes": "x://a:" * 33_000,
+    "dotted scheme": "a." * 100_000 + "://",
+    "open quote": 'password="' + "a" * 200_000,
+    "escaped quotes": 'key=\\"' * 33_000,
+    "flags": "--token " * 25_000,
+    "headers": "Authorization: " * 13_000,
+    "pem": "-----BEGIN " + "A " * 100_000 + "private key",
+    "long word": "x" * 200_000 + "password=abc",
+    "base64": "Ab1/" * 50_000,
+}
+
+
+@pytest.mark.parametrize("text", HOSTILE.values(), ids=HOSTILE.keys())
+def test_redaction_time_is_linear_on_hostile_strings(text: str) -> None:
+    """A 200 kB line built against the patterns costs its own scan (well under a second here), never
+    minutes: a training job is never stalled by what it logs."""
+    t0 = time.process_time()
+    redact_text(text)
+    assert time.process_time() - t0 < 10
 
 
 def test_structlog_internals_the_fast_logger_reads() -> None:

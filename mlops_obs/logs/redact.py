@@ -110,32 +110,43 @@ def key_action(key: str, skip: frozenset[str] = frozenset()) -> int:
 # --- secret shapes in text ------------------------------------------------------------------------
 
 
-def _sub_keyed(pattern: re.Pattern[str], text: str) -> str:
-    """Mask the values of ``key=value``-like matches of ``pattern`` whose key names a secret (the same
-    rule as for keys, :func:`is_secret_key`). A match whose key is not a secret consumes only its key
-    and separator, so ``KeyError: 'api_key=...'`` still finds ``api_key``."""
-    parts: list[str] = []
-    pos = 0
-    m = pattern.search(text)
-    while m is not None:
-        found = m.groupdict()
-        group, value = next((g, found[g]) for g in ("dq", "sq", "eq", "bare") if found.get(g) is not None)
-        vstart, vend = m.span(group)
-        if (
-            not is_secret_key(found["key"].lstrip("-"))
-            or value == MASK
-            or (group == "bare" and (value.lower() in _AUTH_SCHEMES or text.startswith(MASK, vend)))
-        ):  # not a secret; or already done by a shape rule ("Bearer [REDACTED]", "ghs_[REDACTED]")
-            m = pattern.search(text, m.end("sep"))
-            continue
-        parts.append(text[pos:vstart])
-        parts.append(MASK)
-        pos = vend
-        m = pattern.search(text, m.end())
-    if not parts:
-        return text
-    parts.append(text[pos:])
-    return "".join(parts)
+class _Keyed:
+    """The replacement for ``key=value``-like patterns: a key and separator are matched first (cheap
+    and bounded, so a long run of ``key=key=...`` costs linear time), and only when the key names a
+    secret (:func:`is_secret_key`, the same rule as for keys) is the value after it matched and
+    masked. A key that is not a secret consumes only itself and its separator, so
+    ``KeyError: 'api_key=...'`` still finds ``api_key``."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: str) -> None:
+        self.value = re.compile(value)
+
+    def __call__(self, pattern: re.Pattern[str], text: str) -> str:
+        parts: list[str] = []
+        pos = 0
+        m = pattern.search(text)
+        while m is not None:
+            end = m.end()
+            v = self.value.match(text, end) if is_secret_key(m.group("key").lstrip("-")) else None
+            if v is not None:
+                group = v.lastgroup or ""
+                value = v.group(group)
+                vstart, vend = v.span(group)
+                # not already done by a shape rule ("Bearer [REDACTED]", "ghs_[REDACTED]")
+                if (
+                    value
+                    and value != MASK
+                    and not (group == "bare" and (value.lower() in _AUTH_SCHEMES or text.startswith(MASK, vend)))
+                ):
+                    parts.append(text[pos:vstart])
+                    parts.append(MASK)
+                    pos = end = vend
+            m = pattern.search(text, end)
+        if not parts:
+            return text
+        parts.append(text[pos:])
+        return "".join(parts)
 
 
 _AUTH_SCHEMES = frozenset({"bearer", "basic", "token", "digest", "negotiate", "ntlm", "aws4-hmac-sha256"})
@@ -169,7 +180,7 @@ def _aws_secret_sub(m: re.Match[str]) -> str:
     return s
 
 
-_Repl = str | Callable[[re.Match[str]], str] | Callable[[re.Pattern[str], str], str]
+_Repl = str | Callable[[re.Match[str]], str] | _Keyed
 _KEY_NEEDLES = ("pass", "pw", "secret", "token", "key", "auth", "credential", "cookie", "session", "bearer", "jwt",
                 "signature")  # fmt: skip
 _PEM = r"-----BEGIN ([A-Z0-9 ]*)PRIVATE KEY([A-Z ]*)-----.*?(?:-----END [A-Z0-9 ]*PRIVATE KEY[A-Z ]*-----|$)"
@@ -187,7 +198,8 @@ _PATTERNS: list[tuple[tuple[str, ...] | None, re.Pattern[str], _Repl]] = [
     (("putty-user-key-file",), re.compile(r"PuTTY-User-Key-File-\d+:.*", re.S), "PuTTY private key " + MASK),
     # scheme://user:password@host, the password up to the last "@" (it may hold "@" or "/"); not host:port/...
     (("://",),
-     re.compile(r"(?i)\b([a-z][a-z0-9+.\-]*://[^\s:/?#\"'<>]*:)(?!\d{1,5}(?:[/?#\"'<>\s]|$))[^\s\"'<>]+@"),
+     re.compile(r"(?i)\b([a-z][a-z0-9+.\-]{0,30}://[^\s:/?#\"'<>]{0,256}:)(?!\d{1,5}(?:[/?#\"'<>\s]|$))"
+                r"[^\s\"'<>]{1,1024}@"),
      r"\1" + MASK + "@"),
     (None, re.compile(r"\b((?:AKIA|ASIA|AGPA|AIDA|AROA|ANPA|ABIA|ACCA|A3T[A-Z0-9])[A-Z0-9]{4})[A-Z0-9]{12}\b"),
      r"\1" + MASK),
@@ -235,14 +247,12 @@ _PATTERNS: list[tuple[tuple[str, ...] | None, re.Pattern[str], _Repl]] = [
      re.compile(r"(?i)\b(bearer|basic|token)\s+(?!\[REDACTED\])([A-Za-z0-9\-._~+/]{6,}=*)"), _scheme_sub),
     # key=value, key: value, "key": "value", key => value, --key value: the key decides (is_secret_key).
     (_KEY_NEEDLES,
-     re.compile(r"(?P<key>(?<![\w.\-])(?:--)?(?=[A-Za-z_])[\w.\-]*?(?i:" + "|".join(_KEY_NEEDLES) + r")[\w.\-]*)"
-                r"""(?P<sep>(?:\\?["'])?\s*(?:=>|[=:])\s*)""" + _QUOTED_VALUE
-                + r"""(?P<bare>[^\s"',;&\[\](){}<>\\]{3,}))"""),
-     _sub_keyed),
+     re.compile(r"(?P<key>(?<![\w.\-])(?:--)?(?=[A-Za-z_])[\w.\-]{0,64}?(?i:" + "|".join(_KEY_NEEDLES)
+                + r""")[\w.\-]{0,64})(?:\\?["'])?\s*(?:=>|[=:])\s*"""),
+     _Keyed(_QUOTED_VALUE + r"""(?P<bare>[^\s"',;&\[\](){}<>\\]{3,}))""")),
     (("--",),
-     re.compile(r"(?<!\S)--(?P<key>(?=[A-Za-z])[\w.\-]+)(?P<sep> +)" + _QUOTED_VALUE
-                + r"""(?P<bare>[^\s"'\-][^\s"']*))"""),
-     _sub_keyed),
+     re.compile(r"(?<!\S)--(?P<key>(?=[A-Za-z])[\w.\-]{1,64}) +"),
+     _Keyed(_QUOTED_VALUE + r"""(?P<bare>[^\s"'\-][^\s"']*))""")),
     (None, re.compile(r"(?<![A-Za-z0-9/+=])[A-Za-z0-9/+]{40}(?![A-Za-z0-9/+=])"), _aws_secret_sub),
 ]  # fmt: skip
 
@@ -267,7 +277,7 @@ def redact_text(text: str) -> str:
     long_run = _LONG_RUN.search(text) is not None
     for needles, pattern, repl in _PATTERNS:
         if long_run if needles is None else any(n in low for n in needles):
-            text = _sub_keyed(pattern, text) if repl is _sub_keyed else pattern.sub(repl, text)  # type: ignore[arg-type]
+            text = repl(pattern, text) if isinstance(repl, _Keyed) else pattern.sub(repl, text)
     return text
 
 

@@ -110,6 +110,25 @@ def test_console_renderer_only_on_a_tty(tmp_path: Path) -> None:
     assert _lines(out)[0]["event"] == "hello file"
 
 
+def test_console_output_is_redacted_traceback_included() -> None:
+    """On a terminal too: values and the rendered traceback are redacted."""
+    master, slave = pty.openpty()
+    try:
+        with os.fdopen(slave, "w", closefd=False) as tty:
+            configure("info", "console", stream=tty, context=CTX)
+            try:
+                raise ValueError("password=Hq7nB2vXk9LmPw")
+            except ValueError:
+                get_logger().exception("boom", token="Tm4Kx8Qp2Vz7Rw1s")
+            tty.flush()
+        text = os.read(master, 65536).decode(errors="replace")
+    finally:
+        os.close(master)
+        os.close(slave)
+    assert "Traceback" in text and "ValueError: password=[REDACTED]" in text
+    assert "Hq7nB2vXk9LmPw" not in text and "Tm4Kx8Qp2Vz7Rw1s" not in text
+
+
 def test_redaction_is_on_by_default_in_the_pipeline(tmp_path: Path) -> None:
     """A secret passed as a value or inside the message never reaches the file."""
     out = tmp_path / "r.jsonl"
@@ -236,8 +255,8 @@ def test_exception_message_redacted_in_both_formats(tmp_path: Path) -> None:
     assert "Traceback" in buf.getvalue() and "Hq7nB2vXk9LmPw" not in buf.getvalue()
 
 
-# Strings built to make a backtracking regex quadratic: before the patterns were bounded, the first
-# took 5 minutes and the second 40 s at 100-200 kB.
+# Strings built to make a backtracking pattern quadratic: with an unbounded key, value or URL scheme
+# pattern each of these takes minutes instead of milliseconds.
 HOSTILE = {
     "key run": "key" * 66_000,
     "key= run": "key=" * 50_000,

@@ -10,6 +10,7 @@ import os
 import pty
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import orjson
@@ -17,6 +18,7 @@ import pytest
 import structlog
 
 from mlops_obs.logs import configure, get_logger
+from mlops_obs.logs.config import unconfigure
 from mlops_obs.logs.redact import MASK, MASK_VALUE, RedactSecrets, is_secret_key, key_action, redact_text
 
 CTX = {"job": "train", "rank": 3, "node": "gpu-7", "run_id": "r-1"}
@@ -27,14 +29,9 @@ def _lines(path: Path) -> list[dict[str, object]]:
 
 
 @pytest.fixture(autouse=True)
-def _reset_logging() -> object:
+def _reset_logging() -> Iterator[None]:
     yield
-    structlog.reset_defaults()
-    root = logging.getLogger()
-    for h in list(root.handlers):
-        if type(h).__name__ == "_StdlibToStructlog":
-            root.removeHandler(h)
-    logging.captureWarnings(False)
+    unconfigure()
 
 
 def test_json_lines_carry_context_level_ts_and_seq(tmp_path: Path) -> None:
@@ -56,21 +53,23 @@ def test_json_lines_carry_context_level_ts_and_seq(tmp_path: Path) -> None:
         assert len(ts) == 27 and ts.endswith("Z") and ts[19] == "."
 
 
-def test_exceptions_are_structured_without_locals(tmp_path: Path) -> None:
-    """log.exception renders a traceback as data (type, value, frames) and never the frames' locals."""
+def test_exceptions_are_structured_without_locals_then_redacted(tmp_path: Path) -> None:
+    """log.exception renders a traceback as data (type, value, frames), never the frames' locals, and
+    redaction runs on it afterwards: the exception's message is scanned like any value."""
     out = tmp_path / "r.jsonl"
     with open(out, "ab") as f:
         configure("info", "json", stream=f, context=CTX)
         secret_local = "do-not-log-me"  # noqa: F841 - must not appear
         try:
-            raise ValueError("bad shape")
+            raise ValueError("login failed: password=Hq7nB2vXk9LmPw")
         except ValueError:
             get_logger().exception("step failed")
     rec = _lines(out)[0]
     exc = rec["exception"]
     assert isinstance(exc, list) and exc[0]["exc_type"] == "ValueError" and exc[0]["frames"]
+    assert exc[0]["exc_value"] == f"login failed: password={MASK}"
     assert "locals" not in exc[0]["frames"][0]
-    assert b"do-not-log-me" not in out.read_bytes()
+    assert b"do-not-log-me" not in out.read_bytes() and b"Hq7nB2vXk9LmPw" not in out.read_bytes()
 
 
 def test_stdlib_logging_and_warnings_routed_into_same_stream(tmp_path: Path) -> None:
@@ -233,19 +232,8 @@ def test_values_the_renderer_refuses_never_raise(tmp_path: Path) -> None:
         assert recs[3]["v"] == {"a": 1, "self": "[cycle]"}
 
 
-def test_exception_message_redacted_in_both_formats(tmp_path: Path) -> None:
-    """The traceback is rendered first, then redacted: its exception message and source lines too."""
-    out = tmp_path / "r.jsonl"
-    with open(out, "ab") as f:
-        configure("info", "json", stream=f, context=CTX)
-        try:
-            raise ValueError("login failed: password=Hq7nB2vXk9LmPw")
-        except ValueError:
-            get_logger().exception("step failed")
-    rec = _lines(out)[0]
-    exc = rec["exception"]
-    assert isinstance(exc, list) and exc[0]["exc_value"] == f"login failed: password={MASK}"
-    assert exc[0]["frames"] and b"Hq7nB2vXk9LmPw" not in out.read_bytes()
+def test_logfmt_traceback_redacted() -> None:
+    """The logfmt chain renders the traceback text first, then redacts it."""
     buf = io.StringIO()
     configure("info", "logfmt", stream=buf)
     try:

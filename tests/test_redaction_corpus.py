@@ -25,10 +25,10 @@ from typing import Any
 
 import orjson
 import pytest
-import structlog
 import yaml
 
 from mlops_obs.logs import configure, get_logger
+from mlops_obs.logs.config import unconfigure
 
 FIXTURE = Path(__file__).parent / "fixtures" / "secrets" / "corpus.yaml"
 CORPUS: list[dict[str, Any]] = yaml.safe_load(FIXTURE.read_text())
@@ -289,12 +289,7 @@ CASES = _text_cases() + STRUCTURAL
 @pytest.fixture(autouse=True)
 def _reset_logging() -> Iterator[None]:
     yield
-    structlog.reset_defaults()
-    root = logging.getLogger()
-    for h in list(root.handlers):
-        if type(h).__name__ == "_StdlibToStructlog":
-            root.removeHandler(h)
-    logging.captureWarnings(False)
+    unconfigure()
 
 
 def _log(path: Path, fmt: str, cases: list[Case], *, redact: bool = True) -> list[str]:

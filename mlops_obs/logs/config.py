@@ -362,6 +362,18 @@ def configure(
         _reroute_private_library_loggers()
 
 
+def unconfigure() -> None:
+    """Undo :func:`configure`: structlog's defaults, no stdlib routing, warnings not captured (tests)."""
+    global _configured
+    structlog.reset_defaults()
+    _configured = False
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        if isinstance(h, _StdlibToStructlog):
+            root.removeHandler(h)
+    logging.captureWarnings(False)
+
+
 # Libraries that give their loggers a stderr handler of their own and stop propagation (torch's
 # ``torch._logging`` does this for ``torch`` and ``torch.distributed`` once torch is imported), so their
 # records would bypass the root handler and reach the job's stream only as unstructured stderr text.

@@ -35,8 +35,8 @@ from mlops_obs.logs.redact import (
     SCAN_VALUE,
     RedactSecrets,
     _maybe_secret,
+    _redact_checked,
     plain_value,
-    redact_text,
     redact_value,
 )
 
@@ -158,7 +158,7 @@ class JsonLines(JobStamp):
                 if action == SCAN_VALUE:
                     if t is str:
                         if len(v) >= 8 and _maybe_secret(v):
-                            event_dict[k] = redact_text(v)
+                            event_dict[k] = _redact_checked(v)
                     elif t is not int and v is not None and t is not bool:
                         event_dict[k] = redact_value(v, actions)
                 elif action != LEAVE:

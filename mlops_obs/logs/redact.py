@@ -111,24 +111,41 @@ def key_action(key: str, skip: frozenset[str] = frozenset()) -> int:
 
 
 class _Keyed:
-    """The replacement for ``key=value``-like patterns: a key and separator are matched first (cheap
-    and bounded, so a long run of ``key=key=...`` costs linear time), and only when the key names a
-    secret (:func:`is_secret_key`, the same rule as for keys) is the value after it matched and
-    masked. A key that is not a secret consumes only itself and its separator, so
-    ``KeyError: 'api_key=...'`` still finds ``api_key``."""
+    """The replacement for ``key=value``-like text: only when the key names a secret
+    (:func:`is_secret_key`, the same rule as for keys) is the value after it matched and masked.
 
-    __slots__ = ("value",)
+    With ``by_needle`` the pattern finds a needle (``pass``, ``token``...) and the key around it and
+    its separator are read from there: one scan of the text for the needles instead of trying a key
+    at every word, and a key that is not a secret costs only itself. Otherwise the pattern matches a
+    key and its separator (``--flag value``). Every part is bounded, so a hostile run of
+    ``key=key=...`` costs linear time; a key that is not a secret consumes only itself and its
+    separator, so ``KeyError: 'api_key=...'`` still finds ``api_key``.
+    """
 
-    def __init__(self, value: str) -> None:
+    __slots__ = ("by_needle", "value")
+
+    def __init__(self, value: str, *, by_needle: bool = False) -> None:
         self.value = re.compile(value)
+        self.by_needle = by_needle
 
     def __call__(self, pattern: re.Pattern[str], text: str) -> str:
         parts: list[str] = []
         pos = 0
-        m = pattern.search(text)
+        where = text
+        if self.by_needle:  # lower-case needles, found in the lower-cased text (same offsets)
+            where = text.lower()
+            if len(where) != len(text):  # a character whose lower case is longer: search the text itself
+                where, pattern = text, re.compile(pattern.pattern, re.I)
+        m = pattern.search(where)
         while m is not None:
-            end = m.end()
-            v = self.value.match(text, end) if is_secret_key(m.group("key").lstrip("-")) else None
+            if self.by_needle:
+                key, end = _key_around(text, m.start(), m.end())
+            else:
+                key, end = m.group("key"), m.end()
+            if key is None:
+                m = pattern.search(where, end)
+                continue
+            v = self.value.match(text, end) if is_secret_key(key.lstrip("-")) else None
             if v is not None:
                 group = v.lastgroup or ""
                 value = v.group(group)
@@ -142,15 +159,45 @@ class _Keyed:
                     parts.append(text[pos:vstart])
                     parts.append(MASK)
                     pos = end = vend
-            m = pattern.search(text, end)
+            m = pattern.search(where, end)
         if not parts:
             return text
         parts.append(text[pos:])
         return "".join(parts)
 
 
+# the rest of the key after a needle, then its separator
+_KEY_REST = re.compile(r"""[\w.\-]{0,64}(?P<sep>(?:\\?["'])?\s*(?:=>|[=:])\s*)""")
+
+
+def _key_around(text: str, start: int, end: int) -> tuple[str | None, int]:
+    """The key holding the needle at ``text[start:end]`` and where its value starts, or (None, where
+    to search on) when the needle is not in a ``key=value``-like key (no separator, too long, or not
+    starting with a letter or ``_``)."""
+    first, limit = start, max(0, start - 65)
+    while first > limit and (text[first - 1].isalnum() or text[first - 1] in "_.-"):
+        first -= 1
+    if start - first > 64:
+        return None, end  # longer than a key
+    rest = _KEY_REST.match(text, end)
+    if rest is None:
+        return None, end
+    key = text[first : rest.start("sep")]
+    bare = key.lstrip("-")
+    if not bare or not (bare[0].isalpha() or bare[0] == "_") or len(key) - len(bare) not in (0, 2):
+        return None, rest.end("sep")
+    return key, rest.end()
+
+
+def _ci(words: str) -> str:
+    """``words`` (a ``|``-separated alternation of literals) matching in any case, written with
+    character classes: re.IGNORECASE makes the regex engine give up its fast literal search, which
+    costs up to ten times more on every clean string."""
+    return "".join(f"[{c.lower()}{c.upper()}]" if c.isalpha() else re.escape(c) if c not in "|" else c for c in words)
+
+
 _AUTH_SCHEMES = frozenset({"bearer", "basic", "token", "digest", "negotiate", "ntlm", "aws4-hmac-sha256"})
-_SCHEMES = "|".join(sorted(_AUTH_SCHEMES))
+_SCHEMES = _ci("|".join(sorted(_AUTH_SCHEMES)))
 
 
 def _scheme_sub(m: re.Match[str]) -> str:
@@ -164,9 +211,13 @@ def _scheme_sub(m: re.Match[str]) -> str:
     return m.group(1) + " " + MASK
 
 
-def _aws_secret_sub(m: re.Match[str]) -> str:
-    """A bare 40-character AWS secret access key: random base64 characters, so it has upper and lower
-    case and digits and many distinct characters; git SHA-1s (lower-case hex) and paths do not."""
+def _run_shape_sub(m: re.Match[str]) -> str:
+    """The prefix of an id-like shape kept; a bare 40-character AWS secret access key only when it
+    looks random (upper and lower case, digits, many distinct characters), as git SHA-1s (lower-case
+    hex) and paths do not."""
+    group = m.lastgroup or ""
+    if group != "aws_secret":
+        return m.group(group) + MASK
     s = m.group(0)
     if (
         s.count("/") <= 3
@@ -184,8 +235,9 @@ _Repl = str | Callable[[re.Match[str]], str] | _Keyed
 _KEY_NEEDLES = ("pass", "pw", "secret", "token", "key", "auth", "credential", "cookie", "session", "bearer", "jwt",
                 "signature")  # fmt: skip
 _PEM = r"-----BEGIN ([A-Z0-9 ]*)PRIVATE KEY([A-Z ]*)-----.*?(?:-----END [A-Z0-9 ]*PRIVATE KEY[A-Z ]*-----|$)"
-_HEADERS = (
-    r"(?:proxy-)?authorization|(?:set-)?cookie|x-api-key|api-key|x-auth-token|x-jfrog-art-api|x-amz-security-token"
+_HEADERS = _ci(
+    "proxy-authorization|authorization|set-cookie|cookie|x-api-key|api-key|x-auth-token|x-jfrog-art-api|"
+    "x-amz-security-token"
 )
 _QUOTED_VALUE = r"""(?:"(?P<dq>(?:[^"\\\n]|\\.)*)"|'(?P<sq>(?:[^'\\\n]|\\.)*)'|\\"(?P<eq>.*?)\\"|"""
 
@@ -198,11 +250,12 @@ _PATTERNS: list[tuple[tuple[str, ...] | None, re.Pattern[str], _Repl]] = [
     (("putty-user-key-file",), re.compile(r"PuTTY-User-Key-File-\d+:.*", re.S), "PuTTY private key " + MASK),
     # scheme://user:password@host, the password up to the last "@" (it may hold "@" or "/"); not host:port/...
     (("://",),
-     re.compile(r"(?i)\b([a-z][a-z0-9+.\-]{0,30}://[^\s:/?#\"'<>]{0,256}:)(?!\d{1,5}(?:[/?#\"'<>\s]|$))"
+     re.compile(r"\b([A-Za-z][A-Za-z0-9+.\-]{0,30}://[^\s:/?#\"'<>]{0,256}:)(?!\d{1,5}(?:[/?#\"'<>\s]|$))"
                 r"[^\s\"'<>]{1,1024}@"),
      r"\1" + MASK + "@"),
-    (None, re.compile(r"\b((?:AKIA|ASIA|AGPA|AIDA|AROA|ANPA|ABIA|ACCA|A3T[A-Z0-9])[A-Z0-9]{4})[A-Z0-9]{12}\b"),
-     r"\1" + MASK),
+    (("akia", "asia", "agpa", "aida", "aroa", "anpa", "abia", "acca", "a3t"),
+     re.compile(r"\b((?:AKIA|ASIA|AGPA|AIDA|AROA|ANPA|ABIA|ACCA|A3T[A-Z0-9])[A-Z0-9]{4})[A-Z0-9]{12}\b"), r"\1" + MASK),
+    ((":aa",), re.compile(r"\b([0-9]{8,10}:)AA[A-Za-z0-9_\-]{33}"), r"\1" + MASK),  # Telegram bot
     (("aiza",), re.compile(r"\b(AIza)[0-9A-Za-z\-_]{35}"), r"\1" + MASK),
     (("ya29.",), re.compile(r"\b(ya29\.)[0-9A-Za-z\-_]{20,}"), r"\1" + MASK),
     (("gh",), re.compile(r"\b(gh[pousr]_)[A-Za-z0-9_]{30,}"), r"\1" + MASK),
@@ -214,17 +267,14 @@ _PATTERNS: list[tuple[tuple[str, ...] | None, re.Pattern[str], _Repl]] = [
     (("hooks.slack",),
      re.compile(r"(https://hooks\.slack\.com/(?:services|workflows|triggers)/)[A-Za-z0-9/_\-]+"), r"\1" + MASK),
     (("webhooks",),
-     re.compile(r"(?i)(https://(?:ptb\.|canary\.)?discord(?:app)?\.com/api/webhooks/)[0-9]+/[A-Za-z0-9_\-]+"),
+     re.compile(r"(https://(?:ptb\.|canary\.)?discord(?:app)?\.com/api/webhooks/)[0-9]+/[A-Za-z0-9_\-]+"),
      r"\1" + MASK),
-    (None, re.compile(r"\b([MNO][A-Za-z0-9_\-]{23,25}\.)[A-Za-z0-9_\-]{6}\.[A-Za-z0-9_\-]{27,}"), r"\1" + MASK),
-    (None, re.compile(r"\b([0-9]{8,10}:)AA[A-Za-z0-9_\-]{33}"), r"\1" + MASK),  # Telegram bot
     (("hf_", "api_org_"), re.compile(r"\b(hf_|api_org_)[A-Za-z0-9]{30,}"), r"\1" + MASK),
     (("sk-",), re.compile(r"\b(sk-(?:proj-|ant-|svcacct-|admin-)?)[A-Za-z0-9\-_]{20,}"), r"\1" + MASK),
     (("r8_",), re.compile(r"\b(r8_)[A-Za-z0-9]{30,}"), r"\1" + MASK),
     (("_live_", "_test_", "whsec_"),
      re.compile(r"\b((?:sk|rk|pk)_(?:live|test)_|whsec_)[A-Za-z0-9]{16,}"), r"\1" + MASK),
     (("sg.",), re.compile(r"\b(SG\.)[A-Za-z0-9_\-]{16,}\.[A-Za-z0-9_\-]{16,}"), r"\1" + MASK),
-    (None, re.compile(r"\b((?:AC|SK)[a-f0-9]{4})[a-f0-9]{28}\b"), r"\1" + MASK),  # Twilio
     (("-us",), re.compile(r"\b[0-9a-f]{32}(-us[0-9]{1,2})\b"), MASK + r"\1"),  # Mailchimp
     (("key-",), re.compile(r"\b(key-)[0-9a-f]{32}\b"), r"\1" + MASK),  # Mailgun
     (("sq0",), re.compile(r"\b(sq0(?:atp|csp)-)[0-9A-Za-z\-_]{22,}"), r"\1" + MASK),
@@ -237,30 +287,47 @@ _PATTERNS: list[tuple[tuple[str, ...] | None, re.Pattern[str], _Repl]] = [
     (("q~",), re.compile(r"(?<![\w~.\-])([\w~.\-]{3}[0-9]Q~)[\w~.\-]{31,34}"), r"\1" + MASK),  # Entra ID
     (("eyj",), re.compile(r"\b(eyJ)[A-Za-z0-9\-_=]{8,}\.eyJ[A-Za-z0-9\-_=]{4,}\.[A-Za-z0-9\-_=.+/]*"), r"\1" + MASK),
     (("accountkey=", "sharedaccesssignature=", "sig="),
-     re.compile(r"(?i)(AccountKey=|SharedAccessSignature=|[?&]sig=)[A-Za-z0-9%+/=]{16,}"), r"\1" + MASK),
+     re.compile(r"(" + _ci("AccountKey=|SharedAccessSignature=") + r"|[?&]" + _ci("sig") + r"=)[A-Za-z0-9%+/=]{16,}"),
+     r"\1" + MASK),
     # Header lines: everything after the header name is the credential (a scheme word is kept).
     (("authorization", "cookie", "api-key", "auth-token", "art-api", "security-token"),
-     re.compile(rf"(?i)\b({_HEADERS})(\\?[\"']?\s*:\s*\\?[\"']?)"
+     re.compile(rf"\b({_HEADERS})(\\?[\"']?\s*:\s*\\?[\"']?)"
                 rf"(?!(?:{_SCHEMES})\s+\[REDACTED\]|\[REDACTED\])((?:{_SCHEMES})\s+)?[^\s\"'\\][^\r\n\"'\\]*"),
      r"\1\2\3" + MASK),
     (("bearer", "basic", "token"),
-     re.compile(r"(?i)\b(bearer|basic|token)\s+(?!\[REDACTED\])([A-Za-z0-9\-._~+/]{6,}=*)"), _scheme_sub),
+     re.compile(r"\b(" + _ci("bearer|basic|token") + r")\s+(?!\[REDACTED\])([A-Za-z0-9\-._~+/]{6,}=*)"), _scheme_sub),
     # key=value, key: value, "key": "value", key => value, --key value: the key decides (is_secret_key).
     (_KEY_NEEDLES,
-     re.compile(r"(?P<key>(?<![\w.\-])(?:--)?(?=[A-Za-z_])[\w.\-]{0,64}?(?i:" + "|".join(_KEY_NEEDLES)
-                + r""")[\w.\-]{0,64})(?:\\?["'])?\s*(?:=>|[=:])\s*"""),
-     _Keyed(_QUOTED_VALUE + r"""(?P<bare>[^\s"',;&\[\](){}<>\\]{3,}))""")),
+     re.compile("|".join(_KEY_NEEDLES)),
+     _Keyed(_QUOTED_VALUE + r"""(?P<bare>[^\s"',;&\[\](){}<>\\]{3,}))""", by_needle=True)),
     (("--",),
      re.compile(r"(?<!\S)--(?P<key>(?=[A-Za-z])[\w.\-]{1,64}) +"),
      _Keyed(_QUOTED_VALUE + r"""(?P<bare>[^\s"'\-][^\s"']*))""")),
-    (None, re.compile(r"(?<![A-Za-z0-9/+=])[A-Za-z0-9/+]{40}(?![A-Za-z0-9/+=])"), _aws_secret_sub),
+    # Shapes without a literal to look for, only in text with a run of 20+ token characters, in one pass:
+    # Discord bot tokens, Twilio keys, bare 40-character AWS secret keys.
+    (None,
+     re.compile(r"\b(?P<discord>[MNO][A-Za-z0-9_\-]{23,25}\.)[A-Za-z0-9_\-]{6}\.[A-Za-z0-9_\-]{27,}"
+                r"|\b(?P<twilio>(?:AC|SK)[a-f0-9]{4})[a-f0-9]{28}\b"
+                r"|(?<![A-Za-z0-9/+=])(?P<aws_secret>[A-Za-z0-9/+]{40})(?![A-Za-z0-9/+=])"),
+     _run_shape_sub),
 ]  # fmt: skip
 
-# Every shape above contains "=", ":", "@" or "--", a run of 16+ token characters, or a scheme word
-# and a space; testing that first (C-level substring tests, one character-class scan) keeps the
+# Every shape above contains "=", ":", "@" or "--", a run of 16+ token characters, an Entra "Q~" or a
+# scheme word and a space; testing that first (C-level substring tests, one regex scan) keeps the
 # common clean string cheap.
-_LONG_RUN = re.compile(r"[A-Za-z0-9+/_\-]{16}")
-_RUN_OR_SCHEME = re.compile(r"[A-Za-z0-9+/_\-]{16}|(?i:bearer|basic|token)\s")
+_LONG_RUN = re.compile(r"[A-Za-z0-9+/_\-]{20}")  # the shapes without a needle all have one
+# A timestamp passes the pre-check (":") and is the most common such value (every line's ``ts``).
+_TIMESTAMP = re.compile(
+    r"[0-9]{4}-[0-9]{2}-[0-9]{2}[T ][0-9]{2}:[0-9]{2}(?::[0-9]{2}(?:[.,][0-9]{1,9})?)?(?:Z|[+-][0-9]{2}:?[0-9]{2})?"
+)
+_RUN_OR_SCHEME = re.compile(r"[A-Za-z0-9+/_\-]{16}|[0-9]Q~|(?:" + _ci("bearer|basic|token") + r")\s")
+# Which patterns each needle enables: a string that passes the pre-check is searched for any needle in
+# one regex pass (most clean strings stop there), then for each needle, and only the patterns it can
+# hold run, in their order.
+_NEEDLES = tuple(sorted({n for needles, _, _ in _PATTERNS if needles for n in needles}))
+_ANY_NEEDLE = re.compile("|".join(re.escape(n) for n in sorted(_NEEDLES, key=len, reverse=True)))
+_BY_NEEDLE = {n: frozenset(i for i, (ns, _, _) in enumerate(_PATTERNS) if ns and n in ns) for n in _NEEDLES}
+_ON_LONG_RUN = tuple(i for i, (ns, _, _) in enumerate(_PATTERNS) if ns is None)
 
 
 def _maybe_secret(text: str) -> bool:
@@ -271,13 +338,28 @@ def _maybe_secret(text: str) -> bool:
 
 def redact_text(text: str) -> str:
     """Replace every secret shape in ``text``; cheap pre-checks keep clean strings fast."""
-    if not _maybe_secret(text):
+    return _redact_checked(text) if _maybe_secret(text) else text
+
+
+def _redact_checked(text: str) -> str:
+    """:func:`redact_text` for a text that passed :func:`_maybe_secret`."""
+    if _TIMESTAMP.fullmatch(text) is not None:
         return text
     low = text.lower()
     long_run = _LONG_RUN.search(text) is not None
-    for needles, pattern, repl in _PATTERNS:
-        if long_run if needles is None else any(n in low for n in needles):
-            text = repl(pattern, text) if isinstance(repl, _Keyed) else pattern.sub(repl, text)
+    todo: Iterable[int]
+    if _ANY_NEEDLE.search(low) is None:
+        if not long_run:
+            return text
+        todo = _ON_LONG_RUN
+    else:
+        found: set[int] = set(_ON_LONG_RUN) if long_run else set()
+        for needle in filter(low.__contains__, _NEEDLES):
+            found |= _BY_NEEDLE[needle]
+        todo = sorted(found)
+    for i in todo:
+        pattern, repl = _PATTERNS[i][1], _PATTERNS[i][2]
+        text = repl(pattern, text) if isinstance(repl, _Keyed) else pattern.sub(repl, text)
     return text
 
 
@@ -485,8 +567,12 @@ def redact_event(
     """
     renamed = False
     for k, v in event.items():
-        action = actions.get(k)
-        if action is None:
+        t = type(v)
+        if t is float:
+            continue  # a measurement: never masked, no shape
+        try:
+            action = actions[k]
+        except KeyError:
             action = _remember(actions, k, key_action(k, skip))
         if action != SCAN_VALUE:
             if action == LEAVE:
@@ -496,11 +582,10 @@ def redact_event(
             if action & MASK_VALUE:
                 event[k] = _mask(v)
                 continue
-        t = type(v)
         if t is str:
             if len(v) >= 8 and _maybe_secret(v):
-                event[k] = redact_text(v)
-        elif t is not int and t is not float and v is not None and t is not bool:
+                event[k] = _redact_checked(v)
+        elif t is not int and v is not None and t is not bool:
             event[k] = _Walk(actions).run(v)
     if renamed:
         out: dict[str, Any] = {}

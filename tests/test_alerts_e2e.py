@@ -16,10 +16,10 @@ from typing import Any
 
 import pytest
 
-from mlops_obs.alert_sink import AlertSink
 from mlops_obs.children import find_binary
 from mlops_obs.children.alertmanager import AlertmanagerProcess, alertmanager_binary
 from mlops_obs.children.prometheus import PrometheusProcess
+from mlops_obs.logs.alerts import AlertIntake, AlertReceiver
 from mlops_obs.mixin import config as mixin_config
 from mlops_obs.mixin import dashboards, grafana
 from mlops_obs.mixin.generate import ALERTS_FILE, RECORDING_FILE, render_files
@@ -54,11 +54,11 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     if not alertmanager_binary():
         pytest.skip("prometheus-alertmanager not installed (apt-get install prometheus-alertmanager); CI installs it")
     from mlops_obs.exporter import Exporter, settings
-    from mlops_obs.logs.store import EventStore
+    from mlops_obs.logs.store import EventStore, StoreSink
 
     work = tmp_path_factory.mktemp("e2e")
     store = EventStore(work / "store")
-    sink = AlertSink(("127.0.0.1", 0), store).start_background()
+    sink = AlertReceiver(("127.0.0.1", 0), AlertIntake(StoreSink(work / "store"))).start_background()
     cfg = mixin_config.scaled(mixin_config.MixinConfig(), TIME_SCALE)
     files = render_files(mixin_config.MixinConfig(), sink_url=sink.url + "/alerts", time_scale=TIME_SCALE)
     for rel in (ALERTS_FILE, RECORDING_FILE):
@@ -85,6 +85,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         am.stop()
         exporter.stop()
         sink.stop()
+        sink.intake.sink.close()
         store.close()
 
 

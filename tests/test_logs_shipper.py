@@ -18,8 +18,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from mlops_obs.collectors.shipper import ShipperCollector
-from mlops_obs.logs.shipper import STATE_FILE, Shipper, ShipperOptions, StoreSink
-from mlops_obs.logs.store import EventStore
+from mlops_obs.logs.shipper import STATE_FILE, Shipper, ShipperOptions
+from mlops_obs.logs.store import EventStore, StoreSink
 from tests.conftest import require_binary, wait_for
 from tests.logs_helpers import (
     REPO,
@@ -111,7 +111,9 @@ def _follow(sh: Shipper) -> threading.Thread:
 
 def _shipped_offsets(sh: Shipper) -> bool:
     """The shipper acknowledged everything currently in the files it has open."""
-    return all(os.fstat(tf.fd).st_size == tf.state.offset for tf in list(sh.open.values())) and bool(sh.open)
+    return all(os.fstat(tf.fd).st_size == tf.state.offset for tf in list(sh.files.open.values())) and bool(
+        sh.files.open
+    )
 
 
 @pytest.mark.parametrize("kind", ["rename", "rename_out_of_glob", "copytruncate", "truncate", "delete_recreate"])

@@ -1,4 +1,4 @@
-"""Turning one line of a log file into one event of the store schema (see :mod:`mlops_obs.logs.store`).
+"""Turning one line of a log file into one event of the schema (see :mod:`mlops_obs.logs.sink`).
 
 JSON lines from the job-side logger map field by field (``ts`` -> ``@timestamp``, ``event`` ->
 ``message``...). Anything else (NCCL's own prints, Python tracebacks on stderr, a torn or non-UTF-8
@@ -16,7 +16,7 @@ from typing import Any
 import orjson
 
 from mlops_obs.logs.redact import redact_text
-from mlops_obs.logs.store import ParsedEvents, format_timestamp
+from mlops_obs.logs.sink import ParsedEvents, format_timestamp
 
 _LEVEL_ALIASES = {"warn": "warning", "err": "error", "fatal": "critical", "crit": "critical", "trace": "debug",
                   "notice": "info", "information": "info"}  # fmt: skip

@@ -15,8 +15,9 @@ import pytest
 
 from mlops_obs.config import ConfigError
 from mlops_obs.logs.alerts import send_within
+from mlops_obs.logs.backend import Backend, open_sink
 from mlops_obs.logs.opensearch import OpenSearchSink
-from mlops_obs.logs.sink import Backend, ParsedEvents, Stats, Stop, open_sink
+from mlops_obs.logs.sink import ParsedEvents, Stats, Stop
 from mlops_obs.logs.store import EventStore, StoreSink
 from tests.fake_opensearch import FakeOpenSearch
 from tests.logs_helpers import REPO
@@ -125,10 +126,11 @@ def test_send_within_times_out_a_sink_without_an_error_of_its_own() -> None:
 
 def test_logs_package_is_layered() -> None:
     """sink.py is the ground floor (no sibling imported); the shipper and the alert intake import no
-    concrete sink; the store and OpenSearch stand on the sink layer, not on the shipper. Each module
-    is imported in a fresh interpreter, beside what the package itself imports (the job-side set-up)."""
+    concrete sink; the store and OpenSearch stand on the sink layer, not on the shipper; only the
+    commands know backend.py. Each module is imported in a fresh interpreter, beside what the package
+    itself imports (the job-side set-up); tests/test_import_graph.py covers lazy imports too."""
     deps: dict[str, set[str]] = {}
-    for name in ("sink", "source", "shipper", "alerts", "store", "opensearch"):
+    for name in ("sink", "source", "shipper", "alerts", "store", "opensearch", "backend"):
         code = (
             "import sys, mlops_obs.logs\n"
             "base = set(sys.modules)\n"
@@ -141,6 +143,7 @@ def test_logs_package_is_layered() -> None:
     assert deps["sink"] == set()
     assert deps["source"] == {"sink"}
     for name in ("shipper", "alerts"):
-        assert not deps[name] & {"store", "opensearch"}, (name, deps[name])
+        assert not deps[name] & {"store", "opensearch", "backend"}, (name, deps[name])
     for name in ("store", "opensearch"):
-        assert not deps[name] & {"shipper", "follow", "batch"}, (name, deps[name])
+        assert not deps[name] & {"shipper", "follow", "batch", "backend"}, (name, deps[name])
+    assert {"store", "opensearch", "sink", "source"} <= deps["backend"]

@@ -11,8 +11,9 @@ from typing import Any
 import pytest
 
 from mlops_obs.config import ConfigError
-from mlops_obs.logs.sink import LEVEL_RANK, Backend
-from mlops_obs.logs.source import EventQuery, RankFacts, open_source
+from mlops_obs.logs.backend import Backend, open_source
+from mlops_obs.logs.sink import LEVEL_RANK
+from mlops_obs.logs.source import EventQuery, RankFacts
 from mlops_obs.logs.store import EventStore
 from tests.conftest import wait_for
 

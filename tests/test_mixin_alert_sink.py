@@ -119,7 +119,7 @@ def test_opensearch_sink_idempotent_and_503_when_down(tmp_path: Path) -> None:
     deadline, and the redelivery after it recovers is stored."""
     from mlops_obs.commands.alert_sink import ALERT_SINK_SETTINGS
     from mlops_obs.config import resolve
-    from mlops_obs.logs.sink import Backend, open_sink
+    from mlops_obs.logs.backend import Backend, open_sink
     from tests.fake_opensearch import FakeOpenSearch
 
     fake = FakeOpenSearch().start()

@@ -51,7 +51,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> list[Setting]:
 def run(cfg: Mapping[str, Any]) -> int:
     from mlops_obs.logs import configure, get_logger
     from mlops_obs.logs.alerts import AlertIntake, AlertReceiver
-    from mlops_obs.logs.sink import Backend, open_sink
+    from mlops_obs.logs.backend import Backend, open_sink
 
     configure(cfg["log.level"], cfg["log.format"])
     log = get_logger(component="alert-sink")

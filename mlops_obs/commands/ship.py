@@ -59,8 +59,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> list[Setting]:
 
 def run(cfg: dict[str, Any]) -> int:
     from mlops_obs.logs import configure, get_logger
+    from mlops_obs.logs.backend import Backend, open_sink
     from mlops_obs.logs.shipper import Shipper, ShipperOptions
-    from mlops_obs.logs.sink import Backend, Stats, open_sink
+    from mlops_obs.logs.sink import Stats
 
     configure(cfg["log.level"], cfg["log.format"], stream=sys.stderr)
     log = get_logger(component="shipper")

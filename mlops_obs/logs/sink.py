@@ -1,11 +1,12 @@
-"""The write side of the logs: the event schema, the shipper's batch type, the :class:`Sink` protocol
-with its delivery contract, and :func:`open_sink`, the one place that picks the store or OpenSearch.
+"""The write side of the logs: the event schema, the shipper's batch type, and the :class:`Sink`
+protocol with its delivery contract.
 
-This module is the ground floor of :mod:`mlops_obs.logs`: it imports nothing of its siblings at
-import time. The store (:class:`~mlops_obs.logs.store.StoreSink`) and OpenSearch
+This module is the ground floor of :mod:`mlops_obs.logs`: it imports none of its siblings. The store
+(:class:`~mlops_obs.logs.store.StoreSink`) and OpenSearch
 (:class:`~mlops_obs.logs.opensearch.OpenSearchSink`) implement :class:`Sink`; the shipper and the
-alert intake hold whichever :func:`open_sink` gave them and never ask which. The read side (replay,
-root-cause analysis) is :mod:`mlops_obs.logs.source`.
+alert intake hold whichever :func:`~mlops_obs.logs.backend.open_sink` gave them and never ask which.
+The read side (replay, root-cause analysis) is :mod:`mlops_obs.logs.source`; the one place that
+knows the backends and picks one is :mod:`mlops_obs.logs.backend`.
 
 Event schema (one dict per event; every sink takes the same dicts, every source yields them)
 -----------------------------------------------------------------------------------------
@@ -58,12 +59,8 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeAlias
 
 import orjson
 
-from mlops_obs.config import ConfigError
-
 if TYPE_CHECKING:
     from structlog.typing import FilteringBoundLogger
-
-    from mlops_obs.logs.opensearch import OpenSearchSettings
 
 KINDS = ("log", "alert")
 LEVEL_RANK = {"debug": 1, "info": 2, "warning": 3, "error": 4, "critical": 5}
@@ -323,58 +320,3 @@ class DeadLetters:
                 time.sleep(1.0)
         self._ids.update(str(ev.get("_id")) for ev, _, _ in dead)
         return dead
-
-
-# --- choosing a sink ----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Backend:
-    """Where events are kept: the embedded store in the directory ``store``, or OpenSearch (exactly one).
-    :func:`open_sink` writes to it, :func:`~mlops_obs.logs.source.open_source` reads it."""
-
-    store: Path | None = None
-    opensearch: OpenSearchSettings | None = None
-
-    @classmethod
-    def from_config(
-        cls, cfg: Mapping[str, Any], *, default_store: Path | None = None, default_state: Path | None = None
-    ) -> Backend:
-        """The choice from the settings the log commands share: ``--store DIR`` or ``--opensearch URL``
-        with its ``opensearch.*`` settings (and ``--state DIR``, else ``default_state``: the directory
-        of the dead-letter file, for writing). Neither gives ``default_store``, or a
-        :class:`~mlops_obs.config.ConfigError` when there is none; an unreadable password file is a
-        ``ValueError``."""
-        store, url = cfg.get("store"), cfg.get("opensearch")
-        if store is not None and url is not None:
-            raise ConfigError("store", "give --store or --opensearch, not both")
-        if url is None:
-            path = store if store is not None else default_store
-            if path is None:
-                raise ConfigError("store", "give --store DIR or --opensearch URL (where events are kept)")
-            return cls(store=Path(path))
-        from mlops_obs.logs.opensearch import settings_from_config
-
-        state = cfg.get("state") or default_state
-        return cls(opensearch=settings_from_config(cfg, Path(state) if state is not None else None))
-
-    def __str__(self) -> str:
-        return self.opensearch.url if self.opensearch is not None else str(self.store)
-
-
-def open_sink(backend: Backend, *, log: FilteringBoundLogger | None = None, stats: Stats | None = None) -> Sink:
-    """The sink writing to ``backend``, counting its retries and dead letters into ``stats``.
-
-    Raises :class:`~mlops_obs.config.ConfigError` for OpenSearch without a state directory (its
-    dead-letter file must go somewhere) and ``OSError`` when a directory cannot be made."""
-    if backend.opensearch is not None:
-        from mlops_obs.logs.opensearch import OpenSearchSink
-
-        if backend.opensearch.state_dir is None:
-            raise ConfigError("state", "--opensearch needs --state DIR for the dead-letter file")
-        Path(backend.opensearch.state_dir).mkdir(parents=True, exist_ok=True)
-        return OpenSearchSink(backend.opensearch, log=log, stats=stats)
-    from mlops_obs.logs.store import StoreSink
-
-    assert backend.store is not None
-    return StoreSink(backend.store, log=log, stats=stats)

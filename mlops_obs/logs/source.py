@@ -1,7 +1,6 @@
 """The read side of the logs: the :class:`Source` protocol that replay and root-cause analysis read
 events through, the filter they pass (:class:`EventQuery`), the per-rank facts analysis starts from
-(:class:`RankFacts`), and :func:`open_source`, which opens the backend a
-:class:`~mlops_obs.logs.sink.Backend` names.
+(:class:`RankFacts`). :func:`mlops_obs.logs.backend.open_source` opens one.
 
 What a source promises
 ----------------------
@@ -20,7 +19,7 @@ Backends
 * The embedded store: :class:`~mlops_obs.logs.store.StoreSource`. Today its ``events`` is
   :meth:`~mlops_obs.logs.store.EventStore.query`, which builds the whole result before the first
   event; a streaming merge of the chunks is the replay issue's work and changes no caller.
-* OpenSearch: not yet readable; :func:`open_source` says so in one line. The design it will follow:
+* OpenSearch: not yet readable; ``open_source`` says so in one line. The design it will follow:
   ``events`` as a point-in-time search sorted by ``@timestamp``, ``source``, ``offset`` paged with
   ``search_after`` (the filters of :class:`EventQuery` as ``bool`` ``filter`` terms, ranges and a
   ``wildcard`` on the message); ``follow`` as repeated searches past the last sort key;
@@ -34,13 +33,9 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
-from mlops_obs.config import ConfigError
 from mlops_obs.logs.sink import KINDS, LEVEL_RANK, format_timestamp
-
-if TYPE_CHECKING:
-    from mlops_obs.logs.sink import Backend
 
 
 @dataclass(frozen=True)
@@ -142,20 +137,3 @@ class Source(Protocol):
         ...
 
     def close(self) -> None: ...
-
-
-def open_source(backend: Backend) -> Source:
-    """A :class:`Source` over the backend ``backend`` names.
-
-    Raises ``FileNotFoundError`` when the store directory holds no store (a reader never creates
-    one: a mistyped path must not read as "nothing happened"), and
-    :class:`~mlops_obs.config.ConfigError` for OpenSearch, which cannot be read back yet.
-    """
-    if backend.opensearch is not None:
-        raise ConfigError(
-            "opensearch", "reading events back from OpenSearch is not yet supported; read the store (--store DIR)"
-        )
-    from mlops_obs.logs.store import StoreSource
-
-    assert backend.store is not None
-    return StoreSource(backend.store)

@@ -140,7 +140,11 @@ RULES: tuple[Rule, ...] = (
     ),
     # --- stopped from outside --------------------------------------------------------------------------
     Rule(_c(r"Sending process (\d+) closing signal SIG(?:TERM|INT)"), "terminated", "stop", _killed),
-    Rule(_c(r"\bKeyboardInterrupt\b|got signal: (?:15|2)\b|Signals\.SIG(?:TERM|INT)\b"), "terminated", "stop"),
+    Rule(
+        _c(r"\bKeyboardInterrupt\b|got signal: (?:15|2)\b|Signals\.SIG(?:TERM|INT)\b|^rank stopped by signal\b"),
+        "terminated",
+        "stop",
+    ),
     # --- exit records ------------------------------------------------------------------------------------
     Rule(_c(r"Root Cause \(first observed failure\):"), "exit", "exit", _torchrun_root),
     Rule(

@@ -5,19 +5,32 @@ of :class:`~mlops_obs.logs.follow.TrackedFile` and moves only their read positio
 moves the checkpointed offsets once the sink acknowledged the batch.
 
 CRLF is stripped, empty lines are skipped (their bytes still count as read), and a last line left
-without its newline when its file is no longer followed is shipped flagged ``partial``.
+without its newline when its file is no longer followed is shipped flagged ``partial``. Lines the
+parser holds for an event not complete yet (a traceback still being written) keep the checkpoint at
+their first line; the parser ends that event when the file goes quiet for :data:`IDLE_FLUSH`
+seconds, is no longer followed, or (``--once``) reaches its end.
 """
 
 from __future__ import annotations
 
 import bisect
 import itertools
+import time
 from typing import Any
 
-import orjson
-
 from mlops_obs.logs.follow import FileFollower, TrackedFile
+from mlops_obs.logs.redact import MAX_DEPTH
 from mlops_obs.logs.sink import ParsedEvents, Stats
+
+IDLE_FLUSH = 1.0
+"""Seconds a file stays without new bytes before the event its last lines began (a traceback whose
+end cannot be known until another line comes) is shipped as complete."""
+
+
+def _extend(events: ParsedEvents, new: list[dict[str, Any]]) -> int:
+    for ev in new:
+        events.append(ev)
+    return len(new)
 
 
 class BatchReader:
@@ -31,6 +44,7 @@ class BatchReader:
         self.batch_events = batch_events
         self.batch_bytes = batch_bytes
         self.max_line_bytes = max_line_bytes
+        self.flush_at_eof = False  # end pending multi-line events at end of file (``--once``)
 
     def read(self) -> tuple[ParsedEvents, dict[str, tuple[int, str, int]]]:
         """Up to one batch of events across open files, round-robin; and each file's new read position.
@@ -58,13 +72,11 @@ class BatchReader:
                 nl = tf.buf.find(b"\n", start)
                 if (nl if nl >= 0 else len(tf.buf)) - start > limit:  # a long line: ship a part, keep going
                     part = tf.buf[start : start + limit]
-                    ev = parser.parse(part, tf.read_pos, {"split": {"part": tf.part, "last": False}})
+                    got += _extend(events, parser.feed(part, tf.read_pos, {"split": {"part": tf.part, "last": False}}))
                     tf.part += 1
                     self.stats.lines_split += tf.part == 1
                     tf.read_pos += limit
-                    events.append(ev)
                     nbytes += limit
-                    got += 1
                     tf.compact()
                     continue
                 if nl < 0:
@@ -72,11 +84,14 @@ class BatchReader:
                     if not self.files.fill(tf):
                         if tf.flush_partial and pending > 0:
                             tail = tf.buf[start:]
-                            events.append(parser.parse(tail, tf.read_pos, {"partial": True}))
+                            got += _extend(events, parser.feed(tail, tf.read_pos, {"partial": True}))
                             self.stats.lines_read += 1
                             tf.read_pos += len(tail)
-                            tf.flush_partial = False
-                            got += 1
+                        if parser.pending_offset is not None and (
+                            self.flush_at_eof or tf.flush_partial or time.monotonic() - tf.last_data >= IDLE_FLUSH
+                        ):  # the file went quiet: whatever it holds is complete
+                            got += _extend(events, parser.flush())
+                        tf.flush_partial = False
                         break
                     continue
                 line = tf.buf[start:nl]
@@ -85,20 +100,22 @@ class BatchReader:
                     line = line[:-1]
                 self.stats.lines_read += 1
                 if tf.part:
-                    events.append(parser.parse(line, tf.read_pos, {"split": {"part": tf.part, "last": True}}))
+                    got += _extend(events, parser.feed(line, tf.read_pos, {"split": {"part": tf.part, "last": True}}))
                     tf.part = 0
-                    got += 1
                 elif line:
-                    events.append(parser.parse(line, tf.read_pos))
-                    got += 1
+                    got += _extend(events, parser.feed(line, tf.read_pos))
                 nbytes += len(line)
                 tf.read_pos = end
                 if start > (1 << 20):
                     tf.compact()
             if len(events) > first:
                 events.runs.append((parser.fid, parser.source, first, len(events)))
-            if tf.read_pos != tf.state.offset:
-                moved[tf.state.fid] = (tf.read_pos, parser.last_ts, tf.part)
+            # Lines held for an event not complete yet are not acknowledged: the checkpoint stays at
+            # the first of them, so a restart reads the whole event again.
+            held = parser.pending_offset
+            pos, in_part = (tf.read_pos, tf.part) if held is None else (held, 0)
+            if pos != tf.state.offset or parser.checkpoint_ts != tf.state.last_ts:
+                moved[tf.state.fid] = (pos, parser.checkpoint_ts, in_part)
         return events, moved
 
     def _read_block(
@@ -120,8 +137,7 @@ class BatchReader:
         if taken is not None:
             return taken
         batch_events, batch_bytes = self.batch_events, self.batch_bytes
-        parser = tf.parser
-        structured, raw, loads, decode_error = parser._structured, parser._raw, orjson.loads, orjson.JSONDecodeError
+        feed = tf.parser.feed
         append = events.append
         pos = tf.read_pos
         nlines = 0
@@ -135,14 +151,9 @@ class BatchReader:
                 ln -= 1
             nlines += 1
             if ln:
-                rec: Any = None
-                if line[:1] == b"{":
-                    try:
-                        rec = loads(line)
-                    except decode_error:
-                        rec = None
-                append(structured(rec, pos) if type(rec) is dict else raw(line, pos, None))
-                got += 1
+                for ev in feed(line, pos):
+                    append(ev)
+                    got += 1
             nbytes += ln
             pos = end
         if not nlines:
@@ -199,7 +210,10 @@ class BatchReader:
             del lines[m:], lens[m:]
             size = sum(lens)
         pos = tf.read_pos
-        m = tf.parser.json_lines(lines, itertools.accumulate(map((1).__add__, lens[:-1]), initial=pos), events)
+        # A record nested MAX_DEPTH deep holds that many "{" and "[": counted over the block at once.
+        nested = block.count(b"{") + block.count(b"[") - len(lines) >= MAX_DEPTH - 1
+        offsets = itertools.accumulate(map((1).__add__, lens[:-1]), initial=pos)
+        m = tf.parser.json_lines(lines, offsets, events, nested=nested)
         if not m:
             return None
         if m < len(lines):

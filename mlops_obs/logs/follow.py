@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mlops_obs.logs.events import LineParser
-from mlops_obs.logs.sink import say
+from mlops_obs.logs.sink import format_timestamp, say
 
 if TYPE_CHECKING:
     from structlog.typing import FilteringBoundLogger
@@ -56,7 +56,7 @@ class FileState:
     head_hash: str
     head_len: int
     offset: int = 0  # every byte before this is acknowledged (or was an empty line)
-    last_ts: str = ""  # timestamp for raw lines at ``offset`` (see LineParser)
+    last_ts: str = ""  # the last time a line before ``offset`` carried (see LineParser)
     part: int = 0  # index of the next part when ``offset`` is inside a split long line
     seen: float = 0.0
 
@@ -78,6 +78,7 @@ class TrackedFile:
         self.eof = False
         self.missing_scans = 0
         self.flush_partial = False
+        self.last_data = time.monotonic()  # when a read last found new bytes (idle files end pending events)
 
     def compact(self) -> None:
         """Drop the buffered bytes before ``read_pos`` (they are in a batch already)."""
@@ -221,7 +222,7 @@ class FileFollower:
                 continue
             tf.missing_scans += 1
             if tf.eof and tf.missing_scans >= 5:
-                if tf.read_pos - tf.buf_start < len(tf.buf):
+                if tf.read_pos - tf.buf_start < len(tf.buf) or tf.parser.pending_offset is not None:
                     tf.flush_partial = True
                 else:
                     tf.close()
@@ -289,8 +290,7 @@ class FileFollower:
             fid = _hash(head + b"\0" + path.encode())[:20]
             while fid in self.states:  # the same path recreated with the same first line
                 fid = _hash(fid.encode() + b"+")[:20]
-            state = FileState(fid=fid, path=path, dev=st.st_dev, ino=st.st_ino, head_hash=hh, head_len=len(head),
-                              last_ts=now_iso())  # fmt: skip
+            state = FileState(fid=fid, path=path, dev=st.st_dev, ino=st.st_ino, head_hash=hh, head_len=len(head))
             self.states[fid] = state
         state.path, state.dev, state.ino, state.seen = path, st.st_dev, st.st_ino, now
         parser = LineParser(path, state.fid, state.last_ts, redact=self.redact, node=self.node)
@@ -309,9 +309,11 @@ class FileFollower:
         next scan treats the file as new. Without this, the tail of a new line would ship under the
         old id and its lines twice.
         """
+        at = tf.buf_start + len(tf.buf)
         try:
-            data = os.pread(tf.fd, self.read_chunk, tf.buf_start + len(tf.buf))
+            data = os.pread(tf.fd, self.read_chunk, at)
             head = os.pread(tf.fd, tf.state.head_len, 0) if data else b""
+            mtime = os.fstat(tf.fd).st_mtime if data else 0.0
         except OSError as e:  # EIO on a failing disk, a vanished network mount: retry on later rounds
             self._say("error", "cannot read log file", path=tf.state.path, error=e.strerror)
             tf.eof = True
@@ -323,7 +325,12 @@ class FileFollower:
             tf.eof = True
             self._last_scan = 0.0  # rescan at the next scan_if_due
             return False
+        # Bytes found after the file had been read to its end were written since the last look: the
+        # parser may time the lines among them that carry no time of their own by this read.
+        live = tf.eof
+        tf.parser.note_read(at, now_iso() if live else "", live, format_timestamp(mtime))
         tf.eof = False
+        tf.last_data = time.monotonic()
         tf.buf += data
         return True
 

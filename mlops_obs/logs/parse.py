@@ -50,6 +50,11 @@ from typing import Any
 
 import orjson
 
+STACK_REQUEST_EVENT = "stack dump requested"
+"""A stack file's line asking for a dump (the workload's launcher writes it just before ``SIGUSR1``)."""
+STACK_TRAILER_EVENT = "stack dump"
+"""A stack file's line ending a dump (the rank writes it after faulthandler's text)."""
+
 TS_SOURCES = ("record", "cri", "docker", "line", "followed", "neighbour", "mtime")
 TRUSTED_TS_SOURCES = frozenset(("record", "cri", "docker", "line"))
 """Times taken from the line itself: they order events (``mlops_obs.rca.facts`` trusts these)."""
@@ -127,6 +132,7 @@ class Line:
     partial: bool = False  # a piece of a longer line (CRI ``P``, Docker ``log`` without newline)
     record: dict[str, Any] | None = None  # the JSON object the line (or its payload) is
     envelope_ts_invalid: str | None = None  # a Docker ``time`` that does not parse
+    invalid_utf8: bool = False  # a JSON record read with U+FFFD for its invalid bytes
 
 
 def read_line(raw: bytes) -> Line:
@@ -148,6 +154,9 @@ def read_line(raw: bytes) -> Line:
                     line.record = _loads(payload) if payload[:1] == b"{" else None
                 return line
             return Line("json", raw, record=rec)
+        rec = _loads_invalid_utf8(raw)
+        if rec is not None:
+            return Line("json", raw, record=rec, invalid_utf8=True)
     if raw[:1].isdigit():
         m = _CRI.match(raw)
         if m:
@@ -165,6 +174,18 @@ def _loads(data: bytes) -> dict[str, Any] | None:
     except orjson.JSONDecodeError:
         return None
     return rec if type(rec) is dict else None
+
+
+def _loads_invalid_utf8(data: bytes) -> dict[str, Any] | None:
+    """A JSON object whose only fault is invalid UTF-8 (a logger that wrote raw bytes), read with
+    U+FFFD in their place; None for anything else. Only on the error path."""
+    if data[-1:] != b"}":
+        return None
+    try:
+        data.decode("utf-8")
+        return None  # valid UTF-8: not why it failed
+    except UnicodeDecodeError:
+        return _loads(data.decode("utf-8", "replace").encode())
 
 
 def decode(data: bytes) -> tuple[str, bool]:
@@ -393,6 +414,7 @@ def _gap(a: str, b: str) -> float:
 
 
 def record_kind(rec: Mapping[str, Any]) -> str | None:
-    """The event kind a JSON record claims for itself (``launcher``, ``stack``); None for a log record."""
-    k = rec.get("kind")
-    return k if k in ("launcher", "stack") else None
+    """The event kind a JSON record claims for itself: ``launcher`` (the workload launcher's log); None
+    for a log record. Stack events come from stack files, alerts from the alert intake: a record that
+    says ``kind: alert`` keeps it as a field."""
+    return "launcher" if rec.get("kind") == "launcher" else None

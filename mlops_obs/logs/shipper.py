@@ -256,6 +256,7 @@ class Shipper:
 
     def run(self, once: bool = False) -> None:
         """Follow the sources until stopped; with ``once``, until everything present now is shipped."""
+        self.reader.flush_at_eof = once
         try:
             if once:
                 while not self.stop_event.is_set():

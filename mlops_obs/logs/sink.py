@@ -18,7 +18,8 @@ Event schema (one dict per event; every sink takes the same dicts, every source 
                 Other forms (datetime, epoch seconds, ISO with offset) are normalised by
                 :func:`format_timestamp`; the fixed format is what makes string order time order.
 ``kind``        one of :data:`KINDS`: ``"log"`` (a line from a file), ``"alert"`` (an Alertmanager
-                notification).
+                notification), ``"launcher"`` (a workload launcher's record: ranks started, exited,
+                stopped), ``"stack"`` (one stack dump of a rank).
 ``job``         str or None: the training job.
 ``rank``        int or None: the rank within the job.
 ``node``        str or None: host name.
@@ -62,7 +63,7 @@ import orjson
 if TYPE_CHECKING:
     from structlog.typing import FilteringBoundLogger
 
-KINDS = ("log", "alert")
+KINDS = ("log", "alert", "launcher", "stack")
 LEVEL_RANK = {"debug": 1, "info": 2, "warning": 3, "error": 4, "critical": 5}
 """The levels of the schema, least to most severe (the store keeps each chunk's highest as a number)."""
 DEAD_LETTER_FILE = "dead-letter.ndjson"
@@ -99,14 +100,15 @@ class ParsedEvents:
 
     ``runs`` holds ``(prefix, source, start, end)``: events ``start`` to ``end`` are lines of one
     file, in increasing ``offset`` order (so no ``_id`` twice), each with ``_id``
-    ``f"{prefix}-{offset}"``, ``kind`` ``"log"``, that ``source``, and the schema's types for every
+    ``f"{prefix}-{offset}"``, ``kind`` ``"log"`` unless ``kinds`` (event index -> kind, for the
+    launcher's records and stack dumps) says otherwise, that ``source``, and the schema's types for every
     field the parser sets itself (``message`` str, ``level`` str or None, ``rank``/``seq`` int or
     None, ``offset`` int, ``fields`` dict). What comes from the record as written (``job``,
     ``node``) and the timestamps are still checked by the store, which takes its general path for a
     batch failing a check.
     """
 
-    __slots__ = ("fields", "jobs", "levels", "msgs", "nodes", "offs", "ranks", "runs", "seqs", "tss")
+    __slots__ = ("fields", "jobs", "kinds", "levels", "msgs", "nodes", "offs", "ranks", "runs", "seqs", "tss")
 
     def __init__(self) -> None:
         self.tss: list[Any] = []
@@ -119,12 +121,16 @@ class ParsedEvents:
         self.offs: list[Any] = []
         self.fields: list[Any] = []
         self.runs: list[tuple[str, str, int, int]] = []
+        self.kinds: dict[int, str] = {}
 
     def __len__(self) -> int:
         return len(self.offs)
 
     def append(self, ev: Mapping[str, Any]) -> None:
         """Add one event dict made by the parser (the line-at-a-time path)."""
+        kind = ev.get("kind", "log")
+        if kind != "log":
+            self.kinds[len(self.offs)] = kind
         self.tss.append(ev["@timestamp"])
         self.jobs.append(ev["job"])
         self.ranks.append(ev["rank"])
@@ -155,6 +161,8 @@ class ParsedEvents:
                     out.append({"_id": f"{prefix}-{off}", "@timestamp": ts, "kind": "log", "job": job, "rank": rank,
                                 "node": node, "level": level, "message": msg, "seq": seq, "source": source,
                                 "offset": off, "fields": fields})  # fmt: skip
+            for i, kind in self.kinds.items():
+                out[i]["kind"] = kind
             return out
         finally:
             if gc_was_on:

@@ -320,8 +320,8 @@ class _Batch:
         """Columns and groups of the shipper's batch from its runs; False (nothing kept) when a check fails."""
         tss, jobs, ranks, nodes, levels = events.tss, events.jobs, events.ranks, events.nodes, events.levels
         msgs, seqs, offs, fields = events.msgs, events.seqs, events.offs, events.fields
-        if not _canonical_ts(tss) or sum(b - a for _, _, a, b in events.runs) != len(events):
-            return False
+        if events.kinds or not _canonical_ts(tss) or sum(b - a for _, _, a, b in events.runs) != len(events):
+            return False  # launcher records and stack dumps (rare) take the general path, which stores kinds
         groups: dict[_Key, list[tuple[int, int]]] = {}
         for prefix, source, a, b in events.runs:
             n = b - a

@@ -42,12 +42,11 @@ from typing import IO, Any
 
 import orjson
 
+from mlops_obs.logs.parse import STACK_REQUEST_EVENT, STACK_TRAILER_EVENT
 from mlops_obs.workload.progress import Beat
 
 DUMP_SIGNAL = signal.SIGUSR1
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
-REQUEST_EVENT = "stack dump requested"
-TRAILER_EVENT = "stack dump"
 FR_LAST_ENTRIES = 8
 FR_BUFFER_SIZE = "2000"
 """``TORCH_FR_BUFFER_SIZE`` the launcher gives ranks (unless set): collectives the flight recorder keeps."""
@@ -181,7 +180,7 @@ class RankSignals:
         """The line after a faulthandler dump: when, and the flight recorder's state."""
         if self._file is None:
             return
-        rec: dict[str, Any] = {"ts": _now(), "event": TRAILER_EVENT, "rank": self.rank, "pid": os.getpid()}
+        rec: dict[str, Any] = {"ts": _now(), "event": STACK_TRAILER_EVENT, "rank": self.rank, "pid": os.getpid()}
         try:
             rec["flight_recorder"] = flight_recorder_state()
         except Exception as e:  # a dump must never hurt the rank
@@ -235,7 +234,7 @@ def request_dumps(
     in all) until its dump and trailer are there or it is ``gone``; per rank, whether they are."""
     sent: dict[int, tuple[DumpTarget, int]] = {}
     for t in targets:
-        rec = {"ts": _now(), "event": REQUEST_EVENT, "reason": reason, "rank": t.rank, "pid": t.pid}
+        rec = {"ts": _now(), "event": STACK_REQUEST_EVENT, "reason": reason, "rank": t.rank, "pid": t.pid}
         try:
             fd = os.open(t.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
             try:
@@ -294,10 +293,10 @@ def read_dumps(path: Path) -> list[dict[str, Any]]:
             except orjson.JSONDecodeError:
                 text.append(raw)
                 continue
-            if rec.get("event") == REQUEST_EVENT:
+            if rec.get("event") == STACK_REQUEST_EVENT:
                 close()
                 cur = {"request": rec}
-            elif rec.get("event") == TRAILER_EVENT:
+            elif rec.get("event") == STACK_TRAILER_EVENT:
                 if cur is None:
                     cur = {}
                 cur["trailer"] = rec

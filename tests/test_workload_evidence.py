@@ -203,3 +203,71 @@ def test_hang_stopped_by_sigterm_dumps_again_and_each_rank_says_it_was_stopped(r
         assert len(said) == 1 and said[0]["signal"] == "SIGTERM" and said[0]["level"] == "warning"
         assert said[0]["step"] == 10  # the step they were in (rank 1 hung in it, rank 0 waited in it)
         assert len([d for d in _hang_dumps(run)[rank] if d["request"]["reason"] == "SIGTERM received"]) == 1
+
+
+def _ship(run: Run, store: Path) -> list[dict[str, Any]]:
+    """Ship the run's log directory into ``store`` (``mlops-obs ship --once``); its events in time order."""
+    from mlops_obs.logs.store import EventStore
+
+    r = subprocess.run([sys.executable, "-m", "mlops_obs", "ship", "--once", f"--source={run.logs}/*",
+                        f"--store={store}"], capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    with EventStore(store) as s:
+        return list(s.query(job=run.job))
+
+
+def _rca(store: Path, job: str) -> dict[str, Any]:
+    r = subprocess.run([sys.executable, "-m", "mlops_obs", "rca", f"--store={store}", f"--job={job}", "--json"],
+                       capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert r.returncode in (0, 1, 3), r.stderr
+    return dict(orjson.loads(r.stdout))
+
+
+def test_crash_replays_as_one_traceback_before_the_peers_errors_next_to_the_exit(
+    runs: dict[str, Run], tmp_path: Path
+) -> None:
+    """Issue 13's "done when": shipped, the crashed rank's traceback is one error event stamped within a
+    second of the crash, before the other rank's collective error, next to the launcher's exit record."""
+    run = runs["crash"].finish()
+    evs = _ship(run, tmp_path / "store")
+    keys = [(e["@timestamp"], e["source"], e["offset"]) for e in evs]
+    assert keys == sorted(keys)
+    crash = [e for e in evs if e["kind"] == "log" and "RuntimeError: injected crash at step 8" in e["message"]
+             and e["fields"].get("raw")]  # fmt: skip
+    assert len(crash) == 1, [e["message"][:80] for e in crash]  # the traceback once, as one event
+    tb = crash[0]
+    assert (tb["level"], tb["rank"], tb["fields"]["ts_source"]) == ("error", 1, "cri")
+    assert tb["message"].startswith("[rank1]: Traceback (most recent call last):")
+    assert tb["fields"]["lines"] >= 4
+    failed = next(e for e in evs if e["message"] == "rank failed" and e["rank"] == 1)
+    assert abs((ts(tb["@timestamp"]) - ts(failed["@timestamp"])).total_seconds()) < 1.0
+    peer = [e for e in evs if e["rank"] == 0 and e["level"] == "error" and e["fields"].get("raw")]
+    assert peer and all(e["@timestamp"] > tb["@timestamp"] for e in peer)
+    exit_rec = next(e for e in evs if e["kind"] == "launcher" and e["message"] == "rank exited" and e["rank"] == 1)
+    assert exit_rec["fields"]["exit_code"] == 1 and exit_rec["level"] == "error"
+    i, j = evs.index(tb), evs.index(exit_rec)
+    between = [e for e in evs[i + 1 : j] if e["rank"] == 1 or e["kind"] == "launcher"]
+    assert i < j and all(e["level"] in ("debug", "info") for e in between), between  # nothing else about it
+    verdict = _rca(tmp_path / "store", "crash")
+    root = verdict["root_cause"]
+    assert (verdict["verdict"], root["kind"], root["rank"], root["step"]) == ("fault", "crash", 1, 8)
+
+
+def test_hang_stacks_reach_the_store_and_name_the_hung_rank(runs: dict[str, Run], tmp_path: Path) -> None:
+    """The dumps are stored as ``kind="stack"`` events, and rca reads them: rank 1 is in its own code
+    while rank 0 waits in torch."""
+    run = runs["hang"]
+    wait_for(lambda: run.proc.poll() is not None, "the hang run to be stopped", timeout=240)
+    evs = _ship(run.finish(), tmp_path / "store")
+    stacks = [e for e in evs if e["kind"] == "stack"]
+    assert {e["rank"] for e in stacks} == {0, 1}
+    stall = [e for e in stacks if e["fields"]["reason"].startswith("stall:")]
+    assert len(stall) == 2 and all("Current thread" in e["fields"]["stack"] for e in stall)
+    assert all("ts_source" not in e["fields"] and e["fields"]["flight_recorder"]["backend"] == "gloo" for e in stall)
+    launcher = [e for e in evs if e["kind"] == "launcher"]
+    assert [e["message"] for e in launcher].count("stall detected") == 1
+    verdict = _rca(tmp_path / "store", "hang")
+    root = verdict["root_cause"]
+    assert (verdict["verdict"], root["kind"], root["rank"]) == ("fault", "stall", 1), verdict
+    assert any(ev["source"] == "stack" for ev in root["evidence"])
+    assert "_hang" in root["summary"]

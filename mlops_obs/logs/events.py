@@ -380,7 +380,7 @@ class LineParser:
                 ev["fields"].setdefault(k, v)
         return ev
 
-    def json_lines(self, lines: list[bytes], offsets: Iterable[int], out: ParsedEvents) -> int:
+    def json_lines(self, lines: list[bytes], offsets: Iterable[int], out: ParsedEvents, *, nested: bool = True) -> int:
         """Events for the leading run of ``lines`` that are JSON objects (at ``offsets``), added to
         ``out``; returns how many lines were taken (the first other line stops the run).
 
@@ -389,7 +389,8 @@ class LineParser:
         in the job-side logger's own shape (canonical ``ts``, string ``event``, a known ``level``,
         integer or absent ``rank`` and ``seq``, no ``kind``) is mapped inline; any other record takes
         :meth:`_finish`, so the events are those of :meth:`feed` either way. A stack file, or pending
-        pieces of a CRI line, take the line-at-a-time path.
+        pieces of a CRI line, take the line-at-a-time path. ``nested=False`` is the caller's word that
+        no line holds :data:`MAX_DEPTH` ``{`` and ``[`` (it counted them over the whole run at once).
         """
         if self.stack_file or self._partial is not None:
             return 0
@@ -402,6 +403,9 @@ class LineParser:
         add_off, add_fields = out.offs.append, out.fields.append
         last_ts = self.last_ts
         taken = 0
+        count = bytes.count
+        lim = _INT64  # orjson decodes integers up to 2**64 - 1 and down to -2**63: only the top is out of range
+        held = self._block is not None
         for line, offset in zip(lines, offsets):
             if line[0] != 123:  # "{" (the caller passes no empty line)
                 break
@@ -411,11 +415,12 @@ class LineParser:
                 break
             if type(rec) is not dict or ("log" in rec and "stream" in rec and "time" in rec and len(rec) <= 4):
                 break  # not a record, or Docker's envelope
-            if not taken and self._block is not None:
+            if held:  # a block this record ends
+                held = False
                 for ev in self.flush():
                     out.append(ev)
             taken += 1
-            if line.count(b"{") + line.count(b"[") >= MAX_DEPTH:
+            if nested and count(line, b"{") + count(line, b"[") >= MAX_DEPTH:
                 rec = normalize(rec)
             pop = rec.pop
             ts, msg, level = pop("ts", None), pop("event", None), pop("level", None)
@@ -427,8 +432,8 @@ class LineParser:
                 and type(msg) is str
                 and type(level) is str
                 and level in known
-                and (rank is None or (type(rank) is int and -_INT64 <= rank < _INT64))
-                and (seq is None or (type(seq) is int and -_INT64 <= seq < _INT64))
+                and (rank is None or (type(rank) is int and rank < lim))
+                and (seq is None or (type(seq) is int and seq < lim))
                 and "kind" not in rec
             ):
                 last_ts = ts

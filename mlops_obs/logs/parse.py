@@ -59,8 +59,9 @@ TS_SOURCES = ("record", "cri", "docker", "line", "followed", "neighbour", "mtime
 TRUSTED_TS_SOURCES = frozenset(("record", "cri", "docker", "line"))
 """Times taken from the line itself: they order events (``mlops_obs.rca.facts`` trusts these)."""
 
-MAX_DEPTH = 32
-"""Nesting levels of a record kept as objects; deeper values are kept as their JSON text."""
+MAX_DEPTH = 16
+"""Nesting levels of a record kept as objects; deeper values are kept as their JSON text (OpenSearch's
+``flattened``/``flat_object`` fields refuse documents nested deeper than 20 levels by default)."""
 _INT64 = 1 << 63
 
 MAX_BLOCK_LINES = 2000

@@ -209,7 +209,7 @@ def event_text(event: Mapping[str, Any]) -> str:
 
 def worth_reading(event: Mapping[str, Any]) -> bool:
     """Whether :func:`classify` can say anything: warnings and worse, non-log kinds, and raw lines with
-    a failure word (a raw ``[rank1]: RuntimeError`` line is stored as ``info`` today)."""
+    a failure word (a raw line another shipper stored as ``info``)."""
     level = event.get("level")
     if level in ("warning", "error", "critical") or event.get("kind", "log") != "log":
         return True

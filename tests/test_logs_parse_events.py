@@ -268,3 +268,13 @@ def test_pending_offset_never_passes_an_unshipped_line(cut: int) -> None:
     rest = feed_all(q, data[resume:])
     rest = [{**e, "_id": f"{'f' * 20}-{e['offset'] + resume}", "offset": e["offset"] + resume} for e in rest]
     assert got + rest == whole
+
+
+def test_other_programs_records_are_redacted_ours_pass_as_written() -> None:
+    p = LineParser("/logs/app.jsonl", "f" * 20, "")
+    foreign = b'{"msg":"login with token ghp_abcdefghijklmnopqrstuvwxyz0123456789","password":"hunter2hunter2","t":1}'
+    ev = p.feed(foreign, 0)[0]
+    assert ev["fields"]["password"] == "[REDACTED]" and ev["fields"]["t"] == 1
+    assert "ghp_abcdefghijklmnopqrstuvwxyz0123456789" not in ev["message"] and ev["message"].startswith("login")
+    ours = orjson.dumps({"event": "step", "note": "x", "level": "info", "ts": T0, "seq": 1})
+    assert p.feed(ours, 200)[0]["fields"] == {"note": "x"}

@@ -50,7 +50,7 @@ from mlops_obs.logs.parse import (
     record_kind,
     to_json_text,
 )
-from mlops_obs.logs.redact import redact_text
+from mlops_obs.logs.redact import redact_record, redact_text
 from mlops_obs.logs.sink import ParsedEvents
 
 _LEVEL_ALIASES = {"warn": "warning", "err": "error", "fatal": "critical", "crit": "critical", "trace": "debug",
@@ -387,8 +387,9 @@ class LineParser:
         The shipper's hot path: the per-file values are read once, each line is parsed and mapped
         while its record is still in the CPU cache, straight into the batch's columns, and a record
         in the job-side logger's own shape (canonical ``ts``, string ``event``, a known ``level``,
-        integer or absent ``rank`` and ``seq``, no ``kind``) is mapped inline; any other record takes
-        :meth:`_finish`, so the events are those of :meth:`feed` either way. A stack file, or pending
+        integer or absent ``rank``, an integer ``seq``, no ``kind``: redacted when it was written) is
+        mapped inline; any other record takes :meth:`_finish`, which redacts it as another program's
+        record, so the events are those of :meth:`feed` either way. A stack file, or pending
         pieces of a CRI line, take the line-at-a-time path. ``nested=False`` is the caller's word that
         no line holds :data:`MAX_DEPTH` ``{`` and ``[`` (it counted them over the whole run at once).
         """
@@ -433,7 +434,8 @@ class LineParser:
                 and type(level) is str
                 and level in known
                 and (rank is None or (type(rank) is int and rank < lim))
-                and (seq is None or (type(seq) is int and seq < lim))
+                and type(seq) is int
+                and seq < lim
                 and "kind" not in rec
             ):
                 last_ts = ts
@@ -465,7 +467,12 @@ class LineParser:
         fallback: tuple[str, str] | None = None,
     ) -> dict[str, Any]:
         """The event for ``rec`` once its main keys were popped (``None`` where absent). ``fallback``:
-        the time its envelope gives (a record inside a CRI or Docker line)."""
+        the time its envelope gives (a record inside a CRI or Docker line). A record not in our
+        logger's shape is another program's: redacted here, keys and values, as our logger would have."""
+        if self.redact:
+            rec = redact_record(rec)
+            if msg is not None:
+                msg = redact_text(_text_of(msg))
         pop = rec.pop
         if ts_raw is None:
             ts_raw = next((pop(k) for k in _TS_KEYS if k in rec), None)

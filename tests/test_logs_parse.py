@@ -1,14 +1,13 @@
-"""The line parser's pure parts (:mod:`mlops_obs.logs.parse`): formats, times, normalisation, blocks.
+"""The line parser's pure parts (:mod:`mlops_obs.logs.parse`): formats, times, blocks.
 
 Example-based tests on real text (containerd's and Docker's formats, torch's and NCCL's output,
 faulthandler's dumps) and property tests with hypothesis: no input makes the parser raise, every CRI
-record reads back as written, every decoded record normalises to something every sink stores.
+record reads back as written.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import json
 from typing import Any
 
 import orjson
@@ -17,17 +16,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mlops_obs.logs.parse import (
-    MAX_DEPTH,
     Block,
     canonical_time,
     line_level,
     line_time,
-    normalize,
     rank_prefix,
     read_line,
     record_kind,
-    to_json_text,
 )
+from mlops_obs.logs.redact import plain_value
 from mlops_obs.workload.capture import cri_records
 
 
@@ -113,62 +110,6 @@ def test_record_kind() -> None:
         assert record_kind({"kind": k}) is None
 
 
-def test_normalize_caps_depth_and_keeps_the_rest_as_json_text() -> None:
-    deep: Any = {"x": 1}
-    for _ in range(300):
-        deep = {"a": deep}
-    out = normalize({"top": "kept", "deep": deep})
-    assert out["top"] == "kept"
-    node = out["deep"]
-    depth = 1
-    while isinstance(node, dict):
-        node = node["a"]
-        depth += 1
-    assert depth == MAX_DEPTH and isinstance(node, str)
-    assert json.loads(node) == _strip(deep, MAX_DEPTH - 1)  # the rest, as its JSON text
-    orjson.dumps(out)  # storable
-
-
-def _strip(value: Any, levels: int) -> Any:
-    for _ in range(levels):
-        value = value["a"]
-    return value
-
-
-def test_normalize_big_integers_become_strings() -> None:
-    rec = {"rank": 12345678901234567890, "ok": 2**63 - 1, "neg": -(2**63), "low": -(2**63) - 1, "l": [2**70]}
-    out = normalize(rec)
-    assert out == {"rank": "12345678901234567890", "ok": 2**63 - 1, "neg": -(2**63), "low": str(-(2**63) - 1),
-                   "l": [str(2**70)]}  # fmt: skip
-    orjson.dumps(out)
-    small = {"a": [1, {"b": "c"}], "n": None}
-    assert normalize(small) is small  # nothing to change: the same object, no copy
-
-
-json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(min_value=-(2**80), max_value=2**80) | st.floats(allow_nan=False,
-    allow_infinity=False) | st.text(max_size=20),
-    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
-    max_leaves=60,
-)  # fmt: skip
-
-
-@settings(max_examples=300, deadline=None)
-@given(json_values, st.integers(min_value=0, max_value=80))
-def test_any_decoded_value_normalises_to_something_storable(value: Any, nesting: int) -> None:
-    for _ in range(nesting):
-        value = {"n": value}
-    out = normalize(value)
-    text = orjson.dumps(out)  # what the store and OpenSearch do with fields
-    assert orjson.loads(text) == out
-
-
-@settings(max_examples=200, deadline=None)
-@given(json_values)
-def test_to_json_text_is_json_of_the_value(value: Any) -> None:
-    assert json.loads(to_json_text(value)) == json.loads(json.dumps(value))
-
-
 timestamps = st.datetimes(min_value=dt.datetime(1971, 1, 1), max_value=dt.datetime(9998, 12, 31))
 
 
@@ -192,7 +133,7 @@ def test_no_bytes_make_the_line_reader_raise(raw: bytes) -> None:
     line = read_line(raw.replace(b"\n", b""))
     assert line.fmt in ("cri", "docker", "json", "raw")
     if line.record is not None:
-        orjson.dumps(normalize(line.record))
+        orjson.dumps(plain_value(line.record))
 
 
 @settings(max_examples=300, deadline=None)

@@ -232,6 +232,7 @@ def test_crash_replays_as_one_traceback_before_the_peers_errors_next_to_the_exit
     evs = _ship(run, tmp_path / "store")
     keys = [(e["@timestamp"], e["source"], e["offset"]) for e in evs]
     assert keys == sorted(keys)
+    assert all(e["node"] for e in evs)  # every event says which node's clock dated it
     crash = [e for e in evs if e["kind"] == "log" and "RuntimeError: injected crash at step 8" in e["message"]
              and e["fields"].get("raw")]  # fmt: skip
     assert len(crash) == 1, [e["message"][:80] for e in crash]  # the traceback once, as one event

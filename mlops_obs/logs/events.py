@@ -36,7 +36,6 @@ from typing import Any
 import orjson
 
 from mlops_obs.logs.parse import (
-    MAX_DEPTH,
     STACK_REQUEST_EVENT,
     STACK_TRAILER_EVENT,
     Block,
@@ -44,13 +43,11 @@ from mlops_obs.logs.parse import (
     decode,
     line_level,
     line_time,
-    normalize,
     rank_prefix,
     read_line,
     record_kind,
-    to_json_text,
 )
-from mlops_obs.logs.redact import redact_record, redact_text
+from mlops_obs.logs.redact import MAX_DEPTH, plain_value, redact_record, redact_text
 from mlops_obs.logs.sink import ParsedEvents
 
 _LEVEL_ALIASES = {"warn": "warning", "err": "error", "fatal": "critical", "crit": "critical", "trace": "debug",
@@ -96,7 +93,7 @@ def _int_or_none(value: Any) -> int | None:
 
 
 def _text_of(value: Any) -> str:
-    return value if type(value) is str else to_json_text(value)
+    return value if type(value) is str else orjson.dumps(plain_value(value)).decode()
 
 
 @dataclass
@@ -370,8 +367,8 @@ class LineParser:
         fallback: tuple[str, str] | None = None,
         extra: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
-        if line.count(b"{") + line.count(b"[") >= MAX_DEPTH:  # cheap bound: only then can it be too deep
-            rec = normalize(rec)
+        if line.count(b"{") + line.count(b"[") >= MAX_DEPTH:  # only then can it be too deep (a cheap bound)
+            rec = plain_value(rec)
         pop = rec.pop
         ev = self._finish(rec, offset, pop("ts", None), pop("event", None), pop("level", None),
                           pop("rank", self.rank), pop("seq", None), fallback)  # fmt: skip
@@ -422,7 +419,7 @@ class LineParser:
                     out.append(ev)
             taken += 1
             if nested and count(line, b"{") + count(line, b"[") >= MAX_DEPTH:
-                rec = normalize(rec)
+                rec = plain_value(rec)
             pop = rec.pop
             ts, msg, level = pop("ts", None), pop("event", None), pop("level", None)
             rank, seq = pop("rank", rank0), pop("seq", None)
@@ -601,5 +598,5 @@ class LineParser:
             "seq": None,
             "source": self.source,
             "offset": d.offset,
-            "fields": normalize(fields),
+            "fields": plain_value(fields),
         }]  # fmt: skip

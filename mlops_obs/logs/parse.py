@@ -29,9 +29,10 @@ times order events (:data:`TRUSTED_TS_SOURCES`) and which only bound them:
 A record's time that does not parse is kept as a string (``ts_invalid``) and the event is timed as a
 line without one; the ship time is never used.
 
-Normalisation: a record decoded from a line is made storable whatever it holds. Objects nested
-deeper than :data:`MAX_DEPTH` are kept as their JSON text; integers outside 64 bits (which JSON
-allows and no store takes) become strings. One hostile line costs only itself.
+Normalisation (:mod:`mlops_obs.logs.events`): a record decoded from a line is made storable whatever
+it holds, with :func:`mlops_obs.logs.redact.plain_value` (nesting past its ``MAX_DEPTH`` kept as JSON
+text, integers past 64 bits as strings) or :func:`~mlops_obs.logs.redact.redact_record` (the same, and
+redacted) for other programs' records. One hostile line costs only itself.
 
 Multi-line events (:class:`Block`): a Python traceback (``Traceback (most recent call last):``
 through the ``XxxError: message`` line, chained ones included), torch's ``[rankN]:``-prefixed
@@ -59,10 +60,6 @@ TS_SOURCES = ("record", "cri", "docker", "line", "followed", "neighbour", "mtime
 TRUSTED_TS_SOURCES = frozenset(("record", "cri", "docker", "line"))
 """Times taken from the line itself: they order events (``mlops_obs.rca.facts`` trusts these)."""
 
-MAX_DEPTH = 16
-"""Nesting levels of a record kept as objects; deeper values are kept as their JSON text (OpenSearch's
-``flattened``/``flat_object`` fields refuse documents nested deeper than 20 levels by default)."""
-_INT64 = 1 << 63
 
 MAX_BLOCK_LINES = 2000
 MAX_BLOCK_CHARS = 1 << 20
@@ -195,75 +192,6 @@ def decode(data: bytes) -> tuple[str, bool]:
         return data.decode("utf-8"), False
     except UnicodeDecodeError:
         return data.decode("utf-8", "backslashreplace"), True
-
-
-# --- normalisation --------------------------------------------------------------------------------------
-
-
-def normalize(value: Any, depth: int = 0) -> Any:
-    """``value`` (decoded JSON) in a shape every sink stores: deep subtrees as JSON text, integers
-    beyond 64 bits as strings. Returns ``value`` itself when nothing needed changing."""
-    t = type(value)
-    if t is int:
-        return value if -_INT64 <= value < _INT64 else str(value)
-    if t is dict or t is list:
-        if depth >= MAX_DEPTH:
-            return to_json_text(value)
-        if t is dict:
-            out = None
-            for k, v in value.items():
-                nv = normalize(v, depth + 1)
-                if nv is not v:
-                    if out is None:
-                        out = dict(value)
-                    out[k] = nv
-            return value if out is None else out
-        outl = None
-        for i, v in enumerate(value):
-            nv = normalize(v, depth + 1)
-            if nv is not v:
-                if outl is None:
-                    outl = list(value)
-                outl[i] = nv
-        return value if outl is None else outl
-    return value
-
-
-def to_json_text(value: Any) -> str:
-    """JSON text of a decoded value of any depth (iterative: no recursion limit to hit)."""
-    out: list[str] = []
-    stack: list[Any] = [value]
-    while stack:
-        x = stack.pop()
-        if type(x) is _Tok:
-            out.append(x.s)
-        elif type(x) is dict:
-            out.append("{")
-            items: list[Any] = [_Tok("}")]
-            for i, (k, v) in enumerate(reversed(list(x.items()))):
-                items.append(v)
-                items.append(_Tok(orjson.dumps(str(k)).decode() + ":"))
-                if i < len(x) - 1:
-                    items.append(_Tok(","))
-            stack.extend(items)
-        elif type(x) is list:
-            out.append("[")
-            items = [_Tok("]")]
-            for i, v in enumerate(reversed(x)):
-                items.append(v)
-                if i < len(x) - 1:
-                    items.append(_Tok(","))
-            stack.extend(items)
-        elif type(x) is int and not -_INT64 <= x < _INT64:
-            out.append(str(x))
-        else:
-            out.append(orjson.dumps(x, default=str).decode())
-    return "".join(out)
-
-
-@dataclass(frozen=True, slots=True)
-class _Tok:
-    s: str
 
 
 # --- multi-line events ----------------------------------------------------------------------------------

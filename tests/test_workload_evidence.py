@@ -126,6 +126,7 @@ def test_crash_launcher_log_records_starts_exits_and_the_stop(runs: dict[str, Ru
     stop = next(r for r in recs if r["event"] == "stopping ranks") if "stopping ranks" in events else None
     if stop is not None:  # rank 0 may have failed on its own (the peer's connection closed) before the stop
         assert stop["reason"] == "rank 1 exited with code 1" and stop["failed_rank"] == 1
+        assert stop["failed_exit_code"] == 1 and "exit_code" not in stop
         assert stop["seq"] > first["seq"]
     # rank 0 ended either by itself on the lost peer (exit code 1) or by the launcher's SIGTERM
     zero = exits[0]

@@ -199,7 +199,7 @@ def launch(cfg: Mapping[str, Any], out: IO[str] = sys.stderr, stop: StopRequest 
     job = Job(cfg, log_dir)
     try:
         job.start()
-        rc = job.supervise(out, stop, float(cfg.get("grace", GRACE_SECONDS)))
+        rc = job.supervise(out, stop)
     except BaseException:
         job.kill()  # a half-started job is not left behind
         raise
@@ -380,7 +380,8 @@ class Job:
         elif failed:
             how = exit_fields(failed[1])
             what = f"code {how['exit_code']}" if "exit_code" in how else how["signal"]
-            self.stop_ranks(f"rank {failed[0]} exited with {what}", grace, stop, failed_rank=failed[0], **how)
+            failed_how = {f"failed_{k}": v for k, v in how.items()}  # not an exit record of its own
+            self.stop_ranks(f"rank {failed[0]} exited with {what}", grace, stop, failed_rank=failed[0], **failed_how)
         self.reap()
         if stop.signum is not None:
             rc = 128 + stop.signum

@@ -122,7 +122,7 @@ def test_crash_launcher_log_records_starts_exits_and_the_stop(runs: dict[str, Ru
     exits = {r["rank"]: r for r in recs if r["event"] == "rank exited"}
     assert sorted(exits) == [0, 1] and {r["pid"] for r in exits.values()} == set(started.values())
     first = min(exits.values(), key=lambda r: r["seq"])
-    assert (first["rank"], first["exit_code"], first["level"]) == (1, 1, "error")
+    assert (first["rank"], first.get("exit_code"), first["level"]) == (1, 1, "error"), recs
     stop = next(r for r in recs if r["event"] == "stopping ranks") if "stopping ranks" in events else None
     if stop is not None:  # rank 0 may have failed on its own (the peer's connection closed) before the stop
         assert stop["reason"] == "rank 1 exited with code 1" and stop["failed_rank"] == 1

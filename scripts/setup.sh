@@ -20,6 +20,7 @@ declare -A PKG=(
   [prometheus-alertmanager]=prometheus-alertmanager [amtool]=prometheus-alertmanager
   [prometheus-node-exporter]=prometheus-node-exporter [openssl]=openssl
   [stress-ng]=stress-ng [chromium]=chromium
+  [victoria-metrics]=victoria-metrics [vmalert]=victoria-metrics [curl]=curl
 )
 
 # Every apt-get waits for the dpkg and lists locks instead of failing at once when another apt holds them.

@@ -142,11 +142,11 @@ def start_runs(root: Path) -> tuple[Runs, list[Any]]:
     """Start the stack and every case; returns the runs and what to stop at the end."""
     import yaml
 
-    from mlops_obs.alert_sink import AlertSink
     from mlops_obs.children.alertmanager import AlertmanagerProcess
     from mlops_obs.config import resolve
     from mlops_obs.exporter import Exporter, settings
-    from mlops_obs.logs.store import EventStore
+    from mlops_obs.logs.alerts import AlertIntake, AlertReceiver
+    from mlops_obs.logs.store import EventStore, StoreSink
     from mlops_obs.mixin import config as mixin_config
     from mlops_obs.mixin.generate import ALERTMANAGER_FILE, ALERTS_FILE, RECORDING_FILE, render_files
 
@@ -155,7 +155,9 @@ def start_runs(root: Path) -> tuple[Runs, list[Any]]:
     stop: list[Any] = []
     store = EventStore(root / "alerts-store")
     stop.append(store.close)
-    sink = AlertSink(("127.0.0.1", 0), store).start_background()
+    intake = AlertIntake(StoreSink(root / "alerts-store"))
+    stop.append(intake.sink.close)
+    sink = AlertReceiver(("127.0.0.1", 0), intake).start_background()
     stop.append(sink.stop)
     base = mixin_config.MixinConfig()
     files = render_files(base, sink_url=sink.url + "/alerts", time_scale=TIME_SCALE)

@@ -211,8 +211,9 @@ def test_crash_exits_non_zero_with_traceback_and_failed_step(env: Env) -> None:
     s = env.wait(lambda s: per_rank(s, "mlops_training_failed_steps_total", "crash").get(2) == 1)
     assert per_rank(s, "mlops_training_failed_steps_total", "crash")[2] == 1
     assert per_rank(s, "mlops_training_steps_total", "crash")[2] == 5
-    stderr = (env.logs / "crash-rank2.stderr.log").read_text()
-    assert "Traceback" in stderr and "RuntimeError: injected crash at step 5" in stderr
+    stderr = (env.logs / "crash-rank2.log").read_text()  # the rank's output, in the CRI log format
+    assert " stderr F [rank2]: Traceback" in stderr
+    assert " stderr F [rank2]: RuntimeError: injected crash at step 5" in stderr
     failed = [x for x in env.log_lines("crash", 2) if x["level"] == "error"]
     assert [(x["event"], x["step"]) for x in failed] == [("rank failed", 5)]
     assert "exception" in failed[0]

@@ -2,7 +2,9 @@
 
 Eight fake H100s (every field, one process each), the host collector on the recorded ``gpu-node``
 procfs and ``ib-node`` sysfs fixtures, eight ranks' snapshot files with fixed content (rank 0 on the
-fixture's pid 4242, so the process collector reports it; ranks 1-7 own GPUs 1-7), sampled by the
+fixture's pid 4242, so the process collector reports it; ranks 1-7 claim GPUs 1-7's processes, whose
+pids no process has, so they stay unattributed: a pid is a rank's only when its process started when
+the snapshot says), sampled by the
 real sampler for three rounds. Values that move with the clock (the fake's energy, NVLink, PCIe and
 throttle counters, the kernel's adjtimex figures, durations and CPU seconds) are masked; everything
 else, text and order, is compared byte for byte with ``tests/fixtures/golden/node-metrics.txt``.

@@ -15,9 +15,9 @@ verdict needs proof that this sidecar can see the rank's pid:
   incarnation) and followed by its outer pid from then on. A rank never found this way is out of
   sight, not dead: only one seen alive and then gone is judged vanished.
 
-A pid counts as gone when ``/proc/<pid>`` is absent, is a zombie (dead, not yet reaped), or started
-more than :data:`~mlops_obs.collectors.process.PID_REUSE_SLACK_S` after the snapshot's start time
-(the pid was reused).
+A pid counts as gone when ``/proc/<pid>`` is absent, is a zombie (dead, not yet reaped), or is not
+the process the snapshot recorded (:func:`~mlops_obs.collectors.process.same_process`: its start time
+differs; the pid was reused).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import time
 
 from mlops_obs.collectors.gpu_process import parse_nspid
 from mlops_obs.collectors.host import CLK_TCK, read_text
-from mlops_obs.collectors.process import PID_REUSE_SLACK_S, boot_time
+from mlops_obs.collectors.process import boot_time, same_process
 from mlops_obs.rankdir import RUNNING, Snapshot
 
 # How long a failed scan for a rank in another pid namespace is trusted before /proc is scanned again.
@@ -126,7 +126,7 @@ class Liveness:
         if state in ("Z", "X"):
             return True
         assert self._btime is not None
-        return self._btime + ticks / CLK_TCK > start + PID_REUSE_SLACK_S
+        return not same_process(start, self._btime + ticks / CLK_TCK)
 
     def _scan(self, root: str, ns: int, pid: int, start: float) -> int | None:
         """The outer pid of the live process whose innermost pid is ``pid`` in namespace ``ns``."""
@@ -149,7 +149,7 @@ class Liveness:
                 continue
             text = read_text(f"{root}/{name}/stat")
             got = pid_state_and_start(text) if text is not None else None
-            if got is not None and self._btime + got[1] / CLK_TCK <= start + PID_REUSE_SLACK_S:
+            if got is not None and same_process(start, self._btime + got[1] / CLK_TCK):
                 return int(name)
         return None
 

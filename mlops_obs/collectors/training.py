@@ -34,6 +34,7 @@ from mlops_obs.rankdir import (
     failure_detail,
     file_name,
     read,
+    validate,
 )
 
 LABELS = ["job", "rank", "node"]
@@ -112,6 +113,33 @@ _PER_RANK_COUNTERS = (
 )
 
 
+# What the rank directory refused, whichever collector read the file first (the directory is shared).
+SNAPSHOT_FAMILIES: dict[str, tuple[str, str]] = {
+    "mlops_training_snapshot_errors": (
+        "counter",
+        "Snapshot files in --multiproc-dir skipped (not read, or not used), by reason; once per version of a file.",
+    ),
+    "mlops_training_snapshot_dropped_series": (
+        "counter",
+        "Phases and badput kinds left out of snapshots that were used: past the per-file cap, or a name too long.",
+    ),
+}
+
+
+def snapshot_skips(ranks: RankDirectory, out: FamilyBuilder | None = None) -> list[Metric]:
+    """The directory's skip counters, every reason present from the start (so ``increase()`` sees the
+    first one)."""
+    out = out or FamilyBuilder(SNAPSHOT_FAMILIES)
+    fams = out.round(*SNAPSHOT_FAMILIES)
+    for key, reasons, counts in (
+        ("mlops_training_snapshot_errors", validate.REASONS, ranks.errors),
+        ("mlops_training_snapshot_dropped_series", validate.DROP_REASONS, ranks.dropped),
+    ):
+        for reason in reasons:
+            fams.add(key, out.labels.get({"reason": reason}), counts.get(reason, 0))
+    return fams.metrics()
+
+
 def _valid_counts(counts: Any, bounds: tuple[float, ...]) -> bool:
     return isinstance(counts, list) and len(counts) == len(bounds) + 1
 
@@ -129,17 +157,20 @@ class TrainingCollector(Collector):
         self.liveness = Liveness()
         # id(snapshot) -> (the snapshot, its copy saying it vanished): one copy per snapshot object.
         self._copies: dict[int, tuple[Snapshot, Snapshot]] = {}
+        self.skips = FamilyBuilder(SNAPSHOT_FAMILIES)
 
     def sample(self) -> Iterable[Metric]:
         snaps = sorted(self.judged(self.ranks.snapshots()), key=lambda s: (str(s.get("job")), _rank_key(s)))
+        self.ranks.raise_problem()
         # No snapshot changed since the last round (ranks flush less often than we sample, or a
         # job is paused): the families would be the same, so they are not built again.
         last = self._last
         if last is not None and len(last[0]) == len(snaps) and all(a is b for a, b in zip(last[0], snaps)):
-            return last[1]
-        fams = families(snaps, self.out)
-        self._last = (snaps, fams)
-        return fams
+            fams = last[1]
+        else:
+            fams = families(snaps, self.out)
+            self._last = (snaps, fams)
+        return [*fams, *snapshot_skips(self.ranks, self.skips)]
 
     def judged(self, snaps: list[Snapshot]) -> list[Snapshot]:
         """The snapshots, a vanished rank's replaced by a copy saying so (the same object each round,

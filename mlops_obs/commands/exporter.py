@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from mlops_obs import __version__
-from mlops_obs.config import Setting
+from mlops_obs.config import ConfigError, Setting
 from mlops_obs.exporter import Exporter, settings
 from mlops_obs.logs import configure, get_logger
 from mlops_obs.web import config as web_config
@@ -93,9 +93,10 @@ def _serve(cfg: Mapping[str, Any], handled: set[signal.Signals]) -> int:
         log.error("bad web config", error=str(e))
         return 1
     except OSError as e:
+        # The user's to fix (a port in use, an address not on this machine): one line, exit 2, as in
+        # every command.
         host, port = cfg["web.listen-address"]
-        log.error("cannot listen", address=f"{host}:{port}", error=e.strerror or str(e))
-        return 1
+        raise ConfigError("web.listen-address", f"cannot listen on {host}:{port}: {e.strerror or e}") from None
     exporter.server.on_quit = lambda: os.kill(os.getpid(), signal.SIGTERM)  # to the sigwait below
     exporter.start()
     tune_gc()

@@ -50,8 +50,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from mlops_obs.logs import configure, get_logger
 from mlops_obs.logs.opensearch import bulk_lines
-from mlops_obs.logs.shipper import Shipper, ShipperOptions, StoreSink
-from mlops_obs.logs.store import EventStore
+from mlops_obs.logs.shipper import Shipper, ShipperOptions
+from mlops_obs.logs.store import EventStore, StoreSink
 
 CTX = {"job": "bench", "rank": 0, "node": "n1", "run_id": "r1"}
 

@@ -41,8 +41,8 @@ import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from mlops_obs.logs.shipper import Shipper, ShipperOptions, StoreSink
-from mlops_obs.logs.store import EventStore
+from mlops_obs.logs.shipper import Shipper, ShipperOptions
+from mlops_obs.logs.store import EventStore, StoreSink
 
 JOB = "bench"
 RANKS = 64

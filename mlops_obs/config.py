@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import socket
 import stat
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -23,6 +24,20 @@ from typing import Any
 import yaml
 
 ENV_PREFIX = "MLOPS_OBS_"
+NODE_ENV = ("MLOPS_OBS_NODE", "NODE_NAME")
+
+
+def node_name(environ: Mapping[str, str] | None = None) -> str:
+    """The node this process runs on, the same string wherever a ``node`` label appears (training
+    series, ``mlops_exporter_node_info``, ``mlops_gpu_info``, log events): ``MLOPS_OBS_NODE``, else
+    ``NODE_NAME`` (Kubernetes' downward API, ``spec.nodeName``), else the host name. The rules join
+    series of the SDK, the sidecar and the log shipper on it, and in a pod the host name is the pod's."""
+    env = os.environ if environ is None else environ
+    for key in NODE_ENV:
+        value = env.get(key)
+        if value:
+            return value
+    return socket.gethostname()
 
 
 class ConfigError(ValueError):

@@ -105,6 +105,23 @@ def no_process_left_behind() -> Iterator[None]:
     assert not leaked, f"test session left child processes running: {names}"
 
 
+@pytest.fixture(scope="session")
+def fault_runs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """The reference workload with each fault, under the real stack (``tests/fault_runs.py``): run once
+    for the session, read by the fault-to-alert matrix and by the root-cause scorecard."""
+    pytest.importorskip("torch", reason="the reference workload needs torch")
+    require_binary("prometheus")
+    require_binary("prometheus-alertmanager")
+    from tests.fault_runs import run_all
+
+    runs, stop = run_all(tmp_path_factory.mktemp("fault-runs"))
+    try:
+        yield runs
+    finally:
+        for fn in stop:
+            fn()
+
+
 @pytest.fixture
 def start_exporter() -> Iterator[Callable[..., Any]]:
     """Start ``Exporter``s with the given settings on 127.0.0.1:<free>; all are stopped afterwards."""

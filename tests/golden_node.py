@@ -2,7 +2,9 @@
 
 Eight fake H100s (every field, one process each), the host collector on the recorded ``gpu-node``
 procfs and ``ib-node`` sysfs fixtures, eight ranks' snapshot files with fixed content (rank 0 on the
-fixture's pid 4242, so the process collector reports it; ranks 1-7 own GPUs 1-7), sampled by the
+fixture's pid 4242, so the process collector reports it; ranks 1-7 claim GPUs 1-7's processes, whose
+pids no process has, so they stay unattributed: a pid is a rank's only when its process started when
+the snapshot says), sampled by the
 real sampler for three rounds, with the GPU collector's ``full`` profile (every series it can report;
 ``profile="default"`` gives the default profile's body instead). Values that move with the clock (the
 fake's energy, NVLink, PCIe and throttle counters, the kernel's adjtimex figures, durations and CPU
@@ -10,7 +12,8 @@ seconds) are masked; everything else, text and order, is compared byte for byte 
 ``tests/fixtures/golden/node-metrics.txt``.
 
 Only long-standing entry points are used (``collectors.build``, ``Sampler``, ``settings()``, the
-snapshot file name and format written by hand), so the same script runs on an older checkout::
+snapshot file name and format written by hand), so the same script runs on an older checkout that
+reads the same snapshot schema version (3: rank lifecycle, current phase, step medians)::
 
     PYTHONPATH=<checkout> .venv/bin/python tests/golden_node.py > tests/fixtures/golden/node-metrics.txt
 """
@@ -61,7 +64,16 @@ def _snapshot(rank: int) -> dict[str, Any]:
         "pid": RANK_PIDS[rank],
         "start_time": 1764201713.0,  # just after the fixture's pid 4242 started: not a reused pid
         "updated": 1764300000.0 + rank,
-        "closed": rank == 7,
+        # Rank 6 failed, rank 7 finished, the others run: rank 0 saves a checkpoint, rank 1 computes,
+        # the rest wait for it in the all-reduce.
+        "state": {6: "failed", 7: "finished"}.get(rank, "running"),
+        "end_time": 1764299999.75 if rank >= 6 else None,
+        "failure": {"reason": "exception", "detail": "torch.OutOfMemoryError"} if rank == 6 else None,
+        "phase": {
+            "name": {0: "checkpoint", 1: "backward"}.get(rank, "collective"),
+            "activity": {0: "pause", 1: "work"}.get(rank, "collective"),
+            "since": 1764299999.5 - rank,
+        },
         "steps": steps,
         "failed_steps": rank % 2,
         "samples": steps * 32,
@@ -74,7 +86,8 @@ def _snapshot(rank: int) -> dict[str, Any]:
         "nonfinite_loss": 1 if rank == 3 else 0,
         "last_step_time": 1764299999.5,
         "recent_steps": 256,
-        "recent_step_median": 0.2 + (0.15 if rank == 5 else 0.0) + rank / 1000,
+        "step_median": 0.25,
+        "step_compute_median": 0.2 + (0.15 if rank == 5 else 0.0) + rank / 1000,
         "goodput_seconds": steps * 0.24,
         "badput_seconds": {"startup": 30.0, "data_loading": 3.5} | ({"evaluation": 12.0} if rank == 0 else {}),
         "checkpoint_buckets": [0, 0, 2, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0] if rank == 0 else [0] * 13,
@@ -132,7 +145,8 @@ def node_metrics(work: Path, profile: str = "full", per_cpu: bool = True) -> str
             values["gpu.profile"] = profile
         cfg = resolve(settings, values, environ={})
         built = collectors.build(cfg)
-        sampler = Sampler(built, 1.0, 60.0, _NullLog(), static=exporter._build_info())
+        static = exporter.static_text() if hasattr(exporter, "static_text") else exporter._build_info()
+        sampler = Sampler(built, 1.0, 60.0, _NullLog(), static=static)
         try:
             for _ in range(3):
                 for c in built:

@@ -28,7 +28,11 @@ def test_demo_runs_to_completion_and_cleans_up(tmp_path: Path) -> None:
     if find_binary("prometheus"):
         assert "summary (queried from Prometheus):" in out
         assert "mlops_training_steps_total{job='demo', rank='0'} = 60" in out
-    assert sorted(p.name for p in (workdir / "logs").glob("*.jsonl")) == ["demo-rank0.jsonl", "demo-rank1.jsonl"]
+    assert sorted(p.name for p in (workdir / "logs").glob("*.jsonl")) == [
+        "demo-launcher.jsonl",
+        "demo-rank0.jsonl",
+        "demo-rank1.jsonl",
+    ]
     leftovers = []
     for p in psutil.process_iter(["cmdline"]):
         cmd = " ".join(p.info.get("cmdline") or [])

@@ -189,6 +189,98 @@ def test_failing_and_unavailable_collectors_are_logged_once() -> None:
     assert log.events[0][2]["error"] == "RuntimeError: boom"
 
 
+class DyingCollector(Collector):
+    """Raises a BaseException (``SystemExit``, as ``sys.exit()`` in a library would) while ``dying``: no
+    ``except Exception`` catches it, so it ends the sampling thread's loop."""
+
+    name = "dying"
+
+    def __init__(self) -> None:
+        super().__init__({})
+        self.dying = threading.Event()
+        self.dying.set()
+
+    def sample(self) -> Iterable[Metric]:
+        if self.dying.is_set():
+            raise SystemExit(3)
+        return [GaugeMetricFamily("test_dying_value", "From the collector that died.", value=1)]
+
+
+class FailingLog(RecordingLog):
+    """A logger whose error() raises: the failure report itself escapes the round."""
+
+    def error(self, event: str, **kw: Any) -> None:
+        super().error(event, **kw)
+        raise RuntimeError("log sink gone")
+
+
+def test_a_sampling_thread_that_dies_is_reported_restarted_and_recovers() -> None:
+    """A BaseException out of a round kills the loop, never silently: success 0 at once, a restart
+    counted, the loop started again with a doubling pause; once the collector works again, success is
+    1 and restarts stop. The other collectors never notice."""
+    log = RecordingLog()
+    dying, steady = DyingCollector(), SteadyCollector()
+    sampler = Sampler([dying, steady], interval=0.05, deadline=5.0, log=log)
+    sampler.start()
+    try:
+        restarts = "mlops_scrape_collector_restarts_total{collector=dying}"
+        wait_for(lambda: parse(sampler.scrape()).get(restarts, 0) >= 4, "four restarts")
+        body = parse(sampler.scrape())
+        assert body["mlops_scrape_collector_success{collector=dying}"] == 0
+        assert body["mlops_scrape_collector_success{collector=steady}"] == 1
+        assert body["mlops_scrape_collector_restarts_total{collector=steady}"] == 0
+        died = [e[2] for e in log.events if e[1] == "sampler thread died; starting it again"]
+        assert died[0]["error"] == "SystemExit: 3" and died[0]["collector"] == "dying"
+        assert [d["restart_in"] for d in died[:4]] == [0.05, 0.1, 0.2, 0.4]  # the backoff doubles
+        dying.dying.clear()
+        wait_for(lambda: parse(sampler.scrape()).get("test_dying_value") == 1, "recovery")
+        after = parse(sampler.scrape())
+        assert after["mlops_scrape_collector_success{collector=dying}"] == 1
+        rounds = steady.rounds
+        wait_for(lambda: steady.rounds >= rounds + 3, "three more rounds")
+        assert parse(sampler.scrape())[restarts] == after[restarts]  # no death since
+    finally:
+        dying.dying.clear()
+        sampler.stop()
+
+
+def test_an_exception_escaping_a_round_is_a_restart_not_a_silent_death() -> None:
+    """A collector fails and the logger reporting it raises too: the exception escapes the round, and the
+    thread is started again (and reported in the metrics) instead of leaving a stale success behind."""
+    log = FailingLog()
+    broken = FailingCollector(RuntimeError("boom"))
+    sampler = Sampler([broken, SteadyCollector()], interval=0.05, deadline=5.0, log=log)
+    sampler.start()
+    try:
+        wait_for(
+            lambda: parse(sampler.scrape()).get("mlops_scrape_collector_restarts_total{collector=failing}", 0) >= 2,
+            "restarts",
+        )
+        body = parse(sampler.scrape())
+        assert body["mlops_scrape_collector_success{collector=failing}"] == 0
+        assert body["mlops_scrape_collector_success{collector=steady}"] == 1
+    finally:
+        sampler.stop()
+
+
+def test_a_thread_that_is_gone_is_never_reported_as_success() -> None:
+    """Even a thread gone without its supervisor noticing (the last line of defence) shows as failed: a
+    scrape checks that every collector's thread is alive."""
+    steady = SteadyCollector()
+    sampler = Sampler([steady], interval=0.05, deadline=5.0, log=RecordingLog())
+    sampler.start()
+    try:
+        wait_for(lambda: sampler.ready, "first round")
+        assert parse(sampler.scrape())["mlops_scrape_collector_success{collector=steady}"] == 1
+        gone = threading.Thread(target=lambda: None)
+        gone.start()
+        gone.join()
+        sampler._threads["steady"] = gone  # what a thread killed outside Python would look like
+        assert parse(sampler.scrape())["mlops_scrape_collector_success{collector=steady}"] == 0
+    finally:
+        sampler.stop()
+
+
 def test_unchanged_scrape_is_the_same_bytes_and_self_metrics_present() -> None:
     """Back-to-back scrapes with no new round reuse the body; the exporter reports its own CPU and RSS."""
     steady = SteadyCollector()

@@ -396,17 +396,6 @@ def test_reload_reaches_collector_settings(start_exporter: Callable[..., Any], t
     assert code == 500 and b"host.filesystem-paths" in body
 
 
-def test_address_in_use_exits_non_zero_with_one_line(cli_exporter: Any) -> None:
-    with socket.socket() as busy:
-        busy.bind(("127.0.0.1", 0))
-        busy.listen()
-        port = busy.getsockname()[1]
-        proc, _ = cli_exporter(f"--web.listen-address=127.0.0.1:{port}")
-        out = proc.communicate(timeout=WAIT)[0].decode()
-    assert proc.returncode == 1
-    assert "cannot listen" in out and "Address already in use" in out and "Traceback" not in out
-
-
 # --- hostile clients (issue 11, "HTTP") --------------------------------------------------------------------
 
 

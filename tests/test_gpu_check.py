@@ -10,6 +10,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import psutil
 import pytest
 
 from mlops_obs import rankdir
@@ -68,7 +69,7 @@ def _run(tmp_path: Path, mutate: Any = None) -> list[Any]:
                 "rank": rank,
                 "pid": pid if rank == 0 else 999_999_999,
                 "updated": now,
-                "start_time": now,
+                "start_time": psutil.Process(pid).create_time(),  # this process: its pid is verified
             },
         )
     c = GpuCollector({"gpu.backend": "fake", "multiproc-dir": mp, "gpu.xid-events": False, "gpu.profile": "full"})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import time
@@ -10,10 +11,12 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from mlops_obs import rankdir
 from mlops_obs.collectors import CollectorUnavailable
 from mlops_obs.collectors.fake_nvml import FakeNvml
 from mlops_obs.collectors.gpu import FAMILIES, GpuCollector
@@ -22,6 +25,11 @@ from mlops_obs.metrics import render
 from tests.conftest import require_binary, wait_for
 
 Series = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+# GPU 0's process in FULL: this test process, so a snapshot can claim it (a pid is a rank's only when its
+# process started when the snapshot says).
+ME = os.getpid()
+ME_STARTED = psutil.Process(ME).create_time()
 
 # A node where every field the collector knows is populated (fan, ECC, NVLink errors, throttling,
 # remapped rows, GPM, processes, MIG on one GPU, an XID at start-up).
@@ -34,7 +42,7 @@ FULL: dict[str, Any] = {
             "nvlink_errors": {"replay": 1, "recovery": 0, "crc": 3},
             "throttle": {"power": 0.3, "thermal": 0.05},
             "remapped_rows": {"correctable": 2, "uncorrectable": 1, "pending": True, "failure": False},
-            "processes": [{"pid": 999_999_001, "used_memory": 4_000_000_000, "sm_util": 73}],
+            "processes": [{"pid": ME, "used_memory": 4_000_000_000, "sm_util": 73}],
             "xid": [13],
         },
         {
@@ -107,9 +115,18 @@ def fake(c: GpuCollector) -> FakeNvml:
     return lib
 
 
-def test_every_field_of_a_full_node_is_reported_in_base_units(gpu: Callable[..., GpuCollector]) -> None:
+def _rank_on_gpu0(directory: Path) -> Path:
+    """A training rank's snapshot naming GPU 0's process of FULL, so the device has an owner."""
+    directory.mkdir(exist_ok=True)
+    snap = {"v": rankdir.SCHEMA_VERSION, "job": "full", "rank": 0, "pid": ME, "start_time": ME_STARTED,
+            "updated": time.time(), "state": "running"}  # fmt: skip
+    rankdir.write(directory, "full", 0, snap)  # type: ignore[arg-type]
+    return directory
+
+
+def test_every_field_of_a_full_node_is_reported_in_base_units(gpu: Callable[..., GpuCollector], tmp_path: Path) -> None:
     """Every family in FAMILIES appears for the full scenario, with values converted to base units."""
-    c = gpu(FULL)
+    c = gpu(FULL, **{"multiproc-dir": _rank_on_gpu0(tmp_path / "mp")})
     c.sample()
     wait_for(lambda: c.xid is not None and bool(c.xid.snapshot()))
     time.sleep(0.05)
@@ -139,6 +156,12 @@ def test_every_field_of_a_full_node_is_reported_in_base_units(gpu: Callable[...,
     assert values(s, "mlops_gpu_sm_active_ratio", **g0) == [0.715]
     info = [lb for (n, lb) in s if n == "mlops_gpu_info" and ("gpu", "0") in lb]
     assert ("driver_version", "550.54.15") in info[0]
+    # The rank owns each GPU its process uses alone: the same attribution as the per-process series.
+    owners = sorted((dict(lb)["gpu"], dict(lb)["uuid"], dict(lb)["job"], dict(lb)["rank"])
+                    for (n, lb) in s if n == "mlops_gpu_owner_info")  # fmt: skip
+    used = sorted((dict(lb)["gpu"], dict(lb)["uuid"], "full", "0") for (n, lb) in s
+                  if n == "mlops_gpu_process_memory_used_bytes" and ("job", "full") in lb)  # fmt: skip
+    assert owners == used and owners[0][:2] == ("0", dict(info[0])["uuid"]), owners
     # Counters carry _total and only counters do.
     assert all(n.endswith("_total") == (FAMILIES[n][0] == "counter") for n in FAMILIES)
 
@@ -148,8 +171,15 @@ def test_full_node_output_passes_promtool_check_metrics(start_exporter: Callable
     promtool = require_binary("promtool")
     scenario = tmp_path / "full.yaml"
     scenario.write_text(yaml.safe_dump(FULL))
-    ex = start_exporter(**{"gpu.backend": "fake", "gpu.fake-scenario": scenario, "collector.gpu": True,
-                           "gpu.profile": "full"})  # fmt: skip
+    ex = start_exporter(
+        **{
+            "gpu.backend": "fake",
+            "gpu.fake-scenario": scenario,
+            "collector.gpu": True,
+            "gpu.profile": "full",
+            "multiproc-dir": _rank_on_gpu0(tmp_path / "mp"),
+        }
+    )
     wait_for(
         lambda: all(
             f"{n}{{" in _get(ex.url + "/metrics") for n in ("mlops_gpu_xid_errors_total", "mlops_gpu_sm_active_ratio")
@@ -557,12 +587,14 @@ def test_default_profile_nvlink_sums_never_dip(gpu: Callable[..., GpuCollector])
     assert values(sample(c), "mlops_gpu_nvlink_errors_total") == [18 * 3.0]
 
 
-def test_default_profile_leaves_out_the_full_only_families_and_their_calls(gpu: Callable[..., GpuCollector]) -> None:
+def test_default_profile_leaves_out_the_full_only_families_and_their_calls(
+    gpu: Callable[..., GpuCollector], tmp_path: Path
+) -> None:
     """Families of the full profile only have no series (and their NVML calls are not made); ECC is the
     volatile scope, throttling the reasons the alerts read; every other family is as in full."""
     from mlops_obs.collectors.gpu_device import DEFAULT_THROTTLE_REASONS, FULL_ONLY_FAMILIES
 
-    c = gpu(FULL, **{"gpu.profile": "default"})
+    c = gpu(FULL, **{"gpu.profile": "default", "multiproc-dir": _rank_on_gpu0(tmp_path / "mp")})
     sample(c)
     s = sample(c)
     names = {n for n, _ in s}
@@ -595,7 +627,8 @@ def test_default_profile_sums_processes_per_gpu_and_owner(gpu: Callable[..., Gpu
     mp = tmp_path / "mp"
     mp.mkdir()
     (mp / "j.0.rank.json").write_text(
-        f'{{"v": 2, "job": "j", "rank": 0, "world_size": 1, "pid": {me}, "updated": {time.time()}}}'
+        f'{{"v": 2, "job": "j", "rank": 0, "world_size": 1, "pid": {me}, "start_time": {ME_STARTED},'
+        f' "updated": {time.time()}}}'
     )
     procs = [{"pid": me, "used_memory": 1_000, "sm_util": 50},
              {"pid": 999_999_001, "used_memory": 200, "sm_util": 10},

@@ -9,6 +9,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 
 from mlops_obs import rankdir
@@ -71,24 +72,29 @@ def test_parse_nspid_and_start_time() -> None:
     assert start_ticks(stat) == 987654 and start_ticks("4242 (x) S 1") is None
 
 
+BTIME, START_TICKS = 1764200000, 5555
+FAKE_START = BTIME + START_TICKS / 100  # when every fake process started, as its rank records it
+
+
 def _fake_proc(root: Path, pid: int, nspid: str, cgroup: str, environ: bytes | None) -> None:
     d = root / str(pid)
     d.mkdir(parents=True)
-    (d / "stat").write_text(f"{pid} (python) S 1 1 1 0 -1 0 0 0 0 0 0 0 0 0 20 0 1 0 5555 1 1\n")
+    (root / "stat").write_text(f"cpu 1 2 3\nbtime {BTIME}\n")
+    (d / "stat").write_text(f"{pid} (python) S 1 1 1 0 -1 0 0 0 0 0 0 0 0 0 20 0 1 0 {START_TICKS} 1 1\n")
     (d / "status").write_text(f"Name:\tpython\nNSpid:\t{nspid}\n")
     (d / "cgroup").write_text(cgroup)
     if environ is not None:
         (d / "environ").write_bytes(environ)
 
 
-def _snap(directory: Path, job: str, rank: int, pid: int) -> None:
-    now = time.time()
+def _snap(directory: Path, job: str, rank: int, pid: int, start_time: float = FAKE_START) -> None:
     rankdir.write(
         directory,
         job,
         rank,
-        {"v": rankdir.SCHEMA_VERSION, "job": job, "rank": rank, "pid": pid, "updated": now, "start_time": now},
-    )
+        {"v": rankdir.SCHEMA_VERSION, "job": job, "rank": rank, "pid": pid, "updated": time.time(),
+         "start_time": start_time},
+    )  # fmt: skip
 
 
 def test_container_rank_found_through_its_namespace_pid(tmp_path: Path) -> None:
@@ -161,7 +167,7 @@ def test_real_process_gets_job_rank_and_pod_and_drops_out_when_it_exits(
     """A live rank process on a GPU: per-process series with job/rank/pod; device series get job/rank."""
     mp = tmp_path / "mp"
     mp.mkdir()
-    _snap(mp, "bert", 1, child.pid)
+    _snap(mp, "bert", 1, child.pid, psutil.Process(child.pid).create_time())
     c = GpuCollector({"gpu.backend": "fake", "multiproc-dir": mp, "gpu.xid-events": False, "gpu.profile": "full"})
     try:
         c.sample()

@@ -13,6 +13,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -182,7 +183,7 @@ def test_process_collector_follows_a_real_process(tmp_path: Path) -> None:
     )
     try:
         assert child.stdout is not None and child.stdout.readline() == b"up\n"  # past exec, interpreter loaded
-        write_snap(tmp_path, "demo", 3, child.pid, time.time() + 1)
+        write_snap(tmp_path, "demo", 3, child.pid, psutil.Process(child.pid).create_time())
         collector = ProcessCollector({"multiproc-dir": tmp_path, "path.procfs": Path("/proc")})
         s = samples(render(collector.sample()))
         lv = (("job", "demo"), ("pid", str(child.pid)), ("rank", "3"))

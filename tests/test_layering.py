@@ -17,7 +17,7 @@ PKG = ROOT / "mlops_obs"
 ALLOWED: dict[str, set[str]] = {
     "metrics": set(),
     "rankdir": set(),
-    "instrument": {"rankdir"},
+    "instrument": {"rankdir", "config"},  # config: node_name(), the one resolution of a node's name
     "collectors": {"metrics", "rankdir", "config", "logs"},
     "exporter": {"collectors", "metrics", "rankdir", "config", "logs", "web", "__init__"},
 }

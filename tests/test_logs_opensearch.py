@@ -23,7 +23,8 @@ from mlops_obs.logs.opensearch import (
     chunk_by_bytes,
     index_for,
 )
-from mlops_obs.logs.shipper import DEAD_LETTER_FILE, Shipper, ShipperOptions, Stats
+from mlops_obs.logs.shipper import Shipper, ShipperOptions
+from mlops_obs.logs.sink import DEAD_LETTER_FILE, Stats
 from tests.fake_opensearch import FakeOpenSearch
 from tests.logs_helpers import line, reconcile, run_ship, ship_cmd
 

@@ -18,8 +18,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from mlops_obs.collectors.shipper import ShipperCollector
-from mlops_obs.logs.shipper import STATE_FILE, Shipper, ShipperOptions, StoreSink
-from mlops_obs.logs.store import EventStore
+from mlops_obs.logs.shipper import STATE_FILE, Shipper, ShipperOptions
+from mlops_obs.logs.store import EventStore, StoreSink
 from tests.conftest import require_binary, wait_for
 from tests.logs_helpers import (
     REPO,
@@ -47,8 +47,9 @@ def _once(tmp_path: Path, sources: list[str], **kw: Any) -> Shipper:
 
 
 def test_awkward_lines(tmp_path: Path) -> None:
-    """CRLF, empty lines, invalid UTF-8 (kept, flagged), raw text with inferred levels, a partial last
-    line that is waited for and shipped whole exactly once when its newline arrives."""
+    """CRLF, empty lines, invalid UTF-8 (kept, flagged), raw text with inferred levels, a traceback as one
+    error event, a partial last line that is waited for and shipped whole exactly once when its newline
+    arrives."""
     logs = tmp_path / "logs"
     logs.mkdir()
     f = logs / "job-rank2.stderr.log"
@@ -63,10 +64,10 @@ def test_awkward_lines(tmp_path: Path) -> None:
     _once(tmp_path, [str(logs / "*")])
     evs = store_events(tmp_path / "store")
     by_msg = {e["message"]: e for e in evs}
-    assert len(evs) == 6
+    assert len(evs) == 4
     assert by_msg["NCCL WARN Call to connect returned Connection refused"]["level"] == "warning"
-    assert by_msg["RuntimeError: NCCL error"]["level"] == "error"
-    assert by_msg['  File "train.py", line 3, in <module>']["level"] == "error"
+    tb = 'Traceback (most recent call last):\n  File "train.py", line 3, in <module>\nRuntimeError: NCCL error'
+    assert by_msg[tb]["level"] == "error" and by_msg[tb]["fields"]["lines"] == 3
     bad = by_msg["bad \\xff\\xfe bytes"]
     assert bad["fields"]["invalid_utf8"] is True
     assert bad["job"] == "job" and bad["rank"] == 2  # from the workload's file naming
@@ -111,7 +112,9 @@ def _follow(sh: Shipper) -> threading.Thread:
 
 def _shipped_offsets(sh: Shipper) -> bool:
     """The shipper acknowledged everything currently in the files it has open."""
-    return all(os.fstat(tf.fd).st_size == tf.state.offset for tf in list(sh.open.values())) and bool(sh.open)
+    return all(os.fstat(tf.fd).st_size == tf.state.offset for tf in list(sh.files.open.values())) and bool(
+        sh.files.open
+    )
 
 
 @pytest.mark.parametrize("kind", ["rename", "rename_out_of_glob", "copytruncate", "truncate", "delete_recreate"])
@@ -245,13 +248,16 @@ def test_once_after_the_workload_returns_every_line(tmp_path: Path) -> None:
         cwd=REPO, capture_output=True, text=True, timeout=240,
     )  # fmt: skip
     assert w.returncode == 0, w.stderr[-2000:]
-    written = {p.name: p.read_bytes().splitlines() for p in sorted(logs.glob("*.jsonl"))}
+    written = {p.name: p.read_bytes().splitlines() for p in sorted(logs.glob("*-rank*.jsonl"))}
     assert len(written) == 2 and all(written.values())
     r = run_ship(ship_cmd([str(logs / "*")], store=tmp_path / "store", state=tmp_path / "state", once=True))
     assert r.returncode == 0, r.stderr
     with EventStore(tmp_path / "store") as s:
+        launcher = s.query(job="wl", kind="launcher")
+        assert [e["message"] for e in launcher][:3] == ["launcher starting", "rank started", "rank started"]
+        assert [e["fields"]["exit_code"] for e in launcher if e["message"] == "rank exited"] == [0, 0]
         for rank in (0, 1):
-            evs = s.query(job="wl", rank=rank)
+            evs = s.query(job="wl", rank=rank, kind="log")
             lines = [orjson.loads(x) for x in written[f"wl-rank{rank}.jsonl"]]
             assert [e["seq"] for e in evs if e["seq"] is not None] == [x["seq"] for x in lines]
             assert [e["message"] for e in evs if e["seq"] is not None] == [x["event"] for x in lines]
@@ -298,3 +304,110 @@ def test_exporter_serves_shipper_metrics_and_promtool_accepts_them(
     shipper_text = "".join(ln + "\n" for ln in text.splitlines() if "mlops_shipper_" in ln)
     r = subprocess.run([promtool, "check", "metrics"], input=shipper_text.encode(), capture_output=True, timeout=60)
     assert r.returncode == 0 and not (r.stdout + r.stderr).strip(), (r.stdout + r.stderr).decode()
+
+
+def _hostile_corpus() -> list[bytes]:
+    """Lines that each once stopped a shipper somewhere (issue 11), with ordinary ones between them."""
+    deep_obj = b"{" + b'"a":{' * 300 + b'"x":1' + b"}" * 300 + b"}"
+    deep_arr = b'{"event":"deep list","v":' + b"[" * 1000 + b"]" * 1000 + b"}"
+    too_deep = b"[" * 2000 + b"]" * 2000  # beyond what the JSON decoder takes: raw text
+    return [
+        deep_obj,
+        deep_arr,
+        too_deep,
+        b'{"ts":"not a time","event":"malformed ts","level":"info"}',
+        b'{"ts":99999999999999999999,"event":"ts out of range","level":"info"}',
+        b'{"ts":"2026-01-01T00:00:00Z","event":"20-digit rank","rank":12345678901234567890,"level":"info"}',
+        b'{"ts":"2026-01-01T00:00:00Z","event":"rank as text","rank":"\xc2\xb2","seq":"x","level":7}',
+        b'{"ts":"2026-01-01T00:00:00Z","event":"nul \\u0000 in json","level":"info"}',
+        b"raw with a nul \x00 byte",
+        b'{"event":"invalid utf8 \xff\xfe in json","level":"info"}',
+        b"raw \xff\xfe invalid utf8",
+        b'{"ts":"2026-01-01T00:00:00Z","event":{"not":"a string"},"job":["x"],"node":{"n":1},"level":"info"}',
+        b'{"log":"docker line with a bad time\\n","stream":"stderr","time":"yesterday"}',
+        b"2026-01-01T00:00:00.1Z stdout X a CRI-looking line with a bad tag",
+        b"9999-99-99T99:99:99Z stdout F an impossible CRI time",
+        b'{"event":"big numbers","f":1e308,"i":18446744073709551615,"level":"info","ts":"2026-01-01T00:00:00Z"}',
+        b"{" * 5000,
+        b'{"kind":"alert","event":"a log record claiming to be an alert","level":"critical"}',
+        b"x" * (10 << 20),  # a 10 MB line
+        b'{"event":"last ordinary line","level":"info","ts":"2026-01-01T00:00:01Z"}',
+    ]
+
+
+def test_hostile_corpus_ships_every_line_exactly_once_and_never_stops(tmp_path: Path) -> None:
+    """Each line of the corpus is shipped (one event, or the 1 MiB parts of the 10 MB line) exactly once
+    into the store, by `ship --once` (exit 0) and again by a second run (nothing new, nothing twice);
+    every stored event has a usable time, never the time of shipping."""
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    corpus = _hostile_corpus()
+    ordinary = [line("s", i) for i in range(1, len(corpus) + 1)]
+    data = b"".join(bad + b"\n" + ok for bad, ok in zip(corpus, ordinary, strict=True))
+    (logs / "hostile-rank0.jsonl").write_bytes(data)
+    t_written = time.time()
+    for _ in range(2):
+        r = run_ship(ship_cmd([str(logs / "*")], store=tmp_path / "store", state=tmp_path / "state", once=True))
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert "Traceback" not in r.stderr
+    evs = store_events(tmp_path / "store")
+    starts, off = [], 0
+    for raw in data.split(b"\n")[:-1]:
+        starts.append(off)
+        off += len(raw) + 1
+    firsts = sorted(e["offset"] for e in evs if "split" not in e["fields"] or e["fields"]["split"]["part"] == 0)
+    assert firsts == starts  # every line once, in its own event
+    parts = [e for e in evs if "split" in e["fields"]]
+    assert len(parts) == 10 and sum(len(e["message"]) for e in parts) == 10 << 20
+    reconcile([e for e in evs if e["fields"].get("stream") == "s"], {"s": len(ordinary)})
+    shipped_after = t_written + 1.0
+    for e in evs:
+        src = e["fields"].get("ts_source")
+        assert src in (None, "record", "neighbour", "mtime", "line", "docker", "cri"), e
+        if src == "mtime":
+            assert e["@timestamp"] <= time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(shipped_after))
+    by = {e["message"]: e for e in evs}
+    big = by["20-digit rank"]
+    assert big["rank"] is None and big["fields"]["rank_invalid"] == "12345678901234567890"
+    assert by["malformed ts"]["fields"]["ts_invalid"] == "not a time"
+    assert by["a log record claiming to be an alert"]["kind"] == "log"
+    assert by["invalid utf8 \ufffd\ufffd in json"]["fields"]["invalid_utf8"] is True
+    assert by["docker line with a bad time"]["fields"]["ts_invalid"] == "yesterday"
+
+
+def test_a_live_cri_file_is_joined_and_timed_while_followed(tmp_path: Path) -> None:
+    """Followed live: a traceback written line by line to a CRI file is one error event with the time of
+    its first line, once the file goes quiet; a raw file's lines get the time they were first read."""
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    cri_file, raw_file = logs / "live-rank3.log", logs / "live.txt"
+    cri_file.write_bytes(b"2026-01-02T03:04:05.000000001Z stdout F started\n")
+    raw_file.write_bytes(b"old line, read from the backlog\n")
+    sh = _shipper(tmp_path, [str(logs / "*")])
+    t = threading.Thread(target=sh.run, daemon=True)
+    t.start()
+    try:
+        wait_for(lambda: store_count(tmp_path / "store") == 2, "the backlog")
+        tb = ["Traceback (most recent call last):", '  File "train.py", line 9, in <module>', "ValueError: boom"]
+        with open(cri_file, "ab") as f:
+            for i, text in enumerate(tb):
+                f.write(f"2026-01-02T03:04:06.{i:09d}Z stderr F {text}\n".encode())
+                f.flush()
+        before = time.time()
+        with open(raw_file, "ab") as f:
+            f.write(b"written while followed\n")
+        wait_for(lambda: store_count(tmp_path / "store") == 4, "the traceback and the new raw line")
+        after = time.time()
+    finally:
+        sh.stop_event.set()
+        t.join(30)
+        sh.close()
+    evs = {e["message"].split("\n")[0]: e for e in store_events(tmp_path / "store")}
+    tbe = evs["Traceback (most recent call last):"]
+    assert (tbe["level"], tbe["rank"], tbe["@timestamp"]) == ("error", 3, "2026-01-02T03:04:06.000000Z")
+    assert tbe["message"] == "\n".join(tb) and tbe["fields"]["ts_source"] == "cri"
+    old, new = evs["old line, read from the backlog"], evs["written while followed"]
+    assert old["fields"]["ts_source"] == "mtime" and new["fields"]["ts_source"] == "followed"
+    from mlops_obs.rca.times import epoch
+
+    assert before - 0.5 <= epoch(new["@timestamp"]) <= after + 0.5

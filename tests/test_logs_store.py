@@ -13,7 +13,8 @@ from typing import Any
 
 import pytest
 
-from mlops_obs.logs.store import EventError, EventStore, format_timestamp
+from mlops_obs.logs.sink import format_timestamp
+from mlops_obs.logs.store import EventError, EventStore
 
 
 def ev(i: int, **kw: Any) -> dict[str, Any]:
@@ -321,7 +322,8 @@ def test_shipper_batch_matches_line_by_line_parse(tmp_path: Path) -> None:
     import orjson
 
     from mlops_obs.logs.events import LineParser
-    from mlops_obs.logs.shipper import Shipper, ShipperOptions, StoreSink
+    from mlops_obs.logs.shipper import Shipper, ShipperOptions
+    from mlops_obs.logs.store import StoreSink
 
     ts = "2026-01-01T00:00:%02d.000000Z"
     lines = []
@@ -353,7 +355,7 @@ def test_shipper_batch_matches_line_by_line_parse(tmp_path: Path) -> None:
     sh = Shipper(ShipperOptions(sources=[str(logs / "*.jsonl")], state_dir=tmp_path / "st", batch_events=97),
                  StoreSink(tmp_path / "store"))  # fmt: skip
     sh.run(once=True)
-    fs = next(iter(sh.states.values()))
+    fs = next(iter(sh.files.states.values()))
     sh.close()
 
     parser = LineParser(str(path), fs.fid, "1970-01-01T00:00:00.000000Z", node=socket.gethostname())
@@ -407,7 +409,7 @@ print(new)
 def test_parsed_events_failing_a_check_take_the_validating_path(tmp_path: Path) -> None:
     """A shipper batch whose timestamps are not canonical, whose job is not a string or whose
     offsets repeat is stored through put()'s general path: normalised, and each _id once."""
-    from mlops_obs.logs.store import ParsedEvents
+    from mlops_obs.logs.sink import ParsedEvents
 
     def batch(ts: str, job: Any, offs: list[int]) -> ParsedEvents:
         b = ParsedEvents()

@@ -13,8 +13,8 @@ from typing import Any
 import orjson
 import pytest
 
-from mlops_obs.alert_sink import AlertSink, alert_events
-from mlops_obs.logs.store import EventStore
+from mlops_obs.logs.alerts import AlertIntake, AlertReceiver, alert_events
+from mlops_obs.logs.store import EventStore, StoreSink
 
 
 def _payload(status: str = "firing", ends: str = "0001-01-01T00:00:00Z") -> dict[str, Any]:
@@ -34,12 +34,12 @@ def _payload(status: str = "firing", ends: str = "0001-01-01T00:00:00Z") -> dict
 
 
 @pytest.fixture
-def sink(tmp_path: Path) -> Iterator[tuple[AlertSink, EventStore]]:
-    store = EventStore(tmp_path / "store")
-    s = AlertSink(("127.0.0.1", 0), store).start_background()
-    yield s, store
+def sink(tmp_path: Path) -> Iterator[tuple[AlertReceiver, EventStore]]:
+    target = StoreSink(tmp_path / "store")
+    s = AlertReceiver(("127.0.0.1", 0), AlertIntake(target)).start_background()
+    yield s, target.store
     s.stop()
-    store.close()
+    target.close()
 
 
 def _post(url: str, body: bytes) -> tuple[int, str]:
@@ -51,7 +51,7 @@ def _post(url: str, body: bytes) -> tuple[int, str]:
         return e.code, e.read().decode()
 
 
-def test_redelivery_is_idempotent_and_resolve_is_new(sink: tuple[AlertSink, EventStore]) -> None:
+def test_redelivery_is_idempotent_and_resolve_is_new(sink: tuple[AlertReceiver, EventStore]) -> None:
     """The same notification twice stores one event; its resolve is a second event at endsAt."""
     s, store = sink
     body = orjson.dumps(_payload())
@@ -78,7 +78,7 @@ def test_redelivery_is_idempotent_and_resolve_is_new(sink: tuple[AlertSink, Even
         (orjson.dumps({**_payload(), "alerts": [{"labels": {}, "status": "firing"}]}), "startsAt"),
     ],
 )
-def test_bad_payloads_are_rejected_with_a_reason(sink: tuple[AlertSink, EventStore], body: bytes, why: str) -> None:
+def test_bad_payloads_are_rejected_with_a_reason(sink: tuple[AlertReceiver, EventStore], body: bytes, why: str) -> None:
     s, store = sink
     code, text = _post(s.url + "/alerts", body)
     assert code == 400 and why in text
@@ -89,10 +89,13 @@ def test_store_failure_makes_alertmanager_retry(tmp_path: Path) -> None:
     """A store that cannot write answers 503 (Alertmanager retries) instead of dropping the alert."""
 
     class Broken:
-        def put(self, events: list[dict[str, Any]]) -> int:
+        def send(self, events: Any, stop: Any) -> int:
             raise OSError("disk full")
 
-    s = AlertSink(("127.0.0.1", 0), Broken()).start_background()
+        def close(self) -> None:
+            pass
+
+    s = AlertReceiver(("127.0.0.1", 0), AlertIntake(Broken())).start_background()
     try:
         assert _post(s.url + "/alerts", orjson.dumps(_payload()))[0] == 503
     finally:
@@ -114,16 +117,16 @@ def test_cli_without_store_is_one_line_error() -> None:
 def test_opensearch_sink_idempotent_and_503_when_down(tmp_path: Path) -> None:
     """--opensearch: alerts land once (create with our _id); an unavailable cluster answers 503 within the
     deadline, and the redelivery after it recovers is stored."""
-    from mlops_obs.alert_sink import ALERT_SINK_SETTINGS, OpenSearchPut
+    from mlops_obs.commands.alert_sink import ALERT_SINK_SETTINGS
     from mlops_obs.config import resolve
-    from mlops_obs.logs.opensearch import OpenSearchSink, settings_from_config
+    from mlops_obs.logs.backend import Backend, open_sink
     from tests.fake_opensearch import FakeOpenSearch
 
     fake = FakeOpenSearch().start()
     cfg = resolve(ALERT_SINK_SETTINGS, {"opensearch": fake.url, "state": str(tmp_path), "opensearch.deadline": "1s",
                                         "opensearch.backoff-max": "0.2s"}, environ={})  # fmt: skip
-    put = OpenSearchPut(OpenSearchSink(settings_from_config(dict(cfg), tmp_path)), cfg["opensearch.deadline"])
-    s = AlertSink(("127.0.0.1", 0), put).start_background()
+    target = open_sink(Backend.from_config(cfg))
+    s = AlertReceiver(("127.0.0.1", 0), AlertIntake(target, deadline=cfg["opensearch.deadline"])).start_background()
     try:
         body = orjson.dumps(_payload())
         assert _post(s.url + "/alerts", body)[0] == 200

@@ -97,7 +97,7 @@ def test_size_cap_drops_the_oldest_plain_lines_first(tmp_path: Path) -> None:
 def test_series_travel_with_the_bundle() -> None:
     b = Bundle(FIXTURES / "strag.tar.gz")
     m = b.metrics()
-    assert isinstance(m, MetricEvidence) and m.per_rank("mlops_training_straggler_score")
+    assert isinstance(m, MetricEvidence) and m.per_rank("mlops_training_steps_total")
     again = MetricEvidence.from_json(m.to_json())
     assert again.to_json() == m.to_json()
 

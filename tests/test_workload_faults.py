@@ -1,5 +1,6 @@
 """The reference workload with 4 ranks and each injected fault, observed through the exporter sidecar
-(and a real Prometheus for the straggler query), as an operator would see it.
+(and a real Prometheus), as an operator would see it: the fault's own evidence, and each rank's
+lifecycle (how it ended, and where a hung job's ranks are).
 
 One exporter, one Prometheus and one hand-off directory serve the whole module; each fault runs as
 its own job name, so the runs share the sidecar as jobs on a real node do.
@@ -107,8 +108,9 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
 
 
 def test_straggler_and_slow_data_move_their_metrics(env: Env) -> None:
-    """A 12x-slow rank is the only one scored below 0.75 (also in Prometheus); a slow loader shows as that
-    rank's data wait; the others wait in the all-reduce; checkpoints, goodput, badput and MFU are exported.
+    """A 12x-slow rank has the only step compute median far above the others' (also in Prometheus); a
+    slow loader shows as that rank's data wait; the others wait in the all-reduce; checkpoints, goodput,
+    badput and MFU are exported; every rank finished.
 
     The two slow ranks must not compete for last place in the all-reduce, or which of them waits there
     depends on the machine: the straggler's delay is 11 times its compute time (milliseconds, more
@@ -122,9 +124,14 @@ def test_straggler_and_slow_data_move_their_metrics(env: Env) -> None:
     s = env.wait(lambda s: per_rank(s, "mlops_training_steps_total", "slow") == dict.fromkeys(range(WORLD), steps))
     assert per_rank(s, "mlops_training_steps_total", "slow") == dict.fromkeys(range(WORLD), float(steps))
 
-    score = per_rank(s, "mlops_training_straggler_score", "slow")
-    assert set(score) == set(range(WORLD))
-    assert [r for r, v in score.items() if v < 0.75] == [1], score
+    compute = per_rank(s, "mlops_training_step_compute_median_seconds", "slow")
+    wall = per_rank(s, "mlops_training_step_median_seconds", "slow")
+    assert set(compute) == set(wall) == set(range(WORLD))
+    assert [r for r, v in compute.items() if v > 2 * max(compute[k] for k in compute if k != r)] == [1], compute
+    # Lockstep: every rank's wall time is the straggler's, whatever its own compute time.
+    assert all(wall[k] >= compute[k] for k in wall) and min(wall.values()) > 0.5 * compute[1], (wall, compute)
+    assert per_rank(s, "mlops_training_rank_state", "slow", state="finished") == dict.fromkeys(range(WORLD), 1.0)
+    assert not per_rank(s, "mlops_training_rank_failure_info", "slow")
 
     def phase(p: str) -> dict[int, float]:
         return per_rank(s, "mlops_training_phase_seconds_total", "slow", phase=p)
@@ -155,7 +162,7 @@ def test_straggler_and_slow_data_move_their_metrics(env: Env) -> None:
 
     if env.prom is None:
         pytest.skip("prometheus binary not installed (apt-get install prometheus); CI installs it")
-    flagged = env.prom.wait_for('mlops_training_straggler_score{job="slow"} < 0.75', timeout=20)
+    flagged = env.prom.wait_for('topk(1, mlops_training_step_compute_median_seconds{job="slow"})', timeout=20)
     assert [x["metric"]["rank"] for x in flagged] == ["1"]
 
     # The per-rank JSON logs carry the identity and an unbroken per-process sequence.
@@ -179,6 +186,23 @@ def test_nan_loss_is_caught_before_backward_and_stops_the_job(env: Env) -> None:
     last = env.log_lines("nan", 3)[-1]
     assert (last["event"], last["level"], last["step"]) == ("non-finite loss, stopping", "error", 6)
     assert last["loss"] == "nan"
+    # The rank that stopped on its loss check failed first, with the error's type; its peers after it.
+    failures, first = _failures(env, "nan")
+    assert failures[3] == ("exception", "mlops_obs.instrument.torch.NonFiniteLossError") and first == 3, failures
+
+
+def _failures(env: Env, job: str) -> tuple[dict[int, tuple[str, str]], int]:
+    """Each rank's (reason, detail) once all have ended, and the rank that failed first."""
+    s = env.wait(lambda s: len(per_rank(s, "mlops_training_rank_state", job, state="running")) == WORLD
+                 and not any(per_rank(s, "mlops_training_rank_state", job, state="running").values()))  # fmt: skip
+    assert per_rank(s, "mlops_training_rank_state", job, state="failed") == dict.fromkeys(range(WORLD), 1.0), s
+    out = {}
+    for (n, lv), _ in s.items():
+        d = dict(lv)
+        if n == "mlops_training_rank_failure_info" and d["job"] == job:
+            out[int(d["rank"])] = (d["reason"], d["detail"])
+    ends = per_rank(s, "mlops_training_rank_end_timestamp_seconds", job)
+    return out, min(ends, key=lambda k: ends[k])
 
 
 def test_crash_exits_non_zero_with_traceback_and_failed_step(env: Env) -> None:
@@ -187,11 +211,14 @@ def test_crash_exits_non_zero_with_traceback_and_failed_step(env: Env) -> None:
     s = env.wait(lambda s: per_rank(s, "mlops_training_failed_steps_total", "crash").get(2) == 1)
     assert per_rank(s, "mlops_training_failed_steps_total", "crash")[2] == 1
     assert per_rank(s, "mlops_training_steps_total", "crash")[2] == 5
-    stderr = (env.logs / "crash-rank2.stderr.log").read_text()
-    assert "Traceback" in stderr and "RuntimeError: injected crash at step 5" in stderr
+    stderr = (env.logs / "crash-rank2.log").read_text()  # the rank's output, in the CRI log format
+    assert " stderr F [rank2]: Traceback" in stderr
+    assert " stderr F [rank2]: RuntimeError: injected crash at step 5" in stderr
     failed = [x for x in env.log_lines("crash", 2) if x["level"] == "error"]
     assert [(x["event"], x["step"]) for x in failed] == [("rank failed", 5)]
     assert "exception" in failed[0]
+    failures, first = _failures(env, "crash")
+    assert failures[2] == ("exception", "RuntimeError") and first == 2, failures
 
 
 def test_stall_freezes_every_heartbeat_while_the_job_stays_up(env: Env) -> None:
@@ -212,6 +239,18 @@ def test_stall_freezes_every_heartbeat_while_the_job_stays_up(env: Env) -> None:
         s = env.wait(frozen, timeout=240)
         assert frozen(s), s
         assert proc.poll() is None  # hung, not dead
+        # The hung rank is in its step, working; the others wait for it in the all-reduce.
+        now_in = {
+            int(dict(lv)["rank"]): (dict(lv)["phase"], dict(lv)["activity"])
+            for (n, lv), _ in s.items()
+            if n == "mlops_training_current_phase_start_timestamp_seconds" and dict(lv)["job"] == "stall"
+        }
+        assert now_in == {
+            0: ("collective", "collective"),
+            1: ("step", "work"),
+            2: ("collective", "collective"),
+            3: ("collective", "collective"),
+        }, now_in
         assert per_rank(s, "mlops_training_failed_steps_total", "stall") == dict.fromkeys(range(WORLD), 0.0)
         assert all(t0 < b for b in per_rank(s, "mlops_training_last_step_timestamp_seconds", "stall").values())
         lines = env.log_lines("stall", 1)
@@ -221,6 +260,10 @@ def test_stall_freezes_every_heartbeat_while_the_job_stays_up(env: Env) -> None:
         proc.send_signal(signal.SIGINT)  # Ctrl-C: the launcher stops every rank, as torchrun does
         _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
+    # Stopped by the launcher's SIGTERM at once, even the ranks blocked in the all-reduce (C++), within
+    # its grace period (a rank still up after it would be SIGKILLed and read as vanished).
+    failures, _ = _failures(env, "stall")
+    assert failures == dict.fromkeys(range(WORLD), ("signal", "SIGTERM")), failures
 
 
 def test_bad_or_impossible_faults_are_refused_in_one_line(tmp_path: Path) -> None:

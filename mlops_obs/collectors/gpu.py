@@ -13,7 +13,9 @@ Design choices that differ from dcgm-exporter, and why:
 * Clock-event (throttle) reasons are seconds counters per reason (NVML's violation time per policy),
   so ``rate()`` gives the fraction of time each reason held the clocks down.
 * GPU series carry the ``job`` and ``rank`` of the single instrumented rank running on the device,
-  and per-process series carry pid, job, rank, container, pod and namespace (see ``gpu_process``).
+  and per-process series carry pid, job, rank, container, pod and namespace (see ``gpu_process``);
+  ``mlops_gpu_owner_info{gpu, uuid, job, rank}`` says the same owner on its own series, which the
+  alert rules join (a GPU fault then carries its job, and mutes that job's symptoms).
 * GPM profiling ratios exist only on Hopper and newer; ``mlops_gpu_profiling_supported`` says so
   explicitly elsewhere, instead of the ratios silently missing.
 * NVLink throughput and error counters come from one ``nvmlDeviceGetFieldValues`` call per device,
@@ -25,7 +27,6 @@ What the collector keeps per device between rounds (identity, timed caches, GPM 
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
@@ -65,6 +66,7 @@ from mlops_obs.config import (
     Setting,
     choice_parser,
     int_parser,
+    node_name,
     parse_bool,
     parse_duration,
     parse_optional_path,
@@ -78,6 +80,10 @@ if TYPE_CHECKING:
 # Every family: name -> (type, help). Counters are named with their _total sample name.
 FAMILIES: dict[str, tuple[str, str]] = {
     "mlops_gpu_info": ("gauge", "GPU identity and driver version; always 1."),
+    "mlops_gpu_owner_info": (
+        "gauge",
+        "The instrumented training rank (job, rank) using this GPU, when exactly one does; always 1.",
+    ),
     "mlops_gpu_devices": ("gauge", "GPUs visible to NVML."),
     "mlops_gpu_lost": ("gauge", "1 when NVML reports the GPU fell off the bus (NVML_ERROR_GPU_IS_LOST)."),
     "mlops_gpu_profiling_supported": ("gauge", "1 where GPM profiling ratios are available (Hopper and newer)."),
@@ -224,7 +230,7 @@ class GpuCollector(Collector):
         self.families = self.profile.families
         self.xid_enabled = bool(config.get("gpu.xid-events", True))
         self.counter_interval = float(config.get("gpu.counter-interval", 15.0))
-        self.node = os.environ.get("NODE_NAME") or None
+        self.node = node_name()
         self._devices: list[Device] | None = None
         self._driver: str | None = None
         self.xid: XidWatcher | None = None
@@ -359,6 +365,9 @@ class GpuCollector(Collector):
         fams = self.families
 
         add("mlops_gpu_info", ident.info_labels, 1)
+        if owner is not None:
+            add("mlops_gpu_owner_info", self.out.labels.get({"gpu": d.labels["gpu"], "uuid": d.labels["uuid"],
+                                                            "job": owner[0], "rank": owner[1]}), 1)  # fmt: skip
         add("mlops_gpu_profiling_supported", lb, int(ident.gpm is not None))
 
         u = call("nvmlDeviceGetUtilizationRates", h)

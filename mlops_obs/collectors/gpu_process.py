@@ -14,7 +14,10 @@ labels. NVML tells us the pids on a device; we join them with
 
 NVML reports pids in the host's namespace while a rank records the pid it sees in its container; the
 ``NSpid`` line of ``/proc/<pid>/status`` gives both, so either matches. A pid that two snapshots claim
-(two containers' pid 7) is left unattributed rather than guessed.
+(two containers' pid 7) is left unattributed rather than guessed, and so is a pid whose process did
+not start when its snapshot says the rank's process started
+(:func:`~mlops_obs.collectors.process.same_process`): a snapshot is a claim anyone who can write the
+directory can make, and a GPU's memory and time must not be published as a rank's on a claim alone.
 
 Everything read from ``/proc`` is cached per (pid, start time), so a pid reused by a new process is
 read afresh, and the cache only holds pids NVML still reports: an exited process drops its series and
@@ -29,9 +32,11 @@ import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from mlops_obs.collectors import host_parse as hp
 from mlops_obs.collectors.host import CLK_TCK, PAGE_SIZE
+from mlops_obs.collectors.process import boot_time, same_process
 from mlops_obs.rankdir import RankDirectory
 
 _CONTAINER_ID = re.compile(
@@ -112,6 +117,7 @@ class ProcessIdentity:
     pod_uid: str | None
     pod: str | None
     namespace: str | None
+    start_ticks: int | None = None  # when it started, in clock ticks since boot
 
 
 # A cached identity is trusted this long before /proc/<pid>/stat is read again to catch a reused
@@ -175,7 +181,7 @@ class ProcessResolver:
         pod, ns = env.get("POD_NAME") or None, env.get("POD_NAMESPACE") or None
         if pod is None and cg.pod_uid is not None and cg.pod_uid == self.own_pod_uid:
             pod, ns = self.own_pod, self.own_namespace
-        ident = ProcessIdentity(nspids or (pid,), cg.container_id, cg.pod_uid, pod, ns)
+        ident = ProcessIdentity(nspids or (pid,), cg.container_id, cg.pod_uid, pod, ns, start)
         self._cache[pid] = (start, ident, now)
         return ident
 
@@ -185,18 +191,23 @@ class ProcessResolver:
                 del self._cache[pid]
 
 
+# A rank's owner as its snapshot claims it: (job, rank), and the start time it recorded (Unix time).
+Claim = tuple[tuple[str, str], Any]
+
+
 class RankIndex:
-    """pid -> (job, rank) from the training snapshots; re-read at most every ``refresh`` seconds."""
+    """pid -> the claim of the snapshot recording it, from the training snapshots; re-read at most
+    every ``refresh`` seconds."""
 
     def __init__(self, ranks: RankDirectory | None, refresh: float = 5.0) -> None:
         self.ranks = ranks
         self.refresh = refresh
-        self._by_pid: dict[int, tuple[str, str] | None] = {}
+        self._by_pid: dict[int, Claim | None] = {}
         self._read_at = float("-inf")
 
     def _load(self) -> None:
         self._read_at = time.monotonic()
-        by_pid: dict[int, tuple[str, str] | None] = {}
+        by_pid: dict[int, Claim | None] = {}
         # Through the directory's parse cache: the files another collector parsed this round are not
         # parsed again.
         for s in self.ranks.snapshots() if self.ranks is not None else ():
@@ -206,13 +217,13 @@ class RankIndex:
                 pid = int(s["pid"])
             except (TypeError, ValueError):
                 continue
-            owner = (str(s.get("job", "")), str(s.get("rank", "")))
+            claim = ((str(s.get("job", "")), str(s.get("rank", ""))), s.get("start_time"))
             # The same pid in two snapshots (two containers' pid namespaces): ambiguous, so nobody.
-            by_pid[pid] = owner if pid not in by_pid or by_pid[pid] == owner else None
+            by_pid[pid] = claim if pid not in by_pid or by_pid[pid] == claim else None
         self._by_pid = by_pid
 
-    def lookup(self, pids: Iterable[int]) -> tuple[str, str] | None:
-        """The owner of the first of ``pids`` (host pid, then namespace pids) that a rank recorded."""
+    def lookup(self, pids: Iterable[int]) -> Claim | None:
+        """The claim on the first of ``pids`` (host pid, then namespace pids) that a rank recorded."""
         pids = tuple(pids)
         age = time.monotonic() - self._read_at
         if age > self.refresh:
@@ -239,6 +250,7 @@ class Attributor:
     ) -> None:
         self.ranks = RankIndex(ranks)
         self.procs = ProcessResolver(proc_root, environ)
+        self._btime: float | None = None
         # pid -> (identity, owner, labels): the last answer, handed out again while neither changed.
         self._last: dict[int, tuple[ProcessIdentity | None, tuple[str, str] | None, dict[str, str]]] = {}
 
@@ -249,7 +261,8 @@ class Attributor:
         pids = ident.pids if ident is not None else (pid,)
         if ident is not None and pid not in pids:
             pids = (pid, *pids)
-        owner = self.ranks.lookup(pids)
+        claim = self.ranks.lookup(pids)
+        owner = claim[0] if claim is not None and self._started_as_claimed(ident, claim[1]) else None
         last = self._last.get(pid)
         if last is not None and last[0] is ident and last[1] == owner:
             return last[2]
@@ -265,6 +278,15 @@ class Attributor:
                 out["namespace"] = ident.namespace
         self._last[pid] = (ident, owner, out)
         return out
+
+    def _started_as_claimed(self, ident: ProcessIdentity | None, recorded: Any) -> bool:
+        if ident is None or ident.start_ticks is None:
+            return False
+        if self._btime is None:  # read once; looked for again while /proc/stat has none
+            self._btime = boot_time(os.fspath(self.procs.proc))
+        if self._btime is None:
+            return False
+        return same_process(recorded, self._btime + ident.start_ticks / CLK_TCK)
 
     def end_round(self, live: set[int]) -> None:
         self.procs.forget_except(live)

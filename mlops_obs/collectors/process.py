@@ -2,9 +2,14 @@
 
 The ranks already announce themselves (job, rank, pid, start time) in the snapshot files of
 ``--multiproc-dir``; reading ``/proc/<pid>`` from the sidecar costs the training process nothing,
-unlike a ``process_*`` collector inside it. A pid whose process started after its snapshot's start
-time is a reused pid, not our rank, and is skipped; a rank that exited has no ``/proc`` entry and
-its series disappear with it, so cardinality follows the live ranks.
+unlike a ``process_*`` collector inside it. A rank that exited has no ``/proc`` entry and its series
+disappear with it, so cardinality follows the live ranks.
+
+A snapshot's ``pid`` is a claim, made by whoever wrote the file (every pod on the node can, in the
+DaemonSet layout): the process under that pid is taken for the rank only when it started when the
+snapshot says the rank's process started (:func:`same_process`). That turns away a reused pid, and
+a file claiming ``pid: 1`` (or the sidecar's own pid, or another tenant's) to have that process's
+CPU and memory published as a rank's.
 """
 
 from __future__ import annotations
@@ -24,9 +29,20 @@ from mlops_obs.metrics import FamilyBuilder, sample
 from mlops_obs.rankdir import RankDirectory, Snapshot
 
 LABELS = ["job", "rank", "pid"]
-# A snapshot's start_time is taken when the rank's monitor starts, after the interpreter did; this
-# slack only absorbs clock granularity (btime is whole seconds, start ticks 10 ms).
-PID_REUSE_SLACK_S = 2.0
+# The SDK records its process's start time as psutil computes it: /proc/stat's boot time plus the
+# start ticks of /proc/<pid>/stat, the very figures read here. The tolerance absorbs the boot time's
+# whole seconds and the 10 ms ticks, nothing more: another process started within it is rare, and one
+# started that close to a rank is most often its own launcher or sibling.
+PID_START_TOLERANCE_S = 2.0
+
+
+def same_process(recorded: Any, started: float | None) -> bool:
+    """Whether the process that ``/proc`` says started at ``started`` (Unix time) is the one a snapshot
+    recorded as starting at ``recorded``. Unknown on either side is not the same: an unverifiable pid
+    is not published."""
+    if started is None or isinstance(recorded, bool) or not isinstance(recorded, int | float):
+        return False
+    return abs(started - recorded) <= PID_START_TOLERANCE_S
 
 
 class RankProcess(NamedTuple):
@@ -92,7 +108,8 @@ def read_rank_processes(
     btime: float | None = None,
     procfs_real: bool = False,
 ) -> list[RankProcess]:
-    """The ranks' figures from ``procfs``; ``btime`` (its boot time) lets a reused pid be told apart,
+    """The ranks' figures from ``procfs``; ``btime`` (its boot time) dates each process, which must be
+    the one its snapshot recorded (:func:`same_process`; without ``btime`` none is), and
     ``procfs_real`` lets open descriptors be counted with one ``stat`` (see :func:`count_fds`).
 
     ``files`` keeps each rank's ``/proc/<pid>/stat`` open between rounds (the collector's own). A kept
@@ -121,10 +138,8 @@ def read_rank_processes(
             st = hp.parse_pid_stat(text, CLK_TCK, PAGE_SIZE)
         except ValueError:
             continue
-        snap_start: Any = s.get("start_time")
-        started = None if btime is None else btime + st.start_ticks / CLK_TCK
-        if started is not None and isinstance(snap_start, int | float) and started > snap_start + PID_REUSE_SLACK_S:
-            continue
+        if not same_process(s.get("start_time"), None if btime is None else btime + st.start_ticks / CLK_TCK):
+            continue  # a reused pid, or a pid claimed for a process that is not the rank
         fds = count_fds(base + "/fd", procfs_real)
         seen.add(pid)
         out.append(
@@ -189,7 +204,9 @@ class ProcessCollector(Collector):
             return []
         procfs = os.fspath(self.config.get("path.procfs") or "/proc")
         btime, real = self._root(procfs)
-        procs = read_rank_processes(self.ranks.snapshots(), Path(procfs), self.files, btime, real)
+        snaps = self.ranks.snapshots()
+        self.ranks.raise_problem()
+        procs = read_rank_processes(snaps, Path(procfs), self.files, btime, real)
         return families(procs, self.out)
 
     def close(self) -> None:

@@ -17,6 +17,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from mlops_obs.children import find_binary
 from mlops_obs.children.prometheus import PrometheusProcess
 from mlops_obs.commands.workload import WORKLOAD_SETTINGS
@@ -28,6 +30,8 @@ from mlops_obs.config import (
     parse_listen_address,
     parse_optional_path,
 )
+from mlops_obs.mixin.config import MixinConfig
+from mlops_obs.mixin.rules import STRAGGLER, recording_groups
 from mlops_obs.rankdir import RankDirectory, Snapshot
 from mlops_obs.workload.launcher import StopRequest, launch, make_directory
 
@@ -113,7 +117,10 @@ def _demo(cfg: Mapping[str, Any], workdir: Path, stop: StopRequest) -> int:
         _say(f"  exporter:   {metrics_url}")
         if find_binary("prometheus"):
             host_port = metrics_url.split("//", 1)[1].split("/", 1)[0]
-            prom = PrometheusProcess(workdir / "prometheus", [host_port])
+            # The mixin's recording rules: what operators see (the straggler score is one, over every sidecar).
+            rules_file = workdir / "recording-rules.yml"
+            rules_file.write_text(yaml.safe_dump(recording_groups(MixinConfig()), sort_keys=False))
+            prom = PrometheusProcess(workdir / "prometheus", [host_port], rule_files=[rules_file])
             try:
                 prom.start()
                 example = "/graph?g0.expr=rate(mlops_training_samples_total[30s])"
@@ -194,7 +201,8 @@ def _summary(mp_dir: Path, prom: PrometheusProcess | None, world: int, steps: in
     for r in prom.query("mlops_training_steps_total"):
         _say(f"  mlops_training_steps_total{{job={r['metric'].get('job')!r}, rank={r['metric'].get('rank')!r}}} "
              f"= {float(r['value'][1]):.0f}")  # fmt: skip
-    scores = prom.query("mlops_training_straggler_score")
+    # The recording rule scores running ranks only: the last score each rank had before it finished.
+    scores = prom.query(f"last_over_time({STRAGGLER}[1h])")
     if scores:
         shown = ", ".join(f"rank {r['metric'].get('rank')}: {float(r['value'][1]):.2f}" for r in scores)
         _say(f"  straggler score (1 = typical, < 0.75 flagged): {shown}")

@@ -1,5 +1,9 @@
 """``mlops-obs exporter``: run the sidecar until SIGTERM or SIGINT; SIGHUP reloads its configuration.
 
+On SIGTERM it keeps sampling and serving for ``--web.shutdown-delay`` first: in a training pod the
+sidecar is stopped together with the trainer, and the ranks' final state (a failure above all) must
+still reach a scrape. A second SIGTERM, or SIGINT, stops it at once.
+
 The machinery is :class:`mlops_obs.exporter.Exporter`; this module holds what belongs to the
 long-running process alone: its settings, signal handling, exit codes and garbage-collector tuning.
 """
@@ -12,11 +16,12 @@ import importlib
 import os
 import pkgutil
 import signal
+import time
 from collections.abc import Mapping
 from typing import Any
 
 from mlops_obs import __version__
-from mlops_obs.config import Setting
+from mlops_obs.config import ConfigError, Setting
 from mlops_obs.exporter import Exporter, settings
 from mlops_obs.logs import configure, get_logger
 from mlops_obs.web import config as web_config
@@ -88,9 +93,10 @@ def _serve(cfg: Mapping[str, Any], handled: set[signal.Signals]) -> int:
         log.error("bad web config", error=str(e))
         return 1
     except OSError as e:
+        # The user's to fix (a port in use, an address not on this machine): one line, exit 2, as in
+        # every command.
         host, port = cfg["web.listen-address"]
-        log.error("cannot listen", address=f"{host}:{port}", error=e.strerror or str(e))
-        return 1
+        raise ConfigError("web.listen-address", f"cannot listen on {host}:{port}: {e.strerror or e}") from None
     exporter.server.on_quit = lambda: os.kill(os.getpid(), signal.SIGTERM)  # to the sigwait below
     exporter.start()
     tune_gc()
@@ -109,6 +115,23 @@ def _serve(cfg: Mapping[str, Any], handled: set[signal.Signals]) -> int:
             exporter.reload()
         else:
             break
+    delay = float(cfg.get("web.shutdown-delay") or 0.0)
+    if signum == signal.SIGTERM and delay > 0:
+        log.info("exporter stopping after the shutdown delay", delay_seconds=delay)
+        _serve_for(exporter, handled, delay)
     log.info("exporter stopping")
     exporter.stop()
     return 0
+
+
+def _serve_for(exporter: Exporter, handled: set[signal.Signals], seconds: float) -> None:
+    """Go on serving for ``seconds`` (SIGHUP still reloads); SIGTERM or SIGINT ends the wait."""
+    deadline = time.monotonic() + seconds
+    while (left := deadline - time.monotonic()) > 0:
+        info = signal.sigtimedwait(handled, left)
+        if info is None:
+            return
+        if info.si_signo == signal.SIGHUP:
+            exporter.reload()
+        else:
+            return

@@ -1,5 +1,116 @@
-"""Placeholder during the move: the command still lives in ``mlops_obs.logs.ship_command``."""
+"""``mlops-obs ship``: follow log files into the embedded store (default) or OpenSearch.
 
-from mlops_obs.logs.ship_command import add_arguments, run
+``--once`` ships everything present now, waits for the acknowledgements, and exits 0: the way to
+collect a finished job's logs. Without it the shipper follows the files until SIGTERM/SIGINT.
+Secrets are never settings: the OpenSearch password comes from ``--opensearch.password-file`` or the
+``MLOPS_OBS_OPENSEARCH_PASSWORD`` environment variable. Exit codes: 0 done or stopped, 1 the sink or
+the checkpoint cannot be opened, 2 a bad setting.
+"""
 
-__all__ = ["add_arguments", "run"]
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from mlops_obs.config import (
+    COMMON_SETTINGS,
+    ConfigError,
+    Setting,
+    int_parser,
+    list_parser,
+    parse_bool,
+    parse_duration,
+    parse_optional_path,
+)
+from mlops_obs.logs.opensearch import OPENSEARCH_SETTINGS, OPENSEARCH_URL_SETTING
+
+DEFAULT_STORE = Path("mlops-obs-store")
+DEFAULT_OPENSEARCH_STATE = Path("mlops-obs-ship-state")
+
+SHIP_SETTINGS: tuple[Setting, ...] = (
+    Setting("source", list_parser(), [], "Glob of log files to follow (include rotated names, e.g. 'logs/*.jsonl*').",
+            kind="list", metavar="GLOB"),
+    Setting("store", parse_optional_path, None,
+            "Embedded store directory (the default sink; ./mlops-obs-store when no OpenSearch URL is given).",
+            metavar="DIR"),
+    OPENSEARCH_URL_SETTING,
+    Setting("state", parse_optional_path, None,
+            "Checkpoint directory (default: <store>/shipper-state, or ./mlops-obs-ship-state for OpenSearch). "
+            "Point the sidecar's --shipper.state-dir here.", metavar="DIR"),
+    Setting("once", parse_bool, False, "Ship everything present now, wait for acknowledgements, exit.", kind="bool"),
+    Setting("ship.exclude", list_parser(), [], "Glob of files not to ship.", kind="list", metavar="GLOB"),
+    Setting("ship.batch-events", int_parser(1, 100_000), 5000, "Most events per batch (one store transaction).",
+            metavar="N"),
+    Setting("ship.max-line-bytes", int_parser(1024), 1 << 20,
+            "Longer lines are shipped in parts of this size, flagged 'split'.", metavar="BYTES"),
+    Setting("ship.redact", parse_bool, True, "Redact secrets in raw lines and other programs' JSON records.",
+            kind="bool"),
+    Setting("ship.poll-interval", parse_duration, 0.1, "How often to look for new lines when idle.",
+            metavar="DURATION"),
+    *OPENSEARCH_SETTINGS,
+)  # fmt: skip
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> list[Setting]:
+    return list(COMMON_SETTINGS + SHIP_SETTINGS)
+
+
+def run(cfg: dict[str, Any]) -> int:
+    from mlops_obs.logs import configure, get_logger
+    from mlops_obs.logs.backend import Backend, open_sink
+    from mlops_obs.logs.shipper import Shipper, ShipperOptions
+    from mlops_obs.logs.sink import Stats
+
+    configure(cfg["log.level"], cfg["log.format"], stream=sys.stderr)
+    log = get_logger(component="shipper")
+    if not cfg["source"]:
+        raise ConfigError("source", "give at least one --source GLOB")
+    try:
+        backend = Backend.from_config(cfg, default_store=DEFAULT_STORE, default_state=DEFAULT_OPENSEARCH_STATE)
+    except ConfigError:
+        raise
+    except (OSError, ValueError) as e:  # an unreadable password file
+        print(f"mlops-obs ship: error: {e}", file=sys.stderr)
+        return 1
+    store_dir = backend.store
+    if store_dir is not None:
+        state_dir: Path = cfg["state"] or store_dir / "shipper-state"
+    else:
+        assert backend.opensearch is not None and backend.opensearch.state_dir is not None
+        state_dir = backend.opensearch.state_dir  # the checkpoint beside the dead-letter file
+    opts = ShipperOptions(
+        sources=cfg["source"],
+        state_dir=state_dir,
+        batch_events=cfg["ship.batch-events"],
+        max_line_bytes=cfg["ship.max-line-bytes"],
+        poll_interval=cfg["ship.poll-interval"],
+        redact=cfg["ship.redact"],
+        # never ship our own database (a --source of "/data/**" would otherwise feed back into itself)
+        exclude=[*cfg["ship.exclude"], *([str(store_dir / "**")] if store_dir else [])],
+    )
+    stats = Stats()
+    try:
+        state_dir.mkdir(parents=True, exist_ok=True)
+        sink = open_sink(backend, log=log, stats=stats)
+        shipper = Shipper(opts, sink, log=log, stats=stats)
+    except (OSError, ValueError) as e:
+        print(f"mlops-obs ship: error: {e}", file=sys.stderr)
+        return 1
+
+    def _stop(signum: int, frame: Any) -> None:
+        shipper.stop_event.set()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    log.info("shipper starting", sources=cfg["source"], sink=str(backend), state=str(state_dir), once=cfg["once"])
+    try:
+        shipper.run(once=cfg["once"])
+    finally:
+        shipper.close()
+    s = shipper.stats
+    log.info("shipper stopped", lines_read=s.lines_read, events_shipped=s.events_shipped, retries=s.retries,
+             dead_letters=s.dead_letters)  # fmt: skip
+    return 0

@@ -15,6 +15,7 @@ from mlops_obs.config import (
     COMMON_SETTINGS,
     Setting,
     choice_parser,
+    duration_parser,
     float_parser,
     int_parser,
     parse_optional_path,
@@ -23,6 +24,7 @@ from mlops_obs.config import (
     positive_duration,
 )
 from mlops_obs.workload.faults import parse_inject
+from mlops_obs.workload.launcher import STALL_AFTER, STALL_FACTOR
 
 WORKLOAD_SETTINGS: tuple[Setting, ...] = (
     Setting("world-size", int_parser(1, 64), 2, "Number of rank processes.", metavar="N"),
@@ -47,6 +49,11 @@ WORKLOAD_SETTINGS: tuple[Setting, ...] = (
             metavar="N"),
     Setting("peak-flops", float_parser(0.0), 0.0,
             "Peak FLOP/s of one device for MFU (0: known GPUs auto-detected, none on CPU).", metavar="FLOPS"),
+    Setting("stall-after", duration_parser(0.0), STALL_AFTER,
+            "Dump every rank's stacks when no rank completed a step for this long and for --stall-factor "
+            "median step times (0: never).", metavar="DURATION"),
+    Setting("stall-factor", float_parser(1.0), STALL_FACTOR,
+            "A stall is at least this many median step times without a completed step.", metavar="K"),
 )  # fmt: skip
 
 

@@ -20,6 +20,7 @@ from mlops_obs.config import (
     Setting,
     int_parser,
     loop_duration,
+    node_name,
     parse_bool,
     parse_duration,
     parse_listen_address,
@@ -78,6 +79,10 @@ EXPORTER_SETTINGS: tuple[Setting, ...] = (
             "Directory the training ranks write their snapshots to (shared with the workload).", metavar="DIR"),
     Setting("training.retention", parse_duration, DEFAULT_RETENTION,
             "Forget (and delete) a rank's snapshot this long after its last update.", metavar="DURATION"),
+    Setting("web.shutdown-delay", parse_duration, 0.0,
+            "On SIGTERM, keep sampling and serving this long before stopping (a second SIGTERM or SIGINT "
+            "stops at once). In a training pod set it to one scrape interval, so that Prometheus scrapes "
+            "the ranks' final state after the trainer exits.", metavar="DURATION"),
 )  # fmt: skip
 
 
@@ -91,6 +96,25 @@ def _build_info() -> bytes:
         b"# TYPE mlops_exporter_build_info gauge\n"
         + f'mlops_exporter_build_info{{version="{__version__}"}} 1\n'.encode()
     )
+
+
+def _label_value(v: str) -> str:
+    return v.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _node_info(node: str) -> bytes:
+    """The node this sidecar runs on (``config.node_name``): the rules join node names through it
+    instead of putting a target label on every series."""
+    return (
+        b"# HELP mlops_exporter_node_info The node this exporter runs on; always 1.\n"
+        b"# TYPE mlops_exporter_node_info gauge\n"
+        + f'mlops_exporter_node_info{{node="{_label_value(node)}"}} 1\n'.encode()
+    )
+
+
+def static_text() -> bytes:
+    """What every scrape ends with besides the collectors' families: build and node info."""
+    return _build_info() + _node_info(node_name())
 
 
 class Exporter:
@@ -119,7 +143,7 @@ class Exporter:
         # that updates it in place reaches them (file system paths, deadlines...).
         self.collectors = collectors.build(self.config, self.ranks)
         self.sampler = Sampler(
-            self.collectors, config["sampler.interval"], config["collector.deadline"], self.log, static=_build_info()
+            self.collectors, config["sampler.interval"], config["collector.deadline"], self.log, static=static_text()
         )
         try:
             self.server = ExporterServer(

@@ -9,13 +9,22 @@ GPU that fell off the bus, ``statvfs`` on a dead NFS mount) is abandoned: its su
 series are dropped from scrapes, and it is not started again until the hung call returns, at which
 point it recovers by itself. Since every collector has its own thread, a hang never delays the
 others nor the HTTP server: Python cannot kill a thread stuck in C, but it can stop waiting for it.
+
+A thread that dies instead (an exception escaping a round, from the sampler's own code or a logger;
+a ``BaseException`` such as ``SystemExit`` raised inside a collector) is its collector's failure: its
+success goes to 0 at once, ``mlops_scrape_collector_restarts_total`` counts it, and the thread's loop
+starts again after a pause that doubles with each death in a row (from the interval up to
+:data:`RESTART_BACKOFF_MAX`). A scrape also checks that each thread is alive, so success can never
+stay at 1 behind a thread that is gone.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -26,6 +35,9 @@ if TYPE_CHECKING:
     from structlog.typing import FilteringBoundLogger
 
 _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+# The longest pause before a dead sampling thread's loop starts again (the pause doubles per death in a row).
+RESTART_BACKOFF_MAX = 300.0
+SELF = "exporter-self"  # the thread of the exporter's own metrics and the abandoned-collector watchdog
 
 
 @dataclass
@@ -40,6 +52,8 @@ class CollectorState:
     running_since: float | None = None
     finished_at: float | None = None
     error: str | None = None
+    restarts: int = 0  # times its thread died and was started again
+    deaths_in_a_row: int = 0  # reset by a round that completes; sets the pause before the next start
 
 
 def self_usage() -> tuple[float, float | None]:
@@ -85,7 +99,8 @@ class Sampler:
         self.log = log
         self.states = {c.name: CollectorState() for c in collectors}
         self._stop = threading.Event()
-        self._threads: list[threading.Thread] = []
+        self._threads: dict[str, threading.Thread] = {}
+        self._self_deaths = 0
         self._reported: dict[str, str | None] = {}
         # Bumped whenever any rendered part changes; the scrape cache is valid for one generation.
         self.generation = 0
@@ -101,17 +116,17 @@ class Sampler:
 
     def start(self) -> None:
         self._epoch = time.monotonic()
-        for c in self.collectors:
-            t = threading.Thread(target=self._loop, args=(c,), name=f"sample-{c.name}", daemon=True)
+        loops: list[tuple[str, Callable[[], None]]] = [
+            (c.name, functools.partial(self._loop, c)) for c in self.collectors
+        ]
+        for name, loop in [*loops, (SELF, self._self_loop)]:
+            t = threading.Thread(target=self._supervise, args=(name, loop), name=f"sample-{name}", daemon=True)
             t.start()
-            self._threads.append(t)
-        t = threading.Thread(target=self._self_loop, name="sample-exporter-self", daemon=True)
-        t.start()
-        self._threads.append(t)
+            self._threads[name] = t
 
     def stop(self) -> None:
         self._stop.set()
-        for t in self._threads:
+        for t in self._threads.values():
             t.join(timeout=self.deadline)
         for c in self.collectors:
             try:
@@ -175,10 +190,52 @@ class Sampler:
         return self._stop.wait(next_round - now)
 
     def _loop(self, c: Collector) -> None:
+        state = self.states[c.name]
         while not self._stop.is_set():
             self.sample_once(c)
+            state.deaths_in_a_row = 0
             if self._wait_next_round():
                 return
+
+    def _supervise(self, name: str, loop: Callable[[], None]) -> None:
+        """Run ``loop`` (which returns only when the sampler stops); when it dies, report it and run it
+        again after a backoff. Nothing escapes: this is the thread's last line of defence."""
+        while not self._stop.is_set():
+            try:
+                loop()
+                return
+            except BaseException as e:  # whatever kills the loop must not kill the thread
+                pause = self._died(name, e)
+            if self._stop.wait(pause):
+                return
+
+    def _died(self, name: str, e: BaseException) -> float:
+        """Mark the collector failed and counted; the pause before its loop runs again."""
+        state = self.states.get(name)
+        if state is not None:
+            state.restarts += 1
+            state.deaths_in_a_row += 1
+            deaths = state.deaths_in_a_row
+            state.success = False
+            state.text = b""
+            state.error = f"sampler thread died: {type(e).__name__}: {e}"
+            state.running_since = None
+            self._reported[name] = state.error
+            self._bump()
+        else:
+            self._self_deaths += 1
+            deaths = self._self_deaths
+        pause = min(RESTART_BACKOFF_MAX, float(self.interval) * 2.0 ** min(deaths - 1, 32))
+        try:
+            self.log.error(
+                "sampler thread died; starting it again",
+                collector=name,
+                error=f"{type(e).__name__}: {e}",
+                restart_in=round(pause, 3),
+            )
+        except BaseException:  # a logger that fails must not stop the restart
+            pass
+        return pause
 
     def _self_loop(self) -> None:
         """The exporter's own CPU and RSS, and a watchdog that says when a collector is abandoned."""
@@ -194,6 +251,7 @@ class Sampler:
                     deadline=self.deadline,
                 )
             hung_reported = hung
+            self._self_deaths = 0
 
     @property
     def ready(self) -> bool:
@@ -211,13 +269,20 @@ class Sampler:
             n for n, s in self.states.items() if s.running_since is not None and now - s.running_since > self.deadline
         ]
 
+    def dead(self) -> list[str]:
+        """Collectors whose thread is gone while the sampler runs: only if even its supervisor died."""
+        if self._stop.is_set():
+            return []
+        return [name for name, t in self._threads.items() if name != SELF and not t.is_alive()]
+
     def scrape(self) -> bytes:
         """The exposition body; the same bytes object as last time when nothing changed."""
         gen = self.generation
         now = time.monotonic()
         hung = self.abandoned(now)
+        dead = self.dead()
         cached = self._cache
-        if cached is not None and cached[0] == gen and not hung:
+        if cached is not None and cached[0] == gen and not hung and not dead:
             return cached[1]
         parts: list[bytes] = []
         success_lines = [
@@ -234,10 +299,15 @@ class Sampler:
             b"(its thread's CPU time, rendering included).\n",
             b"# TYPE mlops_scrape_collector_cpu_seconds_total counter\n",
         ]
+        restart_lines = [
+            b"# HELP mlops_scrape_collector_restarts_total Times the collector's sampling thread died and was "
+            b"started again.\n",
+            b"# TYPE mlops_scrape_collector_restarts_total counter\n",
+        ]
         for name, s in self.states.items():
             running = s.running_since
             abandoned = name in hung
-            ok = s.success and not abandoned
+            ok = s.success and not abandoned and name not in dead
             duration = now - running if abandoned and running is not None else s.duration
             if ok:
                 parts.append(s.text)
@@ -248,11 +318,12 @@ class Sampler:
             cpu_lines.append(
                 f'mlops_scrape_collector_cpu_seconds_total{{collector="{name}"}} {s.cpu_seconds:.6f}\n'.encode()
             )
-        tail = b"".join(success_lines) + b"".join(duration_lines) + b"".join(cpu_lines) + self._self_text + self.static
+            restart_lines.append(f'mlops_scrape_collector_restarts_total{{collector="{name}"}} {s.restarts}\n'.encode())
+        tail = b"".join((*success_lines, *duration_lines, *cpu_lines, *restart_lines, self._self_text, self.static))
         parts.append(tail)
         body = b"".join(parts)  # one copy of ~200 KB, not a join and then a concatenation
         self._parts = (body, tuple(parts))
-        if not hung:
+        if not hung and not dead:
             self._cache = (gen, body)
         return body
 

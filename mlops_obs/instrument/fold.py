@@ -47,6 +47,7 @@ class StepTotals:
         "last_step_perf",
         "open_step",
         "recent",
+        "recent_wall",
         "step_seconds_sum",
         "steps",
     )
@@ -61,6 +62,7 @@ class StepTotals:
         self.last_step_perf = 0.0
         self.buckets = [0] * (len(STEP_BUCKETS) + 1)  # successful steps per STEP_BUCKETS bucket; last +Inf
         self.recent: deque[float] = deque(maxlen=max(1, window))  # per-step compute time, oldest first
+        self.recent_wall: deque[float] = deque(maxlen=max(1, window))  # per-step wall time, oldest first
         self.open_step: tuple[float, float, float] | None = None  # (start, collective, data wait) so far
 
 
@@ -124,7 +126,7 @@ def fold_phase(p: PhaseState, items: list[float], coll: Reports, marks: Reports 
 
 
 def fold_steps(t: StepTotals, items: list[Any], coll: Reports, marks: Reports) -> None:
-    """Fold step readings into ``t``: counts, durations, histogram, goodput and the straggler ring."""
+    """Fold step readings into ``t``: counts, durations, histogram, goodput and the recent-step rings."""
     prev = t.open_step
     if prev is not None:
         items.insert(0, prev[0])
@@ -179,9 +181,11 @@ def fold_steps(t: StepTotals, items: list[Any], coll: Reports, marks: Reports) -
     t.step_seconds_sum += total
     t.goodput_seconds += total - fsum(dw) if dw is not None else total
     _count_buckets(t.buckets, negdurs)
-    # The straggler ring: compute time, that is step time less the collective waits inside it.
+    # The recent rings: wall time (what a stall threshold multiplies), and compute time, that is step
+    # time less the collective waits inside it (what the straggler score compares).
     w = t.recent.maxlen or n
     last = negdurs[-w:]
+    t.recent_wall.extend(map(operator.neg, last))
     if cded is not None:
         t.recent.extend(map(operator.sub, map(operator.neg, last), cded[-w:]))
     else:

@@ -15,14 +15,19 @@ so the lists stay bounded.
 
 Nothing here may break or slow the training job: a flush that fails (full disk, missing directory)
 is counted and retried on the next interval, never raised into the loop.
+
+Besides its figures, a snapshot says where the rank is (the phase it is in and since when: what tells a
+hung rank from its peers waiting for it in a collective) and how it ended: ``finished`` on
+``close()``, ``failed`` with the reason when the process ends by an exception, a signal or a non-zero
+exit status (the hooks are in :mod:`.lifecycle`), or by ``close(error=exc)`` for an error the job
+handles itself.
 """
 
 from __future__ import annotations
 
-import atexit
 import bisect
+import itertools
 import os
-import socket
 import threading
 import time
 import warnings
@@ -32,7 +37,10 @@ from types import TracebackType
 from typing import Any, TypeVar
 
 from mlops_obs import rankdir
+from mlops_obs.config import node_name
+from mlops_obs.instrument import lifecycle
 from mlops_obs.instrument.fold import StepTotals, fold_phase, fold_steps
+from mlops_obs.rankdir import FAILED, FINISHED, RUNNING
 
 PHASES: tuple[str, ...] = ("data_wait", "forward", "backward", "optimizer", "collective", "other")
 # Time that is not productive training, after ml-goodput-measurement's taxonomy.
@@ -40,6 +48,11 @@ BADPUT_KINDS: tuple[str, ...] = (
     "startup", "data_loading", "checkpoint_save", "checkpoint_restore", "evaluation", "recovery", "failed_step",
     "other",
 )  # fmt: skip
+
+# Phases that are expected pauses: while a rank is in one, its peers waiting for it are not stalled.
+PAUSE_PHASES: tuple[str, ...] = ("checkpoint", "checkpoint_restore", "evaluation")
+# A monitor's final snapshot waits at most this long for a flush in progress (a hung sampler).
+FINAL_WRITE_WAIT_SECONDS = 1.0
 
 T = TypeVar("T")
 
@@ -135,22 +148,29 @@ def _make_phase(name: str) -> _PhaseBase:
 
 
 class _Timed:
-    """``checkpoint()`` and ``badput(kind)``: rare, so a fresh object per use is fine."""
+    """``checkpoint()`` and ``badput(kind)``: rare, so a fresh object per use is fine. While open it is
+    the rank's current phase (``checkpoint`` for a checkpoint save, the kind otherwise)."""
 
-    __slots__ = ("_m", "kind", "start")
+    __slots__ = ("_m", "kind", "phase", "start")
 
     def __init__(self, m: TrainingMonitor, kind: str) -> None:
         self._m = m
         self.kind = kind
+        self.phase = "checkpoint" if kind == "checkpoint_save" else kind
         self.start = 0.0
 
     def __enter__(self) -> _Timed:
         self.start = _perf()
+        self._m._open_timed.append(self)
         return self
 
     def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
         m = self._m
         dur = _perf() - self.start
+        try:
+            m._open_timed.remove(self)
+        except ValueError:
+            pass
         b = m.badput_seconds
         b[self.kind] = b.get(self.kind, 0.0) + dur
         if self.kind == "checkpoint_save":
@@ -200,6 +220,12 @@ class TrainingMonitor:
     GPUs are detected by :mod:`mlops_obs.instrument.torch`) give model FLOPs utilisation, computed by
     the flush thread over each flush interval of wall time, so stalls and data waits lower it as they
     should.
+
+    ``pause_phases`` adds phase names (of ``phase()`` or ``badput()``) that are expected pauses besides
+    :data:`PAUSE_PHASES`: while a rank is in one, the stall alerts do not count its peers' wait.
+    The rank ends ``finished`` on ``close()`` (or leaving ``with``) and ``failed`` when the process
+    ends by an exception, a signal or a non-zero exit status; ``close(error=exc)`` says the job
+    stopped on an error it handled itself.
     """
 
     def __init__(
@@ -216,11 +242,12 @@ class TrainingMonitor:
         flops_per_sample: float | None = None,
         flops_per_token: float | None = None,
         peak_flops: float | None = None,
+        pause_phases: Iterable[str] = (),
     ) -> None:
         self.job = job or os.environ.get("MLOPS_OBS_JOB") or os.environ.get("TORCHELASTIC_RUN_ID") or "default"
         self.rank = rank if rank is not None else _env_int("RANK", "SLURM_PROCID", default=0)
         self.world_size = world_size if world_size is not None else _env_int("WORLD_SIZE", "SLURM_NTASKS", default=1)
-        self.node = node or os.environ.get("MLOPS_OBS_NODE") or os.environ.get("NODE_NAME") or socket.gethostname()
+        self.node = node or node_name()
         d = directory if directory is not None else os.environ.get("MLOPS_OBS_MULTIPROC_DIR")
         self.directory = Path(d) if d else None
         if enabled is None:
@@ -233,6 +260,8 @@ class TrainingMonitor:
         self.flush_interval = flush_interval
         self.pid = os.getpid()
         self.start_time = _process_start_time()
+        self.pid_ns, self.boot_id = _pid_identity()
+        self.pause_phases = frozenset((*PAUSE_PHASES, *pause_phases))
         self.flops_per_sample = flops_per_sample
         self.flops_per_token = flops_per_token
         self.peak_flops = peak_flops
@@ -270,6 +299,20 @@ class TrainingMonitor:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._closed = False
+        # The lifecycle (see .lifecycle), and what the current phase is read from besides the phases'
+        # own readings: checkpoint()/badput() blocks open now, and the launch time of the last bucket's
+        # collective of a step still in flight (the comm hook's), that is the rank waiting for its peers.
+        self._state = RUNNING
+        self._end_time: float | None = None
+        self._failure: rankdir.Failure | None = None
+        self._open_timed: list[_Timed] = []
+        self._waiting: dict[int, float] = {}
+        self._wait_tokens = itertools.count()
+        self._created_perf = _perf()
+        # Held while a snapshot is built and written, so a final snapshot is never overtaken by an
+        # older one; reentrant for a signal handler that runs inside a flush of the same thread.
+        self._write_lock = threading.RLock()
+        self._end_lock = threading.RLock()
         # The hot-path calls are closures bound on the instance, chosen once here: no ``enabled`` test,
         # no method binding and no ``self.`` lookups per call (the class methods below document them).
         if self.enabled:
@@ -292,7 +335,7 @@ class TrainingMonitor:
             self.flush()
             self._thread = threading.Thread(target=self._run, name="mlops-obs-flush", daemon=True)
             self._thread.start()
-            atexit.register(self.close)
+            lifecycle.HOOKS.register(self)
 
     # --- hot path (each instance binds its own closures over these; see __init__) -----------------
 
@@ -333,6 +376,17 @@ class TrainingMonitor:
         self._data_wait.total += seconds
         if len(q) > _SYNC_FOLD_EVENTS:
             self._fold_safely()
+
+    def _wait_begin(self) -> int:
+        """The rank started waiting for its peers (the last gradient bucket's collective was launched:
+        nothing of its own is left in the step's backward); returns the token for :meth:`_wait_end`.
+        Called from DDP's comm hook; dict updates are atomic, so no lock is needed."""
+        token = next(self._wait_tokens)
+        self._waiting[token] = _perf()
+        return token
+
+    def _wait_end(self, token: int) -> None:
+        self._waiting.pop(token, None)
 
     # --- rare events ------------------------------------------------------------------------------
 
@@ -470,12 +524,16 @@ class TrainingMonitor:
             return 0.0
         return _wall() - (_perf() - last)
 
-    def state(self) -> rankdir.Snapshot:
-        """The snapshot written for the sidecar; a copy, safe to serialise off the training thread."""
-        self._fold_safely()
+    def state(self, fold_wait: float = -1) -> rankdir.Snapshot:
+        """The snapshot written for the sidecar; a copy, safe to serialise off the training thread.
+
+        ``fold_wait``: at most this many seconds to wait for a fold in progress elsewhere (a final
+        snapshot taken from a signal handler must not wait on the thread it interrupted); -1 waits."""
+        self._fold_safely(fold_wait)
         t = self._totals
         samples, tokens = self._step_totals()
         recent = sorted(t.recent)
+        recent_wall = sorted(t.recent_wall)
         badput = dict(self.badput_seconds)
         badput["data_loading"] = badput.get("data_loading", 0.0) + self._data_wait.folded + self._data_wait.total
         if t.failed_step_seconds:
@@ -490,9 +548,14 @@ class TrainingMonitor:
             "world_size": self.world_size,
             "node": self.node,
             "pid": self.pid,
+            "pid_ns": self.pid_ns,
+            "boot_id": self.boot_id,
             "start_time": self.start_time,
             "updated": _wall(),
-            "closed": self._closed,
+            "state": self._state,
+            "end_time": self._end_time,
+            "failure": dict(self._failure) if self._failure is not None else None,  # type: ignore[typeddict-item]
+            "phase": self.current_phase(),
             "steps": t.steps,
             "failed_steps": t.failed_steps,
             "samples": samples,
@@ -504,10 +567,12 @@ class TrainingMonitor:
             "gauges": {k: (v if v - v == 0.0 else str(v)) for k, v in list(self.gauges.items())},
             "nonfinite_loss": self.nonfinite_loss,
             "last_step_time": self.last_step_time,
-            # The median of the recent compute times, not the ring itself: the straggler score needs
-            # only the median, and the sidecar reads every rank's snapshot every round.
+            # Medians of the recent steps, not the rings: the stall threshold multiplies the wall
+            # time's, the straggler score compares the compute time's, and the sidecar reads every
+            # rank's snapshot every round.
             "recent_steps": len(recent),
-            "recent_step_median": rankdir.median_sorted(recent) if recent else None,
+            "step_median": rankdir.median_sorted(recent_wall) if recent_wall else None,
+            "step_compute_median": rankdir.median_sorted(recent) if recent else None,
             "goodput_seconds": t.goodput_seconds,
             "badput_seconds": badput,
             "checkpoint_buckets": list(self.checkpoint_buckets),
@@ -517,9 +582,64 @@ class TrainingMonitor:
             "collectives": self.collectives,
         }
 
+    def current_phase(self) -> rankdir.Phase:
+        """Where the rank is now and since when: waiting for its peers in a collective, else the
+        innermost open phase, ``checkpoint()`` or ``badput()`` block, or step, else ``between_steps``.
+
+        Read from the hot path's latest readings (a list's last item is read atomically), so it is
+        current without a fold and costs the training thread nothing."""
+        now_p, now_w = _perf(), _wall()
+        waiting = list(self._waiting.values())
+        name: str | None = None
+        start = 0.0
+        if waiting:
+            name, start = "collective", min(waiting)
+        else:
+            for p in list(self._phases.values()):
+                tail = p.events[-1:]
+                opened = (tail[0] if tail[0] > 0.0 else None) if tail else p.open_start
+                if opened is not None and opened > start:
+                    name, start = p.name, opened
+            for timed in list(self._open_timed):
+                if timed.start > start:
+                    name, start = timed.phase, timed.start
+            tail = self._step_events[-1:]
+            last_end = self._totals.last_step_perf or self._created_perf
+            in_step: float | None = self._totals.open_step[0] if self._totals.open_step is not None else None
+            if tail:
+                x = tail[0]
+                if isinstance(x, tuple):  # a failed step's end
+                    in_step, last_end = None, x[0]
+                elif x > 0.0:
+                    in_step = x
+                else:
+                    in_step, last_end = None, -x
+            if in_step is not None and in_step > start:
+                name, start = "step", in_step
+            if name is None:
+                name, start = "between_steps", last_end
+        name = name[: rankdir.PHASE_NAME_MAX]
+        if name == "collective":
+            activity = "collective"
+        elif name in self.pause_phases:
+            activity = "pause"
+        else:
+            activity = "work"
+        return {"name": name, "activity": activity, "since": now_w - (now_p - start)}
+
+    @property
+    def lifecycle_state(self) -> str:
+        """``running``, ``finished`` or ``failed``."""
+        return self._state
+
+    @property
+    def failure(self) -> rankdir.Failure | None:
+        """Why the rank failed (``reason``, ``detail``), once it has."""
+        return self._failure
+
     # --- folding the hot path's readings (flush thread, or whoever reads a derived figure) ----------
 
-    def _fold(self) -> None:
+    def _fold(self, wait: float = -1) -> None:
         """Turn the readings queued by the hot path into the step, phase and goodput figures.
 
         Runs under a lock, so the flush thread and a training thread that folds itself (see
@@ -530,7 +650,9 @@ class TrainingMonitor:
         reports that came before it. The hot path only appends, so taking those prefixes afterwards
         is safe. The arithmetic is :mod:`mlops_obs.instrument.fold`'s.
         """
-        with self._fold_lock:
+        if not self._fold_lock.acquire(timeout=wait):
+            return
+        try:
             phases = list(self._phases.values())
             queues = [self._step_events, self._coll_events, self._dw_events, *(p.events for p in phases)]
             lengths = list(map(len, queues))
@@ -544,12 +666,14 @@ class TrainingMonitor:
                     fold_phase(p, items, coll, marks if p is self._data_wait else None)
             if steps or self._totals.open_step is not None:
                 fold_steps(self._totals, steps, coll, marks)
+        finally:
+            self._fold_lock.release()
 
-    def _fold_safely(self) -> None:
+    def _fold_safely(self, wait: float = -1) -> None:
         """``_fold`` for the training thread (a derived figure read, or the flush thread behind): like
         a flush, it must never raise into the loop, so a failure is counted in ``flush_errors``."""
         try:
-            self._fold()
+            self._fold(wait)
         except Exception:
             self.flush_errors += 1
 
@@ -576,38 +700,97 @@ class TrainingMonitor:
         self.gauges["mfu"] = flops / ((now - mark[0]) * self.peak_flops)
 
     def flush(self) -> None:
-        if not self.enabled or self.directory is None:
-            return
+        if not self.enabled or self.directory is None or os.getpid() != self.pid:
+            return  # (a forked child, a DataLoader worker, is not this rank and writes nothing)
         try:
-            self._fold()  # first, so that samplers and MFU see this interval's steps
-            self._sample()
-            rankdir.write(self.directory, self.job, self.rank, self.state())
+            with self._write_lock:
+                self._fold()  # first, so that samplers and MFU see this interval's steps
+                self._sample()
+                rankdir.write(self.directory, self.job, self.rank, self.state())
         except Exception:  # never into the training loop
             self.flush_errors += 1
+
+    def _write_final(self) -> None:
+        """The snapshot that says how the rank ended, written now: no samplers (a CUDA call from a
+        signal handler could hang), and no unbounded wait for the flush thread or a fold in progress."""
+        if not self.enabled or self.directory is None or os.getpid() != self.pid:
+            return
+        held = self._write_lock.acquire(timeout=FINAL_WRITE_WAIT_SECONDS)
+        try:
+            rankdir.write(self.directory, self.job, self.rank, self.state(FINAL_WRITE_WAIT_SECONDS))
+        except Exception:
+            self.flush_errors += 1
+        finally:
+            if held:
+                self._write_lock.release()
+
+    def _end(self, state: str, reason: str = "", detail: str = "") -> None:
+        """The rank ended (``finished``, or ``failed`` with why): recorded and written at once. A
+        failure overrides an earlier finish (a crash after ``close()``), never the other way round,
+        and the first failure is the one kept."""
+        # Held until the snapshot is written: a second thread ending the rank (a signal seen by the
+        # watcher and by the main thread's handler) returns only once the first one's write is done,
+        # so neither terminates the process with the final snapshot half written.
+        held = self._end_lock.acquire(timeout=2 * FINAL_WRITE_WAIT_SECONDS)
+        try:
+            if state == FAILED:
+                if self._state == FAILED:
+                    return
+                self._failure = {"reason": reason, "detail": rankdir.failure_detail(detail)}
+            elif self._state != RUNNING:
+                return
+            self._state = state
+            self._end_time = _wall()
+            self._write_final()
+        finally:
+            if held:
+                self._end_lock.release()
 
     def _run(self) -> None:
         while not self._stop.wait(self.flush_interval):
             self.flush()
 
-    def close(self) -> None:
-        """Write the final snapshot and stop the flush thread (also runs at interpreter exit)."""
+    def close(self, error: BaseException | None = None) -> None:
+        """Write the final snapshot and stop the flush thread (also runs at interpreter exit).
+
+        The rank is then ``finished``, or ``failed`` when ``error`` is given (the job stopped on an
+        error it handled: ``close(error=exc)``) or a signal stopped it. Closing again does nothing but
+        record a failure the first close did not know of."""
+        failure = lifecycle.HOOKS.failure_of(error)
+        if failure is not None:
+            self._end(FAILED, *failure)
         if self._closed:
             return
         self._closed = True
+        with self._end_lock:
+            if self._state == RUNNING:
+                self._state = FINISHED
+                self._end_time = _wall()
         self._stop.set()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=5)
         self.flush()
-        try:
-            atexit.unregister(self.close)
-        except Exception:
-            pass
 
     def __enter__(self) -> TrainingMonitor:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
+        self.close(error=ev)
+
+
+def _pid_identity() -> tuple[int | None, str | None]:
+    """The pid namespace (its inode) this process's pid is numbered in, and the kernel's boot id: with
+    them the sidecar knows whether it can see this pid, and only then takes its absence for a death."""
+    try:
+        ns: int | None = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        ns = None
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
+            boot: str | None = f.read(64).strip() or None
+    except (OSError, ValueError):
+        boot = None
+    return ns, boot
 
 
 def _process_start_time() -> float:

@@ -95,7 +95,9 @@ def register_comm_hook(
     ``hook(state, bucket)`` is the hook doing the communication (default: DDP's own
     ``allreduce_hook``; pass ``fp16_compress_hook`` or yours to keep it). The time from the hook's
     call to its future's completion is reported with ``monitor.add_collective``; on NCCL the future
-    completes when the all-reduce finishes on the device's stream, as seen from the host. The
+    completes when the all-reduce finishes on the device's stream, as seen from the host. From the
+    launch of a step's last bucket to its completion the rank's current phase is ``collective``
+    (waiting for its peers), which is what tells a hung rank from the ranks waiting for it. The
     completion callback runs on the backend's thread while the training thread waits in
     ``backward`` for the same future, so the two never update the monitor at once.
     """
@@ -108,12 +110,18 @@ def register_comm_hook(
         return
     inner = hook or allreduce_hook
     add = monitor.add_collective
+    wait_begin, wait_end = monitor._wait_begin, monitor._wait_end
 
     def timed_hook(st: Any, bucket: Any) -> Any:
         t0 = _perf()
         fut = inner(st, bucket)
+        # The step's last bucket: from its launch until it completes, the rank has nothing of its own
+        # left to compute in backward and only waits for its peers (its current phase: collective).
+        token = wait_begin() if bucket.is_last() else None
 
         def done(f: Any) -> Any:
+            if token is not None:
+                wait_end(token)
             add(_perf() - t0)
             return f.value()
 

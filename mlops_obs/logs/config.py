@@ -1,11 +1,15 @@
 """The one place structlog is configured, for our daemons (exporter, shipper) and for training jobs.
 
-A pipeline of small processors: context vars, level, UTC ISO timestamp, a per-process sequence number
-(so a gap in a rank's log is detectable), secret redaction (on by default: a secret in a file is
-already leaked), structured tracebacks without locals (locals leak data and cost time), then a
-renderer: JSON lines via orjson for files, logfmt for daemons, a console renderer only on a TTY.
-Loggers are level-filtered and cached, as structlog's performance guide recommends, and stdlib
-``logging`` records (torch, NCCL's Python side, ``warnings``) are routed into the same stream.
+A pipeline of small processors: the bound context, level, UTC ISO timestamp and a per-process
+sequence number (so a gap in a rank's log is detectable), tracebacks rendered without locals (locals
+leak data and cost time), then secret redaction over everything, the rendered traceback included (on
+by default: a secret in a file is already leaked), then a renderer: JSON lines via orjson for files,
+logfmt for daemons, a console renderer only on a TTY. Loggers are level-filtered and cached, as
+structlog's performance guide recommends, and stdlib ``logging`` records (torch, NCCL's Python side,
+``warnings``) are routed into the same stream.
+
+structlog's private attributes are read in one place, :func:`_fast_bound_logger` (the bound logger's
+context, wrapped logger and processors); ``tests/test_logs_config.py`` fails if structlog renames them.
 """
 
 from __future__ import annotations
@@ -18,14 +22,26 @@ import os
 import stat
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import IO, Any, BinaryIO, TextIO, cast
 
 import orjson
 import structlog
 from structlog.tracebacks import ExceptionDictTransformer
+from structlog.typing import EventDict, FilteringBoundLogger, Processor, WrappedLogger
 
-from mlops_obs.logs.redact import MASK, RedactSecrets, _maybe_secret, _redact_value, key_action, redact_text
+from mlops_obs.logs.redact import (
+    LEAVE,
+    SCAN_VALUE,
+    RedactSecrets,
+    _maybe_secret,
+    _redact_checked,
+    plain_value,
+    redact_value,
+)
+
+Logger = FilteringBoundLogger
+"""The type of our loggers (:func:`get_logger`): structlog's level-filtering bound logger protocol."""
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warn": logging.WARNING, "warning": logging.WARNING,
            "error": logging.ERROR, "critical": logging.CRITICAL}  # fmt: skip
@@ -33,23 +49,14 @@ FORMATS = ("json", "logfmt", "console", "auto")
 _configured = False
 
 
-class SequenceNumber:
-    """Adds ``seq``: 1, 2, 3... per process, so the shipper and replay can see a missing line."""
-
-    def __init__(self) -> None:
-        self._counter = itertools.count(1)
-
-    def __call__(self, logger: Any, method: str, event_dict: dict[str, Any]) -> dict[str, Any]:
-        event_dict["seq"] = next(self._counter)
-        return event_dict
-
-
 class JobStamp:
     """Adds the bound context (job, rank, node, run_id), ``level``, ``ts`` and ``seq`` in one step.
 
     One fused processor with the timestamp and counter inlined, instead of four processors: on a
     training node every microsecond of logging is taken from the step, and each Python call costs
-    about as much as the work it wraps. ``ts`` is formatted like :class:`UTCTimestamp`.
+    about as much as the work it wraps. ``ts`` is ``2026-01-02T03:04:05.000006Z``: always
+    microseconds, so string order is time order (structlog's ISO stamper drops a zero fraction), and
+    the whole-second part is formatted once a second.
     """
 
     def __init__(self, context: Mapping[str, Any] | None = None) -> None:
@@ -59,7 +66,7 @@ class JobStamp:
         self._prefix = ""
         self._prefix_b = b""
 
-    def __call__(self, logger: Any, method: str, event_dict: dict[str, Any]) -> dict[str, Any]:
+    def __call__(self, logger: WrappedLogger, method: str, event_dict: EventDict) -> EventDict:
         for k, v in self._context:
             if k not in event_dict:
                 event_dict[k] = v
@@ -75,31 +82,14 @@ class JobStamp:
         return event_dict
 
 
-class UTCTimestamp:
-    """``ts`` as ``2026-01-02T03:04:05.000006Z``: always microseconds, so string order is time order.
-
-    structlog's ISO stamper drops the fraction when it is zero; formatting the whole-second part once
-    a second also makes this cheaper than ``datetime.isoformat`` per event.
-    """
-
-    def __init__(self, key: str = "ts") -> None:
-        self._key = key
-        self._sec = -1
-        self._prefix = ""
-
-    def __call__(self, logger: Any, method: str, event_dict: dict[str, Any]) -> dict[str, Any]:
-        now = time.time()
-        sec = int(now)
-        if sec != self._sec:
-            self._prefix = _dt.datetime.fromtimestamp(sec, tz=_dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.")
-            self._sec = sec
-        event_dict[self._key] = f"{self._prefix}{int((now - sec) * 1_000_000):06d}Z"
-        return event_dict
-
-
-def _render_json(logger: Any, method: str, event_dict: dict[str, Any]) -> bytes:
-    """One JSON line; non-JSON values (paths, tensors) become their ``str``."""
-    return orjson.dumps(event_dict, default=str)
+def _render_json(event_dict: EventDict) -> bytes:
+    """One JSON line; non-JSON values (paths, tensors) become their ``str``. What orjson refuses
+    (a non-string key, a cycle, more than 254 levels, an integer over 64 bits) is rendered from a
+    plain copy instead of raising into the caller's training loop."""
+    try:
+        return orjson.dumps(event_dict, default=str)
+    except (orjson.JSONEncodeError, RecursionError):
+        return orjson.dumps(plain_value(event_dict), default=str)
 
 
 _SIMPLE_TYPES = (str, int, float, bool, type(None))
@@ -107,34 +97,34 @@ _os_write = os.write
 
 
 class JsonLines(JobStamp):
-    """The whole JSON-file pipeline in one processor: stamp, redaction, tracebacks, orjson; returns bytes.
+    """The whole JSON-file pipeline in one processor: stamp, tracebacks, redaction, orjson; returns bytes.
 
     Why fused: at ~5 us per event, each extra Python call and dict pass is a visible share of the
     budget. The common event (no ``exc_info``, no key that the stamp would overwrite) takes a fast
-    path that renders only the caller's keys with orjson and appends the bound context, ``level``,
+    path that redacts and renders only the caller's keys and appends the bound context, ``level``,
     ``ts`` and ``seq`` as bytes: the context is redacted and serialised once, here, instead of per
-    event. The output is byte-for-byte what the four separate processors produce (same keys, same
-    order: the caller's keys, then the context, ``level``, ``ts``, ``seq``). Anything else (an
-    exception, a key colliding with the context or the stamp, a non-JSON context value) goes
-    through the separate processors, in the original order, sharing the same counter.
+    event. The output is byte-for-byte what the separate processors produce (same keys, same order:
+    the caller's keys, then the context, ``level``, ``ts``, ``seq``). Anything else (an exception, a
+    key colliding with the context or the stamp, a non-JSON context value, a value orjson refuses)
+    goes through the separate processors, in order (stamp, tracebacks, redaction, rendering),
+    sharing the same counter.
     """
 
     def __init__(self, context: Mapping[str, Any] | None = None, *, redact: bool = True) -> None:
         super().__init__(context)
         self._redactor = RedactSecrets() if redact else None
         self._exc = structlog.processors.ExceptionRenderer(ExceptionDictTransformer(show_locals=False))
-        ctx = dict(self._context)
+        ctx: EventDict = dict(self._context)
         self._reserved = frozenset(ctx) | {"level", "ts", "seq", "exc_info"}
         self._fast = all(type(v) in _SIMPLE_TYPES for v in ctx.values())
         if self._redactor is not None:
             ctx = self._redactor(None, "info", ctx)
         try:
             self._ctx = orjson.dumps(ctx, default=str)[1:-1].decode() if ctx else ""
-        except orjson.JSONEncodeError:  # e.g. an int over 64 bits: every event raises, as before
+        except orjson.JSONEncodeError:  # e.g. an int over 64 bits: the slow path renders a plain copy
             self._ctx, self._fast = "", False
         self._heads: dict[str, tuple[bytes, bytes]] = {}
-        self._skip = self._redactor._skip if self._redactor is not None else frozenset()
-        self._actions: dict[str, int] = self._redactor._secret_key if self._redactor is not None else {}
+        self._actions = self._redactor.actions if self._redactor is not None else {}
 
     def _head(self, method: str) -> tuple[bytes, bytes]:
         """``,<context>,"level":"<level>","ts":"`` (and without the comma, after an empty dict)."""
@@ -143,46 +133,40 @@ class JsonLines(JobStamp):
         heads = self._heads[method] = (("," + mid).encode(), mid.encode())
         return heads
 
-    def _slow(self, logger: Any, method: str, event_dict: dict[str, Any]) -> bytes:
+    def _slow(self, logger: WrappedLogger, method: str, event_dict: EventDict) -> bytes:
         event_dict = JobStamp.__call__(self, logger, method, event_dict)
+        event_dict = self._exc(logger, method, event_dict)
         if self._redactor is not None:
             event_dict = self._redactor(logger, method, event_dict)
-        return _render_json(logger, method, cast(dict[str, Any], self._exc(logger, method, event_dict)))
+        return _render_json(event_dict)
 
-    def __call__(self, logger: Any, method: str, event_dict: dict[str, Any]) -> bytes:  # type: ignore[override]
+    def __call__(self, logger: WrappedLogger, method: str, event_dict: EventDict) -> bytes:  # type: ignore[override]
         if not self._fast or not self._reserved.isdisjoint(event_dict):
             return self._slow(logger, method, event_dict)
         if self._redactor is not None:
-            # RedactSecrets, inlined (same cache, same key_action decisions: 0 leave, 1 mask, 2 scan):
-            # numbers and short strings cost one type test each.
+            # redact_event's loop, inlined (a call is a visible share of the event), with the same
+            # cached key_action decisions; a key naming or holding a secret (rare) takes the slow path.
             actions = self._actions
             for k, v in event_dict.items():
                 t = type(v)
-                if t is int or t is float:
+                if t is float:
                     continue
-                if t is str:
-                    if len(v) < 8:  # too short for any secret shape: only the key can make it one
-                        action = actions.get(k)
-                        if action is None:
-                            action = actions[k] = key_action(k, self._skip)
-                        if action == 1 and v != "":
-                            event_dict[k] = MASK
-                        continue
-                elif v is None or t is bool:
-                    continue
-                action = actions.get(k)
-                if action is None:
-                    action = actions[k] = key_action(k, self._skip)
-                if action == 0:
-                    continue
-                if action == 1:
-                    if v != "":
-                        event_dict[k] = MASK
-                elif t is str:
-                    if _maybe_secret(v):
-                        event_dict[k] = redact_text(v)
-                else:
-                    event_dict[k] = _redact_value(None, v)
+                try:
+                    action = actions[k]
+                except KeyError:
+                    action = self._redactor.action(k)
+                if action == SCAN_VALUE:
+                    if t is str:
+                        if len(v) >= 8 and _maybe_secret(v):
+                            event_dict[k] = _redact_checked(v)
+                    elif t is not int and v is not None and t is not bool:
+                        event_dict[k] = redact_value(v, actions)
+                elif action != LEAVE:
+                    return self._slow(logger, method, event_dict)
+        try:
+            body = orjson.dumps(event_dict, default=str)
+        except (orjson.JSONEncodeError, RecursionError):
+            return self._slow(logger, method, event_dict)
         heads = self._heads.get(method) or self._head(method)
         us = time.time_ns() // 1000
         sec = us // 1_000_000
@@ -190,7 +174,6 @@ class JsonLines(JobStamp):
             self._prefix = _dt.datetime.fromtimestamp(sec, tz=_dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.")
             self._prefix_b = self._prefix.encode()
             self._sec = sec
-        body = orjson.dumps(event_dict, default=str)
         # one bytes %-format: cheaper than an f-string, an encode and a concatenation
         return b'%s%s%s%06dZ","seq":%d}' % (
             body[:-1],
@@ -232,7 +215,7 @@ class FdLogger:
     log = debug = info = warn = warning = error = err = critical = fatal = exception = failure = msg
 
 
-def _fd_logger_factory(stream: IO[bytes]) -> Any:
+def _fd_logger_factory(stream: IO[bytes]) -> Callable[..., Any]:
     """``FdLogger`` for a regular file with a descriptor, else structlog's ``BytesLogger``."""
     try:
         regular = isinstance(stream, io.BufferedWriter | io.FileIO) and stat.S_ISREG(os.fstat(stream.fileno()).st_mode)
@@ -246,6 +229,10 @@ def _fd_logger_factory(stream: IO[bytes]) -> Any:
 
 def _fast_bound_logger(min_level: int) -> type[Any]:
     """structlog's level-filtering bound logger, with each enabled level method done in one call.
+
+    The one adapter over structlog's internals: the methods read the bound logger's private
+    ``_context``, ``_logger`` and ``_processors`` (what structlog's own methods read), and
+    ``tests/test_logs_config.py`` checks that structlog still has them.
 
     structlog's own method goes through four Python calls (the method, ``_maybe_interpolate``,
     ``_proxy_to_logger``, ``_process_event``) and re-packs the keywords twice; for a ~5 us event
@@ -337,20 +324,21 @@ def configure(
         fmt = "console" if _isatty(out) else "json"
     json_out = fmt == "json"
     # Context is bound once, here (not through contextvars, whose merge costs more than the rest of
-    # the pipeline); per-logger context goes through ``get_logger().bind(...)``.
-    processors: list[Any] = [JobStamp(context)]
-    if redact:
-        processors.append(RedactSecrets())
+    # the pipeline); per-logger context goes through ``get_logger().bind(...)``. Tracebacks are
+    # rendered to text before redaction runs: an exception's message is scanned like any value.
+    factory: Callable[..., Any]
     if json_out:
-        # The same four steps (stamp, redaction, tracebacks, orjson), fused: see JsonLines.
-        processors = [JsonLines(context, redact=redact)]
-        factory: Any = _fd_logger_factory(_binary(out))
-    elif fmt == "console":
-        processors.append(structlog.dev.ConsoleRenderer(timestamp_key="ts"))
-        factory = structlog.PrintLoggerFactory(file=cast(TextIO, out))
+        # stamp, tracebacks, redaction, orjson: fused, see JsonLines.
+        processors: list[Processor] = [JsonLines(context, redact=redact)]
+        factory = _fd_logger_factory(_binary(out))
     else:
-        processors.append(structlog.processors.format_exc_info)
-        processors.append(structlog.processors.LogfmtRenderer(key_order=["ts", "level", "event"]))
+        processors = [JobStamp(context), structlog.processors.format_exc_info]
+        if redact:
+            processors.append(RedactSecrets())
+        if fmt == "console":
+            processors.append(structlog.dev.ConsoleRenderer(timestamp_key="ts"))
+        else:
+            processors.append(structlog.processors.LogfmtRenderer(key_order=["ts", "level", "event"]))
         factory = structlog.PrintLoggerFactory(file=cast(TextIO, out))
     structlog.reset_defaults()
     min_level = _LEVELS.get(level, logging.INFO)
@@ -372,6 +360,18 @@ def configure(
         root.setLevel(min_level)
         logging.captureWarnings(True)
         _reroute_private_library_loggers()
+
+
+def unconfigure() -> None:
+    """Undo :func:`configure`: structlog's defaults, no stdlib routing, warnings not captured (tests)."""
+    global _configured
+    structlog.reset_defaults()
+    _configured = False
+    root = logging.getLogger()
+    for h in list(root.handlers):
+        if isinstance(h, _StdlibToStructlog):
+            root.removeHandler(h)
+    logging.captureWarnings(False)
 
 
 # Libraries that give their loggers a stderr handler of their own and stop propagation (torch's
@@ -402,10 +402,10 @@ def _binary(stream: IO[Any]) -> IO[bytes]:
     return getattr(stream, "buffer", stream)  # type: ignore[no-any-return]
 
 
-def get_logger(**initial: Any) -> Any:
+def get_logger(**initial: Any) -> Logger:
     """A logger for this process. After :func:`configure` it is a concrete bound logger (no lazy
     proxy in front of every call, as structlog's performance guide advises); before, the lazy proxy,
     so a module-level logger still follows the configuration made later."""
     if _configured:
-        return structlog.get_logger().bind(**initial)
-    return structlog.get_logger(**initial)
+        return cast(Logger, structlog.get_logger().bind(**initial))
+    return cast(Logger, structlog.get_logger(**initial))

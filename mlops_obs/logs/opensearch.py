@@ -19,23 +19,81 @@ from __future__ import annotations
 import logging
 import os
 import threading
-import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from mlops_obs.logs.shipper import DEAD_LETTER_FILE, FAULTS, Stats, Stop, backoff_delays
+from mlops_obs.config import (
+    Setting,
+    int_parser,
+    parse_bool,
+    parse_duration,
+    parse_optional_path,
+    parse_optional_str,
+    parse_str,
+)
+from mlops_obs.logs.sink import (
+    DEAD_LETTER_FILE,
+    FAULTS,
+    DeadLetters,
+    Events,
+    ParsedEvents,
+    Stats,
+    Stop,
+    backoff_delays,
+    say,
+)
+
+if TYPE_CHECKING:
+    from structlog.typing import FilteringBoundLogger
 
 TEMPLATE_NAME = "mlops-logs"
 POLICY_NAME = "mlops-logs-retention"
 
 
+def _parse_url(v: Any) -> str | None:
+    s = parse_optional_str(v)
+    if s is None:
+        return None
+    if not s.startswith(("http://", "https://")):
+        raise ValueError(f"expected an http:// or https:// URL, got {s!r}")
+    return s.rstrip("/")
+
+
+OPENSEARCH_URL_SETTING = Setting(
+    "opensearch", _parse_url, None, "OpenSearch URL to ship to instead of the embedded store.", metavar="URL"
+)
+OPENSEARCH_SETTINGS: tuple[Setting, ...] = (
+    Setting("opensearch.index-prefix", parse_str, "mlops-logs",
+            "Daily indices <prefix>-YYYY.MM.DD, chosen from each event's own timestamp."),
+    Setting("opensearch.max-body-bytes", int_parser(1024), 5 << 20, "Cap on one _bulk request body.",
+            metavar="BYTES"),
+    Setting("opensearch.retention", parse_duration, 30 * 86400.0, "ISM policy: delete indices older than this.",
+            metavar="DURATION"),
+    Setting("opensearch.timeout", parse_duration, 30.0, "Timeout of one _bulk request.", metavar="DURATION"),
+    Setting("opensearch.backoff-max", parse_duration, 10.0, "Longest pause between retries.", metavar="DURATION"),
+    Setting("opensearch.username", parse_optional_str, None, "Basic-auth user."),
+    Setting("opensearch.password-file", parse_optional_path, None, "File holding the basic-auth password.",
+            metavar="PATH"),
+    Setting("opensearch.ca-file", parse_optional_path, None, "CA bundle to verify the server.", metavar="PATH"),
+    Setting("opensearch.client-cert", parse_optional_path, None, "Client certificate (mTLS).", metavar="PATH"),
+    Setting("opensearch.client-key", parse_optional_path, None, "Client key (mTLS).", metavar="PATH"),
+    Setting("opensearch.insecure-skip-verify", parse_bool, False, "Do not verify the server certificate.",
+            kind="bool"),
+    Setting("opensearch.setup", parse_bool, True, "Install the index template and ISM policy at start.",
+            kind="bool"),
+)  # fmt: skip
+"""The ``opensearch.*`` settings :func:`settings_from_config` reads, shared by every command that
+writes to OpenSearch (one config file serves ``ship`` and ``alert-sink``)."""
+
+
 @dataclass
 class OpenSearchSettings:
     url: str
-    state_dir: Path
+    state_dir: Path | None  # the dead-letter file's directory; needed to write, not to read
     index_prefix: str = "mlops-logs"
     max_body_bytes: int = 5 << 20
     retention_s: float = 30 * 86400.0
@@ -50,7 +108,7 @@ class OpenSearchSettings:
     setup: bool = True
 
 
-def settings_from_config(cfg: dict[str, Any], state_dir: Path) -> OpenSearchSettings:
+def settings_from_config(cfg: Mapping[str, Any], state_dir: Path | None) -> OpenSearchSettings:
     """Credentials from a file or the environment, never from a flag value (it would show in ``ps``)."""
     password = os.environ.get("MLOPS_OBS_OPENSEARCH_PASSWORD")
     pw_file = cfg.get("opensearch.password-file")
@@ -83,7 +141,7 @@ def index_for(prefix: str, timestamp: str) -> str:
     return f"{prefix}-{timestamp[0:4]}.{timestamp[5:7]}.{timestamp[8:10]}"
 
 
-def bulk_lines(events: list[dict[str, Any]], prefix: str) -> list[bytes]:
+def bulk_lines(events: Sequence[Mapping[str, Any]], prefix: str) -> list[bytes]:
     """One ``create`` action + document per event, each pair as one bytes chunk ending in a newline.
 
     The action's constant part is built once per day (index) and reused: with orjson doing the
@@ -159,9 +217,15 @@ def ism_policy_body(prefix: str, retention_s: float) -> dict[str, Any]:
 
 
 class OpenSearchSink:
-    def __init__(self, settings: OpenSearchSettings, log: Any = None, stats: Stats | None = None) -> None:
+    """OpenSearch as a :class:`~mlops_obs.logs.sink.Sink` (see the module docstring)."""
+
+    def __init__(
+        self, settings: OpenSearchSettings, log: FilteringBoundLogger | None = None, stats: Stats | None = None
+    ) -> None:
         from opensearchpy import OpenSearch
 
+        if settings.state_dir is None:
+            raise ValueError("the OpenSearch sink needs a state directory for its dead-letter file")
         self.s = settings
         self.log = log
         self.stats = stats
@@ -185,8 +249,7 @@ class OpenSearchSink:
         self.client = OpenSearch(**kw)
         # opensearch-py logs every failed request with a traceback; ours says it once, in one line
         logging.getLogger("opensearch").setLevel(logging.ERROR)
-        self.dead_letter_path = Path(settings.state_dir) / DEAD_LETTER_FILE
-        self._dead_ids = self._load_dead_ids()
+        self.dead_letters = DeadLetters(Path(settings.state_dir) / DEAD_LETTER_FILE, log)
         self._set_up = not settings.setup
 
     def _count_retry(self) -> None:
@@ -228,15 +291,17 @@ class OpenSearchSink:
                     raise Stop() from None
 
     def _say(self, level: str, msg: str, **kw: Any) -> None:
-        if self.log is not None:
-            getattr(self.log, level)(msg, **kw)
+        say(self.log, level, msg, **kw)
 
-    def send(self, events: list[dict[str, Any]], stop: threading.Event) -> None:
+    def send(self, events: Events, stop: threading.Event) -> int:
+        """Returns ``len(events)``: a first write (201) and a repeat (409) both count as held, untold apart."""
+        if isinstance(events, ParsedEvents):
+            events = events.dicts()
         if not self._set_up:
             self._setup(stop)
         lines = bulk_lines(events, self.s.index_prefix)
         pending = [(a, b) for a, b in chunk_by_bytes(lines, self.s.max_body_bytes)]
-        dead: list[tuple[dict[str, Any], str, int]] = []
+        dead: list[tuple[Mapping[str, Any], str, int]] = []
         delay = backoff_delays(cap=self.s.backoff_max_s)
         while pending:
             a, b = pending.pop(0)
@@ -274,6 +339,7 @@ class OpenSearchSink:
                 delay = backoff_delays(cap=self.s.backoff_max_s)
         if dead:
             self._dead_letter(dead)
+        return len(events)
 
     def _post(self, chunk: list[bytes], stop: threading.Event) -> list[tuple[int, str]] | str | None:
         from opensearchpy.exceptions import ConnectionError as OSConnectionError
@@ -306,52 +372,14 @@ class OpenSearchSink:
             out.append((status, reason))
         return out
 
-    def _load_dead_ids(self) -> set[str]:
-        """Ids already dead-lettered, so a batch re-sent after a crash is not dead-lettered twice."""
-        ids: set[str] = set()
-        try:
-            with open(self.dead_letter_path, "rb") as f:
-                for raw in f:
-                    try:
-                        ids.add(str(orjson.loads(raw)["event"]["_id"]))
-                    except (orjson.JSONDecodeError, KeyError, TypeError):
-                        continue  # a line torn by a crash; its batch was re-sent and is written again
-        except FileNotFoundError:
-            pass
-        return ids
-
-    def _dead_letter(self, dead: list[tuple[dict[str, Any], str, int]]) -> None:
-        """Append, fsync: a rejected event is kept with its reason before its offset counts as done."""
-        dead = [d for d in dead if d[0].get("_id") not in self._dead_ids]
-        if not dead:
+    def _dead_letter(self, dead: list[tuple[Mapping[str, Any], str, int]]) -> None:
+        written = self.dead_letters.add(dead)
+        if not written:
             return
-        data = b"".join(
-            orjson.dumps({"reason": r, "status": st, "at": time.time(), "event": ev}, default=str) + b"\n"
-            for ev, r, st in dead
-        )
-        try:
-            with open(self.dead_letter_path, "rb") as f:  # a torn last line (crash mid-append) is closed off
-                f.seek(-1, os.SEEK_END)
-                if f.read(1) != b"\n":
-                    data = b"\n" + data
-        except OSError:
-            pass
-        while True:
-            try:
-                with open(self.dead_letter_path, "ab") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
-                break
-            except OSError as e:
-                self._say("error", "cannot write dead-letter file; retrying", path=str(self.dead_letter_path),
-                          error=e.strerror)  # fmt: skip
-                time.sleep(1.0)
-        self._dead_ids.update(str(ev.get("_id")) for ev, _, _ in dead)
         if self.stats is not None:
-            self.stats.dead_letters += len(dead)
-        self._say("warning", "events dead-lettered", count=len(dead), path=str(self.dead_letter_path),
-                  reason=dead[0][1])  # fmt: skip
+            self.stats.dead_letters += len(written)
+        self._say("warning", "events dead-lettered", count=len(written), path=str(self.dead_letters.path),
+                  reason=written[0][1])  # fmt: skip
 
     def close(self) -> None:
         try:

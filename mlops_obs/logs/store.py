@@ -5,27 +5,9 @@ and, with ``synchronous=FULL``, power loss), lets one writer and many readers wo
 shipper writes while replay reads and the alert sink appends), and its B-tree indexes answer the
 queries replay needs without a server.
 
-Event schema (one dict per event; the OpenSearch sink takes the same dicts)
---------------------------------------------------------------------------
-``_id``         str, required. The identity of the event; :meth:`EventStore.put` ignores an ``_id``
-                it already holds, which is what makes re-sending after a crash harmless. The shipper
-                derives it from (source fingerprint, byte offset), never from the content, so two
-                identical lines are two events.
-``@timestamp``  str, ISO-8601 UTC with microseconds and ``Z`` (``2026-01-02T03:04:05.000006Z``).
-                Other forms (datetime, epoch seconds, ISO with offset) are normalised on ``put``;
-                the fixed format is what makes string order equal time order.
-``kind``        ``"log"`` (a line from a file) or ``"alert"`` (an Alertmanager notification).
-``job``         str or None: the training job.
-``rank``        int or None: the rank within the job.
-``node``        str or None: host name.
-``level``       str or None: ``debug|info|warning|error|critical``.
-``message``     str: the log event / raw line / alert summary.
-``seq``         int or None: the per-process sequence number the job-side logger adds (gaps mean loss).
-``source``      str: where it came from (file path for logs, receiver name for alerts).
-``offset``      int: byte offset of the line in its source (0 for alerts), the tie-breaker in order.
-``fields``      dict: everything else of the original record (``run_id``, exception, flags such as
-                ``invalid_utf8`` or ``split``, alert labels...).
-
+It stores the events of the schema in :mod:`mlops_obs.logs.sink` and implements both sides of the
+logs' protocols: :class:`StoreSink` (the shipper's and the alert intake's :class:`~.sink.Sink`) and
+:class:`StoreSource` (replay's and root-cause analysis' :class:`~.source.Source`).
 :meth:`EventStore.query` returns events in (``@timestamp``, ``source``, ``offset``) order.
 
 Storage (schema version 2, Loki-style chunks)
@@ -65,31 +47,46 @@ more at ingest than everything else together, and replay's text queries are narr
 or time first (Loki does the same: labels select chunks, a line filter scans them).
 
 Writers from several processes are fine (WAL, ``busy_timeout``, ``BEGIN IMMEDIATE``); each
-:meth:`EventStore.put` is one transaction. A version 1 store (one row per event, table ``events``)
+:meth:`EventStore.put` is one transaction. Chunk ids grow with every commit, which is what
+:meth:`EventStore.position` hands out and a follower reads past. A version 1 store (one row per event, table ``events``)
 is migrated on open, in one transaction.
 """
 
 from __future__ import annotations
 
-import datetime as _dt
 import itertools
 import operator
 import sqlite3
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from mlops_obs.logs.sink import (
+    FAULTS,
+    KINDS,
+    LEVEL_RANK,
+    Events,
+    ParsedEvents,
+    Stats,
+    Stop,
+    backoff_delays,
+    format_timestamp,
+    say,
+)
+from mlops_obs.logs.source import EventQuery, RankFacts
+
+if TYPE_CHECKING:
+    from structlog.typing import FilteringBoundLogger
+
 DB_NAME = "events.sqlite3"
-KINDS = ("log", "alert")
 SCHEMA_VERSION = 2
 CHUNK_EVENTS = 1000
 """Most events in one chunk: bigger chunks cost less per event to write, smaller ones less to decode
 for a narrow query; at 1000 the per-chunk cost of a write is ~1% of the events' own."""
 
-LEVEL_RANK = {"debug": 1, "info": 2, "warning": 3, "error": 4, "critical": 5}
 _MAX_DIGITS = 18  # an id number must fit SQLite's 64-bit INTEGER
 
 _SCHEMA = """
@@ -135,26 +132,6 @@ _KINDS = set(KINDS)
 
 class EventError(ValueError):
     """An event that cannot be stored; the message names the event and the field."""
-
-
-def format_timestamp(value: Any) -> str:
-    """Normalise a timestamp to ``YYYY-MM-DDTHH:MM:SS.ffffffZ`` (UTC) or raise ``ValueError``."""
-    if isinstance(value, _dt.datetime):
-        dt = value
-    elif isinstance(value, int | float) and not isinstance(value, bool):
-        dt = _dt.datetime.fromtimestamp(float(value), tz=_dt.UTC)
-    elif isinstance(value, str):
-        s = value.strip()
-        if len(s) == 27 and s[-1] == "Z" and s[10] == "T" and s[19] == ".":
-            return s  # already canonical: the hot path of the shipper
-        if s.endswith(("Z", "z")):
-            s = s[:-1] + "+00:00"
-        dt = _dt.datetime.fromisoformat(s)
-    else:
-        raise ValueError(f"not a timestamp: {value!r}")
-    if dt.tzinfo is None:
-        dt = dt.replace(tzinfo=_dt.UTC)
-    return dt.astimezone(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def _opt_int(v: Any, name: str, eid: Any) -> int | None:
@@ -305,65 +282,6 @@ def _dumps(prefix: str, cols: list[Any]) -> bytes:
 _Key = tuple[Any, ...]
 
 
-class ParsedEvents:
-    """A batch of events as :class:`~mlops_obs.logs.events.LineParser` makes them, kept as columns
-    with what the shipper knows of them, so :meth:`EventStore.put` takes it without building an
-    event dict per line and taking it apart again, nor re-deriving per event what holds per file.
-
-    ``runs`` holds ``(prefix, source, start, end)``: events ``start`` to ``end`` are lines of one
-    file, in increasing ``offset`` order (so no ``_id`` twice), each with ``_id``
-    ``f"{prefix}-{offset}"``, ``kind`` ``"log"``, that ``source``, and the schema's types for every
-    field the parser sets itself (``message`` str, ``level`` str or None, ``rank``/``seq`` int or
-    None, ``offset`` int, ``fields`` dict). What comes from the record as written (``job``,
-    ``node``) and the timestamps are still checked by ``put``; a batch failing a check takes the
-    general path. :meth:`dicts` gives the same events as dicts, for every other sink.
-    """
-
-    __slots__ = ("fields", "jobs", "levels", "msgs", "nodes", "offs", "ranks", "runs", "seqs", "tss")
-
-    def __init__(self) -> None:
-        self.tss: list[Any] = []
-        self.jobs: list[Any] = []
-        self.ranks: list[Any] = []
-        self.nodes: list[Any] = []
-        self.levels: list[Any] = []
-        self.msgs: list[Any] = []
-        self.seqs: list[Any] = []
-        self.offs: list[Any] = []
-        self.fields: list[Any] = []
-        self.runs: list[tuple[str, str, int, int]] = []
-
-    def __len__(self) -> int:
-        return len(self.offs)
-
-    def append(self, ev: Mapping[str, Any]) -> None:
-        """Add one event dict made by the parser (the line-at-a-time path)."""
-        self.tss.append(ev["@timestamp"])
-        self.jobs.append(ev["job"])
-        self.ranks.append(ev["rank"])
-        self.nodes.append(ev["node"])
-        self.levels.append(ev["level"])
-        self.msgs.append(ev["message"])
-        self.seqs.append(ev["seq"])
-        self.offs.append(ev["offset"])
-        self.fields.append(ev["fields"])
-
-    def dicts(self) -> list[dict[str, Any]]:
-        """The events as the dicts of the event schema, in order."""
-        if sum(b - a for _, _, a, b in self.runs) != len(self):
-            raise ValueError(f"ParsedEvents: runs cover {sum(b - a for _, _, a, b in self.runs)} of {len(self)} events")
-        out: list[dict[str, Any]] = []
-        for prefix, source, a, b in self.runs:
-            for ts, job, rank, node, level, msg, seq, off, fields in zip(
-                self.tss[a:b], self.jobs[a:b], self.ranks[a:b], self.nodes[a:b], self.levels[a:b],
-                self.msgs[a:b], self.seqs[a:b], self.offs[a:b], self.fields[a:b], strict=True,
-            ):  # fmt: skip
-                out.append({"_id": f"{prefix}-{off}", "@timestamp": ts, "kind": "log", "job": job, "rank": rank,
-                            "node": node, "level": level, "message": msg, "seq": seq, "source": source,
-                            "offset": off, "fields": fields})  # fmt: skip
-        return out
-
-
 def _canonical_ts(tss: list[Any]) -> bool:
     """Every timestamp a str in the canonical form (27 characters, ``T`` at 10, ``Z`` at 26), in C."""
     try:
@@ -402,8 +320,8 @@ class _Batch:
         """Columns and groups of the shipper's batch from its runs; False (nothing kept) when a check fails."""
         tss, jobs, ranks, nodes, levels = events.tss, events.jobs, events.ranks, events.nodes, events.levels
         msgs, seqs, offs, fields = events.msgs, events.seqs, events.offs, events.fields
-        if not _canonical_ts(tss) or sum(b - a for _, _, a, b in events.runs) != len(events):
-            return False
+        if events.kinds or not _canonical_ts(tss) or sum(b - a for _, _, a, b in events.runs) != len(events):
+            return False  # launcher records and stack dumps (rare) take the general path, which stores kinds
         groups: dict[_Key, list[tuple[int, int]]] = {}
         for prefix, source, a, b in events.runs:
             n = b - a
@@ -628,23 +546,35 @@ class EventStore:
         with self._lock:
             return int(self._db.execute("SELECT coalesce(sum(n), 0) FROM chunks").fetchone()[0])
 
+    def position(self) -> int:
+        """The store's write position: the id of the last chunk committed (0 while empty). Events
+        stored later land in chunks past it, so ``query(stored_after=p)`` reads only what came since."""
+        with self._lock:
+            return int(self._db.execute("SELECT coalesce(max(id), 0) FROM chunks").fetchone()[0])
+
     def query(
         self,
         *,
         job: str | None = None,
-        rank: int | None = None,
-        level: str | Sequence[str] | None = None,
+        rank: int | Sequence[int] | None = None,
+        node: str | None = None,
+        level: str | Collection[str] | None = None,
         kind: str | None = None,
         since: Any = None,
         until: Any = None,
         text: str | None = None,
         limit: int | None = None,
+        stored_after: int | None = None,
+        stored_upto: int | None = None,
     ) -> list[dict[str, Any]]:
         """Events matching every given filter, in (``@timestamp``, ``source``, ``offset``) order.
 
-        ``since`` is inclusive, ``until`` exclusive (any form :func:`format_timestamp` takes);
-        ``level`` may be a list; ``text`` is a case-insensitive substring of the message (a scan of
-        the decoded chunks the other filters select; see the module docstring for why no text index).
+        ``rank`` may be a list (any of them); ``since`` is inclusive, ``until`` exclusive (any form
+        :func:`format_timestamp` takes); ``level`` may be a list; ``text`` is a case-insensitive
+        substring of the message (a scan of the decoded chunks the other filters select; see the
+        module docstring for why no text index); ``stored_after`` and ``stored_upto`` are positions
+        (:meth:`position`) bounding when the events were stored, which is how a follower reads only
+        what is new.
         """
         where: list[str] = []
         args: list[Any] = []
@@ -652,9 +582,14 @@ class EventStore:
             where.append("job = ?")
             args.append(job)
         if rank is not None:
-            rank = int(rank)
-            where.append("rank = ?")
-            args.append(rank)
+            ranks = [int(rank)] if isinstance(rank, int) else sorted({int(r) for r in rank})
+            if not ranks:
+                return []
+            where.append("rank = ?" if len(ranks) == 1 else f"rank IN ({','.join('?' * len(ranks))})")
+            args.extend(ranks)
+        if node is not None:
+            where.append("node = ?")
+            args.append(node)
         levels: set[str] | None = None
         if level is not None:
             levels = {level} if isinstance(level, str) else set(level)
@@ -669,15 +604,14 @@ class EventStore:
             args.append(kind)
             if kind != "log":
                 where.append("kind != 'log'")
-        lo = format_timestamp(since) if since is not None else None
-        hi = format_timestamp(until) if until is not None else None
-        if lo is not None:
-            where.append("ts_max >= ?")
-            args.append(lo)
-        if hi is not None:
-            where.append("ts_min < ?")
-            args.append(hi)
-        sql = "SELECT kind, job, rank, node, source, prefix, ts_min, data FROM chunks"
+        lo, hi = _time_range(since, until, where, args)
+        if stored_after is not None:
+            where.append("id > ?")
+            args.append(int(stored_after))
+        if stored_upto is not None:
+            where.append("id <= ?")
+            args.append(int(stored_upto))
+        sql = f"SELECT {_META}, data FROM chunks"
         if where:
             sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY ts_min"
@@ -688,7 +622,8 @@ class EventStore:
         found: list[tuple[Any, ...]] = []
         with self._lock:
             cur = self._db.execute(sql, args)
-            for ckind, cjob, crank, cnode, csource, prefix, ts_min, data in cur:
+            for row in cur:
+                meta, ts_min = row[:8], row[6]
                 if want is not None and len(found) >= want:
                     # Chunks come in ts_min order: once one starts after the want-th event so far,
                     # no later chunk can hold an event that sorts before it.
@@ -696,9 +631,7 @@ class EventStore:
                     del found[want:]
                     if ts_min > found[-1][1]:
                         break
-                cols = orjson.loads(data)
-                cols[0] = _chunk_ids(prefix, cols)
-                for e in zip(*cols, strict=True):
+                for e in _decode(meta[5], row[8]):
                     ts = e[1]
                     if lo is not None and ts < lo:
                         continue
@@ -708,14 +641,81 @@ class EventStore:
                         continue
                     if needle is not None and needle not in e[3].lower():
                         continue
-                    found.append((csource, ts, e, ckind, cjob, crank, cnode))
+                    found.append((meta[4], ts, e, meta))
         found.sort(key=_order_key)
         if want is not None:
             del found[want:]
         return [
-            {"_id": e[0], "@timestamp": e[1], "kind": ckind, "job": cjob, "rank": crank, "node": cnode,
-             "level": e[2], "message": e[3], "seq": e[4], "source": csource, "offset": e[5], "fields": e[6]}
-            for csource, _, e, ckind, cjob, crank, cnode in found
+            {"_id": e[0], "@timestamp": e[1], "kind": m[0], "job": m[1], "rank": m[2], "node": m[3], "level": e[2],
+             "message": e[3], "seq": e[4], "source": m[4], "offset": e[5], "fields": e[6]}
+            for _, _, e, m in found
+        ]  # fmt: skip
+
+    def rank_facts(self, job: str, *, since: Any = None, until: Any = None) -> list[RankFacts]:
+        """:class:`~mlops_obs.logs.source.RankFacts` of every rank of ``job`` with log events in
+        [``since``, ``until``), by rank (the rank-less entry last).
+
+        Worked out from the chunks' columns: counts, times and nodes from their metadata (a chunk
+        is decoded only where it straddles the time range); the first error from the chunks the
+        severity index marks, in time order, until no later chunk can hold an earlier one; the last
+        step from each rank's chunks backwards in time until one holds a step.
+        """
+        where, args = ["job = ?", "kind = 'log'"], [job]
+        lo, hi = _time_range(since, until, where, args)
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT id, severity, n, {_META} FROM chunks WHERE {' AND '.join(where)}", args
+            ).fetchall()
+
+        def inside(ts: str) -> bool:
+            return (lo is None or ts >= lo) and (hi is None or ts < hi)
+
+        def events(row: tuple[Any, ...]) -> list[tuple[Any, ...]]:
+            with self._lock:
+                prefix, data = self._db.execute("SELECT prefix, data FROM chunks WHERE id = ?", (row[0],)).fetchone()
+            return [e for e in _decode(prefix, data) if inside(e[1])]
+
+        # rank -> [nodes, events, first, last]
+        acc: dict[int | None, list[Any]] = {}
+        for row in rows:
+            _, _, n, _, _, rank, node, _, _, ts_min, ts_max = row
+            if inside(ts_min) and inside(ts_max):
+                count, first, last = n, ts_min, ts_max
+            else:
+                tss = [e[1] for e in events(row)]
+                if not tss:
+                    continue
+                count, first, last = len(tss), min(tss), max(tss)
+            a = acc.setdefault(rank, [set(), 0, first, last])
+            if node is not None:
+                a[0].add(node)
+            a[1] += count
+            a[2], a[3] = min(a[2], first), max(a[3], last)
+        first_error: dict[int | None, tuple[Any, ...]] = {}
+        for row in sorted((r for r in rows if r[1] >= LEVEL_RANK["error"]), key=lambda r: r[9]):
+            rank, best = row[5], first_error.get(row[5])
+            if best is not None and row[9] > best[1]:
+                continue
+            for e in events(row):
+                if LEVEL_RANK.get(e[2], 0) >= LEVEL_RANK["error"]:
+                    cand = (row[7], e[1], e, row[3:])
+                    if best is None or _order_key(cand) < _order_key(best):
+                        best = first_error[rank] = cand
+        last_step: dict[int | None, tuple[str, int]] = {}
+        for row in sorted(rows, key=lambda r: r[10], reverse=True):
+            rank, got = row[5], last_step.get(row[5])
+            if got is not None and row[10] < got[0]:
+                continue
+            for e in events(row):
+                step = e[6].get("step") if type(e[6]) is dict else None
+                if type(step) is int and (got is None or e[1] > got[0]):
+                    got = last_step[rank] = (e[1], step)
+        return [
+            RankFacts(job=job, rank=rank, nodes=tuple(sorted(a[0])), events=a[1], first_time=a[2], last_time=a[3],
+                      first_error=_event(first_error[rank][3], first_error[rank][2]) if rank in first_error else None,
+                      last_step=last_step[rank][1] if rank in last_step else None,
+                      last_step_time=last_step[rank][0] if rank in last_step else None)
+            for rank, a in sorted(acc.items(), key=lambda kv: (kv[0] is None, kv[0] or 0))
         ]  # fmt: skip
 
     def close(self) -> None:
@@ -729,7 +729,39 @@ class EventStore:
         self.close()
 
 
+def _time_range(since: Any, until: Any, where: list[str], args: list[Any]) -> tuple[str | None, str | None]:
+    """``since`` and ``until`` made canonical, and the terms selecting the chunks that may hold events
+    in [``since``, ``until``) added to ``where`` and ``args``."""
+    lo = format_timestamp(since) if since is not None else None
+    hi = format_timestamp(until) if until is not None else None
+    if lo is not None:
+        where.append("ts_max >= ?")
+        args.append(lo)
+    if hi is not None:
+        where.append("ts_min < ?")
+        args.append(hi)
+    return lo, hi
+
+
+_META = "kind, job, rank, node, source, prefix, ts_min, ts_max"
+"""The chunk columns an event takes its stream fields from (see :func:`_event`)."""
+
+
+def _decode(prefix: str, data: bytes) -> Iterator[tuple[Any, ...]]:
+    """A chunk's events as ``(_id, @timestamp, level, message, seq, offset, fields)`` tuples."""
+    cols = orjson.loads(data)
+    cols[0] = _chunk_ids(prefix, cols)
+    return zip(*cols, strict=True)
+
+
+def _event(meta: Sequence[Any], e: Sequence[Any]) -> dict[str, Any]:
+    """The schema's dict for event ``e`` of :func:`_decode` in the chunk whose :data:`_META` is ``meta``."""
+    return {"_id": e[0], "@timestamp": e[1], "kind": meta[0], "job": meta[1], "rank": meta[2], "node": meta[3],
+            "level": e[2], "message": e[3], "seq": e[4], "source": meta[4], "offset": e[5], "fields": e[6]}  # fmt: skip
+
+
 def _order_key(f: tuple[Any, ...]) -> tuple[str, str, int]:
+    """(``@timestamp``, ``source``, ``offset``) of a ``(source, timestamp, event, ...)`` candidate."""
     return f[1], f[0], f[2][5]
 
 
@@ -761,3 +793,71 @@ class _Transaction:
                 self._db.execute("ROLLBACK")
         finally:
             self._lock.release()
+
+
+class StoreSink:
+    """The store as a :class:`~mlops_obs.logs.sink.Sink`: one transaction a batch (so a column batch
+    from the shipper goes straight to :meth:`EventStore.put`); SQLite errors (disk full, a lock held
+    past the busy timeout) are retried with backoff until ``stop``, and said once each."""
+
+    def __init__(
+        self, directory: Path | str, *, log: FilteringBoundLogger | None = None, stats: Stats | None = None
+    ) -> None:
+        self.store = EventStore(directory)
+        self.log = log
+        self.stats = stats
+
+    def send(self, events: Events, stop: threading.Event) -> int:
+        delay = backoff_delays()
+        failing: str | None = None
+        while True:
+            try:
+                new = self.store.put(events)
+                FAULTS.hit("sent")
+                if failing:
+                    say(self.log, "info", "store writable again")
+                return new
+            except sqlite3.Error as e:
+                if self.stats is not None:
+                    self.stats.retries += 1
+                if failing != str(e):
+                    say(self.log, "error", "store write failed; retrying", error=str(e))
+                failing = str(e)
+                if stop.wait(delay()):
+                    raise Stop() from e
+
+    def close(self) -> None:
+        self.store.close()
+
+
+class StoreSource:
+    """The store as a :class:`~mlops_obs.logs.source.Source`. ``events`` is :meth:`EventStore.query`
+    (the whole result is built before the first event is yielded); ``follow`` reads past the store's
+    :meth:`~EventStore.position`; ``rank_facts`` is :meth:`EventStore.rank_facts`."""
+
+    def __init__(self, directory: Path | str) -> None:
+        if not (Path(directory) / DB_NAME).is_file():
+            raise FileNotFoundError(f"no event store in {str(directory)!r} ({DB_NAME} is missing)")
+        self.store = EventStore(directory)
+
+    def _query(self, q: EventQuery, **kw: Any) -> list[dict[str, Any]]:
+        return self.store.query(job=q.job, rank=q.ranks or None, node=q.node, kind=q.kind, level=q.levels,
+                                since=q.since, until=q.until, text=q.text, **kw)  # fmt: skip
+
+    def events(self, query: EventQuery) -> Iterator[dict[str, Any]]:
+        return iter(self._query(query, limit=query.limit))
+
+    def follow(self, query: EventQuery, stop: threading.Event, poll_interval: float = 0.25) -> Iterator[dict[str, Any]]:
+        pos = self.store.position()
+        yield from self._query(query, limit=query.limit, stored_upto=pos)
+        while not stop.wait(poll_interval):
+            now = self.store.position()
+            if now > pos:
+                yield from self._query(query, stored_after=pos, stored_upto=now)
+                pos = now
+
+    def rank_facts(self, job: str, *, since: str | None = None, until: str | None = None) -> list[RankFacts]:
+        return self.store.rank_facts(job, since=since, until=until)
+
+    def close(self) -> None:
+        self.store.close()

@@ -14,36 +14,62 @@ incarnation wrote the file.
 
 * :mod:`.schema`: the snapshot's fields (:class:`Snapshot`), :data:`SCHEMA_VERSION`, and the reader of
   the previous version;
+* :mod:`.validate`: what the sidecar checks in every snapshot (types, ranges, caps) and the bounded
+  reasons a file is skipped for;
 * :mod:`.files`: file names, the rank's atomic write, the sidecar's guarded read;
-* :mod:`.directory`: :class:`RankDirectory` (listing, parse cache, stale deletion).
+* :mod:`.directory`: :class:`RankDirectory` (listing, parse cache, stale deletion, one file per
+  job/rank/node).
 
 This package imports neither the SDK (``instrument``) nor the collectors: both stand on it.
 """
 
-from mlops_obs.rankdir.directory import DEFAULT_RETENTION, RankDirectory
+from mlops_obs.rankdir import validate
+from mlops_obs.rankdir.directory import DEFAULT_RETENTION, RankDirectory, Unlistable
 from mlops_obs.rankdir.files import MAX_BYTES, SUFFIX, file_name, read, remove_leftovers, write
 from mlops_obs.rankdir.schema import (
+    ACTIVITIES,
     CHECKPOINT_BUCKETS,
+    FAILED,
+    FAILURE_REASONS,
+    FINISHED,
+    PHASE_NAME_MAX,
+    RUNNING,
     SCHEMA_VERSION,
+    STATES,
     STEP_BUCKETS,
+    Failure,
+    Phase,
     Snapshot,
+    failure_detail,
     median_sorted,
     parse,
 )
 
 __all__ = [
+    "ACTIVITIES",
     "CHECKPOINT_BUCKETS",
     "DEFAULT_RETENTION",
+    "FAILED",
+    "FAILURE_REASONS",
+    "FINISHED",
     "MAX_BYTES",
+    "PHASE_NAME_MAX",
+    "RUNNING",
     "SCHEMA_VERSION",
+    "STATES",
     "STEP_BUCKETS",
     "SUFFIX",
+    "Failure",
+    "Phase",
     "RankDirectory",
     "Snapshot",
+    "Unlistable",
+    "failure_detail",
     "file_name",
     "median_sorted",
     "parse",
     "read",
     "remove_leftovers",
+    "validate",
     "write",
 ]

@@ -8,51 +8,91 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
-from mlops_obs.rankdir.files import SUFFIX, Unreadable, decode, read_bytes
+from mlops_obs.rankdir import validate
+from mlops_obs.rankdir.files import SUFFIX, Unreadable, load, read_bytes
 from mlops_obs.rankdir.schema import Snapshot
 
-# How old a file's mtime must be, when it is read, for its (inode, mtime, size) to identify its content
-# from then on. File times come from the kernel's coarse clock (one tick, 1-10 ms): two rewrites within
-# one tick get the same mtime, a freed inode is reused at once, and the two files can have the same size.
-# Once the clock has moved well past the mtime, no later rewrite can carry that mtime again.
+# How old a file's mtime must be, when it is read, for its stamp to identify its content from then on.
+# File times come from the kernel's coarse clock (one tick, 1-10 ms): two rewrites within one tick get
+# the same mtime, a freed inode is reused at once, and the two files can have the same size. Once the
+# clock has moved well past the mtime, no later rewrite can carry that mtime again.
 STAMP_SETTLE_NS = 100_000_000
 # A temp file older than this belongs to a writer that died mid-write (a rank writes in milliseconds).
 TEMP_FILE_MAX_AGE = 60.0
 DEFAULT_RETENTION = 900.0
+# Snapshots used from one directory: far more ranks than a node runs (each is a few dozen series); a
+# directory flooded with valid files beyond it must not multiply the exporter's series without bound.
+MAX_SNAPSHOTS = 1024
 
-_NO_STAMP = (-1, 0, 0)  # matches no file: read again next time
+# (inode, mtime_ns, ctime_ns, size): ctime too, so a chmod that makes an unreadable file readable
+# is noticed although it changes neither the content nor the mtime.
+Stamp = tuple[int, int, int, int]
 
-Stamp = tuple[int, int, int]
+
+class Unlistable(RuntimeError):
+    """The directory exists but cannot be listed (a regular file, no permission): one line naming it."""
+
+
+class _Seen(NamedTuple):
+    """What the last scan found in one file: its stamp, whether that stamp had settled (so that an
+    equal stamp is the same content), and the checked snapshot or why there is none."""
+
+    stamp: Stamp
+    settled: bool
+    snapshot: Snapshot | None
+    reason: str | None
+    dropped: Counter[str] | None
 
 
 class RankDirectory:
-    """Lists, reads and caches the snapshots in ``path``, and deletes those older than ``retention``.
+    """Lists, reads, checks and caches the snapshots in ``path``, and deletes those older than ``retention``.
 
     The exporter builds one and hands it to every collector that reads the ranks (training, process,
     gpu), so a changed file is parsed once per round whoever asks first, and stale files are deleted
-    whichever of those collectors is enabled. A file is parsed again only when its (inode, mtime,
-    size) changed: a rank replaces its file with ``os.replace``, so an unchanged stamp is the very same
-    content, provided the file was read after its mtime had settled (``STAMP_SETTLE_NS``); the sidecar
-    reads the directory every round while a rank rewrites its file once per flush interval.
+    whichever of those collectors is enabled. A file is parsed again only when its stamp (inode,
+    mtime, ctime, size) changed: a rank replaces its file with ``os.replace``, so an unchanged stamp is
+    the very same content, provided the file was read after its mtime had settled
+    (``STAMP_SETTLE_NS``); the sidecar reads the directory every round while a rank rewrites its file
+    once per flush interval.
 
-    What is not a snapshot is skipped and counted in :attr:`skipped` (by reason): a link or special
-    file under a snapshot's name, a file too large to be one, one that is not JSON of a known schema
-    version (remembered by its stamp like a snapshot, so it is not read again until it changes). A file
-    not updated within ``retention`` seconds is deleted whether it parses or not (by its ``updated``
-    field, or its mtime when it does not parse). ``retention=None`` deletes nothing.
+    Every file is input (``docs/security.md``): what is not a good snapshot costs only itself and is
+    counted in :attr:`errors` by one of :data:`validate.REASONS`, once per version of the file: a link
+    or special file under a snapshot's name (never opened through), a file over ``MAX_BYTES`` (never
+    read), one that is not JSON of a known schema version, one that fails :func:`validate.check`, the
+    older of two files claiming one job/rank/node (the newer wins), and the least recently written
+    beyond ``max_snapshots``. Entries capped out of a file that is used are counted in :attr:`dropped`.
+
+    A file is stale when its mtime, or the ``updated`` time it claims, is more than ``retention``
+    seconds old: it is deleted, whether it parses or not, before it is read (a directory of stale
+    garbage costs a ``stat`` and an ``unlink`` a file, once). The older of the two times counts, so a
+    file claiming to be from the future still goes once nobody rewrites it. ``retention=None``
+    deletes nothing.
+
+    :attr:`problem` says why the directory itself cannot be listed (a regular file, no permission):
+    the collectors report it as their failure. A directory that does not exist yet is no problem: the
+    ranks create it with their first snapshot.
 
     Thread-safe: the collectors call :meth:`snapshots` from their own sampler threads. The snapshots
     returned are shared between callers: read them, never modify them.
     """
 
-    def __init__(self, path: str | os.PathLike[str] | None, retention: float | None = DEFAULT_RETENTION) -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str] | None,
+        retention: float | None = DEFAULT_RETENTION,
+        max_snapshots: int = MAX_SNAPSHOTS,
+    ) -> None:
         self._lock = threading.Lock()
+        self.max_snapshots = max_snapshots
         self._path: str | None = None
         self.retention = retention
-        self._files: dict[str, tuple[Stamp, Snapshot | None]] = {}
-        self.skipped: Counter[str] = Counter()
+        self._files: dict[str, _Seen] = {}
+        self._losers: dict[str, tuple[Stamp, str]] = {}
+        self.errors: Counter[str] = Counter()
+        self.dropped: Counter[str] = Counter()
+        self.problem: str | None = None
         self.configure(path, retention)
 
     @classmethod
@@ -71,10 +111,19 @@ class RankDirectory:
             if new != self._path:
                 self._path = new
                 self._files = {}
+                self._losers = {}
+                self.problem = None
             self.retention = retention
 
+    def raise_problem(self) -> None:
+        """Raise :class:`Unlistable` when the last scan could not list the directory: a collector that
+        reads the ranks calls it after :meth:`snapshots`, so the failure is its own."""
+        problem = self.problem
+        if problem is not None:
+            raise Unlistable(problem)
+
     def snapshots(self, now: float | None = None) -> list[Snapshot]:
-        """Every live snapshot, in directory order; ``now`` (Unix time) for tests."""
+        """Every live, checked snapshot, one per job/rank/node, in directory order; ``now`` (Unix time) for tests."""
         if self._path is None:
             return []
         # Held for the whole scan: collectors that wake together then parse a changed file once (the
@@ -87,13 +136,19 @@ class RankDirectory:
     def _scan(self, directory: str, now: float) -> list[Snapshot]:
         try:
             entries = list(os.scandir(directory))
-        except OSError:
+        except FileNotFoundError:
+            self.problem = None
             return []
+        except OSError as e:
+            self.problem = f"--multiproc-dir {directory}: {e.strerror or e}"
+            self._files = {}
+            return []
+        self.problem = None
         retention = self.retention
         old = self._files
-        fresh: dict[str, tuple[Stamp, Snapshot | None]] = {}
+        fresh: dict[str, _Seen] = {}
         settled_before = time.time_ns() - STAMP_SETTLE_NS
-        out: list[Snapshot] = []
+        found: list[tuple[str, Stamp, float, Snapshot]] = []
         for entry in entries:
             name = entry.name
             if name.startswith("."):
@@ -106,35 +161,66 @@ class RankDirectory:
                 st = entry.stat(follow_symlinks=False)
             except OSError:
                 continue
-            if not stat.S_ISREG(st.st_mode):
-                self.skipped["not a regular file"] += 1
+            if retention is not None and now - st.st_mtime > retention:
+                self._unlink(entry.path)  # a link or FIFO too: unlink removes the name, never the target
                 continue
-            stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+            stamp = (st.st_ino, st.st_mtime_ns, st.st_ctime_ns, st.st_size)
+            settled = st.st_mtime_ns <= settled_before
             hit = old.get(name)
-            if hit is not None and hit[0] == stamp:
-                data: Snapshot | None = hit[1]
+            if hit is not None and hit.settled and hit.stamp == stamp:
+                seen = hit
+            elif not stat.S_ISREG(st.st_mode):  # never opened: opening a device can have effects
+                seen = _Seen(stamp, settled, None, validate.NOT_REGULAR_FILE, None)
             else:
-                try:
-                    data = decode(read_bytes(entry.path))
-                except Unreadable as e:
-                    self.skipped[str(e)] += 1
-                    continue
-                if data is None:
-                    self.skipped["not a snapshot of a known schema version"] += 1
-            if st.st_mtime_ns > settled_before:
-                stamp = _NO_STAMP  # too recent to vouch for the content
+                seen = _read(entry.path, stamp, settled)
+            if seen is not hit:
+                # Counted once per version of a file, not again when an unsettled stamp is read again.
+                same = hit if hit is not None and hit.stamp == stamp else None
+                if seen.reason is not None and (same is None or same.reason != seen.reason):
+                    self.errors[seen.reason] += 1
+                if seen.dropped and (same is None or same.dropped != seen.dropped):
+                    self.dropped.update(seen.dropped)
+            fresh[name] = seen
+            data = seen.snapshot
             if data is None:
-                if retention is not None and now - st.st_mtime > retention:
-                    self._unlink(entry.path)
-                else:
-                    fresh[name] = (stamp, None)  # not parsed again (nor counted again) until it changes
                 continue
-            if retention is not None and now - _updated(data) > retention:
+            written = min(_updated(data), st.st_mtime)
+            if retention is not None and now - written > retention:
                 self._unlink(entry.path)
+                del fresh[name]
                 continue
-            fresh[name] = (stamp, data)
-            out.append(data)
+            found.append((name, stamp, written, data))
         self._files = fresh
+        return self._select(found)
+
+    def _select(self, found: list[tuple[str, Stamp, float, Snapshot]]) -> list[Snapshot]:
+        """The snapshots to use, in directory order: the newest alone where files share a job/rank/node
+        (their series would be duplicates), and at most ``max_snapshots``, the most recently written
+        (each is a rank's few dozen series). Each file left out is counted once per version."""
+        newest: dict[tuple[str, str, str], tuple[float, str]] = {}
+        for name, _, written, data in found:
+            key = validate.identity(data)
+            best = newest.get(key)
+            if best is None or (written, name) > best:
+                newest[key] = (written, name)
+        if len(newest) == len(found) <= self.max_snapshots:
+            self._losers = {}
+            return [data for _, _, _, data in found]
+        winners = {name for _, name in newest.values()}
+        if len(winners) > self.max_snapshots:
+            winners = {name for _, name in sorted(newest.values(), reverse=True)[: self.max_snapshots]}
+        out: list[Snapshot] = []
+        losers: dict[str, tuple[Stamp, str]] = {}
+        for name, stamp, written, data in found:
+            if name in winners:
+                out.append(data)
+                continue
+            duplicate = newest[validate.identity(data)] != (written, name)
+            lost = (stamp, validate.DUPLICATE_IDENTITY if duplicate else validate.TOO_MANY_FILES)
+            losers[name] = lost
+            if self._losers.get(name) != lost:
+                self.errors[lost[1]] += 1
+        self._losers = losers
         return out
 
     def _remove_if_older(self, entry: os.DirEntry[str], now: float, age: float) -> None:
@@ -152,9 +238,14 @@ class RankDirectory:
             pass
 
 
-def _updated(data: Snapshot) -> float:
-    """When the rank wrote the snapshot; 0 (long ago) when the field is missing or not a number."""
+def _read(path: str, stamp: Stamp, settled: bool) -> _Seen:
     try:
-        return float(data.get("updated", 0))
-    except (TypeError, ValueError):
-        return 0.0
+        checked = load(read_bytes(path))
+    except Unreadable as e:
+        return _Seen(stamp, settled, None, e.reason, None)
+    return _Seen(stamp, settled, checked.snapshot, checked.reason, checked.dropped)
+
+
+def _updated(data: Snapshot) -> float:
+    """When the rank wrote the snapshot (checked: a number when present); 0, long ago, when missing."""
+    return float(data.get("updated", 0.0))

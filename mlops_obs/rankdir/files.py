@@ -8,6 +8,8 @@ the old or the new file, never a torn one.
 
 from __future__ import annotations
 
+import errno
+import itertools
 import os
 import re
 import stat
@@ -16,6 +18,7 @@ from typing import Any
 
 import orjson
 
+from mlops_obs.rankdir import validate
 from mlops_obs.rankdir.schema import Snapshot, parse
 
 SUFFIX = ".rank.json"
@@ -26,6 +29,7 @@ MAX_BYTES = 1 << 20
 OPEN_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]")
+_writes = itertools.count()
 
 
 def file_name(job: str, rank: int) -> str:
@@ -33,9 +37,16 @@ def file_name(job: str, rank: int) -> str:
 
 
 def write(directory: Path, job: str, rank: int, data: Snapshot) -> None:
-    """Atomically replace this rank's snapshot."""
+    """Atomically replace this rank's snapshot.
+
+    The temp file is this write's own (pid and a per-process counter in its name): a monitor's flush
+    thread, an explicit ``flush()`` or ``close()`` and a final snapshot written from a signal handler
+    (which interrupts its own thread, possibly mid-write) may overlap, and two writers truncating and
+    writing one temp file would rename a mix of both into place, a file that is not JSON, which the
+    sidecar would skip until the rank writes again.
+    """
     final = directory / file_name(job, rank)
-    tmp = directory / f".{final.name}.{os.getpid()}.tmp"
+    tmp = directory / f".{final.name}.{os.getpid()}-{next(_writes)}.tmp"
     with open(tmp, "wb") as f:
         f.write(orjson.dumps(data, option=orjson.OPT_SERIALIZE_NUMPY))
     os.replace(tmp, final)
@@ -50,14 +61,14 @@ def remove_leftovers(directory: Path, job: str, rank: int) -> int:
     namespace). Returns how many were removed.
     """
     prefix = f".{file_name(job, rank)}."
-    mine = f"{prefix}{os.getpid()}.tmp"
+    mine = f"{prefix}{os.getpid()}-"  # this process's writers (another monitor of the same rank may be writing)
     removed = 0
     try:
         entries = list(os.scandir(directory))
     except OSError:
         return 0
     for entry in entries:
-        if entry.name.startswith(prefix) and entry.name.endswith(".tmp") and entry.name != mine:
+        if entry.name.startswith(prefix) and entry.name.endswith(".tmp") and not entry.name.startswith(mine):
             try:
                 os.unlink(entry.path)
                 removed += 1
@@ -67,7 +78,12 @@ def remove_leftovers(directory: Path, job: str, rank: int) -> int:
 
 
 class Unreadable(Exception):
-    """Why a file in the rank directory was not read as a snapshot (a one-line reason)."""
+    """Why a file in the rank directory was not read: ``reason`` is one of :data:`validate.REASONS`
+    (a bounded label value), the message says more."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 def read_bytes(path: str | os.PathLike[str], max_bytes: int = MAX_BYTES) -> bytes:
@@ -78,13 +94,15 @@ def read_bytes(path: str | os.PathLike[str], max_bytes: int = MAX_BYTES) -> byte
     try:
         fd = os.open(path, OPEN_FLAGS)
     except OSError as e:
-        raise Unreadable(e.strerror or str(e)) from None
+        # O_NOFOLLOW on a symbolic link: ELOOP. A FIFO opened O_NONBLOCK succeeds and is refused below.
+        reason = validate.NOT_REGULAR_FILE if e.errno == errno.ELOOP else validate.UNREADABLE
+        raise Unreadable(reason, e.strerror or str(e)) from None
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
-            raise Unreadable("not a regular file")
+            raise Unreadable(validate.NOT_REGULAR_FILE, "not a regular file")
         if st.st_size > max_bytes:
-            raise Unreadable(f"larger than {max_bytes} bytes")
+            raise Unreadable(validate.TOO_LARGE, f"larger than {max_bytes} bytes")
         # One read for the whole file, plus one byte to notice a file that grew since fstat.
         data = os.read(fd, st.st_size + 1)
         if len(data) <= st.st_size:
@@ -96,25 +114,28 @@ def read_bytes(path: str | os.PathLike[str], max_bytes: int = MAX_BYTES) -> byte
                 return b"".join(parts)
             parts.append(more)
             n += len(more)
-        raise Unreadable(f"larger than {max_bytes} bytes")
+        raise Unreadable(validate.TOO_LARGE, f"larger than {max_bytes} bytes")
     except OSError as e:
-        raise Unreadable(e.strerror or str(e)) from None
+        raise Unreadable(validate.UNREADABLE, e.strerror or str(e)) from None
     finally:
         os.close(fd)
 
 
-def decode(data: bytes) -> Snapshot | None:
-    """A file's bytes as a current-version snapshot; ``None`` when they are not one."""
+def load(data: bytes) -> validate.Checked:
+    """A file's bytes as a checked current-version snapshot, or the reason they are not one."""
     try:
         doc: Any = orjson.loads(data)
     except orjson.JSONDecodeError:
-        return None
-    return parse(doc)
+        return validate.Checked(None, validate.NOT_JSON)
+    snap = parse(doc)
+    if snap is None:
+        return validate.Checked(None, validate.UNKNOWN_VERSION)
+    return validate.check(snap)
 
 
 def read(path: str | os.PathLike[str]) -> Snapshot | None:
-    """One snapshot, or ``None`` when the file vanished or is not ours (never raises on bad input)."""
+    """One checked snapshot, or ``None`` when the file vanished or is not one (never raises on bad input)."""
     try:
-        return decode(read_bytes(path))
+        return load(read_bytes(path)).snapshot
     except Unreadable:
         return None

@@ -10,10 +10,11 @@ bounded set keyed by ``_id`` or a count, so a source may feed only the events a 
 store's fast path: error chunks, each rank's last chunks, non-log kinds) in any order, and feeding an
 event twice changes nothing. Memory is bounded per rank whatever the job's size.
 
-Times: a JSON record carries the time it was written; a raw line (a traceback on stderr) carries
-the time the shipper first saw its file until the shipper stamps lines from their own prefix
-(``fields.ts_source``). Such a time orders nothing: :func:`trusted` says which times do, and a rank
-whose only evidence is untrusted is placed at its last trusted time ("went silent then").
+Times: a JSON record carries the time it was written; a raw line carries the time its envelope
+(CRI, Docker) or its own text gives, else only a bound the shipper put on it (``fields.ts_source``:
+``followed``, ``neighbour``, ``mtime``; see :mod:`mlops_obs.logs.parse`). Such a bound orders nothing:
+:func:`trusted` says which times do, and a rank whose only evidence is untrusted is placed at its last
+trusted time ("went silent then").
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from mlops_obs.logs.parse import TRUSTED_TS_SOURCES
 from mlops_obs.rca.patterns import Signal, classify, rank_of, step_of
 from mlops_obs.rca.times import epoch
 
@@ -38,17 +40,21 @@ RECENT_PROGRESS = 64
 SERIES_POINTS = 400
 """Points of the step/loss series kept per rank for the report (thinned evenly as it grows)."""
 
-# ``fields.ts_source`` values that date a raw line from the line itself (CRI/Docker prefixes, a record's own time).
-PRECISE_TS_SOURCES = frozenset(("line", "cri", "docker", "record"))
+PRECISE_TS_SOURCES = TRUSTED_TS_SOURCES
+"""``fields.ts_source`` values that date an event from the line itself (CRI/Docker prefixes, a record's own time)."""
 FINISH_MESSAGES = frozenset(("training finished", "rank finished", "finished"))
 
 
 def trusted(event: Mapping[str, Any]) -> bool:
-    """Whether the event's ``@timestamp`` is when it happened (not when a shipper read it)."""
+    """Whether the event's ``@timestamp`` is when it happened (not a bound a shipper put on it): its
+    ``fields.ts_source`` says so; without one, a record's own time is, a raw line's is not."""
     fields = event.get("fields")
-    if not isinstance(fields, Mapping) or not fields.get("raw"):
+    if not isinstance(fields, Mapping):
         return True
-    return fields.get("ts_source") in PRECISE_TS_SOURCES
+    src = fields.get("ts_source")
+    if src is not None:
+        return src in PRECISE_TS_SOURCES
+    return not fields.get("raw")
 
 
 @dataclass(frozen=True)

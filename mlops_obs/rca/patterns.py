@@ -140,7 +140,11 @@ RULES: tuple[Rule, ...] = (
     ),
     # --- stopped from outside --------------------------------------------------------------------------
     Rule(_c(r"Sending process (\d+) closing signal SIG(?:TERM|INT)"), "terminated", "stop", _killed),
-    Rule(_c(r"\bKeyboardInterrupt\b|got signal: (?:15|2)\b|Signals\.SIG(?:TERM|INT)\b"), "terminated", "stop"),
+    Rule(
+        _c(r"\bKeyboardInterrupt\b|got signal: (?:15|2)\b|Signals\.SIG(?:TERM|INT)\b|^rank stopped by signal\b"),
+        "terminated",
+        "stop",
+    ),
     # --- exit records ------------------------------------------------------------------------------------
     Rule(_c(r"Root Cause \(first observed failure\):"), "exit", "exit", _torchrun_root),
     Rule(
@@ -205,7 +209,7 @@ def event_text(event: Mapping[str, Any]) -> str:
 
 def worth_reading(event: Mapping[str, Any]) -> bool:
     """Whether :func:`classify` can say anything: warnings and worse, non-log kinds, and raw lines with
-    a failure word (a raw ``[rank1]: RuntimeError`` line is stored as ``info`` today)."""
+    a failure word (a raw line another shipper stored as ``info``)."""
     level = event.get("level")
     if level in ("warning", "error", "critical") or event.get("kind", "log") != "log":
         return True

@@ -27,7 +27,8 @@ from typing import Any, Protocol
 
 import orjson
 
-from mlops_obs.logs.store import DB_NAME, LEVEL_RANK, EventStore
+from mlops_obs.logs.sink import LEVEL_RANK
+from mlops_obs.logs.store import DB_NAME, EventStore
 from mlops_obs.rca.facts import FactsBuilder, JobFacts
 from mlops_obs.rca.times import epoch, stamp
 

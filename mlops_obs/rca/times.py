@@ -13,7 +13,7 @@ import re
 import time
 from typing import Any
 
-from mlops_obs.logs.store import format_timestamp
+from mlops_obs.logs.sink import format_timestamp
 
 _RELATIVE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}

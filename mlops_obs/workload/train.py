@@ -2,7 +2,10 @@
 
 Started by :mod:`mlops_obs.workload.launcher` with the torchrun environment; options come as JSON in
 ``MLOPS_OBS_WORKLOAD``. Instrumented with :class:`~mlops_obs.instrument.TrainingMonitor` and logging
-JSON lines through :mod:`mlops_obs.logs` into ``<log-dir>/<job>-rank<R>.jsonl``.
+JSON lines through :mod:`mlops_obs.logs` into ``<log-dir>/<job>-rank<R>.jsonl``: a ``step`` line every
+``log_every`` steps with that step's ``loss``, ``step_s``, ``data_wait_s`` and ``collective_s``; ``rank
+stopped by signal`` when SIGTERM or SIGINT ends it. ``SIGUSR1`` dumps its stacks
+(:mod:`.signals`); each completed step is a heartbeat for the launcher (:mod:`.progress`).
 """
 
 from __future__ import annotations
@@ -11,7 +14,6 @@ import ctypes
 import datetime
 import os
 import signal
-import socket
 import sys
 import threading
 import time
@@ -20,6 +22,9 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+
+from mlops_obs.workload.progress import Beat
+from mlops_obs.workload.signals import RankSignals, stack_path
 
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
@@ -51,29 +56,35 @@ def die_with_launcher() -> None:
 
 def main() -> int:
     die_with_launcher()
+    opts = _options()
+    rank = int(os.environ["RANK"])
+    job = os.environ.get("MLOPS_OBS_JOB", "workload")
+    log_dir = Path(opts.get("log_dir", "logs"))
+    log_dir.mkdir(parents=True, exist_ok=True)
+    # First, before the seconds torch takes to import: stacks on SIGUSR1, one line on SIGTERM, and
+    # only then the word to the launcher that this rank may be signalled.
+    beat = Beat.from_env(rank)
+    signals = RankSignals(stack_path(log_dir, job, rank), rank, beat)
+    signals.install()
+
     import torch
     import torch.distributed as dist
     from torch import nn
     from torch.nn.parallel import DistributedDataParallel as DDP
 
+    from mlops_obs.config import node_name
     from mlops_obs.instrument import TrainingMonitor
     from mlops_obs.instrument.torch import (
         NonFiniteLossError,
         check_loss,
-        register_comm_hook,
         timed_batches,
         track_cuda_memory,
     )
     from mlops_obs.logs import configure, get_logger
     from mlops_obs.workload.faults import Injector, parse_fault
 
-    opts = _options()
-    rank = int(os.environ["RANK"])
     world = int(os.environ["WORLD_SIZE"])
-    job = os.environ.get("MLOPS_OBS_JOB", "workload")
-    node = os.environ.get("MLOPS_OBS_NODE") or socket.gethostname()
-    log_dir = Path(opts.get("log_dir", "logs"))
-    log_dir.mkdir(parents=True, exist_ok=True)
+    node = node_name()
     log_file = open(log_dir / f"{job}-rank{rank}.jsonl", "ab")  # noqa: SIM115 - lives as long as the process
     configure(
         opts.get("log_level", "info"),
@@ -82,6 +93,8 @@ def main() -> int:
         context={"job": job, "rank": rank, "node": node, "run_id": os.environ.get("MLOPS_OBS_RUN_ID", "")},
     )
     log = get_logger()
+    step = -1
+    signals.on_stop(lambda name: log.warning("rank stopped by signal", signal=name, step=step))
 
     want = opts.get("device", "auto")
     use_cuda = want == "cuda" or (want == "auto" and torch.cuda.is_available())
@@ -117,7 +130,7 @@ def main() -> int:
     if use_cuda:
         track_cuda_memory(monitor, device)
     ddp = DDP(model, device_ids=[device.index] if use_cuda else None)
-    register_comm_hook(monitor, ddp)
+    collective = CollectiveClock(monitor, ddp)
     faults = Injector([parse_fault(x) for x in opts.get("inject") or []], rank)
     lr = 0.2
     optimizer = torch.optim.SGD(ddp.parameters(), lr=lr)
@@ -141,12 +154,12 @@ def main() -> int:
                 time.sleep(delay)
             yield x, y
 
-    step = -1
     compute = 0.0  # this rank's own compute time last step (without waiting), for the straggler fault
+    data = DataClock(batches())
     try:
-        for step, (x, y) in enumerate(timed_batches(monitor, batches())):
+        for step, (x, y) in enumerate(timed_batches(monitor, data)):
             with monitor.step(samples=batch):
-                t_step, c0 = time.perf_counter(), monitor.collective_seconds
+                t_step, c0 = time.perf_counter(), collective.seconds
                 if faults.at(faults.crash, step):
                     raise RuntimeError(f"injected crash at step {step}")
                 if faults.at(faults.stall, step):
@@ -168,9 +181,13 @@ def main() -> int:
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
                 monitor.record(lr=lr)
-                compute = time.perf_counter() - t_step - (monitor.collective_seconds - c0) - slowed
+                t_end = time.perf_counter()
+                compute = t_end - t_step - (collective.seconds - c0) - slowed
+            beat.step(step + 1)
             if step % log_every == 0 or step == steps - 1:
-                log.info("step", step=step, loss=round(loss_value, 6))
+                # This step's own times, so a slow loader or a slow peer shows in the logs alone.
+                log.info("step", step=step, loss=round(loss_value, 6), step_s=round(t_end - t_step + data.last, 6),
+                         data_wait_s=round(data.last, 6), collective_s=round(collective.seconds - c0, 6))  # fmt: skip
             if ckpt_every and rank == 0 and (step + 1) % ckpt_every == 0:
                 with monitor.checkpoint():
                     torch.save({"step": step, "model": model.state_dict()}, ckpt_path)
@@ -180,12 +197,12 @@ def main() -> int:
         # all-reduce until the launcher stops them.
         log.error("non-finite loss, stopping", step=e.step, loss=str(e.value))
         log_file.flush()
-        monitor.close()
+        monitor.close(error=e)  # the rank stops on an error it handled: failed, not finished
         print(f"workload rank {rank}: {e}", file=sys.stderr)
         return 1
     except Exception as e:
         # What a real job's top-level handler leaves: a log line with the traceback, the traceback on
-        # stderr (the re-raise), exit code 1. The final snapshot is written by the monitor at exit.
+        # stderr (the re-raise), exit code 1. The monitor's exception hook writes the rank failed.
         log.exception("rank failed", step=step, error=f"{type(e).__name__}: {e}")
         log_file.flush()
         raise
@@ -195,6 +212,57 @@ def main() -> int:
     dist.destroy_process_group()
     log_file.flush()
     return 0
+
+
+class DataClock:
+    """Iterates ``batches``, keeping how long the last ``next()`` waited (the step's data wait)."""
+
+    def __init__(self, batches: Iterator[Any]) -> None:
+        self._it = batches
+        self.last = 0.0
+
+    def __iter__(self) -> Iterator[Any]:
+        return self
+
+    def __next__(self) -> Any:
+        t0 = time.perf_counter()
+        try:
+            return next(self._it)
+        finally:
+            self.last = time.perf_counter() - t0
+
+
+class CollectiveClock:
+    """Seconds this rank spent in DDP's all-reduce, launch to completion: the monitor's count where it
+    is enabled (the SDK's hook times it), else a hook of our own, so step lines carry it either way.
+    One hook only: each wraps a failed all-reduce's error in one more "Got the following error when
+    running the callback"."""
+
+    def __init__(self, monitor: Any, ddp: Any) -> None:
+        from mlops_obs.instrument.torch import register_comm_hook
+
+        self._monitor = monitor if monitor.enabled else None
+        self._own = 0.0
+        if self._monitor is not None:
+            register_comm_hook(monitor, ddp)
+            return
+        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+        def timed_allreduce(state: Any, bucket: Any) -> Any:
+            t0 = time.perf_counter()
+
+            def done(fut: Any) -> Any:
+                self._own += time.perf_counter() - t0
+                return fut.value()
+
+            return allreduce_hook(state, bucket).then(done)
+
+        timed_allreduce.__annotations__ = {}  # DDP checks annotations against real classes; none is accepted
+        ddp.register_comm_hook(None, timed_allreduce)
+
+    @property
+    def seconds(self) -> float:
+        return float(self._monitor.collective_seconds) if self._monitor is not None else self._own
 
 
 def _hang(seconds: float) -> None:

@@ -242,7 +242,8 @@ def silent_ranks(ctx: Context) -> Iterable[Finding]:
     reports = {r.rank: n for r in f.ranks.values() if (n := _peer_report(r)) is not None}
     if not reports:
         return
-    quiet = [x for x in f.expected_ranks if x not in reports and not _stopped(f.ranks.get(x))]
+    reported = min(n.time for n in reports.values())
+    quiet = [x for x in f.expected_ranks if x not in reports and not _stopped(f.ranks.get(x), reported)]
     if not quiet:
         return
     timeouts = [n for n in reports.values() if n.signal.kind == "collective_timeout"]
@@ -294,8 +295,18 @@ def _peer_report(r: RankFacts) -> Noted | None:
     return None
 
 
-def _stopped(r: RankFacts | None) -> bool:
-    return r is not None and (r.finished is not None or r.first_signal("stop", "error") is not None)
+def _stopped(r: RankFacts | None, reported: str | None = None) -> bool:
+    """Whether the rank ended in a way of its own: it finished, failed, or was stopped before its peers
+    reported it missing. Stopped after (the launcher stopping what is left of a failed job) it is
+    still the rank they waited for."""
+    if r is None:
+        return False
+    if r.finished is not None:
+        return True
+    n = r.first_signal("stop", "error")
+    if n is None:
+        return False
+    return not (reported is not None and n.signal.role == "stop" and n.trusted and n.time >= reported)
 
 
 def _last_words(r: RankFacts | None) -> list[Any]:

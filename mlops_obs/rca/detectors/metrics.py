@@ -32,7 +32,8 @@ STRAGGLER_RATIO = 2.0
 needs more: on this 2-core CI machine, healthy ranks under CPU contention differ by up to 1.7x."""
 PHASE_STRAGGLER_RATIO = 3.0
 STRAGGLER_FLOOR_SECONDS = 0.0005  # per step: below this, a ratio is timer noise
-STRAGGLER_SCORE = 0.75
+STRAGGLER_SCORE = 0.75  # the others' median over the rank's from which its slowness counts as started
+COMPUTE_MEDIAN = "mlops_training_step_compute_median_seconds"
 DATA_WAIT_SHARE = 0.25
 THROTTLE_SHARE = 0.05
 MEMORY_PSI = 0.10
@@ -97,44 +98,45 @@ def straggler(ctx: Context) -> Iterable[Finding]:
     """A rank whose step compute time (the step less its waits in collectives) is a multiple of the
     other ranks': they then wait for it in every all-reduce.
 
-    The sidecar's straggler score is each rank's median recent compute time against the job's
-    median, so it is robust to the first steps (the ranks' start-up waits) and to a rank descheduled
-    now and then; this compares each rank's score with the median of the *other* ranks' scores, which
-    is the ratio of their compute times at any rank count. Without scores (an older exporter), the
-    per-step compute from the phase counters, which the first steps' waits distort, so with a higher
-    bar and only when the rank also waits less in the collective than the others do.
+    Each rank publishes the median compute time of its recent steps, robust to the first steps (the
+    ranks' start-up waits) and to a rank descheduled now and then; each rank's median over the window
+    is compared with the median of the *other* ranks', which works at any rank count. Without those
+    series (an older exporter), the per-step compute from the phase counters, which the first steps'
+    waits distort, so with a higher bar and only when the rank also waits less in the collective than
+    the others do.
     """
     ev = ctx.metrics
     assert ev is not None
     shares = phase_shares(ev)
     coll = {k: v.get("collective", 0.0) for k, v in shares.items()}
-    scores = {
+    series = ev.per_rank(COMPUTE_MEDIAN)
+    medians = {
         r: statistics.median(vals)
-        for r, s in ev.per_rank("mlops_training_straggler_score").items()
+        for r, s in series.items()
         if (vals := [v for _, v in s.points if math.isfinite(v) and v > 0])
     }
-    if len(scores) >= 2:
-        for r, score in sorted(scores.items()):
-            med = _median_others(scores, r)
-            if not med or med / score < STRAGGLER_RATIO:
+    if len(medians) >= 2:
+        for r, mine in sorted(medians.items()):
+            med = _median_others(medians, r)
+            if not med or mine / med < STRAGGLER_RATIO:
                 continue
-            ratio = med / score
-            s = ev.per_rank("mlops_training_straggler_score")[r]
-            low = next((t for t, v in s.points if v < STRAGGLER_SCORE), s.points[0][0])
+            ratio = mine / med
+            s = series[r]
+            slow = next((t for t, v in s.points if v * STRAGGLER_SCORE >= med), s.points[0][0])
             text = (
-                f"rank {r}'s step compute time is {ratio:.1f}x the other ranks' (straggler score {score:.2f} "
-                f"against their median {med:.2f}){_waits(coll, r)}"
+                f"rank {r}'s step compute time is {ratio:.1f}x the other ranks' (median {mine * 1000:.1f} ms "
+                f"against their {med * 1000:.1f} ms){_waits(coll, r)}"
             )
             yield Finding(
                 "straggler",
                 "anomaly",
                 r,
                 text,
-                stamp(low),
+                stamp(slow),
                 "high" if ratio >= 3 else "medium",
                 _node_label(ev, r),
                 None,
-                [_ev(ev, "mlops_training_straggler_score", text, low, r)],
+                [_ev(ev, COMPUTE_MEDIAN, text, slow, r)],
                 magnitude=ratio,
             )
         return

@@ -57,9 +57,10 @@ def parse_stack(text: str) -> list[tuple[bool, list[Frame]]]:
 
 
 def main_thread(threads: list[tuple[bool, list[Frame]]]) -> list[Frame] | None:
-    """The thread running the program (its outermost frame is a module's), else the current one."""
+    """The thread running the program (its outermost frame is a module's, or runpy's for ``python -m``),
+    else the current one."""
     for _, fs in threads:
-        if fs[-1].func == "<module>":
+        if fs[-1].func in ("<module>", "_run_module_as_main"):
             return fs
     for cur, fs in threads:
         if cur:

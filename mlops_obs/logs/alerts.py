@@ -1,63 +1,39 @@
-"""``mlops-obs alert-sink``: an Alertmanager webhook (payload version 4) receiver that stores every alert
-notification as an event, so replay shows alerts on the same timeline as the job's logs.
+"""Alert intake: Alertmanager webhook notifications (payload version 4) stored as events of the schema
+(``kind="alert"``) through a sink, so replay shows alerts on the same timeline as the job's logs.
 
 Alertmanager re-sends a group's notification on every ``group_interval`` / ``repeat_interval`` and
 after a failed delivery, so the event ``_id`` is derived from what identifies one *state change* of one
 alert (its fingerprint, status and ``startsAt``): redelivery stores nothing new, while the resolve of
-the same alert is a new event. The HTTP answer is sent only after the store committed, so a crash
-between the two makes Alertmanager retry instead of losing the alert.
+the same alert is a new event. The HTTP answer is sent only after the sink holds the events, so a
+crash between the two makes Alertmanager retry instead of losing the alert; a sink that cannot take
+them in time gets a 503, which Alertmanager also retries.
+
+:class:`AlertIntake` is everything but HTTP (body in, status and text out); :class:`AlertReceiver` is
+the small HTTP server in front of it (``mlops-obs alert-sink`` runs both).
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
-import signal
 import threading
 from collections.abc import Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from mlops_obs.config import (
-    COMMON_SETTINGS,
-    ConfigError,
-    Setting,
-    parse_duration,
-    parse_listen_address,
-    parse_optional_path,
-)
-from mlops_obs.logs.ship_command import SHIP_SETTINGS
+from mlops_obs.logs.sink import Events, Sink, Stop, say
+
+if TYPE_CHECKING:
+    from structlog.typing import FilteringBoundLogger
 
 SOURCE = "alertmanager"
 MAX_BODY = 16 * 1024 * 1024
 LEVELS = {"critical": "critical", "warning": "warning", "info": "info"}
 
-ALERT_SINK_SETTINGS: tuple[Setting, ...] = (
-    Setting("web.listen-address", parse_listen_address, ("127.0.0.1", 9478),
-            "Address to receive webhooks on (point Alertmanager's webhook_configs url at http://ADDR/alerts).",
-            metavar="HOST:PORT"),
-    Setting("store", parse_optional_path, None, "Directory of the embedded event store to write alerts into.",
-            metavar="DIR"),
-    Setting("state", parse_optional_path, None,
-            "With --opensearch: directory for the dead-letter file of alerts OpenSearch rejects.", metavar="DIR"),
-    Setting("opensearch.deadline", parse_duration, 10.0,
-            "With --opensearch: give up one webhook after this long (answer 503; Alertmanager retries).",
-            metavar="DURATION"),
-    # The shipper's OpenSearch settings (URL, index prefix, credentials files, TLS), shared on purpose so
-    # alerts land in the same indices as the logs and one config file serves both commands.
-    *(s for s in SHIP_SETTINGS if s.key == "opensearch" or s.key.startswith("opensearch.")),
-)  # fmt: skip
-
 
 class PayloadError(ValueError):
     """A webhook body that is not an Alertmanager v4 notification; ``str()`` is the 400 answer."""
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> list[Setting]:
-    return list(COMMON_SETTINGS + ALERT_SINK_SETTINGS)
 
 
 def event_id(fingerprint: str, status: str, starts_at: str) -> str:
@@ -137,43 +113,63 @@ def alert_events(payload: Any) -> list[dict[str, Any]]:
     return events
 
 
-class OpenSearchPut:
-    """``put(events)`` over the shipper's OpenSearch sink, bounded in time: the sink retries forever (right
-    for the shipper, which just stops reading), but a webhook must be answered, and a 503 makes
-    Alertmanager redeliver later, which ``create`` with our ``_id`` makes harmless."""
-
-    def __init__(self, sink: Any, deadline: float) -> None:
-        self.sink = sink
-        self.deadline = deadline
-
-    def put(self, events: list[dict[str, Any]]) -> int:
-        from mlops_obs.logs.shipper import Stop
-
-        stop = threading.Event()
-        timer = threading.Timer(self.deadline, stop.set)
+def send_within(sink: Sink, events: Events, deadline: float) -> int:
+    """One :meth:`~mlops_obs.logs.sink.Sink.send` bounded in time, for a caller that must answer: a
+    sink retries for as long as it takes (right for the shipper, which just stops reading), a webhook
+    cannot wait that long. ``stop`` is set after ``deadline`` seconds, or before the first attempt for
+    0 (one attempt). When the sink stopped on an error of its own that error is raised, else
+    ``TimeoutError``; the caller's redelivery is harmless, as sinks are idempotent on ``_id``."""
+    stop = threading.Event()
+    timer = None
+    if deadline > 0:
+        timer = threading.Timer(deadline, stop.set)
         timer.daemon = True
         timer.start()
-        try:
-            self.sink.send(events, stop)
-        except Stop:
-            raise TimeoutError(f"OpenSearch did not accept the alerts within {self.deadline:g}s") from None
-        finally:
+    else:
+        stop.set()
+    try:
+        return sink.send(events, stop)
+    except Stop as e:
+        if e.__cause__ is not None:
+            raise e.__cause__ from None
+        raise TimeoutError(f"the sink did not accept the alerts within {deadline:g}s") from None
+    finally:
+        if timer is not None:
             timer.cancel()
-        return len(events)  # OpenSearch answers 409 for a redelivery; it is not told apart here
-
-    def close(self) -> None:
-        self.sink.close()
 
 
-class AlertSink:
-    """The HTTP receiver; ``sink`` is anything with ``put(events) -> int`` (the event store)."""
+class AlertIntake:
+    """Webhook bodies to events in ``sink``, each delivery bounded by ``deadline`` seconds (see
+    :func:`send_within`); :meth:`handle` gives the HTTP status and text to answer with."""
 
-    def __init__(self, address: tuple[str, int], sink: Any, log: Any = None) -> None:
+    def __init__(self, sink: Sink, *, deadline: float = 0.0, log: FilteringBoundLogger | None = None) -> None:
         self.sink = sink
+        self.deadline = deadline
         self.log = log
-        self.received = 0
-        self.stored = 0
-        outer = self
+
+    def handle(self, raw: bytes) -> tuple[int, str]:
+        try:
+            events = alert_events(orjson.loads(raw))
+        except orjson.JSONDecodeError as e:
+            return 400, f"body is not JSON: {e}"
+        except PayloadError as e:
+            say(self.log, "warning", "rejected webhook", error=str(e))
+            return 400, str(e)
+        try:
+            new = send_within(self.sink, events, self.deadline)
+        except Exception as e:  # the sink is unhappy: 5xx makes Alertmanager retry later
+            say(self.log, "error", "cannot store alerts", error=f"{type(e).__name__}: {e}")
+            return 503, f"cannot store alerts: {type(e).__name__}"
+        say(self.log, "info", "alerts received", alerts=len(events), new=new)
+        return 200, f"stored {new} of {len(events)}"
+
+
+class AlertReceiver:
+    """The HTTP server in front of an :class:`AlertIntake`: ``POST /alerts`` (or ``/``), and
+    ``GET /-/healthy`` and ``/-/ready``."""
+
+    def __init__(self, address: tuple[str, int], intake: AlertIntake) -> None:
+        self.intake = intake
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
@@ -206,7 +202,7 @@ class AlertSink:
                     self._answer(413 if length > MAX_BODY else 400, b"bad Content-Length\n")
                     return
                 raw = self.rfile.read(length)
-                code, msg = outer.handle(raw)
+                code, msg = intake.handle(raw)
                 self._answer(code, msg.encode() + b"\n")
 
         self.httpd = ThreadingHTTPServer(address, Handler)
@@ -218,28 +214,7 @@ class AlertSink:
         host, port = self.httpd.server_address[:2]
         return f"http://{host!s}:{port}"
 
-    def handle(self, raw: bytes) -> tuple[int, str]:
-        try:
-            events = alert_events(orjson.loads(raw))
-        except orjson.JSONDecodeError as e:
-            return 400, f"body is not JSON: {e}"
-        except PayloadError as e:
-            if self.log:
-                self.log.warning("rejected webhook", error=str(e))
-            return 400, str(e)
-        try:
-            new = int(self.sink.put(events))
-        except Exception as e:  # the store is unhappy: 5xx makes Alertmanager retry later
-            if self.log:
-                self.log.error("cannot store alerts", error=f"{type(e).__name__}: {e}")
-            return 503, f"cannot store alerts: {type(e).__name__}"
-        self.received += len(events)
-        self.stored += new
-        if self.log:
-            self.log.info("alerts received", alerts=len(events), new=new)
-        return 200, f"stored {new} of {len(events)}"
-
-    def start_background(self) -> AlertSink:
+    def start_background(self) -> AlertReceiver:
         self._thread = threading.Thread(target=self.httpd.serve_forever, name="alert-sink", daemon=True)
         self._thread.start()
         return self
@@ -247,49 +222,3 @@ class AlertSink:
     def stop(self) -> None:
         self.httpd.shutdown()
         self.httpd.server_close()
-
-
-def run(cfg: Mapping[str, Any]) -> int:
-    from mlops_obs.logs import configure, get_logger
-    from mlops_obs.logs.store import EventStore
-
-    configure(cfg["log.level"], cfg["log.format"])
-    log = get_logger(component="alert-sink")
-    store: Any
-    if cfg.get("opensearch") and cfg.get("store"):
-        raise ConfigError("store", "give either --store or --opensearch, not both")
-    if cfg.get("opensearch"):
-        from mlops_obs.logs.opensearch import OpenSearchSink, settings_from_config
-
-        if not cfg.get("state"):
-            raise ConfigError("state", "--opensearch needs --state DIR for the dead-letter file")
-        try:
-            Path(cfg["state"]).mkdir(parents=True, exist_ok=True)
-            os_settings = settings_from_config(dict(cfg), Path(cfg["state"]))
-        except (OSError, ValueError) as e:
-            raise ConfigError("opensearch", str(e)) from None
-        store = OpenSearchPut(OpenSearchSink(os_settings, log), float(cfg["opensearch.deadline"]))
-    elif cfg.get("store"):
-        try:
-            store = EventStore(Path(cfg["store"]))
-        except OSError as e:
-            raise ConfigError("store", str(e)) from None
-    else:
-        raise ConfigError("store", "give --store DIR or --opensearch URL (where alerts are written)")
-    try:
-        server = AlertSink(cfg["web.listen-address"], store, log)
-    except OSError as e:
-        store.close()
-        raise ConfigError("web.listen-address", f"cannot listen: {e.strerror or e}") from None
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    server.start_background()
-    log.info("alert-sink listening", url=server.url + "/alerts", store=str(cfg["store"]))
-    try:
-        stop.wait()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.stop()
-        store.close()
-    return 0

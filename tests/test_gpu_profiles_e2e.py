@@ -32,7 +32,6 @@ from mlops_obs.mixin import config as mixin_config
 from mlops_obs.mixin import dashboards, rules
 from mlops_obs.mixin.generate import ALERTS_FILE, RECORDING_FILE, render_files
 from tests.conftest import require_binary, wait_for
-from tests.test_alerts_e2e import NEEDS_PRODUCER
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
 pytestmark = pytest.mark.timeout(300)
@@ -231,14 +230,14 @@ def test_every_alert_and_panel_returns_data_with_the_default_profile(proms: dict
         last = _empty(prom)
         alerts, panels = last
         gpu_ok = {a for a in alerts if _gpu_alert(a)} == set(NEEDS_FAULT_GPU) and not any(map(_gpu_panel, panels))
-        return gpu_ok and alerts <= set(NEEDS_FAULT) and panels <= set(NO_DATA) | set(NEEDS_PRODUCER)
+        return gpu_ok and alerts <= set(NEEDS_FAULT) and panels <= set(NO_DATA)
 
     try:
         wait_for(settled, "every GPU alert and panel to return data", timeout=180, interval=1.0)
     except AssertionError:
         alerts, panels = last
         unlisted = sorted(a for a in alerts - set(NEEDS_FAULT_GPU) if _gpu_alert(a) or a not in NEEDS_FAULT)
-        raise AssertionError(f"no data: alerts {unlisted}, panels {sorted(panels - set(NO_DATA) - set(NEEDS_PRODUCER))}"
+        raise AssertionError(f"no data: alerts {unlisted}, panels {sorted(panels - set(NO_DATA))}"
                              ) from None  # fmt: skip
     assert set(NEEDS_FAULT) <= {a.name for a in _alerts()} and set(NO_DATA) <= {t for _, t, _ in _panel_queries()}
 

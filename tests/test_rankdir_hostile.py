@@ -328,7 +328,7 @@ def test_gpu_processes_are_attributed_only_to_the_rank_that_started_them(mp: Pat
     me = psutil.Process()
     put(mp, "liar.0", snapshot("liar", 0, pid=1))
     put(mp, "me.0", snapshot("me", 0, pid=me.pid, start_time=me.create_time()))
-    c = GpuCollector({"gpu.backend": "fake", "multiproc-dir": mp, "gpu.xid-events": False})
+    c = GpuCollector({"gpu.backend": "fake", "multiproc-dir": mp, "gpu.xid-events": False, "gpu.profile": "full"})
     try:
         c.sample()
         fake = c.nvml.lib

@@ -129,6 +129,16 @@ class ProcessHooks:
         pid = os.getpid()
         return [m for m in list(self._monitors) if m.pid == pid]
 
+    def ended_by_signal(self, name: str) -> None:
+        """Fail every open monitor of this process by the signal ``name`` (final snapshots written).
+
+        For a job that ends itself on a signal from a thread of its own, before the main thread's
+        handler (which these hooks chain behind) could run: the reference workload's signal watcher
+        stops a rank blocked in a collective this way, and without this its rank would read as
+        vanished instead of failed by the signal.
+        """
+        self._fail_all("signal", name)
+
     def _fail_all(self, reason: str, detail: str) -> None:
         for m in self._live():
             try:

@@ -74,6 +74,7 @@ def main() -> int:
 
     from mlops_obs.config import node_name
     from mlops_obs.instrument import TrainingMonitor
+    from mlops_obs.instrument.lifecycle import HOOKS
     from mlops_obs.instrument.torch import (
         NonFiniteLossError,
         check_loss,
@@ -94,7 +95,12 @@ def main() -> int:
     )
     log = get_logger()
     step = -1
-    signals.on_stop(lambda name: log.warning("rank stopped by signal", signal=name, step=step))
+
+    def stopped(name: str) -> None:
+        log.warning("rank stopped by signal", signal=name, step=step)
+        HOOKS.ended_by_signal(name)  # the monitor's final snapshot: failed by this signal
+
+    signals.on_stop(stopped)
 
     want = opts.get("device", "auto")
     use_cuda = want == "cuda" or (want == "auto" and torch.cuda.is_available())

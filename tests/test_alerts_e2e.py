@@ -58,7 +58,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
 
     work = tmp_path_factory.mktemp("e2e")
     store = EventStore(work / "store")
-    sink = AlertReceiver(("127.0.0.1", 0), AlertIntake(StoreSink(work / "store"))).start_background()
+    sink = AlertReceiver(("127.0.0.1", 0), AlertIntake(StoreSink(work / "store"))).start()
     cfg = mixin_config.scaled(mixin_config.MixinConfig(), TIME_SCALE)
     files = render_files(mixin_config.MixinConfig(), sink_url=sink.url + "/alerts", time_scale=TIME_SCALE)
     for rel in (ALERTS_FILE, RECORDING_FILE):

@@ -152,6 +152,36 @@ def test_stats_json_is_written_while_the_sink_retries(tmp_path: Path) -> None:
     reconcile(store_events(store), {"s": 200})
 
 
+def test_stats_json_names_an_opensearch_outage(tmp_path: Path) -> None:
+    """The same with OpenSearch down (a sink that counts its retries): stats.json says the sink retries."""
+    from tests.fake_opensearch import FakeOpenSearch
+
+    fake = FakeOpenSearch().start()
+    logs, state = tmp_path / "logs", tmp_path / "state"
+    logs.mkdir()
+    (logs / "a.log").write_bytes(b"".join(line("s", i) for i in range(1, 101)))
+    fake.request_faults.extend([503] * 100_000)
+    proc = start_ship(ship_cmd([str(logs / "*.log")], opensearch=fake.url, state=state,
+                               extra=["--opensearch.backoff-max", "200ms"]))  # fmt: skip
+    try:
+
+        def failing() -> bool:
+            try:
+                snap = orjson.loads((state / STATS_FILE).read_bytes())
+            except (OSError, orjson.JSONDecodeError):
+                return False
+            return bool(snap.get("sink_error")) and sum(snap["lag_bytes"].values()) > 0
+
+        wait_for(failing, "stats.json naming the retrying sink", timeout=60)
+        assert "sink retrying" in orjson.loads((state / STATS_FILE).read_bytes())["sink_error"]
+        fake.request_faults.clear()
+        wait_for(lambda: fake.count() >= 100 and orjson.loads((state / STATS_FILE).read_bytes())["sink_error"] is None,
+                 "recovery", timeout=60)  # fmt: skip
+    finally:
+        kill9(proc)
+        fake.stop()
+
+
 def _blocked_series(state: Path) -> dict[str, float | dict[str, float]]:
     """The collector's values for a shipper stuck on its sink (see the test below)."""
     out: dict[str, Any] = {}

@@ -39,7 +39,7 @@ import orjson
 
 from mlops_obs.logs.batch import BatchReader
 from mlops_obs.logs.follow import FileFollower, FileState
-from mlops_obs.logs.sink import FAULTS, Sink, Stats, Stop, say
+from mlops_obs.logs.sink import FAULTS, Sink, Stats, Stop, format_timestamp, say
 
 if TYPE_CHECKING:
     from structlog.typing import FilteringBoundLogger
@@ -188,6 +188,7 @@ class Shipper:
         self._last_stats = 0.0
         self._stats_lock = threading.Lock()
         self._checkpoint_error: str | None = None
+        self._send_error: str | None = None  # a send retrying without an error of the sink's own in stats
         try:
             self._load_state()
         except BaseException:
@@ -283,7 +284,7 @@ class Shipper:
             self._last_stats = now
             self.stats.lag = self.files.lag()
             snap = self.stats.snapshot()
-            snap["sink_error"] = error or self._checkpoint_error or self.stats.sink_error
+            snap["sink_error"] = error or self._checkpoint_error or self.stats.sink_error or self._send_error
             with contextlib.suppress(OSError):
                 write_atomic(self.state_dir / STATS_FILE, orjson.dumps(snap), durable=False)
 
@@ -292,9 +293,13 @@ class Shipper:
         as it takes, and a frozen stats file would hide exactly that from the alerts (the lag grows,
         the last success ages, the sink's error is named)."""
         done = threading.Event()
+        retries, since = self.stats.retries, time.time()
 
         def beat() -> None:
             while not done.wait(STATS_INTERVAL):
+                if self.stats.retries > retries:  # a sink that counts retries but names no error (OpenSearch)
+                    n = self.stats.retries - retries
+                    self._send_error = f"sink retrying: {n} retries of one batch since {format_timestamp(since)}"
                 self._write_stats()
 
         beater = threading.Thread(target=beat, name="shipper-stats", daemon=True)
@@ -304,6 +309,7 @@ class Shipper:
         finally:
             done.set()
             beater.join()
+        self._send_error = None
 
     def _say(self, level: str, msg: str, **kw: Any) -> None:
         say(self.log, level, msg, **kw)

@@ -111,9 +111,13 @@ class TrackedFile:
         (the file itself only when the bytes have left memory; the window check catches a file
         replaced meanwhile)."""
         start = max(0, offset - TAIL_MAX)
-        known_from = self.buf_start - len(self.tail)
-        if known_from <= start and offset <= self.buf_start + len(self.buf):
-            data = (self.tail + self.buf)[start - known_from : offset - known_from]
+        bs = self.buf_start
+        if bs - len(self.tail) <= start and offset <= bs + len(self.buf):
+            if start >= bs:
+                data = self.buf[start - bs : offset - bs]
+            else:  # slices only: the buffer may hold megabytes
+                data = self.tail[len(self.tail) - (bs - start) :] + self.buf[: max(0, offset - bs)]
+                data = data[: offset - start]
         else:
             data = os.pread(self.fd, offset - start, start)
         self.state.offset = offset

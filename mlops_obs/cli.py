@@ -32,6 +32,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "Run the reference PyTorch DDP workload (with fault injection).",
     ),
     "rca": ("mlops_obs.commands.rca", "Name a job's root cause (kind, rank, step, evidence); --html for a report."),
+    "store": ("mlops_obs.commands.store", "Check the event store, or salvage its readable chunks into a new one."),
     "bundle": ("mlops_obs.commands.bundle", "Pack a job's incident (events, series, snapshots) into a .tar.gz."),
 }
 

@@ -157,7 +157,7 @@ def start_runs(root: Path) -> tuple[Runs, list[Any]]:
     stop.append(store.close)
     intake = AlertIntake(StoreSink(root / "alerts-store"))
     stop.append(intake.sink.close)
-    sink = AlertReceiver(("127.0.0.1", 0), intake).start_background()
+    sink = AlertReceiver(("127.0.0.1", 0), intake).start()
     stop.append(sink.stop)
     base = mixin_config.MixinConfig()
     files = render_files(base, sink_url=sink.url + "/alerts", time_scale=TIME_SCALE)

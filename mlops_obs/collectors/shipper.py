@@ -2,9 +2,11 @@
 
 The shipper is its own process (it must survive the sidecar's restarts and vice versa), so instead
 of a second ``/metrics`` endpoint it writes ``stats.json`` atomically (temp + rename) about once a
-second, and the sidecar turns that into ``mlops_shipper_*`` families. A missing file means no
-shipper ran here yet: no series, not an error. A stale file is still served (counters stay true);
-``mlops_shipper_last_success_timestamp_seconds`` is what alerts on a stuck shipper.
+second, also while its sink retries, and a shipper that fails to start puts its error there. The
+sidecar turns that into ``mlops_shipper_*`` families. A missing file means no shipper ran here yet:
+no series, not an error. A stale file is still served (counters stay true);
+``mlops_shipper_last_success_timestamp_seconds`` with the lag, and ``mlops_shipper_failing`` (the
+file names an error), are what alert on a stuck shipper.
 """
 
 from __future__ import annotations
@@ -37,7 +39,9 @@ FAMILIES: dict[str, tuple[str, str]] = {
     "mlops_shipper_dead_letters": ("counter", "Events rejected by the sink, kept in the dead-letter file."),
     "mlops_shipper_lag_bytes": ("gauge", "Bytes written to a file but not yet acknowledged."),
     "mlops_shipper_last_success_timestamp_seconds": ("gauge", "Unix time the sink last acknowledged a batch."),
-}
+    "mlops_shipper_failing": ("gauge", "1 while an error holds the shipper (sink, checkpoint, start); stats.json "
+                              "names it."),
+}  # fmt: skip
 
 
 @register
@@ -87,6 +91,7 @@ class ShipperCollector(Collector):
             for path, n in sorted(lag_map.items()):
                 if isinstance(n, int | float):
                     fams.add("mlops_shipper_lag_bytes", intern({"file": str(path)}), float(n))
+        fams.add("mlops_shipper_failing", NO_LABELS, 1.0 if stats.get("sink_error") else 0.0)
         last = stats.get("last_success_timestamp_seconds")
         if isinstance(last, int | float):
             fams.add("mlops_shipper_last_success_timestamp_seconds", NO_LABELS, float(last))

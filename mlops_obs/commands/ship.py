@@ -3,13 +3,19 @@
 ``--once`` ships everything present now, waits for the acknowledgements, and exits 0: the way to
 collect a finished job's logs. Without it the shipper follows the files until SIGTERM/SIGINT.
 Secrets are never settings: the OpenSearch password comes from ``--opensearch.password-file`` or the
-``MLOPS_OBS_OPENSEARCH_PASSWORD`` environment variable. Exit codes: 0 done or stopped, 1 the sink or
-the checkpoint cannot be opened, 2 a bad setting.
+``MLOPS_OBS_OPENSEARCH_PASSWORD`` environment variable. A ``--source`` that matches no file yet is
+followed anyway (the job may not have started) with a one-line warning.
+
+Exit codes: 0 done or stopped; 1 the sink, the checkpoint or the state directory cannot be used (a
+damaged store, another shipper holding the state directory, ``--once`` unable to write its
+checkpoint), said in one line and put into ``stats.json`` for the sidecar; 2 a bad setting.
 """
 
 from __future__ import annotations
 
 import argparse
+import glob
+import os
 import signal
 import sys
 from pathlib import Path
@@ -61,7 +67,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> list[Setting]:
 def run(cfg: dict[str, Any]) -> int:
     from mlops_obs.logs import configure, get_logger
     from mlops_obs.logs.backend import Backend, open_sink
-    from mlops_obs.logs.shipper import Shipper, ShipperOptions
+    from mlops_obs.logs.shipper import Shipper, ShipperOptions, StateDirBusy, record_failure
     from mlops_obs.logs.sink import Stats
 
     configure(cfg["log.level"], cfg["log.format"], stream=sys.stderr)
@@ -75,6 +81,10 @@ def run(cfg: dict[str, Any]) -> int:
     except (OSError, ValueError) as e:  # an unreadable password file
         print(f"mlops-obs ship: error: {e}", file=sys.stderr)
         return 1
+    for pattern in cfg["source"]:
+        if not glob.glob(os.path.expanduser(pattern), recursive=True):
+            print(f"mlops-obs ship: warning: --source {pattern!r} matches no file yet; following it anyway",
+                  file=sys.stderr)  # fmt: skip
     store_dir = backend.store
     if store_dir is not None:
         state_dir: Path = cfg["state"] or store_dir / "shipper-state"
@@ -94,9 +104,18 @@ def run(cfg: dict[str, Any]) -> int:
     stats = Stats()
     try:
         state_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        print(f"mlops-obs ship: error: cannot create state directory {str(state_dir)!r}: {e.strerror}", file=sys.stderr)
+        return 1
+    sink = None
+    try:
         sink = open_sink(backend, log=log, stats=stats)
         shipper = Shipper(opts, sink, log=log, stats=stats)
     except (OSError, ValueError) as e:
+        if sink is not None:
+            sink.close()
+        if not isinstance(e, StateDirBusy):  # the holder is running and writing its own stats
+            record_failure(state_dir, f"{type(e).__name__}: {e}")
         print(f"mlops-obs ship: error: {e}", file=sys.stderr)
         return 1
 
@@ -108,6 +127,9 @@ def run(cfg: dict[str, Any]) -> int:
     log.info("shipper starting", sources=cfg["source"], sink=str(backend), state=str(state_dir), once=cfg["once"])
     try:
         shipper.run(once=cfg["once"])
+    except (OSError, ValueError) as e:  # a damaged store, --once without a checkpoint: said in stats.json too
+        print(f"mlops-obs ship: error: {e}", file=sys.stderr)
+        return 1
     finally:
         shipper.close()
     s = shipper.stats

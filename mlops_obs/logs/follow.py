@@ -7,12 +7,17 @@ Why it is shaped this way (the failures of Fluent Bit, Vector and Filebeat in th
 * A file is identified by a content fingerprint, the hash of its first line (at most 1 KiB), with
   (device, inode) only as a tie-breaker: inodes are reused, and a renamed file must keep its state.
   The shipper derives every event's ``_id`` from (file id, byte offset), never the content.
+* Its place in the file is checked by content too: the checkpoint keeps, with the offset, a hash of
+  the :data:`TAIL_MAX` bytes before it, and an open file keeps those bytes. A file truncated in place
+  and rewritten past the offset with the same first line (a banner, a CSV header) has other bytes
+  there, so it is a new file read from its start; its lines are not skipped as if already shipped.
 * Rotation: rename+create (the old inode keeps its id under its new name; an open descriptor drains
-  a deleted or unmatched one), copytruncate (the copy carries the old first line, so it inherits the
-  checkpoint; the truncated original becomes a new file), truncation in place (size below the
-  offset, or a changed first line), delete+recreate (a new first line, a new id).
-* The first line is checked again after every read, so bytes of replaced content never count as the
-  old file's.
+  a deleted or unmatched one), copytruncate (the copy carries the old first line and bytes, so it
+  inherits the checkpoint; the truncated original becomes a new file), truncation in place (size
+  below the offset, a changed first line, or other bytes before the offset), delete+recreate (a new
+  first line, a new id).
+* The first line and the bytes before the read position are checked again after every read, so
+  bytes of replaced content never count as the old file's.
 """
 
 from __future__ import annotations
@@ -36,6 +41,8 @@ if TYPE_CHECKING:
     from structlog.typing import FilteringBoundLogger
 
 HEAD_MAX = 1024
+TAIL_MAX = 1024
+"""Bytes before a file's offset whose hash the checkpoint keeps (and an open file keeps as bytes)."""
 
 
 def now_iso() -> str:
@@ -59,6 +66,8 @@ class FileState:
     last_ts: str = ""  # the last time a line before ``offset`` carried (see LineParser)
     part: int = 0  # index of the next part when ``offset`` is inside a split long line
     seen: float = 0.0
+    tail_hash: str = ""  # hash of the ``tail_len`` bytes before ``offset`` ("" in checkpoints that predate it)
+    tail_len: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -75,6 +84,7 @@ class TrackedFile:
         self.part = state.part
         self.buf = b""
         self.buf_start = state.offset
+        self.tail = b""  # up to TAIL_MAX bytes just before buf_start, as read
         self.eof = False
         self.missing_scans = 0
         self.flush_partial = False
@@ -84,8 +94,34 @@ class TrackedFile:
         """Drop the buffered bytes before ``read_pos`` (they are in a batch already)."""
         drop = self.read_pos - self.buf_start
         if drop > 0:
+            self.tail = (self.tail + self.buf[max(0, drop - TAIL_MAX) : drop])[-TAIL_MAX:]
             self.buf = self.buf[drop:]
             self.buf_start = self.read_pos
+
+    def window_ok(self) -> bool:
+        """Whether the file still holds, just before the end of what was read, the bytes read there."""
+        end = self.buf_start + len(self.buf)
+        known = (self.tail + self.buf[-TAIL_MAX:])[-TAIL_MAX:]
+        if not known:
+            return True
+        return os.pread(self.fd, len(known), end - len(known)) == known
+
+    def mark(self, offset: int) -> None:
+        """Set the acknowledged ``offset`` and the hash of the bytes before it, from what was read
+        (the file itself only when the bytes have left memory; the window check catches a file
+        replaced meanwhile)."""
+        start = max(0, offset - TAIL_MAX)
+        bs = self.buf_start
+        if bs - len(self.tail) <= start and offset <= bs + len(self.buf):
+            if start >= bs:
+                data = self.buf[start - bs : offset - bs]
+            else:  # slices only: the buffer may hold megabytes
+                data = self.tail[len(self.tail) - (bs - start) :] + self.buf[: max(0, offset - bs)]
+                data = data[: offset - start]
+        else:
+            data = os.pread(self.fd, offset - start, start)
+        self.state.offset = offset
+        self.state.tail_hash, self.state.tail_len = _hash(data), len(data)
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
@@ -103,6 +139,15 @@ def _head(fd: int) -> bytes | None:
 
 def _hash(data: bytes) -> str:
     return hashlib.sha1(data).hexdigest()
+
+
+def _tail_of(fd: int, state: FileState) -> bytes | None:
+    """The bytes before ``state.offset`` in the file when their hash is the checkpoint's, else None
+    (b"" for a checkpoint without a hash: nothing to check it by)."""
+    if not state.tail_hash:
+        return b""
+    data = os.pread(fd, state.tail_len, state.offset - state.tail_len)
+    return data if len(data) == state.tail_len and _hash(data) == state.tail_hash else None
 
 
 class FileFollower:
@@ -182,9 +227,10 @@ class FileFollower:
             try:
                 size = os.fstat(tf.fd).st_size
                 head = _head(tf.fd)
+                same = size >= tf.buf_start + len(tf.buf) and tf.window_ok()
             except OSError:
-                size, head = -1, None
-            if size < tf.read_pos or head is None or _hash(head) != tf.state.head_hash:
+                size, head, same = -1, None, False
+            if size < tf.read_pos or head is None or _hash(head) != tf.state.head_hash or not same:
                 self._say("info", "file truncated or replaced", path=tf.state.path, offset=tf.read_pos)
                 tf.close()
                 del self.open[fid]
@@ -281,10 +327,16 @@ class FileFollower:
         candidates = [s for s in self.states.values() if s.head_hash == hh and s.fid not in self.open]
         candidates.sort(key=lambda s: (s.dev, s.ino) != (st.st_dev, st.st_ino))
         state = None
+        tail = b""
         for cand in candidates:
             if st.st_size >= cand.offset:
-                state = cand
-                break
+                try:
+                    found = _tail_of(fd, cand)
+                except OSError:
+                    found = None
+                if found is not None:
+                    state, tail = cand, found
+                    break
         new = state is None
         if state is None:
             fid = _hash(head + b"\0" + path.encode())[:20]
@@ -294,7 +346,9 @@ class FileFollower:
             self.states[fid] = state
         state.path, state.dev, state.ino, state.seen = path, st.st_dev, st.st_ino, now
         parser = LineParser(path, state.fid, state.last_ts, redact=self.redact, node=self.node)
-        self.open[state.fid] = TrackedFile(state, fd, parser)
+        tf = TrackedFile(state, fd, parser)
+        tf.tail = tail
+        self.open[state.fid] = tf
         seen.add(state.fid)
         self._say("info", "following file", path=path, fid=state.fid, offset=state.offset, new=new)
         return True
@@ -313,6 +367,7 @@ class FileFollower:
         try:
             data = os.pread(tf.fd, self.read_chunk, at)
             head = os.pread(tf.fd, tf.state.head_len, 0) if data else b""
+            same = tf.window_ok() if data else True
             mtime = os.fstat(tf.fd).st_mtime if data else 0.0
         except OSError as e:  # EIO on a failing disk, a vanished network mount: retry on later rounds
             self._say("error", "cannot read log file", path=tf.state.path, error=e.strerror)
@@ -321,7 +376,7 @@ class FileFollower:
         if not data:
             tf.eof = True
             return False
-        if _hash(head) != tf.state.head_hash:
+        if _hash(head) != tf.state.head_hash or not same:
             tf.eof = True
             self._last_scan = 0.0  # rescan at the next scan_if_due
             return False

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import gc
 import os
 import threading
@@ -38,13 +39,61 @@ import orjson
 from mlops_obs.config import node_name
 from mlops_obs.logs.batch import BatchReader
 from mlops_obs.logs.follow import FileFollower, FileState
-from mlops_obs.logs.sink import FAULTS, Sink, Stats, Stop, say
+from mlops_obs.logs.sink import FAULTS, Sink, Stats, Stop, format_timestamp, say
 
 if TYPE_CHECKING:
     from structlog.typing import FilteringBoundLogger
 
 STATE_FILE = "checkpoint.json"
 STATS_FILE = "stats.json"
+LOCK_FILE = "lock"
+ONCE_CHECKPOINT_PATIENCE = 5.0
+"""Seconds ``--once`` keeps retrying a checkpoint it cannot write before it gives up (exit 1): a run
+meant to end must not hang on a read-only or full state directory."""
+STATS_INTERVAL = 1.0
+
+
+class StateDirError(ValueError):
+    """The state directory cannot be used (held by another shipper, not writable); ``str()`` says why."""
+
+
+class StateDirBusy(StateDirError):
+    """Another shipper holds the state directory's lock."""
+
+
+class CheckpointError(OSError):
+    """``--once`` could not write its checkpoint; what was shipped is in the sink, but the next run
+    would ship it again (harmless: ids are stable) and the run did not finish."""
+
+
+def lock_state_dir(state_dir: Path) -> int:
+    """An exclusive ``flock`` on ``state_dir/lock``, held until the returned descriptor is closed (or
+    the process dies: the kernel drops the lock, so a killed shipper leaves nothing to clean up).
+
+    Why: two shippers on one state directory would both read from the same checkpoint and overwrite
+    each other's, each re-shipping or skipping what the other did. The second one refuses.
+    """
+    path = state_dir / LOCK_FILE
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o644)
+    except OSError as e:
+        raise StateDirError(f"cannot use state directory {str(state_dir)!r}: {e.strerror}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        os.close(fd)
+        raise StateDirBusy(
+            f"state directory {str(state_dir)!r} is in use by another shipper (pid {holder or 'unknown'}); "
+            "run one shipper per state directory, or give this one its own --state"
+        ) from None
+    except OSError as e:
+        os.close(fd)
+        raise StateDirError(f"cannot lock state directory {str(state_dir)!r}: {e.strerror}") from None
+    with contextlib.suppress(OSError):
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
 
 
 def write_atomic(path: Path, data: bytes, *, durable: bool = True) -> None:
@@ -64,6 +113,22 @@ def write_atomic(path: Path, data: bytes, *, durable: bool = True) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def record_failure(state_dir: Path, error: str) -> None:
+    """Put ``error`` into ``stats.json`` (its counters kept) for a shipper that cannot start, so that a
+    crash-looping shipper shows as failing to the sidecar and its alerts instead of as a frozen file.
+    Best effort: a state directory that cannot be written has already been said."""
+    path = state_dir / STATS_FILE
+    try:
+        snap = orjson.loads(path.read_bytes())
+        if not isinstance(snap, dict):
+            snap = {}
+    except (OSError, orjson.JSONDecodeError):
+        snap = {}
+    snap.update(sink_error=error, pid=os.getpid(), written_at=time.time())
+    with contextlib.suppress(OSError):
+        write_atomic(path, orjson.dumps(snap), durable=False)
 
 
 @dataclass
@@ -105,6 +170,8 @@ class Shipper:
         self.stop_event = threading.Event()
         self.state_dir = Path(options.state_dir)
         self.state_dir.mkdir(parents=True, exist_ok=True)
+        self._lock_fd = lock_state_dir(self.state_dir)
+        self.once = False
         self.files = FileFollower(
             options.sources,
             state_dir=self.state_dir,
@@ -120,8 +187,15 @@ class Shipper:
         self.reader = BatchReader(self.files, self.stats, batch_events=options.batch_events,
                                   batch_bytes=options.batch_bytes, max_line_bytes=options.max_line_bytes)  # fmt: skip
         self._last_stats = 0.0
+        self._stats_lock = threading.Lock()
         self._checkpoint_error: str | None = None
-        self._load_state()
+        self._send_error: str | None = None  # a send retrying without an error of the sink's own in stats
+        try:
+            self._load_state()
+        except BaseException:
+            self.files.close()
+            os.close(self._lock_fd)
+            raise
 
     # --- state ---
 
@@ -144,6 +218,9 @@ class Shipper:
         self.stats.retries = int(stats.get("retries_total", 0))
         self.stats.dead_letters = int(stats.get("dead_letters_total", 0))
         self.stats.lines_split = int(stats.get("lines_split_total", 0))
+        last = stats.get("last_success_timestamp_seconds")
+        if isinstance(last, int | float) and self.stats.last_success is None:
+            self.stats.last_success = float(last)
 
     def _checkpoint(self) -> None:
         """Persist the checkpoint; on failure (disk full) keep retrying, never moving on without it.
@@ -162,10 +239,12 @@ class Shipper:
                     "retries_total": s.retries,
                     "dead_letters_total": s.dead_letters,
                     "lines_split_total": s.lines_split,
+                    "last_success_timestamp_seconds": s.last_success,
                 },
             }
         )
         delay = 0.05
+        give_up = time.monotonic() + ONCE_CHECKPOINT_PATIENCE
         while True:
             try:
                 write_atomic(self.state_dir / STATE_FILE, data)
@@ -185,19 +264,53 @@ class Shipper:
                         disk_full=e.errno == errno.ENOSPC,
                     )
                 self._write_stats(force=True)
+                if self.once and time.monotonic() >= give_up:
+                    raise CheckpointError(
+                        e.errno, f"cannot write the checkpoint in {str(self.state_dir)!r}: {why}"
+                    ) from None
                 if self.stop_event.wait(delay):
                     raise Stop() from None
                 delay = min(delay * 2, 2.0)
 
-    def _write_stats(self, force: bool = False) -> None:
-        now = time.monotonic()
-        if not force and now - self._last_stats < 1.0:
-            return
-        self._last_stats = now
-        self.stats.lag = self.files.lag()
-        self.stats.sink_error = self._checkpoint_error
-        with contextlib.suppress(OSError):
-            write_atomic(self.state_dir / STATS_FILE, orjson.dumps(self.stats.snapshot()), durable=False)
+    def _write_stats(self, force: bool = False, error: str | None = None) -> None:
+        """``stats.json`` for the sidecar, at most once a :data:`STATS_INTERVAL` unless ``force``d.
+
+        ``sink_error`` in it is what keeps the shipper from moving on: ``error`` (a fatal one, given
+        on the way out), the checkpoint's, or the sink's while it retries.
+        """
+        with self._stats_lock:
+            now = time.monotonic()
+            if not force and now - self._last_stats < STATS_INTERVAL:
+                return
+            self._last_stats = now
+            self.stats.lag = self.files.lag()
+            snap = self.stats.snapshot()
+            snap["sink_error"] = error or self._checkpoint_error or self.stats.sink_error or self._send_error
+            with contextlib.suppress(OSError):
+                write_atomic(self.state_dir / STATS_FILE, orjson.dumps(snap), durable=False)
+
+    def _send(self, events: Any) -> None:
+        """``sink.send`` with ``stats.json`` kept current while it blocks: a sink retries for as long
+        as it takes, and a frozen stats file would hide exactly that from the alerts (the lag grows,
+        the last success ages, the sink's error is named)."""
+        done = threading.Event()
+        retries, since = self.stats.retries, time.time()
+
+        def beat() -> None:
+            while not done.wait(STATS_INTERVAL):
+                if self.stats.retries > retries:  # a sink that counts retries but names no error (OpenSearch)
+                    n = self.stats.retries - retries
+                    self._send_error = f"sink retrying: {n} retries of one batch since {format_timestamp(since)}"
+                self._write_stats()
+
+        beater = threading.Thread(target=beat, name="shipper-stats", daemon=True)
+        beater.start()
+        try:
+            self.sink.send(events, self.stop_event)
+        finally:
+            done.set()
+            beater.join()
+        self._send_error = None
 
     def _say(self, level: str, msg: str, **kw: Any) -> None:
         say(self.log, level, msg, **kw)
@@ -230,7 +343,7 @@ class Shipper:
         try:
             if events:
                 FAULTS.hit("read")
-                self.sink.send(events, self.stop_event)
+                self._send(events)
                 FAULTS.hit("acked")
                 self.stats.events_shipped += n
                 self.stats.last_success = time.time()
@@ -243,7 +356,8 @@ class Shipper:
             tf = opened.get(fid)
             if tf is None:
                 continue
-            tf.state.offset, tf.state.last_ts, tf.state.part = pos, last_ts, part
+            tf.mark(pos)
+            tf.state.last_ts, tf.state.part = last_ts, part
             dirty = True
         for tf in opened.values():
             tf.compact()
@@ -256,8 +370,13 @@ class Shipper:
         return n
 
     def run(self, once: bool = False) -> None:
-        """Follow the sources until stopped; with ``once``, until everything present now is shipped."""
+        """Follow the sources until stopped; with ``once``, until everything present now is shipped.
+
+        Errors that waiting does not mend (a damaged store, ``--once`` without a writable checkpoint)
+        are raised, after ``stats.json`` says so."""
         self.reader.flush_at_eof = once
+        self.once = once
+        error: str | None = None
         try:
             if once:
                 while not self.stop_event.is_set():
@@ -269,9 +388,14 @@ class Shipper:
                         self.stop_event.wait(self.opts.poll_interval)
         except Stop:
             pass
+        except Exception as e:
+            error = f"{type(e).__name__}: {e}"
+            raise
         finally:
-            self._write_stats(force=True)
+            self._write_stats(force=True, error=error)
 
     def close(self) -> None:
         self.files.close()
         self.sink.close()
+        with contextlib.suppress(OSError):
+            os.close(self._lock_fd)

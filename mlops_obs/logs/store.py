@@ -425,10 +425,33 @@ def _chunk_ids(prefix: str, data: list[Any]) -> list[str]:
     return [head + str(o) for o in data[5]]
 
 
-class EventStore:
-    """One SQLite database in ``directory``; safe to share between threads and processes."""
+class StoreDamaged(ValueError):
+    """The store's database file is damaged (SQLite says corrupt, or not a database); ``str()`` is the
+    one line the user sees, naming ``mlops-obs store salvage``. Not retried: writing more into a
+    damaged file risks what is still readable, and waiting does not mend it."""
 
-    def __init__(self, directory: Path | str, *, synchronous: str = "FULL") -> None:
+    def __init__(self, directory: Path, why: str) -> None:
+        super().__init__(
+            f"store {str(directory)!r} is damaged ({why}); `mlops-obs store salvage {directory} NEW_DIR` copies every "
+            "readable chunk into a new store"
+        )
+
+
+def is_damage(e: sqlite3.Error) -> bool:
+    """Whether an SQLite error says the file itself is bad (corrupt, not a database) rather than busy or full."""
+    return (getattr(e, "sqlite_errorcode", 0) & 0xFF) in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB)
+
+
+class EventStore:
+    """One SQLite database in ``directory``; safe to share between threads and processes.
+
+    With ``check``, opening runs SQLite's ``quick_check`` (every page and record readable, O(size):
+    about a second a GB here) and raises :class:`StoreDamaged` when it fails. Writers open with it
+    (the shipper and the alert sink, once a process), so that garbage in the file stops them with a
+    clear line before they write into it and move their checkpoints.
+    """
+
+    def __init__(self, directory: Path | str, *, synchronous: str = "FULL", check: bool = False) -> None:
         self.directory = Path(directory)
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
@@ -437,11 +460,30 @@ class EventStore:
         self.path = self.directory / DB_NAME
         self._lock = threading.Lock()
         self._db = sqlite3.connect(self.path, timeout=30.0, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        # FULL: a commit is on disk before put() returns, so the shipper's checkpoint never runs ahead.
-        self._db.execute(f"PRAGMA synchronous={'FULL' if synchronous.upper() == 'FULL' else 'NORMAL'}")
-        self._db.execute("PRAGMA busy_timeout=30000")
-        self._open_schema()
+        try:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            # FULL: a commit is on disk before put() returns, so the shipper's checkpoint never runs ahead.
+            self._db.execute(f"PRAGMA synchronous={'FULL' if synchronous.upper() == 'FULL' else 'NORMAL'}")
+            self._db.execute("PRAGMA busy_timeout=30000")
+            if check:
+                self.quick_check()
+            self._open_schema()
+        except sqlite3.DatabaseError as e:
+            self._db.close()
+            if is_damage(e):
+                raise StoreDamaged(self.directory, str(e)) from None
+            raise
+
+    def quick_check(self) -> None:
+        """SQLite's ``PRAGMA quick_check``; :class:`StoreDamaged` naming the first problem found."""
+        try:
+            rows = self._db.execute("PRAGMA quick_check(3)").fetchall()
+        except sqlite3.DatabaseError as e:
+            if is_damage(e):
+                raise StoreDamaged(self.directory, str(e)) from None
+            raise
+        if rows != [("ok",)]:
+            raise StoreDamaged(self.directory, "; ".join(" ".join(str(r[0]).split()) for r in rows))
 
     def _open_schema(self) -> None:
         """Create the schema or migrate a version 1 store, in one transaction (another process may be
@@ -798,12 +840,14 @@ class _Transaction:
 class StoreSink:
     """The store as a :class:`~mlops_obs.logs.sink.Sink`: one transaction a batch (so a column batch
     from the shipper goes straight to :meth:`EventStore.put`); SQLite errors (disk full, a lock held
-    past the busy timeout) are retried with backoff until ``stop``, and said once each."""
+    past the busy timeout) are retried with backoff until ``stop``, said once each and kept in
+    ``stats.sink_error`` while they last. A damaged file is checked for on opening and raises
+    :class:`StoreDamaged` at once, on opening or on a write, rather than being retried."""
 
     def __init__(
         self, directory: Path | str, *, log: FilteringBoundLogger | None = None, stats: Stats | None = None
     ) -> None:
-        self.store = EventStore(directory)
+        self.store = EventStore(directory, check=True)
         self.log = log
         self.stats = stats
 
@@ -816,10 +860,15 @@ class StoreSink:
                 FAULTS.hit("sent")
                 if failing:
                     say(self.log, "info", "store writable again")
+                if self.stats is not None:
+                    self.stats.sink_error = None
                 return new
             except sqlite3.Error as e:
+                if is_damage(e):
+                    raise StoreDamaged(self.store.directory, str(e)) from None
                 if self.stats is not None:
                     self.stats.retries += 1
+                    self.stats.sink_error = f"store: {e}"
                 if failing != str(e):
                     say(self.log, "error", "store write failed; retrying", error=str(e))
                 failing = str(e)
@@ -828,6 +877,123 @@ class StoreSink:
 
     def close(self) -> None:
         self.store.close()
+
+
+# --- checking and salvaging a damaged store ----------------------------------------------------------
+
+_CHUNK_COLUMNS = "id, kind, job, rank, node, source, prefix, off_min, off_max, ts_min, ts_max, severity, n, data"
+_SALVAGE_BATCH = 256
+
+
+def _open_read_only(directory: Path) -> sqlite3.Connection:
+    path = directory / DB_NAME
+    if not path.is_file():
+        raise FileNotFoundError(f"no event store in {str(directory)!r} ({DB_NAME} is missing)")
+    return sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30.0, isolation_level=None)
+
+
+def check_store(directory: Path | str) -> list[str]:
+    """SQLite's ``integrity_check`` of a store, read-only: ``[]`` when it is whole, else the problems
+    (at most 20) SQLite names."""
+    db = _open_read_only(Path(directory))
+    try:
+        rows = db.execute("PRAGMA integrity_check(20)").fetchall()
+    except sqlite3.DatabaseError as e:
+        return [str(e)]
+    finally:
+        db.close()
+    return [] if rows == [("ok",)] else [str(r[0]) for r in rows]
+
+
+def _chunk_ok(row: tuple[Any, ...]) -> bool:
+    """A chunk row whose columns have the schema's types and whose data decodes to its ``n`` events."""
+    try:
+        if not (isinstance(row[1], str) and row[1] in _KINDS and isinstance(row[5], str) and isinstance(row[6], str)):
+            return False
+        cols = orjson.loads(row[13])
+        n = row[12]
+        return (
+            isinstance(cols, list)
+            and len(cols) == 7
+            and all(c is None or (isinstance(c, list) and len(c) == n) for c in cols)
+            and cols[1] is not None
+        )
+    except (orjson.JSONDecodeError, TypeError):
+        return False
+
+
+def _readable_chunks(db: sqlite3.Connection) -> Iterator[tuple[tuple[Any, ...] | None, int]]:
+    """``(row, id)`` for every chunk id that reads, ``(None, id)`` for one that does not, in id order.
+
+    Rows are read by ranges of the table's own b-tree (never an index); a range that raises is read
+    again one id at a time, so a damaged page costs the chunks on it, not the ones after it.
+    """
+    try:
+        last = int(db.execute("SELECT coalesce(max(id), 0) FROM chunks").fetchone()[0])
+    except sqlite3.DatabaseError:
+        last = -1  # unknown: read ranges until one comes back empty
+    pos = 0
+    while last < 0 or pos < last:
+        try:
+            rows = db.execute(
+                f"SELECT {_CHUNK_COLUMNS} FROM chunks WHERE id > ? ORDER BY id LIMIT ?", (pos, _SALVAGE_BATCH)
+            ).fetchall()
+        except sqlite3.DatabaseError:
+            rows = None
+        if rows:
+            for row in rows:
+                yield row, int(row[0])
+            pos = int(rows[-1][0])
+            continue
+        if rows is not None and last < 0:
+            return
+        found = False
+        for i in range(pos + 1, pos + _SALVAGE_BATCH + 1):  # a range that failed, or ended early
+            try:
+                one = db.execute(f"SELECT {_CHUNK_COLUMNS} FROM chunks WHERE id = ?", (i,)).fetchone()
+            except sqlite3.DatabaseError:
+                yield None, i
+                continue
+            if one is not None:
+                found = True
+                yield one, i
+        pos += _SALVAGE_BATCH
+        if last < 0 and not found:
+            return  # no end to aim for, and nothing readable here: the rest is out of reach
+
+
+def salvage_store(source: Path | str, target: Path | str) -> tuple[int, int, int]:
+    """Copy every readable, well-formed chunk of the store in ``source`` into a new store in ``target``
+    (which must not hold events yet); returns (chunks copied, events copied, chunks lost). ``source``
+    is opened read-only and never written. Chunk ids may differ in ``target``; the events do not."""
+    src = _open_read_only(Path(source))
+    out = EventStore(target)
+    try:
+        if out.count():
+            raise ValueError(f"{str(target)!r} already holds events; salvage into a new directory")
+        copied = events = lost = 0
+        pending: list[tuple[Any, ...]] = []
+
+        def flush() -> None:
+            with out._transaction():
+                out._db.executemany(_INSERT, pending)
+            pending.clear()
+
+        for row, _ in _readable_chunks(src):
+            if row is None or not _chunk_ok(row):
+                lost += 1
+                continue
+            pending.append(row[1:])
+            copied += 1
+            events += int(row[12])
+            if len(pending) >= _SALVAGE_BATCH:
+                flush()
+        if pending:
+            flush()
+        return copied, events, lost
+    finally:
+        src.close()
+        out.close()
 
 
 class StoreSource:

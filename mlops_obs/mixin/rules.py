@@ -1188,17 +1188,35 @@ def pipeline_alerts(c: MixinConfig) -> list[Alert]:
             case({f"mlops_shipper_lag_bytes{_labels(spf)}": "1e3x30"}, "25m"),
         ),
         Alert(
+            # Lines waiting (lag), not lines read: a shipper blocked on its sink holds one batch and
+            # reads nothing more, so its read rate is 0 exactly when this must fire.
             "MlopsShipperNotShipping", "pipeline",
             with_node(c, f"time() - mlops_shipper_last_success_timestamp_seconds{selector(sh)} > "
                          f"{_g(c.shipper_stale_seconds)} and on ({c.instance}) sum by ({c.instance}) "
-                         f"(rate(mlops_shipper_lines_read_total{selector(sh)}[{c.node_rate_window}])) > 0"),
+                         f"(mlops_shipper_lag_bytes{selector(sh)}) > 0"),
             c.for_short, "critical",
             f"The log shipper on {on} delivers nothing",
-            f"The shipper on {on} reads lines but has not delivered any for more than {_g(c.shipper_stale_seconds)}s.",
+            f"The shipper on {on} has lines waiting but has not delivered any for more than "
+            f"{_g(c.shipper_stale_seconds)}s.",
             case({f"mlops_shipper_last_success_timestamp_seconds{_labels(sp)}": "0x40",
-                  f"mlops_shipper_lines_read_total{_labels(sp)}": "0+100x40"}, "30m", sp),
+                  f"mlops_shipper_lines_read_total{_labels(sp)}": "5000x40",
+                  f"mlops_shipper_lag_bytes{_labels(spf)}": "0+1000x40"}, "30m", sp),
             case({f"mlops_shipper_last_success_timestamp_seconds{_labels(sp)}": "0+60x40",
-                  f"mlops_shipper_lines_read_total{_labels(sp)}": "0+100x40"}, "30m"),
+                  f"mlops_shipper_lag_bytes{_labels(spf)}": "1000x40"}, "30m"),
+            also_quiet=(  # nothing written since the last delivery: an idle job, not a stuck shipper
+                case({f"mlops_shipper_last_success_timestamp_seconds{_labels(sp)}": "0x40",
+                      f"mlops_shipper_lag_bytes{_labels(spf)}": "0x40"}, "30m"),
+            ),
+        ),
+        Alert(
+            "MlopsShipperFailing", "pipeline",
+            with_node(c, f"mlops_shipper_failing{selector(sh)} == 1"),
+            c.for_short, "warning",
+            f"The log shipper on {on} is held by an error",
+            f"The shipper on {on} cannot deliver or checkpoint (the sink refuses or is unreachable, the store is "
+            "damaged, the state directory is not writable) or fails to start; its stats file names the error.",
+            case({f"mlops_shipper_failing{_labels(sp)}": "0x5 1x30"}, "20m", sp),
+            case({f"mlops_shipper_failing{_labels(sp)}": "0x5 1x3 0x30"}, "20m"),
         ),
         Alert(
             "MlopsShipperDeadLetters", "pipeline",

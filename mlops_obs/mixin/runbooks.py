@@ -94,6 +94,9 @@ ACTIONS: dict[str, str] = {
     "MlopsShipperBehind": "Check the store/OpenSearch health and the shipper's retries; it catches up on its own "
     "once the sink accepts writes.",
     "MlopsShipperNotShipping": "The sink refuses or is unreachable: check credentials, URL and the shipper log.",
+    "MlopsShipperFailing": "Read `sink_error` in the shipper's stats.json (or its log): a damaged store needs "
+    "`mlops-obs store salvage`, a full or read-only state directory space or permissions, a refusing sink its "
+    "credentials or health.",
     "MlopsShipperDeadLetters": "Inspect the dead-letter file for the rejection reason (mapping conflict, size) "
     "and re-ship after fixing it.",
 }

@@ -23,8 +23,10 @@ is h11's, the parser uvicorn builds on, not ours. Our part is the policy:
   the bcrypt checks on one worker thread, at most ``auth_queue`` waiting (503 beyond), so a flood
   of wrong passwords costs at most one core and never blocks the loop that serves scrapes.
 * **Concurrency.** At most ``max_requests`` requests in a handler at once (``--web.max-requests``):
-  one more gets 503 at once. Handlers marked ``blocking`` (file I/O, stores, reloads) run on worker
-  threads; the others run on the loop and must only read memory.
+  one more gets 503 at once. A body is read before its request takes a slot, so clients trickling
+  bodies hold none; the bodies being received hold at most ``max_body_buffer`` bytes together.
+  Handlers marked ``blocking`` (file I/O, stores, reloads) run on worker threads; the others run on
+  the loop and must only read memory.
 * **Content negotiation.** gzip only when ``Accept-Encoding`` gives it a non-zero weight.
 
 The loop runs on its own thread, so the threaded rest of the exporter (and the tests) use it the
@@ -115,6 +117,7 @@ class Limits:
     max_header_bytes: int = 16 * 1024
     auth_workers: int = 1  # bcrypt checks at once
     auth_queue: int = 16  # bcrypt checks waiting; more get 503
+    max_body_buffer: int = 64 * 1024 * 1024  # request body bytes held at once, all connections; more: 503, closed
 
 
 class _Closing(Exception):
@@ -179,6 +182,7 @@ class HTTPServer:
         self.max_connections = min(limits.max_connections, _fd_budget())
         self._in_flight = 0
         self._auth_waiting = 0
+        self._body_bytes = 0  # request body bytes received and not yet handed to a handler
         self._conns: dict[_Conn, None] = {}
         self._waiting: OrderedDict[_Conn, None] = OrderedDict()  # connections between requests, oldest first
         self._date = (0, b"")
@@ -436,18 +440,22 @@ class HTTPServer:
                 response = Response(405, b"Method not allowed.\n", headers={"Allow": allow})
             elif response is None:
                 assert route is not None
-                if self.max_requests and self._in_flight >= self.max_requests:
+                # The body is read before the request takes a handler slot, so clients that trickle
+                # bodies hold no slot (only their own connection, until body_timeout, and their bytes
+                # within max_body_buffer); the check before the read spares reading a body for nothing.
+                body = b""
+                if not self._busy():
+                    if takes_body and has_body:
+                        body = await self._read_body(h, reader, writer, limit)
+                    elif not has_body:
+                        await self._finish_request(h, reader)
+                if self._busy():
                     response = Response(
                         503, b"Too many concurrent requests; see --web.max-requests.\n", headers={"Retry-After": "1"}
                     )
                 else:
                     self._in_flight += 1
                     slot = True
-                    body = b""
-                    if takes_body and has_body:
-                        body = await self._read_body(h, reader, writer, limit)
-                    elif not has_body:
-                        await self._finish_request(h, reader)
                     request = Request(method, target, path, query, headers, body, conn.client, user)
                     response = await self._call(route, request)
             # h11 says whether the client keeps the connection (HTTP/1.1 without Connection: close).
@@ -470,6 +478,9 @@ class HTTPServer:
             async with asyncio.timeout(self.limits.write_timeout):
                 await writer.drain()
         return keep
+
+    def _busy(self) -> bool:
+        return bool(self.max_requests) and self._in_flight >= self.max_requests
 
     async def _authorise(self, header: str | None) -> tuple[bool | None, str | None]:
         """(verdict, user): ``True``/``False``, or ``None`` when too many checks are already waiting."""
@@ -499,25 +510,31 @@ class HTTPServer:
         size = 0
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.limits.body_timeout
-        while True:
-            event = h.next_event()
-            if event is h11.NEED_DATA:
-                try:
-                    async with asyncio.timeout_at(deadline):
-                        data = await reader.read(_RECV)
-                except TimeoutError:
-                    raise _Closing(408, "Request body deadline exceeded.") from None
-                h.receive_data(data)
-                continue
-            if isinstance(event, h11.Data):
-                size += len(event.data)
-                if size > limit:
-                    raise _Closing(413, f"Request body over {limit} bytes.")
-                parts.append(bytes(event.data))
-            elif isinstance(event, h11.EndOfMessage):
-                return b"".join(parts)
-            else:  # ConnectionClosed mid-body
-                raise ConnectionResetError("client closed during the body")
+        try:
+            while True:
+                event = h.next_event()
+                if event is h11.NEED_DATA:
+                    try:
+                        async with asyncio.timeout_at(deadline):
+                            data = await reader.read(_RECV)
+                    except TimeoutError:
+                        raise _Closing(408, "Request body deadline exceeded.") from None
+                    h.receive_data(data)
+                    continue
+                if isinstance(event, h11.Data):
+                    size += len(event.data)
+                    self._body_bytes += len(event.data)
+                    if size > limit:
+                        raise _Closing(413, f"Request body over {limit} bytes.")
+                    if self._body_bytes > self.limits.max_body_buffer:
+                        raise _Closing(503, "Too many request bodies being received; retry.")
+                    parts.append(bytes(event.data))
+                elif isinstance(event, h11.EndOfMessage):
+                    return b"".join(parts)
+                else:  # ConnectionClosed mid-body
+                    raise ConnectionResetError("client closed during the body")
+        finally:
+            self._body_bytes -= size
 
     async def _finish_request(self, h: h11.Connection, reader: asyncio.StreamReader) -> None:
         event = h.next_event()

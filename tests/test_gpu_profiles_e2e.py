@@ -74,6 +74,7 @@ NEEDS_FAULT = {
     "MlopsShipperBehind": "a log shipper (none here)",
     "MlopsShipperNotShipping": "a log shipper (none here)",
     "MlopsShipperDeadLetters": "a log shipper (none here)",
+    "MlopsShipperFailing": "a log shipper (none here)",
 }
 # Panels with no data on this node, and why; GPU panels must all have data.
 NO_DATA = {

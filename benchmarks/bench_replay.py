@@ -78,8 +78,7 @@ LNAV_FORMAT = {
             "step": {"kind": "integer"},
             "loss": {"kind": "float"},
         },
-        "line-format": [{"field": "ts"}, " rank ", {"field": "rank"}, " ", {"field": "level"}, " ",
-                        {"field": "event"}],  # fmt: skip
+        "line-format": [{"field": "ts"}, " rank ", {"field": "rank"}, " ", {"field": "level"}, " ", {"field": "event"}],
     },
 }
 
@@ -104,11 +103,12 @@ def write_job(logs: Path, events: int) -> float:
     per_rank = events // RANKS
     t_fail = 0.0
     for r in range(RANKS):
-        ctx = {"job": JOB, "rank": r, "node": f"node{r // 8:02d}", "run_id": "bench-1"}
+        ctx: dict[str, object] = {"job": JOB, "rank": r, "node": f"node{r // 8:02d}", "run_id": "bench-1"}
         out = bytearray()
         seq = 0
 
-        def line(t: float, event: str, level: str = "info", **kv: object) -> None:
+        def line(t: float, event: str, level: str = "info", out: bytearray = out, ctx: dict[str, object] = ctx,
+                 **kv: object) -> None:  # fmt: skip
             nonlocal seq
             seq += 1
             out.extend(orjson.dumps({**kv, "event": event, **ctx, "level": level, "ts": ts(t), "seq": seq}) + b"\n")
@@ -271,7 +271,8 @@ def main() -> int:
         if peer:
             print(f"{'lnav -n (64 raw files, our JSON format)':44s} {peer[0]:8.2f} {peer[1]:8.2f} {'':>12s} "
                   f"{peer[2]:9.0f}")  # fmt: skip
-        print(f"\nratios: replay vs old path {old[0] / ours[0]:.1f}x faster (wall), {old[2] / ours[2]:.1f}x less RSS", end="")
+        print(f"\nratios: replay vs old path {old[0] / ours[0]:.1f}x faster (wall), {old[2] / ours[2]:.1f}x less RSS",
+              end="")  # fmt: skip
         print(f"; vs lnav {peer[0] / ours[0]:.1f}x faster (wall)" if peer else "")
         print(f"--around first line: {around:.3f} s (best of {args.repeats})")
         p50, p90 = statistics.median(lat), sorted(lat)[int(0.9 * (len(lat) - 1))]

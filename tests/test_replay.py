@@ -163,13 +163,17 @@ def test_terminal_text_is_plain_when_piped(store: Path, capsys: pytest.CaptureFi
     assert "\x1b[" in capsys.readouterr().out
 
 
-def test_streaming_holds_only_the_open_chunks(tmp_path: Path) -> None:
-    """100k events of 50 ranks: iterating holds a small fraction of what the whole result takes."""
-    ranks, per = 50, 2000
-    with EventStore(tmp_path, synchronous="NORMAL") as s:
-        for part in range(4):
+def test_streaming_memory_does_not_grow_with_the_store(tmp_path: Path) -> None:
+    """50 ranks' overlapping chunks: iterating holds about the open chunks' events, the same for a
+    store twice the size, and a fraction of what the whole result as a list takes."""
+    ranks, part = 50, 250
+
+    def fill(s: EventStore, parts: range) -> None:
+        for p in parts:
             s.put([log(r, i, i * 0.1 + r * 0.001, loss=1.5) for r in range(ranks)
-                   for i in range(part * per // 4, (part + 1) * per // 4)])  # fmt: skip
+                   for i in range(p * part, (p + 1) * part)])  # fmt: skip
+
+    def peak(s: EventStore) -> tuple[int, int]:
         tracemalloc.start()
         try:
             n, last = 0, ""
@@ -177,15 +181,23 @@ def test_streaming_holds_only_the_open_chunks(tmp_path: Path) -> None:
                 assert e["@timestamp"] >= last
                 last = e["@timestamp"]
                 n += 1
-            streamed = tracemalloc.get_traced_memory()[1]
-            tracemalloc.reset_peak()
-            whole = s.query()
-            listed = tracemalloc.get_traced_memory()[1]
+            return n, tracemalloc.get_traced_memory()[1]
         finally:
             tracemalloc.stop()
-    assert n == len(whole) == ranks * per
-    assert streamed < listed / 5, (streamed, listed)
-    assert streamed < 40 << 20
+
+    with EventStore(tmp_path, synchronous="NORMAL") as s:
+        fill(s, range(6))
+        n1, small = peak(s)
+        tracemalloc.start()
+        whole = s.query()
+        listed = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        del whole
+        fill(s, range(6, 12))
+        n2, large = peak(s)
+    assert (n1, n2) == (ranks * part * 6, ranks * part * 12)
+    assert small < listed / 4, (small, listed)
+    assert large < small * 1.5, (small, large)
 
 
 def test_source_reads_cri_and_json_files_through_the_shippers_parser(

@@ -836,12 +836,15 @@ def _merge_chunks(
     watermark, so only the chunks open at one moment are in memory.
 
     Why it is correct: chunks come by ``ts_min``, so once the next chunk starts at ``w`` no chunk not
-    yet read holds an event before ``w``; every held event before ``w`` can go out, in order. Held
-    events are kept sorted (their runs are already sorted, so a sort is a merge of runs, in C), as
-    tuples ``(ts, source, offset, _id, level, message, seq, fields, meta)``: ``_id`` is unique in the
-    store, so a comparison never reaches ``fields``. A dict is made for an event only as it is yielded.
-    Memory: the events of the chunks overlapping the watermark (a 64-rank job: ~64 chunks), whatever
-    the store's size; SQLite streams the chunk metadata through its ``ts_min`` index.
+    yet read holds an event before ``w``; every held event before ``w`` can go out, in order.
+    Events are held as tuples ``(ts, source, offset, _id, level, message, seq, fields, meta)``:
+    ``_id`` is unique in the store, so a comparison never reaches ``fields``; a dict is made for an
+    event only as it is yielded. They go out in batches of at least :data:`MERGE_BATCH` and a
+    quarter of the events held (or at the end): each chunk's events are a sorted run, so one
+    ``list.sort`` of a batch is a merge of runs in C, where sorting at every chunk (a 64-rank job's
+    chunks all overlap) would sort the held events again for each. Memory: one batch and the events
+    of the chunks overlapping the watermark, whatever the store's size; SQLite streams the chunk
+    metadata in ``ts_min`` order.
 
     ``keep`` (on those tuples) drops events the chunk selection could not (time bounds, levels, text).
     """
@@ -853,44 +856,45 @@ def _merge_chunks(
         fetch = db.cursor()
         held: list[tuple[Any, ...]] = []
         held_min: str | None = None
+        added = 0
+        batch = MERGE_BATCH_FIRST
+        repeat = itertools.repeat
         for cid, *meta in db.execute(sql, args):
             w = meta[6]
-            if held_min is not None and held_min < w:
+            if added >= batch and added * 4 >= len(held) and held_min is not None and held_min < w:
                 held.sort()
                 i = bisect.bisect_left(held, (w,))
                 out = held[:i]
                 del held[:i]
                 held_min = held[0][0] if held else None
+                added, batch = 0, MERGE_BATCH
                 yield from _as_events(out)
                 del out
             got = fetch.execute("SELECT data FROM chunks WHERE id = ?", (cid,)).fetchone()
             if got is None:
                 continue
             cols = orjson.loads(got[0])
-            ids = _chunk_ids(meta[5], cols)
             m = tuple(meta)
-            items = zip(
-                cols[1],
-                itertools.repeat(m[4]),
-                cols[5],
-                ids,
-                cols[2],
-                cols[3],
-                cols[4],
-                cols[6],
-                itertools.repeat(m),
-                strict=False,
-            )  # fmt: skip (repeat() is endless; the columns are equal)
+            # repeat() is endless and the columns are of one length: strict would only fail on repeat.
+            items = zip(cols[1], repeat(m[4]), cols[5], _chunk_ids(m[5], cols), cols[2], cols[3], cols[4], cols[6],
+                        repeat(m), strict=False)  # fmt: skip
             new = list(items) if keep is None else [it for it in items if keep(it)]
             if new:
                 first = min(cols[1]) if keep is None else min(it[0] for it in new)
                 held += new
+                added += len(new)
                 if held_min is None or first < held_min:
                     held_min = first
         held.sort()
         yield from _as_events(held)
     finally:
         db.close()
+
+
+MERGE_BATCH = 2048
+"""Events a streaming merge adds before it sorts and hands out what the watermark allows."""
+MERGE_BATCH_FIRST = 256
+"""The first batch is small: the first lines of a query come at once."""
 
 
 def _as_events(items: list[tuple[Any, ...]]) -> Iterator[dict[str, Any]]:

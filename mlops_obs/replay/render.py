@@ -55,7 +55,7 @@ _LEVELS: dict[str | None, tuple[str, str]] = {
 }
 _ALERT_STYLE = {"firing": "\x1b[1;35m", "resolved": "\x1b[32m"}
 _HIDDEN = frozenset(("ts_source", "run_id", "labels", "annotations", "groupKey", "generatorURL", "fingerprint",
-                     "startsAt", "endsAt", "alertname", "status"))  # fmt: skip
+                     "startsAt", "endsAt", "alertname", "status", "raw", "block", "lines"))  # fmt: skip
 _ALERT_LABELS = ("severity", "node", "gpu", "job", "rank", "mountpoint", "device")
 _DIGITS = re.compile(r"\d+")
 
@@ -82,12 +82,13 @@ def ranges(numbers: Iterable[int]) -> str:
 
 
 def who(ev: Mapping[str, Any]) -> str:
-    """The process or place an event is from, as the who column shows it."""
+    """The process or place an event is from, as the who column shows it (the launcher's records
+    about a rank are the launcher's: their rank is a key field)."""
+    if ev.get("kind") == "launcher":
+        return "launcher"
     rank = ev.get("rank")
     if type(rank) is int:
         return f"rank {rank}"
-    if ev.get("kind") == "launcher":
-        return "launcher"
     node = ev.get("node")
     if node:
         return str(node)
@@ -122,6 +123,8 @@ def key_fields(ev: Mapping[str, Any]) -> str:
         if isinstance(labels, Mapping):
             parts += [f"{k}={_value(labels[k])}" for k in _ALERT_LABELS if labels.get(k) not in (None, "")]
     else:
+        if ev.get("kind") == "launcher" and type(ev.get("rank")) is int:
+            parts.append(f"rank={ev['rank']}")
         for k, v in fields.items():
             if k in _HIDDEN or isinstance(v, dict | list) or v is None:
                 continue

@@ -149,6 +149,12 @@ def test_exit_codes(store: Path, tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert replay(capsys, "--store", str(store), "--since", "yesterday")[0] == 2
     assert replay(capsys, "--store", str(store), "--around", "5m", "--since", "1h")[0] == 2
     assert replay(capsys, "--store", str(store), "--window", "5m")[0] == 2
+    rc, _, err = replay(capsys, "--opensearch", "http://127.0.0.1:9", "--job", "j")  # nothing listens on port 9
+    assert rc in (2, 4) and err.count("\n") == 1 and "Traceback" not in err
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "events.sqlite3").write_bytes(b"not a database" * 100)
+    rc, _, err = replay(capsys, "--store", str(tmp_path / "bad"))
+    assert rc == 4 and err.count("\n") == 1 and "Traceback" not in err
 
 
 def test_terminal_text_is_plain_when_piped(store: Path, capsys: pytest.CaptureFixture[str]) -> None:

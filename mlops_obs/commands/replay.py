@@ -39,6 +39,8 @@ EXIT_OK, EXIT_USAGE, EXIT_FAILED = 0, 2, 4
 DEFAULT_STORE = Path("mlops-obs-store")
 DEFAULT_WINDOW = 120.0
 FLUSH_EVERY = 256
+FOLLOW_START_TIMEOUT = 30.0
+"""Longest wait for a live follow's first poll before the backlog is read anyway."""
 """Events written to a pipe or file in one write (a terminal and ``--follow`` get each at once)."""
 
 REPLAY_SETTINGS: tuple[Setting, ...] = (
@@ -218,16 +220,14 @@ def _run(cfg: Mapping[str, Any], query: Any, out: IO[str]) -> int:
             return show(job_timeline(source, query))
     except BrokenPipeError:
         raise
-    except (OSError, ValueError, RuntimeError) as e:
-        raise Failed(f"cannot read the events: {type(e).__name__}: {e}") from None
-    except Exception as e:
-        import sqlite3
-
-        if isinstance(e, sqlite3.Error):
-            raise Failed(f"cannot read the store: {e}") from None
-        raise
+    except Exception as e:  # a store or server failing mid-read: one line, never a traceback
+        raise Failed(f"cannot read the events from {_where(cfg)}: {type(e).__name__}: {e}") from None
     finally:
         source.close()
+
+
+def _where(cfg: Mapping[str, Any]) -> str:
+    return str(cfg.get("opensearch") or cfg.get("store") or DEFAULT_STORE)
 
 
 @contextlib.contextmanager
@@ -268,35 +268,45 @@ def _open(cfg: Mapping[str, Any]) -> Any:
         raise Failed(f"{backend}: {e}") from None
 
 
+class _Polling(threading.Event):
+    """A follow's ``stop`` event that also tells when the follow first waits: a source takes its
+    starting position before its first poll's wait, so from then on nothing new can be missed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.polling = threading.Event()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self.polling.set()
+        return super().wait(timeout)
+
+
 def _follow(source: Any, query: Any, scope: Any, show_backlog: Any) -> Iterator[dict[str, Any]]:
     """The replay's events present now (in timeline order), then each new one as it is stored.
 
-    The live follow starts before the backlog is read, so an event stored meanwhile is not lost; one
-    the backlog also holds is dropped by its ``_id`` (the ids of the backlog's last events are kept
-    for that, not all of them)."""
+    The live follow (of nothing present, ``limit=0``) starts first and the backlog is read once it
+    polls, so no event is lost between the two; one both read (stored in that instant) is printed
+    once, by its ``_id`` (the ids of the backlog's last events are kept for that, not all of them)."""
     from mlops_obs.replay.timeline import live_filter, wanted
 
-    stop = threading.Event()
+    stop = _Polling()
     live: queue.Queue[dict[str, Any] | None] = queue.Queue(maxsize=100_000)
-    started = threading.Event()
     errors: list[BaseException] = []
 
     def pump() -> None:
         try:
-            it = source.follow(live_filter(query, scope), stop)
-            started.set()
-            for ev in it:
+            for ev in source.follow(live_filter(query, scope), stop):
                 if wanted(ev, query, scope):
                     live.put(ev)
         except BaseException as e:  # reported in the main thread
             errors.append(e)
         finally:
-            started.set()
+            stop.polling.set()
             live.put(None)
 
     t = threading.Thread(target=pump, name="replay-follow", daemon=True)
     t.start()
-    started.wait()
+    stop.polling.wait(FOLLOW_START_TIMEOUT)
     recent: dict[str, None] = {}
     try:
         for ev in show_backlog():

@@ -8,7 +8,8 @@ queries replay needs without a server.
 It stores the events of the schema in :mod:`mlops_obs.logs.sink` and implements both sides of the
 logs' protocols: :class:`StoreSink` (the shipper's and the alert intake's :class:`~.sink.Sink`) and
 :class:`StoreSource` (replay's and root-cause analysis' :class:`~.source.Source`).
-:meth:`EventStore.query` returns events in (``@timestamp``, ``source``, ``offset``) order.
+:meth:`EventStore.iter_query` yields events in (``@timestamp``, ``source``, ``offset``) order, merged
+from the chunks as it goes; :meth:`EventStore.apply_retention` trims the store (``--store.retention``).
 
 Storage (schema version 2, Loki-style chunks)
 ---------------------------------------------
@@ -41,10 +42,11 @@ overlaps, so that is all it costs); only when there are some are they decoded an
 events whose ``_id`` is already stored dropped (membership by id, no assumption of contiguity).
 Of the same ``_id`` twice in one ``put``, the first is kept.
 
-A query selects candidate chunks by the indexed columns, decodes them and filters each event in
-Python. Text search is a scan of the decoded messages: the v1 schema's trigram full-text index cost
-more at ingest than everything else together, and replay's text queries are narrowed by job, rank
-or time first (Loki does the same: labels select chunks, a line filter scans them).
+A query selects candidate chunks by the indexed columns, decodes them as its merge reaches them (see
+:func:`_merge_chunks`) and filters each event in Python. Text search is a scan of the decoded
+messages: the v1 schema's trigram full-text index cost more at ingest than everything else together,
+and replay's text queries are narrowed by job, rank or time first (Loki does the same: labels select
+chunks, a line filter scans them).
 
 Writers from several processes are fine (WAL, ``busy_timeout``, ``BEGIN IMMEDIATE``); each
 :meth:`EventStore.put` is one transaction. Chunk ids grow with every commit, which is what

@@ -21,7 +21,8 @@ Measured, each as its own process (best of ``--repeats``; CPU time and peak RSS 
    iterator, which holds exactly what it held);
 3. lnav (Debian package, headless ``lnav -n``) merging the same 64 raw files by time with a format
    file for our JSON (installed into a temporary ``HOME``), output to /dev/null: wall time;
-4. ``replay --job bench --around <the failure> --window 2m``: time from start to the first line;
+4. ``replay --job bench --around <the failure> --window 2m``: time from start to the first line
+   (best of 5 at least: most of it is the interpreter's start-up, which the shared machine's load moves);
 5. ``--follow``: a line appended to a file ``mlops-obs ship`` follows, until ``replay --follow``
    prints it; p50 and p90 over ``--follow-samples`` lines.
 
@@ -258,8 +259,9 @@ def main() -> int:
         old = best([sys.executable, "-c", OLD_PATH, str(store)], args.repeats)
         peer = lnav_run(root, args.repeats)
         fail = (root / "fail-time").read_text()
+        tries = max(5, args.repeats)  # a start-up time: the shared machine's noise is larger than the thing
         around = min(first_line([*MLOPS, "replay", "--store", str(store), "--job", JOB, "--around", fail,
-                                 "--window", "2m"]) for _ in range(args.repeats))  # fmt: skip
+                                 "--window", "2m"]) for _ in range(tries))  # fmt: skip
         lat = follow_latency(root, args.follow_samples)
 
         def row(name: str, r: tuple[float, float, float]) -> None:
@@ -274,7 +276,7 @@ def main() -> int:
         print(f"\nratios: replay vs old path {old[0] / ours[0]:.1f}x faster (wall), {old[2] / ours[2]:.1f}x less RSS",
               end="")  # fmt: skip
         print(f"; vs lnav {peer[0] / ours[0]:.1f}x faster (wall)" if peer else "")
-        print(f"--around first line: {around:.3f} s (best of {args.repeats})")
+        print(f"--around first line: {around:.3f} s (best of {tries})")
         p50, p90 = statistics.median(lat), sorted(lat)[int(0.9 * (len(lat) - 1))]
         print(f"--follow latency over {len(lat)} lines: p50 {p50:.3f} s, p90 {p90:.3f} s")
         rate = n / ours[1]

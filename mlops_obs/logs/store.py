@@ -61,6 +61,7 @@ import itertools
 import operator
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -769,9 +770,7 @@ class EventStore:
         writers blocked meanwhile); it runs once, on the first pass over a store made without
         incremental vacuum, because that setting only takes effect through a rebuild.
         """
-        import time as _time
-
-        cutoff = format_timestamp((_time.time() if now is None else now) - float(max_age))
+        cutoff = format_timestamp((time.time() if now is None else now) - float(max_age))
         size0 = self._file_bytes()
         deleted = 0
         while True:

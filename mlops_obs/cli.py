@@ -33,6 +33,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     ),
     "rca": ("mlops_obs.commands.rca", "Name a job's root cause (kind, rank, step, evidence); --html for a report."),
     "store": ("mlops_obs.commands.store", "Check the event store, or salvage its readable chunks into a new one."),
+    "replay": (
+        "mlops_obs.commands.replay",
+        "Replay a job's events across ranks, launcher and node alerts in one time order.",
+    ),
     "bundle": ("mlops_obs.commands.bundle", "Pack a job's incident (events, series, snapshots) into a .tar.gz."),
 }
 

@@ -19,7 +19,7 @@ declare -A PKG=(
   [prometheus]=prometheus [promtool]=prometheus
   [prometheus-alertmanager]=prometheus-alertmanager [amtool]=prometheus-alertmanager
   [prometheus-node-exporter]=prometheus-node-exporter [openssl]=openssl
-  [stress-ng]=stress-ng [chromium]=chromium
+  [stress-ng]=stress-ng [chromium]=chromium [lnav]=lnav
   [victoria-metrics]=victoria-metrics [vmalert]=victoria-metrics [curl]=curl
 )
 

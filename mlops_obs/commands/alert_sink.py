@@ -31,6 +31,7 @@ from mlops_obs.config import (
     parse_optional_path,
 )
 from mlops_obs.logs.opensearch import OPENSEARCH_SETTINGS, OPENSEARCH_URL_SETTING
+from mlops_obs.logs.store import STORE_RETENTION_SETTING, retention_from_config
 
 ALERT_SINK_SETTINGS: tuple[Setting, ...] = (
     Setting("web.listen-address", parse_listen_address, ("127.0.0.1", 9478),
@@ -51,6 +52,7 @@ ALERT_SINK_SETTINGS: tuple[Setting, ...] = (
             metavar="DURATION"),
     # The shipper's OpenSearch settings (URL, index prefix, credentials files, TLS), shared on purpose so
     # alerts land in the same indices as the logs and one config file serves both commands.
+    STORE_RETENTION_SETTING,
     OPENSEARCH_URL_SETTING,
     *OPENSEARCH_SETTINGS,
 )  # fmt: skip
@@ -87,6 +89,7 @@ def _serve(cfg: Mapping[str, Any], handled: set[signal.Signals]) -> int:
         raise ConfigError("web.config.file", str(e)) from None
     try:
         backend = Backend.from_config(cfg)
+        retention = retention_from_config(cfg, backend.store, log)
         sink = open_sink(backend, log=log)
     except ConfigError:
         raise
@@ -102,6 +105,8 @@ def _serve(cfg: Mapping[str, Any], handled: set[signal.Signals]) -> int:
         host, port = cfg["web.listen-address"]
         raise ConfigError("web.listen-address", f"cannot listen on {host}:{port}: {e.strerror or e}") from None
     server.start()
+    if retention is not None:
+        retention.start()
     log.info("alert-sink listening", url=server.url + "/alerts", store=str(cfg["store"]), tls=web.tls,
              basic_auth=bool(web.users))  # fmt: skip
     try:
@@ -115,4 +120,6 @@ def _serve(cfg: Mapping[str, Any], handled: set[signal.Signals]) -> int:
     finally:
         server.stop()
         sink.close()
+        if retention is not None:
+            retention.stop()
     return 0

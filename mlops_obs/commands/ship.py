@@ -32,6 +32,7 @@ from mlops_obs.config import (
     parse_optional_path,
 )
 from mlops_obs.logs.opensearch import OPENSEARCH_SETTINGS, OPENSEARCH_URL_SETTING
+from mlops_obs.logs.store import STORE_RETENTION_SETTING
 
 DEFAULT_STORE = Path("mlops-obs-store")
 DEFAULT_OPENSEARCH_STATE = Path("mlops-obs-ship-state")
@@ -56,6 +57,7 @@ SHIP_SETTINGS: tuple[Setting, ...] = (
             kind="bool"),
     Setting("ship.poll-interval", parse_duration, 0.1, "How often to look for new lines when idle.",
             metavar="DURATION"),
+    STORE_RETENTION_SETTING,
     *OPENSEARCH_SETTINGS,
 )  # fmt: skip
 
@@ -69,6 +71,7 @@ def run(cfg: dict[str, Any]) -> int:
     from mlops_obs.logs.backend import Backend, open_sink
     from mlops_obs.logs.shipper import Shipper, ShipperOptions, StateDirBusy, record_failure
     from mlops_obs.logs.sink import Stats
+    from mlops_obs.logs.store import retention_from_config
 
     configure(cfg["log.level"], cfg["log.format"], stream=sys.stderr)
     log = get_logger(component="shipper")
@@ -86,6 +89,7 @@ def run(cfg: dict[str, Any]) -> int:
             print(f"mlops-obs ship: warning: --source {pattern!r} matches no file yet; following it anyway",
                   file=sys.stderr)  # fmt: skip
     store_dir = backend.store
+    retention = retention_from_config(cfg, store_dir, log)
     if store_dir is not None:
         state_dir: Path = cfg["state"] or store_dir / "shipper-state"
     else:
@@ -125,6 +129,8 @@ def run(cfg: dict[str, Any]) -> int:
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
     log.info("shipper starting", sources=cfg["source"], sink=str(backend), state=str(state_dir), once=cfg["once"])
+    if retention is not None and not cfg["once"]:
+        retention.start()
     try:
         shipper.run(once=cfg["once"])
     except (OSError, ValueError) as e:  # a damaged store, --once without a checkpoint: said in stats.json too
@@ -132,6 +138,10 @@ def run(cfg: dict[str, Any]) -> int:
         return 1
     finally:
         shipper.close()
+        if retention is not None and cfg["once"]:
+            retention.run_pass()  # a `ship --once` from cron keeps the store trimmed too
+        elif retention is not None:
+            retention.stop()
     s = shipper.stats
     log.info("shipper stopped", lines_read=s.lines_read, events_shipped=s.events_shipped, retries=s.retries,
              dead_letters=s.dead_letters)  # fmt: skip

@@ -16,9 +16,9 @@ What a source promises
 
 Backends
 --------
-* The embedded store: :class:`~mlops_obs.logs.store.StoreSource`. Today its ``events`` is
-  :meth:`~mlops_obs.logs.store.EventStore.query`, which builds the whole result before the first
-  event; a streaming merge of the chunks is the replay issue's work and changes no caller.
+* The embedded store: :class:`~mlops_obs.logs.store.StoreSource`. Its ``events`` is
+  :meth:`~mlops_obs.logs.store.EventStore.iter_query`, a streaming k-way merge of the selected chunks:
+  memory bounded by the chunks open at one moment, never the whole result.
 * OpenSearch: not yet readable; ``open_source`` says so in one line. The design it will follow:
   ``events`` as a point-in-time search sorted by ``@timestamp``, ``source``, ``offset`` paged with
   ``search_after`` (the filters of :class:`EventQuery` as ``bool`` ``filter`` terms, ranges and a

@@ -8,7 +8,8 @@ queries replay needs without a server.
 It stores the events of the schema in :mod:`mlops_obs.logs.sink` and implements both sides of the
 logs' protocols: :class:`StoreSink` (the shipper's and the alert intake's :class:`~.sink.Sink`) and
 :class:`StoreSource` (replay's and root-cause analysis' :class:`~.source.Source`).
-:meth:`EventStore.query` returns events in (``@timestamp``, ``source``, ``offset``) order.
+:meth:`EventStore.iter_query` yields events in (``@timestamp``, ``source``, ``offset``) order, merged
+from the chunks as it goes; :meth:`EventStore.apply_retention` trims the store (``--store.retention``).
 
 Storage (schema version 2, Loki-style chunks)
 ---------------------------------------------
@@ -41,10 +42,11 @@ overlaps, so that is all it costs); only when there are some are they decoded an
 events whose ``_id`` is already stored dropped (membership by id, no assumption of contiguity).
 Of the same ``_id`` twice in one ``put``, the first is kept.
 
-A query selects candidate chunks by the indexed columns, decodes them and filters each event in
-Python. Text search is a scan of the decoded messages: the v1 schema's trigram full-text index cost
-more at ingest than everything else together, and replay's text queries are narrowed by job, rank
-or time first (Loki does the same: labels select chunks, a line filter scans them).
+A query selects candidate chunks by the indexed columns, decodes them as its merge reaches them (see
+:func:`_merge_chunks`) and filters each event in Python. Text search is a scan of the decoded
+messages: the v1 schema's trigram full-text index cost more at ingest than everything else together,
+and replay's text queries are narrowed by job, rank or time first (Loki does the same: labels select
+chunks, a line filter scans them).
 
 Writers from several processes are fine (WAL, ``busy_timeout``, ``BEGIN IMMEDIATE``); each
 :meth:`EventStore.put` is one transaction. Chunk ids grow with every commit, which is what
@@ -54,16 +56,19 @@ is migrated on open, in one transaction.
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import operator
 import sqlite3
 import threading
-from collections.abc import Collection, Iterator, Mapping, Sequence
+import time
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from mlops_obs.config import ConfigError, Setting, parse_duration
 from mlops_obs.logs.sink import (
     FAULTS,
     KINDS,
@@ -594,7 +599,11 @@ class EventStore:
         with self._lock:
             return int(self._db.execute("SELECT coalesce(max(id), 0) FROM chunks").fetchone()[0])
 
-    def query(
+    def query(self, **filters: Any) -> list[dict[str, Any]]:
+        """:meth:`iter_query` as a list (the whole result in memory: for small results and tests)."""
+        return list(self.iter_query(**filters))
+
+    def iter_query(
         self,
         *,
         job: str | None = None,
@@ -608,15 +617,18 @@ class EventStore:
         limit: int | None = None,
         stored_after: int | None = None,
         stored_upto: int | None = None,
-    ) -> list[dict[str, Any]]:
-        """Events matching every given filter, in (``@timestamp``, ``source``, ``offset``) order.
+    ) -> Iterator[dict[str, Any]]:
+        """Events matching every given filter, in (``@timestamp``, ``source``, ``offset``) order, as
+        they are merged: never the whole result in memory (see :func:`_merge_chunks`).
 
         ``rank`` may be a list (any of them); ``since`` is inclusive, ``until`` exclusive (any form
         :func:`format_timestamp` takes); ``level`` may be a list; ``text`` is a case-insensitive
         substring of the message (a scan of the decoded chunks the other filters select; see the
         module docstring for why no text index); ``stored_after`` and ``stored_upto`` are positions
         (:meth:`position`) bounding when the events were stored, which is how a follower reads only
-        what is new.
+        what is new. The iterator reads through its own read-only connection inside one read
+        transaction (one consistent snapshot, while writers go on), closed when it ends or is
+        dropped.
         """
         where: list[str] = []
         args: list[Any] = []
@@ -626,7 +638,7 @@ class EventStore:
         if rank is not None:
             ranks = [int(rank)] if isinstance(rank, int) else sorted({int(r) for r in rank})
             if not ranks:
-                return []
+                return iter(())
             where.append("rank = ?" if len(ranks) == 1 else f"rank IN ({','.join('?' * len(ranks))})")
             args.extend(ranks)
         if node is not None:
@@ -653,45 +665,27 @@ class EventStore:
         if stored_upto is not None:
             where.append("id <= ?")
             args.append(int(stored_upto))
-        sql = f"SELECT {_META}, data FROM chunks"
+        want = int(limit) if limit is not None else None
+        if want is not None and want <= 0:
+            return iter(())
+        sql = f"SELECT id, {_META} FROM chunks"
         if where:
             sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY ts_min"
         needle = text.lower() if text else None
-        want = int(limit) if limit is not None else None
-        if want is not None and want <= 0:
-            return []
-        found: list[tuple[Any, ...]] = []
-        with self._lock:
-            cur = self._db.execute(sql, args)
-            for row in cur:
-                meta, ts_min = row[:8], row[6]
-                if want is not None and len(found) >= want:
-                    # Chunks come in ts_min order: once one starts after the want-th event so far,
-                    # no later chunk can hold an event that sorts before it.
-                    found.sort(key=_order_key)
-                    del found[want:]
-                    if ts_min > found[-1][1]:
-                        break
-                for e in _decode(meta[5], row[8]):
-                    ts = e[1]
-                    if lo is not None and ts < lo:
-                        continue
-                    if hi is not None and ts >= hi:
-                        continue
-                    if levels is not None and e[2] not in levels:
-                        continue
-                    if needle is not None and needle not in e[3].lower():
-                        continue
-                    found.append((meta[4], ts, e, meta))
-        found.sort(key=_order_key)
-        if want is not None:
-            del found[want:]
-        return [
-            {"_id": e[0], "@timestamp": e[1], "kind": m[0], "job": m[1], "rank": m[2], "node": m[3], "level": e[2],
-             "message": e[3], "seq": e[4], "source": m[4], "offset": e[5], "fields": e[6]}
-            for _, _, e, m in found
-        ]  # fmt: skip
+
+        def keep(e: tuple[Any, ...]) -> bool:  # on _merge_chunks' tuples
+            ts = e[0]
+            return (
+                (lo is None or ts >= lo)
+                and (hi is None or ts < hi)
+                and (levels is None or e[4] in levels)
+                and (needle is None or needle in e[5].lower())
+            )
+
+        plain = lo is None and hi is None and levels is None and needle is None
+        events = _merge_chunks(self.path, sql, args, None if plain else keep)
+        return itertools.islice(events, want) if want is not None else events
 
     def rank_facts(self, job: str, *, since: Any = None, until: Any = None) -> list[RankFacts]:
         """:class:`~mlops_obs.logs.source.RankFacts` of every rank of ``job`` with log events in
@@ -760,6 +754,52 @@ class EventStore:
             for rank, a in sorted(acc.items(), key=lambda kv: (kv[0] is None, kv[0] or 0))
         ]  # fmt: skip
 
+    # --- retention ---------------------------------------------------------------------------------
+
+    def apply_retention(self, max_age: float, *, now: float | None = None, batch: int = 200) -> tuple[int, int]:
+        """Delete the chunks whose every event is older than ``max_age`` seconds before ``now`` and
+        give their space back to the file system; returns (events deleted, bytes the files shrank).
+
+        Whole chunks go (one whose newest event is inside the window stays, so a little more than
+        ``max_age`` is kept), ``batch`` chunks a transaction, so the shipper and the alert sink wait
+        for one short write at most. Space: SQLite only marks the pages of deleted rows free; they
+        go back to the file system with *incremental vacuum* (``auto_vacuum=INCREMENTAL``, then
+        ``PRAGMA incremental_vacuum`` after each pass), which moves only pages near the end of the
+        file and truncates it: work in proportion to what was deleted. A full ``VACUUM`` on every
+        pass would rewrite the whole store (work and temporary disk in proportion to what is kept,
+        writers blocked meanwhile); it runs once, on the first pass over a store made without
+        incremental vacuum, because that setting only takes effect through a rebuild.
+        """
+        cutoff = format_timestamp((time.time() if now is None else now) - float(max_age))
+        size0 = self._file_bytes()
+        deleted = 0
+        while True:
+            with self._transaction():
+                rows = self._db.execute(
+                    "SELECT id, n FROM chunks WHERE ts_min < ? AND ts_max < ? LIMIT ?", (cutoff, cutoff, batch)
+                ).fetchall()
+                if rows:
+                    self._db.executemany("DELETE FROM chunks WHERE id = ?", [(r[0],) for r in rows])
+            deleted += sum(r[1] for r in rows)
+            if len(rows) < batch:
+                break
+        with self._lock:
+            if int(self._db.execute("PRAGMA auto_vacuum").fetchone()[0]) != 2:
+                self._db.execute("PRAGMA auto_vacuum=INCREMENTAL")
+                self._db.execute("VACUUM")
+            self._db.execute("PRAGMA incremental_vacuum").fetchall()
+            self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()  # the shrink reaches the file
+        return deleted, max(0, size0 - self._file_bytes())
+
+    def _file_bytes(self) -> int:
+        total = 0
+        for suffix in ("", "-wal"):
+            try:
+                total += (self.directory / (DB_NAME + suffix)).stat().st_size
+            except OSError:
+                pass
+        return total
+
     def close(self) -> None:
         with self._lock:
             self._db.close()
@@ -787,6 +827,82 @@ def _time_range(since: Any, until: Any, where: list[str], args: list[Any]) -> tu
 
 _META = "kind, job, rank, node, source, prefix, ts_min, ts_max"
 """The chunk columns an event takes its stream fields from (see :func:`_event`)."""
+
+
+def _merge_chunks(
+    path: Path, sql: str, args: Sequence[Any], keep: Callable[[tuple[Any, ...]], bool] | None
+) -> Iterator[dict[str, Any]]:
+    """The events of the chunks ``sql`` selects (``id`` and :data:`_META`, in ``ts_min`` order), merged
+    into (``@timestamp``, ``source``, ``offset``) order: a k-way merge of the chunk streams with a
+    watermark, so only the chunks open at one moment are in memory.
+
+    Why it is correct: chunks come by ``ts_min``, so once the next chunk starts at ``w`` no chunk not
+    yet read holds an event before ``w``; every held event before ``w`` can go out, in order.
+    Events are held as tuples ``(ts, source, offset, _id, level, message, seq, fields, meta)``:
+    ``_id`` is unique in the store, so a comparison never reaches ``fields``; a dict is made for an
+    event only as it is yielded. They go out in batches of at least :data:`MERGE_BATCH` and a
+    quarter of the events held (or at the end): each chunk's events are a sorted run, so one
+    ``list.sort`` of a batch is a merge of runs in C, where sorting at every chunk (a 64-rank job's
+    chunks all overlap) would sort the held events again for each. Memory: one batch and the events
+    of the chunks overlapping the watermark, whatever the store's size; SQLite streams the chunk
+    metadata in ``ts_min`` order.
+
+    ``keep`` (on those tuples) drops events the chunk selection could not (time bounds, levels, text).
+    """
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30.0, isolation_level=None,
+                         check_same_thread=False)  # fmt: skip
+    try:
+        db.execute("PRAGMA busy_timeout=30000")
+        db.execute("BEGIN")  # one snapshot for the metadata and every chunk read after it
+        fetch = db.cursor()
+        held: list[tuple[Any, ...]] = []
+        held_min: str | None = None
+        added = 0
+        batch = MERGE_BATCH_FIRST
+        repeat = itertools.repeat
+        for cid, *meta in db.execute(sql, args):
+            w = meta[6]
+            if added >= batch and added * 4 >= len(held) and held_min is not None and held_min < w:
+                held.sort()
+                i = bisect.bisect_left(held, (w,))
+                out = held[:i]
+                del held[:i]
+                held_min = held[0][0] if held else None
+                added, batch = 0, MERGE_BATCH
+                yield from _as_events(out)
+                del out
+            got = fetch.execute("SELECT data FROM chunks WHERE id = ?", (cid,)).fetchone()
+            if got is None:
+                continue
+            cols = orjson.loads(got[0])
+            m = tuple(meta)
+            # repeat() is endless and the columns are of one length: strict would only fail on repeat.
+            items = zip(cols[1], repeat(m[4]), cols[5], _chunk_ids(m[5], cols), cols[2], cols[3], cols[4], cols[6],
+                        repeat(m), strict=False)  # fmt: skip
+            new = list(items) if keep is None else [it for it in items if keep(it)]
+            if new:
+                first = min(cols[1]) if keep is None else min(it[0] for it in new)
+                held += new
+                added += len(new)
+                if held_min is None or first < held_min:
+                    held_min = first
+        held.sort()
+        yield from _as_events(held)
+    finally:
+        db.close()
+
+
+MERGE_BATCH = 2048
+"""Events a streaming merge adds before it sorts and hands out what the watermark allows."""
+MERGE_BATCH_FIRST = 256
+"""The first batch is small: the first lines of a query come at once."""
+
+
+def _as_events(items: list[tuple[Any, ...]]) -> Iterator[dict[str, Any]]:
+    """The schema's dicts of :func:`_merge_chunks`' tuples."""
+    for t, src, off, eid, lv, msg, seq, fl, m in items:
+        yield {"_id": eid, "@timestamp": t, "kind": m[0], "job": m[1], "rank": m[2], "node": m[3], "level": lv,
+               "message": msg, "seq": seq, "source": src, "offset": off, "fields": fl}  # fmt: skip
 
 
 def _decode(prefix: str, data: bytes) -> Iterator[tuple[Any, ...]]:
@@ -997,21 +1113,21 @@ def salvage_store(source: Path | str, target: Path | str) -> tuple[int, int, int
 
 
 class StoreSource:
-    """The store as a :class:`~mlops_obs.logs.source.Source`. ``events`` is :meth:`EventStore.query`
-    (the whole result is built before the first event is yielded); ``follow`` reads past the store's
-    :meth:`~EventStore.position`; ``rank_facts`` is :meth:`EventStore.rank_facts`."""
+    """The store as a :class:`~mlops_obs.logs.source.Source`. ``events`` is :meth:`EventStore.iter_query`
+    (a streaming merge of the chunks); ``follow`` reads past the store's :meth:`~EventStore.position`;
+    ``rank_facts`` is :meth:`EventStore.rank_facts`."""
 
     def __init__(self, directory: Path | str) -> None:
         if not (Path(directory) / DB_NAME).is_file():
             raise FileNotFoundError(f"no event store in {str(directory)!r} ({DB_NAME} is missing)")
         self.store = EventStore(directory)
 
-    def _query(self, q: EventQuery, **kw: Any) -> list[dict[str, Any]]:
-        return self.store.query(job=q.job, rank=q.ranks or None, node=q.node, kind=q.kind, level=q.levels,
-                                since=q.since, until=q.until, text=q.text, **kw)  # fmt: skip
+    def _query(self, q: EventQuery, **kw: Any) -> Iterator[dict[str, Any]]:
+        return self.store.iter_query(job=q.job, rank=q.ranks or None, node=q.node, kind=q.kind, level=q.levels,
+                                     since=q.since, until=q.until, text=q.text, **kw)  # fmt: skip
 
     def events(self, query: EventQuery) -> Iterator[dict[str, Any]]:
-        return iter(self._query(query, limit=query.limit))
+        return self._query(query, limit=query.limit)
 
     def follow(self, query: EventQuery, stop: threading.Event, poll_interval: float = 0.25) -> Iterator[dict[str, Any]]:
         pos = self.store.position()
@@ -1027,3 +1143,84 @@ class StoreSource:
 
     def close(self) -> None:
         self.store.close()
+
+
+def _parse_retention(v: Any) -> float | None:
+    """A duration as the other settings take it, or in days or weeks (``30d``, ``2w``) as retentions are."""
+    if v is None or v == "":
+        return None
+    s = str(v).strip()
+    if s[-1:] in ("d", "w") and s[:-1].replace(".", "", 1).isdigit():
+        d = float(s[:-1]) * (86400.0 if s[-1] == "d" else 7 * 86400.0)
+    else:
+        d = parse_duration(v)
+    if d < 60:
+        raise ValueError(f"must be at least 1m (or empty for no retention), got {v!r}")
+    return d
+
+
+STORE_RETENTION_SETTING = Setting(
+    "store.retention", _parse_retention, None,
+    "Delete the embedded store's events older than this (whole chunks) and give the space back to the file "
+    "system; checked at start and every tenth of it (between 1m and 1h). Default: keep everything.",
+    metavar="DURATION",
+)  # fmt: skip
+
+
+def retention_from_config(
+    cfg: Mapping[str, Any], store_dir: Path | None, log: FilteringBoundLogger | None = None
+) -> RetentionLoop | None:
+    """The :class:`RetentionLoop` ``--store.retention`` asks for (not started), or None; a
+    :class:`~mlops_obs.config.ConfigError` when the events go to OpenSearch (its ISM policy,
+    ``--opensearch.retention``, deletes old indices there)."""
+    max_age = cfg.get("store.retention")
+    if max_age is None:
+        return None
+    if store_dir is None:
+        raise ConfigError("store.retention", "applies to the embedded store; OpenSearch uses --opensearch.retention")
+    return RetentionLoop(store_dir, max_age, log=log)
+
+
+class RetentionLoop:
+    """``--store.retention``: :meth:`EventStore.apply_retention` at start and then every ``interval``
+    seconds (a tenth of the retention, between a minute and an hour), in a daemon thread with its own
+    connection, until :meth:`stop`. A failed pass (the store busy past the timeout, a full disk for
+    the one-time ``VACUUM``) is logged and tried again at the next."""
+
+    def __init__(
+        self, directory: Path | str, max_age: float, *, interval: float | None = None,
+        log: FilteringBoundLogger | None = None,
+    ) -> None:  # fmt: skip
+        self.directory = Path(directory)
+        self.max_age = float(max_age)
+        self.interval = interval if interval is not None else min(3600.0, max(60.0, self.max_age / 10))
+        self.log = log
+        self.passes = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="store-retention", daemon=True)
+
+    def start(self) -> RetentionLoop:
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while True:
+            self.run_pass()
+            if self._stop.wait(self.interval):
+                return
+
+    def run_pass(self) -> None:
+        """One pass, now, in the caller's thread (``ship --once`` runs one after shipping)."""
+        try:
+            with EventStore(self.directory) as store:
+                events, freed = store.apply_retention(self.max_age)
+            if events or freed:
+                say(self.log, "info", "store retention", events_deleted=events, bytes_freed=freed)
+        except (sqlite3.Error, OSError) as e:
+            say(self.log, "error", "store retention failed; retrying later", error=str(e))
+        self.passes += 1
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=30)

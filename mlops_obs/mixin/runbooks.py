@@ -7,6 +7,10 @@ from mlops_obs.mixin.alertmanager import JOB_ROOT_CAUSES, JOB_SYMPTOMS
 from mlops_obs.mixin.config import MixinConfig
 from mlops_obs.mixin.rules import alerts
 
+REPLAY = "mlops-obs replay --store DIR --job <job>"
+"""The command a runbook points to for a job's timeline (see docs/replay.md; ``--opensearch URL`` instead of
+``--store DIR`` where the logs go to OpenSearch)."""
+
 ACTIONS: dict[str, str] = {
     "GpuXidCritical": "Cordon/drain the node. Look the code up in NVIDIA's XID catalogue; 48/63/64/92/94/95: reset "
     "the GPU (`nvidia-smi -r`) once idle; 79: reboot; repeated codes on one GPU: RMA. Restart the job (its `job` "
@@ -52,21 +56,27 @@ ACTIONS: dict[str, str] = {
     "NodeClockNotSynchronising": "Start/repair chrony or ntpd; check it can reach its servers.",
     "TrainingRankFailed": "The alert names the first rank to fail and why (`reason`/`detail`: the exception type, "
     "the signal, the exit code, or `vanished` when the process disappeared without a word: SIGKILL, the OOM "
-    "killer, a segfault). Read that rank's last log lines (the dashboard's \"Logs of this rank\" link, or "
-    "`kubectl logs`/the job's stderr file); for `vanished`, check `dmesg` on its node for the OOM killer. Its "
+    "killer, a segfault). Read the job's timeline around the failure: `" + REPLAY + " --around <the alert's "
+    "startsAt> --window 2m` (every rank, the launcher's exit records and the node's alerts in one order; the "
+    "failed rank's traceback is one error event), then `mlops-obs rca --store DIR --job <job>`; for `vanished`, "
+    "check `dmesg` on its node for the OOM killer. Its "
     "peers' stall and slowdown are muted while this fires. Restart the job from its last checkpoint once fixed.",
     "TrainingStalled": "The named rank is not waiting for its peers: it is stuck in its own code, data loader or "
     "device (the others wait for it in a collective). Take a stack dump of that rank (`py-spy dump --pid PID`, the "
     "pid is on `mlops_process_cpu_seconds_total{job=...,rank=...}`), check its GPU (`nvidia-smi`, XIDs on the GPU "
-    "dashboard) and its log around the last step; then kill the job and restart it from the last checkpoint. A "
+    "dashboard) and its log around the last step: `" + REPLAY + " --rank <rank> --since 15m` (its last lines, "
+    "the launcher's stack dumps and its node's alerts); then kill the job and restart it from the last "
+    "checkpoint. A "
     "phase the job declares as an expected pause (checkpoint, evaluation) suspends this alert, for at most the "
     "configured maximum pause.",
     "TrainingStalledRankMissing": "Every rank that reports waits in a collective for one that does not: compare "
-    "`mlops_training_world_size` with the ranks on the training dashboard to find it, then check its node "
+    "`mlops_training_world_size` with the ranks on the training dashboard to find it (`" + REPLAY + " --since "
+    "15m --kind launcher` lists the ranks the launcher started and saw exit), then check its node "
     "(`TrainingNodeDown`, `MlopsExporterDown`) and whether a sidecar scrapes it at all. If every rank does report, "
     "they wait in mismatched collectives (a code path only some ranks take): dump their stacks (`py-spy dump`).",
     "TrainingNodeDown": "Prometheus lost the sidecar of the rank's node while the rank was running: check the node "
-    "(`kubectl get node`, the cloud console), its network and the sidecar pod. The job's other ranks wait for this "
+    "(`kubectl get node`, the cloud console), its network and the sidecar pod; `" + REPLAY + " --node <node> "
+    "--since 30m` shows the node's last lines and alerts. The job's other ranks wait for this "
     "one until the collective times out; their stall and slowdown are muted while this fires. Restart the job "
     "without the node.",
     "TrainingStraggler": "Look at that rank's node and GPU dashboards: throttling, a noisy neighbour, a degraded "

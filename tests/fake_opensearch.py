@@ -270,6 +270,8 @@ class FakeOpenSearch:
             else:
                 docs = copy.deepcopy(self._matching(target))
             mappings = self._mappings()
+        if not docs:  # no shard in scope: nothing is parsed against a mapping, nothing found
+            return 200, {"took": 0, "timed_out": False, "hits": {"hits": []}, **({"pit_id": pit["id"]} if pit else {})}
         view = _View(mappings)
         hits = [h for h in docs if view.matches(req.get("query") or {"match_all": {}}, h[2])]
         sort = _sort_spec(req.get("sort"), view)

@@ -354,3 +354,59 @@ def test_rca_cli_with_opensearch(tmp_path: Path, fake: FakeOpenSearch) -> None:
     assert r.returncode == 4 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
     r = subprocess.run([*run, "--opensearch", fake.url, "--store", str(tmp_path)], capture_output=True, text=True)
     assert r.returncode == 2
+
+
+@pytest.mark.opensearch
+def test_real_opensearch_reads_back_as_the_store(tmp_path: Path) -> None:
+    """Against a real cluster (MLOPS_OBS_TEST_OPENSEARCH_URL): the template and ISM policy are accepted,
+    the same files read back through a point in time give the store's order for every query, the
+    aggregations give the store's rank facts, and rca's verdict is the store's."""
+    import os
+    import uuid
+
+    url = os.environ.get("MLOPS_OBS_TEST_OPENSEARCH_URL")
+    if not url:
+        pytest.skip("set MLOPS_OBS_TEST_OPENSEARCH_URL to run against a real OpenSearch")
+    from opensearchpy import OpenSearch
+
+    from mlops_obs.logs.opensearch import setup_names
+    from mlops_obs.logs.store import EventStore
+    from mlops_obs.rca.bundle import Bundle
+    from mlops_obs.rca.sources import ChunkStore, SourceFacts
+    from mlops_obs.rca.verdict import analyse
+
+    prefix = f"mlops-test-{uuid.uuid4().hex[:8]}"
+    settings = OpenSearchSettings(url=url, state_dir=tmp_path / "st", index_prefix=prefix, verify=False)
+    client = OpenSearch(hosts=[url], verify_certs=False, ssl_show_warn=False)
+    logs = tmp_path / "logs"
+    _write_logs(logs)
+    b = Bundle(FIXTURES / "crashj.tar.gz")
+    evs = list(b.events())
+    try:
+        for i, sink in enumerate((StoreSink(tmp_path / "store"), OpenSearchSink(settings))):
+            sh = Shipper(ShipperOptions(sources=[str(logs / "*")], state_dir=tmp_path / f"ship{i}"), sink)
+            sh.run(once=True)
+            sink.send(_alerts() + evs, threading.Event())
+            sh.close()
+        client.indices.refresh(index=f"{prefix}-*")
+        template, policy = setup_names(prefix)
+        assert client.indices.get_index_template(name=template)["index_templates"]
+        store = StoreSource(tmp_path / "store")
+        source = OpenSearchSource(settings, page_size=7)
+        for q in QUERIES:
+            assert list(source.events(q)) == list(store.events(q)), q
+        for job in ("j1", "crashj"):
+            assert source.rank_facts(job) == store.rank_facts(job)
+        now = b.manifest["created"]
+        with EventStore(tmp_path / "store2") as s:
+            s.put(evs)
+        want, _ = analyse(ChunkStore(tmp_path / "store2"), "crashj", now=now)
+        got, _ = analyse(SourceFacts(source, url), "crashj", now=now)
+        assert got.to_json() == want.to_json()
+        store.close()
+    finally:
+        b.close()
+        client.indices.delete(index=f"{prefix}-*")
+        template, policy = setup_names(prefix)
+        client.indices.delete_index_template(name=template)
+        client.transport.perform_request("DELETE", f"/_plugins/_ism/policies/{policy}")

@@ -56,6 +56,13 @@ if TYPE_CHECKING:
 
 TEMPLATE_NAME = "mlops-logs"
 POLICY_NAME = "mlops-logs-retention"
+"""The names for the default prefix; another prefix gets its own (:func:`setup_names`), so two
+deployments (or a test) sharing a cluster do not overwrite each other's template and policy."""
+
+
+def setup_names(prefix: str) -> tuple[str, str]:
+    """The index template's and the ISM policy's names for indices ``<prefix>-*``."""
+    return prefix, f"{prefix}-retention"
 
 
 def _parse_url(v: Any) -> str | None:
@@ -314,11 +321,12 @@ class OpenSearchSink:
         last_error = None
         while True:
             try:
-                self.client.indices.put_index_template(name=TEMPLATE_NAME, body=template_body(self.s.index_prefix))
+                template, policy = setup_names(self.s.index_prefix)
+                self.client.indices.put_index_template(name=template, body=template_body(self.s.index_prefix))
                 try:
                     self.client.transport.perform_request(
                         "PUT",
-                        f"/_plugins/_ism/policies/{POLICY_NAME}",
+                        f"/_plugins/_ism/policies/{policy}",
                         body=ism_policy_body(self.s.index_prefix, self.s.retention_s),
                     )
                 except TransportError as e:

@@ -212,6 +212,9 @@ def test_rank_facts_from_aggregations_equal_the_stores(tmp_path: Path, fake: Fak
 
 
 def test_point_in_time_is_a_snapshot_and_is_closed_when_the_reader_stops(tmp_path: Path, fake: FakeOpenSearch) -> None:
+    """Beyond the first page the read goes through a point in time: what is stored meanwhile is not
+    mixed into it; the point in time is deleted at the end and when the reader stops early; a result
+    that fits one page opens none."""
     sink = OpenSearchSink(_settings(fake, tmp_path))
     evs = [_ev(i) for i in range(30)]
     sink.send(evs[::2], threading.Event())
@@ -223,11 +226,15 @@ def test_point_in_time_is_a_snapshot_and_is_closed_when_the_reader_stops(tmp_pat
     assert [e["_id"] for e in first + rest] == [e["_id"] for e in evs[::2]]
     assert fake.pits == {}
     it2 = source.events(EventQuery())
-    next(it2)
+    for _ in range(5):  # into the second page: read through a point in time
+        next(it2)
     assert len(fake.pits) == 1
     it2.close()  # the caller stops early: the point in time goes too
     assert fake.pits == {}
     assert [e["_id"] for e in source.events(EventQuery())] == [e["_id"] for e in evs]
+    opened = fake.pit_requests
+    assert len(list(source.events(EventQuery(limit=4)))) == 4 and len(list(source.events(EventQuery(ranks=(0,))))) == 10
+    assert fake.pit_requests == opened + 2  # the limited read fit one page; the rank's 10 did not
 
 
 def _ev(i: int, ts: str | None = None, **kw: Any) -> dict[str, Any]:

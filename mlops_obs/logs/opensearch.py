@@ -526,9 +526,10 @@ def event_of(hit: Mapping[str, Any]) -> dict[str, Any]:
 class OpenSearchSource:
     """OpenSearch as a :class:`~mlops_obs.logs.source.Source` over the ``<prefix>-*`` indices.
 
-    * :meth:`events`: a point in time (``POST /<prefix>-*/_search/point_in_time``) searched in pages
-      of ``page_size`` sorted by :data:`SORT`, each page ``search_after`` the last one's sort values,
-      the point in time deleted at the end (or when the caller stops early). Only one page is held.
+    * :meth:`events`: pages of ``page_size`` sorted by :data:`SORT`; beyond the first, through a point
+      in time (``POST /<prefix>-*/_search/point_in_time``), each page ``search_after`` the last one's
+      sort values, the point in time deleted at the end (or when the caller stops early). Only one
+      page is held (:meth:`search`).
     * :meth:`follow`: :meth:`events`, then every ``poll_interval`` a search from ``lookback``
       seconds before the newest time seen, skipping the ids already yielded in that window: an event
       shipped late (a lagging shipper, the index's refresh) still comes if its time is within
@@ -563,32 +564,45 @@ class OpenSearchSource:
     def search(
         self, query: Mapping[str, Any], *, limit: int | None = None, sort: list[dict[str, Any]] | None = None
     ) -> Iterator[dict[str, Any]]:
-        """The hits of ``query`` in ``sort`` order (default :data:`SORT`), up to ``limit``, paged
-        through a point in time with ``search_after``."""
+        """The hits of ``query`` in ``sort`` order (default :data:`SORT`), up to ``limit``.
+
+        The first page is a plain search; only when it comes back full is a point in time opened and
+        the rest read through it, each page ``search_after`` the previous one's last sort values
+        (unique, so nothing is skipped or repeated). Most of rca's questions fit one page: one
+        request instead of three. What is stored between the first page and the point in time
+        counts as stored after the read began, as anything stored during a read does.
+        """
+        sort = sort or SORT
+        size = self.page_size if limit is None else min(self.page_size, limit)
+        if size <= 0:
+            return
+        body: dict[str, Any] = {"size": size, "query": query, "sort": sort, "track_total_hits": False}
+        hits = self._hits(self._call("POST", f"/{self.index}/_search", body=body))
+        yield from hits
+        n = len(hits)
+        if len(hits) < size or (limit is not None and n >= limit):
+            return
         created = self._call("POST", f"/{self.index}/_search/point_in_time", params={"keep_alive": self.keep_alive})
         if not created or not created.get("pit_id"):
-            return  # no index yet: nothing stored
+            return  # the indices went away meanwhile (retention): nothing more to read
         pit = created["pit_id"]
         try:
-            after: list[Any] | None = None
-            n = 0
+            after = hits[-1]["sort"]
             while limit is None or n < limit:
                 size = self.page_size if limit is None else min(self.page_size, limit - n)
-                body: dict[str, Any] = {
+                body = {
                     "size": size,
                     "query": query,
-                    "sort": sort or SORT,
+                    "sort": sort,
                     "pit": {"id": pit, "keep_alive": self.keep_alive},
                     "track_total_hits": False,
+                    "search_after": after,
                 }
-                if after is not None:
-                    body["search_after"] = after
                 resp = self._call("POST", "/_search", body=body) or {}
                 pit = resp.get("pit_id") or pit
-                hits = (resp.get("hits") or {}).get("hits") or []
-                for h in hits:
-                    n += 1
-                    yield h
+                hits = self._hits(resp)
+                yield from hits
+                n += len(hits)
                 if len(hits) < size:
                     return
                 after = hits[-1]["sort"]
@@ -597,6 +611,10 @@ class OpenSearchSource:
                 self._call("DELETE", "/_search/point_in_time", body={"pit_id": [pit]})
             except Exception:
                 pass  # it expires after keep_alive anyway
+
+    @staticmethod
+    def _hits(resp: Any) -> list[dict[str, Any]]:
+        return list(((resp or {}).get("hits") or {}).get("hits") or [])
 
     def events(self, query: EventQuery) -> Iterator[dict[str, Any]]:
         want = query.limit

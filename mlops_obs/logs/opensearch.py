@@ -546,12 +546,14 @@ class OpenSearchSource:
         self.keep_alive = keep_alive
         self.lookback_s = lookback_s
         self.requests = 0  # searches, aggregations and point-in-time calls made (for the benchmarks)
-        self.bytes_in = 0
+        self.bytes_out = 0  # request bodies, as JSON
+        self.bytes_in = 0  # response bodies, as JSON
 
     def _call(self, method: str, path: str, body: Any = None, params: Mapping[str, str] | None = None) -> Any:
         from opensearchpy.exceptions import NotFoundError
 
         self.requests += 1
+        self.bytes_out += len(orjson.dumps(body)) if body is not None else 0
         try:
             resp = self.client.transport.perform_request(method, path, body=body, params=dict(params or {}))
         except NotFoundError:

@@ -417,3 +417,48 @@ def test_real_opensearch_reads_back_as_the_store(tmp_path: Path) -> None:
         template, policy = setup_names(prefix)
         client.indices.delete_index_template(name=template)
         client.transport.perform_request("DELETE", f"/_plugins/_ism/policies/{policy}")
+
+
+def test_follow_with_a_limit_does_not_yield_the_rest_of_what_was_there(tmp_path: Path, fake: FakeOpenSearch) -> None:
+    """--limit caps what is shown of the events present at the start; following then shows only what
+    arrives afterwards, as the store's follow does."""
+    sink = OpenSearchSink(_settings(fake, tmp_path))
+    sink.send([_ev(i) for i in range(12)], threading.Event())
+    source = _source(fake, tmp_path, page=5)
+    stop = threading.Event()
+    got: list[str] = []
+    first = threading.Event()
+
+    def reader() -> None:
+        for ev in source.follow(EventQuery(job="j", limit=3), stop, poll_interval=0.05):
+            got.append(ev["_id"])
+            if len(got) == 3:
+                first.set()
+            if len(got) == 4:
+                stop.set()
+
+    t = threading.Thread(target=reader)
+    t.start()
+    assert first.wait(30)
+    sink.send([_ev(30)], threading.Event())
+    t.join(30)
+    assert not t.is_alive()
+    assert got == ["id-0000", "id-0001", "id-0002", "id-0030"]
+
+
+def test_after_splits_many_ranks_under_the_clause_limit(tmp_path: Path, fake: FakeOpenSearch) -> None:
+    """A job of more ranks than one bool query may hold clauses for: the tails come in several searches."""
+    from mlops_obs.logs import opensearch
+
+    sink = OpenSearchSink(_settings(fake, tmp_path))
+    sink.send([_ev(i) | {"rank": i} for i in range(9)], threading.Event())
+    source = _source(fake, tmp_path)
+    old = opensearch.MAX_CLAUSES
+    opensearch.MAX_CLAUSES = 4
+    try:
+        before = fake.searches
+        got = list(source.after("j", {r: ("2026-03-04T10:00:00.000005Z" if r % 2 else None) for r in range(9)}))
+    finally:
+        opensearch.MAX_CLAUSES = old
+    assert fake.searches - before == 3
+    assert sorted(e["rank"] for e in got) == [0, 2, 4, 5, 6, 7, 8]

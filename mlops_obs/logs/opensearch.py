@@ -646,6 +646,18 @@ class OpenSearchSource:
             if newest is None or ts > newest:
                 newest = ts
 
+        if query.limit is not None:
+            # A limited read shows only part of what is stored now, and the rest is not new: before it,
+            # take the newest stored event and the ones within the look-back of it as seen (as many as
+            # a poll reads), so following starts from there.
+            last = [event_of(h) for h in self.search(query_body(dataclasses.replace(query, limit=None)),
+                                                     limit=1, sort=SORT_DESC)]  # fmt: skip
+            if last:
+                top = str(last[0]["@timestamp"])
+                floor = _shift(top, -self.lookback_s)
+                start = floor if query.since is None or floor > query.since else query.since
+                for ev in self.events(dataclasses.replace(query, since=start, until=_shift(top, 1e-6), limit=None)):
+                    note(ev)
         for ev in self.events(query):
             note(ev)
             yield ev
@@ -729,20 +741,22 @@ class OpenSearchSource:
     def after(
         self, job: str, starts: Mapping[int, str | None], *, until: str | None = None
     ) -> Iterator[dict[str, Any]]:
-        """The log events of each rank of ``starts`` from its start time (all of them for None), in
-        one paged search: a ``bool`` ``should`` of one clause per rank."""
-        if not starts:
-            return
-        clauses: list[dict[str, Any]] = []
-        for rank, start in sorted(starts.items()):
-            c: list[dict[str, Any]] = [{"term": {"rank": rank}}]
-            if start is not None:
-                c.append({"range": {"@timestamp": {"gte": start}}})
-            clauses.append({"bool": {"filter": c}})
+        """The log events of each rank of ``starts`` from its start time (all of them for None): a
+        paged search with a ``bool`` ``should`` of one clause per rank, :data:`MAX_CLAUSES` ranks a
+        search (under ``indices.query.bool.max_clause_count``, 1024 by default). Each rank's events
+        come in order; the ranks of different searches are not merged."""
         q = query_body(EventQuery(job=job, kind="log", until=until))
-        body = {"bool": {"filter": [q], "should": clauses, "minimum_should_match": 1}}
-        for h in self.search(body):
-            yield event_of(h)
+        ranks = sorted(starts.items())
+        for i in range(0, len(ranks), MAX_CLAUSES):
+            clauses: list[dict[str, Any]] = []
+            for rank, start in ranks[i : i + MAX_CLAUSES]:
+                c: list[dict[str, Any]] = [{"term": {"rank": rank}}]
+                if start is not None:
+                    c.append({"range": {"@timestamp": {"gte": start}}})
+                clauses.append({"bool": {"filter": c}})
+            body = {"bool": {"filter": [q], "should": clauses, "minimum_should_match": 1}}
+            for h in self.search(body):
+                yield event_of(h)
 
     def close(self) -> None:
         try:
@@ -752,6 +766,7 @@ class OpenSearchSource:
 
 
 MAX_RANKS = 10000
+MAX_CLAUSES = 512
 """Most ranks one aggregation returns buckets for (under OpenSearch's default ``search.max_buckets``)."""
 
 

@@ -1,4 +1,7 @@
-"""The OpenSearch sink: ``_bulk`` with our own NDJSON, per-item outcomes, retries that never drop.
+"""OpenSearch as a backend: the sink (``_bulk`` with our own NDJSON, per-item outcomes, retries that
+never drop), the index template and ISM policy it installs, and the source that reads it back
+(:class:`OpenSearchSource`: a point in time paged with ``search_after``, aggregations for the
+per-rank facts; see its docstring and docs/logs.md, "Reading back").
 
 Why not opensearch-py's helpers: ``streaming_bulk`` retries only per-item 429s (and not at all with
 ``raise_on_error``), ``parallel_bulk`` not at all; both build bodies ~10x slower than orjson. Here:
@@ -11,7 +14,8 @@ Why not opensearch-py's helpers: ``streaming_bulk`` retries only per-item 429s (
   full-jitter exponential backoff, forever (the shipper stops reading meanwhile); a 413 splits the
   request in two (a single document too big is dead-lettered); any other 4xx goes to the
   dead-letter file with its reason, fsynced before the batch counts as acknowledged;
-* at start it installs an index template (mappings for our fields) and an ISM retention policy.
+* at start it installs an index template (:func:`template_body`: OpenSearch types, what readers
+  filter or aggregate on typed at the top level) and an ISM retention policy (:func:`ism_policy_body`).
 """
 
 from __future__ import annotations

@@ -150,7 +150,9 @@ def _alerts() -> list[dict[str, Any]]:
         {"status": "firing", "labels": {"alertname": "NodeHot", "node": "n0", "severity": "warning"},
          "annotations": {}, "startsAt": "2026-03-04T10:00:03.100000Z", "fingerprint": "f2"},
     ]}  # fmt: skip
-    return alert_events(payload)
+    events, rejected = alert_events(payload)
+    assert rejected == []
+    return events
 
 
 def _ship_both(tmp_path: Path, fake: FakeOpenSearch) -> tuple[StoreSource, OpenSearchSource]:

@@ -1,8 +1,22 @@
 """A local HTTP endpoint speaking the OpenSearch subset the sink uses, with injectable faults.
 
-Real sockets, real HTTP (the sink's opensearch-py client cannot tell it from a cluster for these
-calls): ``/_bulk`` (``create`` with ``_id``, per-item statuses, 409 on a repeated ``_id`` within an
-index), ``/_search`` (``match_all``), ``/_index_template/*``, ``/_plugins/_ism/policies/*``.
+Real sockets, real HTTP (opensearch-py cannot tell it from a cluster for these calls):
+``/_bulk`` (``create`` with ``_id``, per-item statuses, 409 on a repeated ``_id`` within an index),
+``/_index_template/*`` (rejecting a field type OpenSearch does not have, such as Elasticsearch's
+``flattened``), ``/_plugins/_ism/policies/*``, and the read side as OpenSearch documents it:
+
+* point in time: ``POST /<index>/_search/point_in_time?keep_alive=`` freezes the matching indices'
+  documents (later writes are not seen through it), ``DELETE /_search/point_in_time`` with
+  ``{"pit_id": [...]}``; a search naming an unknown or deleted one is a 404;
+* ``_search`` with ``query`` (``match_all``, ``bool`` with ``filter``/``must``/``should``/
+  ``must_not``/``minimum_should_match``, ``term``, ``terms``, ``range``, ``exists``, ``wildcard``
+  with ``case_insensitive``), ``sort`` (``asc``/``desc``, missing values last, ``unmapped_type``),
+  ``search_after``, ``size``, ``_source`` includes, and ``aggs`` (``terms`` with ``size`` and
+  ``order``, ``filter``, ``top_hits``), each hit carrying its ``sort`` values (a ``date_nanos`` as
+  nanoseconds since the epoch, as OpenSearch returns it).
+
+Fields are resolved through the installed template's mappings: an unmapped field (the template
+says ``dynamic: false``) matches no query, a keyword sub-field skips values over ``ignore_above``.
 
 Faults, injected from the test:
 * ``item_faults``: statuses consumed one per bulk item (``429``, ``500``, ``503``, ``400``, or ``409``:
@@ -15,8 +29,14 @@ Faults, injected from the test:
 
 from __future__ import annotations
 
+import base64
 import collections
+import copy
+import datetime as dt
+import fnmatch
+import itertools
 import json
+import re
 import socket
 import threading
 import time
@@ -36,6 +56,10 @@ class FakeOpenSearch:
         self.timeout_sleep = 3.0
         self.bulk_requests = 0
         self.statuses: collections.Counter[int] = collections.Counter()
+        self.pits: dict[str, list[tuple[str, str, dict[str, Any]]]] = {}
+        self.pit_requests = 0
+        self.searches = 0
+        self._pit_ids = itertools.count(1)
         self.lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -65,6 +89,17 @@ class FakeOpenSearch:
                 self.end_headers()
                 self.wfile.write(data)
 
+            def _answer(self, status: int, obj: Any) -> None:
+                self._send(status, obj)
+
+            def do_DELETE(self) -> None:
+                body = self._body()
+                path = self.path.split("?")[0]
+                if path == "/_search/point_in_time":
+                    self._answer(*fake.delete_pit(json.loads(body or b"{}")))
+                else:
+                    self._send(404, {"error": {"type": "not_found", "reason": path}, "status": 404})
+
             def do_HEAD(self) -> None:
                 self.send_response(200)
                 self.send_header("Content-Length", "0")
@@ -74,7 +109,7 @@ class FakeOpenSearch:
                 body = self._body()
                 path = self.path.split("?")[0]
                 if path.endswith("/_search"):
-                    self._send(200, fake.search(path, body))
+                    self._answer(*fake.search(path, body))
                 elif path == "/":
                     self._send(200, {"version": {"number": "2.11.0", "distribution": "opensearch"}})
                 else:
@@ -85,8 +120,15 @@ class FakeOpenSearch:
                 path = self.path.split("?")[0]
                 with fake.lock:
                     if path.startswith("/_index_template/"):
-                        fake.templates[path.rsplit("/", 1)[1]] = json.loads(body)
-                        self._send(200, {"acknowledged": True})
+                        tpl = json.loads(body)
+                        bad = _unknown_types(tpl.get("template", {}).get("mappings", {}))
+                        if bad:
+                            self._send(400, {"error": {"type": "mapper_parsing_exception",
+                                                       "reason": f"No handler for type [{bad}] declared on field"},
+                                             "status": 400})  # fmt: skip
+                        else:
+                            fake.templates[path.rsplit("/", 1)[1]] = tpl
+                            self._send(200, {"acknowledged": True})
                     elif path.startswith("/_plugins/_ism/policies/"):
                         name = path.rsplit("/", 1)[1]
                         if name in fake.policies:
@@ -102,7 +144,10 @@ class FakeOpenSearch:
                 path = self.path.split("?")[0]
                 body = self._body()
                 if path.endswith("/_search"):
-                    self._send(200, fake.search(path, body))
+                    self._answer(*fake.search(path, body))
+                    return
+                if path.endswith("/_search/point_in_time"):
+                    self._answer(*fake.create_pit(path[: -len("/_search/point_in_time")].strip("/")))
                     return
                 if not path.endswith("/_bulk"):
                     self._send(404, {"error": {"type": "not_found", "reason": path}, "status": 404})
@@ -176,19 +221,84 @@ class FakeOpenSearch:
                 items.append({op: res})
         return {"took": 1, "errors": errors, "items": items}
 
-    def search(self, path: str, body: bytes) -> dict[str, Any]:
-        index = path[: -len("/_search")].strip("/")
+    def _matching(self, target: str) -> list[tuple[str, str, dict[str, Any]]]:
+        pats = [t for t in target.split(",") if t] or ["*"]
+        return [
+            (i, k, v)
+            for i, d in self.indices.items()
+            if any(p in ("_all", "*") or fnmatch.fnmatchcase(i, p) for p in pats)
+            for k, v in d.items()
+        ]
+
+    def create_pit(self, target: str) -> tuple[int, dict[str, Any]]:
         with self.lock:
-            docs = [
-                {"_index": i, "_id": k, "_source": v}
-                for i, d in self.indices.items()
-                if not index or index == "*" or i == index or (index.endswith("*") and i.startswith(index[:-1]))
-                for k, v in d.items()
-            ]
-        size = 10
-        if body:
-            size = int(json.loads(body).get("size", 10))
-        return {"hits": {"total": {"value": len(docs), "relation": "eq"}, "hits": docs[:size]}}
+            self.pit_requests += 1
+            if "*" not in target and target not in self.indices:
+                return 404, _error(404, "index_not_found_exception", f"no such index [{target}]")
+            pit = base64.b64encode(f"pit-{next(self._pit_ids)}".encode()).decode()
+            self.pits[pit] = copy.deepcopy(self._matching(target))
+            n = len({i for i, _, _ in self.pits[pit]})
+        return 200, {"pit_id": pit, "_shards": {"total": n, "successful": n, "skipped": 0, "failed": 0},
+                     "creation_time": int(time.time() * 1000)}  # fmt: skip
+
+    def delete_pit(self, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        ids = body.get("pit_id")
+        ids = [ids] if isinstance(ids, str) else list(ids or [])
+        with self.lock:
+            self.pit_requests += 1
+            return 200, {"pits": [{"successful": self.pits.pop(p, None) is not None, "pit_id": p} for p in ids]}
+
+    def search(self, path: str, body: bytes) -> tuple[int, dict[str, Any]]:
+        try:
+            return self._search(path, body)
+        except (ValueError, KeyError, TypeError) as e:
+            return 400, _error(400, "parsing_exception", str(e))
+
+    def _search(self, path: str, body: bytes) -> tuple[int, dict[str, Any]]:
+        req = json.loads(body) if body else {}
+        target = path[: -len("/_search")].strip("/")
+        with self.lock:
+            self.searches += 1
+            pit = req.get("pit")
+            if pit is not None:
+                if target:
+                    return 400, _error(400, "action_request_validation_exception",
+                                       "[indices] cannot be used with point in time")  # fmt: skip
+                docs = self.pits.get(pit.get("id"))
+                if docs is None:
+                    return 404, _error(404, "search_context_missing_exception", "No search context found")
+            else:
+                docs = copy.deepcopy(self._matching(target))
+            mappings = self._mappings()
+        if not docs:  # no shard in scope: nothing is parsed against a mapping, nothing found
+            return 200, {"took": 0, "timed_out": False, "hits": {"hits": []}, **({"pit_id": pit["id"]} if pit else {})}
+        view = _View(mappings)
+        hits = [h for h in docs if view.matches(req.get("query") or {"match_all": {}}, h[2])]
+        sort = _sort_spec(req.get("sort"), view)
+        out: dict[str, Any] = {"took": 1, "timed_out": False, "hits": {"hits": []}}
+        if req.get("track_total_hits", True) is not False:
+            out["hits"]["total"] = {"value": len(hits), "relation": "eq"}
+        if pit is not None:
+            out["pit_id"] = pit["id"]
+        if req.get("aggs") or req.get("aggregations"):
+            out["aggregations"] = view.aggs(req.get("aggs") or req.get("aggregations"), hits)
+        size = int(req.get("size", 10))
+        if size:
+            keyed = sorted(((view.sort_key(sort, h[2]), h) for h in hits), key=lambda kh: kh[0])
+            after = req.get("search_after")
+            if after is not None:
+                if not sort:
+                    return 400, _error(400, "illegal_argument_exception", "search_after needs a sort")
+                bound = _sort_values_key(sort, after)
+                keyed = [kh for kh in keyed if kh[0] > bound]
+            out["hits"]["hits"] = [view.hit(h, sort, req.get("_source")) for _, h in keyed[:size]]
+        return 200, out
+
+    def _mappings(self) -> dict[str, Any]:
+        props: dict[str, Any] = {}
+        for tpl in self.templates.values():
+            props.update(tpl.get("template", {}).get("mappings", {}).get("properties", {}))
+        return props
 
     def all_docs(self) -> dict[str, dict[str, Any]]:
         with self.lock:
@@ -200,3 +310,255 @@ class FakeOpenSearch:
     def count(self) -> int:
         with self.lock:
             return sum(len(d) for d in self.indices.values())
+
+
+# --- query, sort and aggregation semantics --------------------------------------------------------------
+
+KNOWN_TYPES = frozenset(
+    ("binary", "boolean", "byte", "date", "date_nanos", "double", "flat_object", "float", "half_float", "integer",
+     "ip", "keyword", "long", "object", "nested", "scaled_float", "short", "text", "unsigned_long", "wildcard",
+     "match_only_text", "constant_keyword")
+)  # fmt: skip
+"""OpenSearch's field types (a subset of https://docs.opensearch.org/latest/field-types/): not ``flattened``."""
+
+
+def _unknown_types(mapping: dict[str, Any]) -> str | None:
+    for spec in (mapping.get("properties") or {}).values():
+        t = spec.get("type", "object")
+        if t not in KNOWN_TYPES:
+            return str(t)
+        for sub in (spec.get("fields") or {}).values():
+            if sub.get("type") not in KNOWN_TYPES:
+                return str(sub.get("type"))
+        inner = _unknown_types(spec)
+        if inner:
+            return inner
+    return None
+
+
+def _error(status: int, kind: str, reason: str) -> dict[str, Any]:
+    return {"error": {"type": kind, "reason": reason}, "status": status}
+
+
+def _nanos(ts: str) -> int:
+    t = dt.datetime.fromisoformat(ts.replace("Z", "+00:00"))
+    return int(t.timestamp()) * 1_000_000_000 + t.microsecond * 1000
+
+
+class _Missing:
+    """Sorts after every value (OpenSearch's default ``missing: _last``, either order)."""
+
+
+MISSING = _Missing()
+
+
+def _sort_spec(raw: Any, view: _View) -> list[tuple[str, bool, str]]:
+    """[(field, descending, type)]"""
+    spec = []
+    for item in [raw] if isinstance(raw, str | dict) else list(raw or []):
+        if isinstance(item, str):
+            field, opts = item, {}
+        else:
+            ((field, opts),) = item.items()
+            opts = {"order": opts} if isinstance(opts, str) else opts
+        t = view.type_of(field) or opts.get("unmapped_type")
+        if t is None:
+            raise ValueError(f"No mapping found for [{field}] in order to sort on")
+        spec.append((field, opts.get("order", "asc") == "desc", t))
+    return spec
+
+
+class _Key:
+    __slots__ = ("parts",)
+
+    def __init__(self, parts: list[tuple[bool, Any]]) -> None:
+        self.parts = parts
+
+    def _cmp(self, other: _Key) -> int:
+        for (desc, a), (_, b) in zip(self.parts, other.parts):
+            if a is b or a == b:
+                continue
+            if a is MISSING:
+                return 1
+            if b is MISSING:
+                return -1
+            less = a < b
+            return (1 if less else -1) if desc else (-1 if less else 1)
+        return 0
+
+    def __lt__(self, other: _Key) -> bool:
+        return self._cmp(other) < 0
+
+    def __gt__(self, other: _Key) -> bool:
+        return self._cmp(other) > 0
+
+
+def _sort_values_key(sort: list[tuple[str, bool, str]], values: list[Any]) -> _Key:
+    return _Key([(desc, MISSING if v is None else v) for (_, desc, _), v in zip(sort, values)])
+
+
+class _View:
+    """Documents seen through the mappings: what each query, sort and aggregation reads of a field."""
+
+    def __init__(self, props: dict[str, Any]) -> None:
+        self.props = props
+
+    def type_of(self, field: str) -> str | None:
+        top, _, sub = field.partition(".")
+        spec = self.props.get(top)
+        if spec is None:
+            return None
+        if sub:
+            if spec.get("type") == "flat_object":
+                return "flat_object"
+            sub_spec = (spec.get("fields") or {}).get(sub)
+            return sub_spec.get("type") if sub_spec else None
+        return str(spec.get("type", "object"))
+
+    def values(self, field: str, doc: dict[str, Any]) -> list[Any]:
+        """The indexed values of ``field`` (none when unmapped, absent, null or over ``ignore_above``)."""
+        t = self.type_of(field)
+        if t is None:
+            return []
+        top, _, sub = field.partition(".")
+        v = doc.get(top)
+        if sub and t == "flat_object":
+            for part in sub.split("."):
+                v = v.get(part) if isinstance(v, dict) else None
+        elif sub:
+            limit = (self.props[top].get("fields") or {})[sub].get("ignore_above")
+            if isinstance(v, str) and limit is not None and len(v) > limit:
+                return []
+        vals = v if isinstance(v, list) else [v]
+        out = []
+        for x in vals:
+            if x is None:
+                continue
+            if t == "date_nanos":
+                x = _nanos(x)
+            elif t in ("integer", "long"):
+                x = int(x)
+            elif t in ("keyword", "text", "flat_object"):
+                x = x if isinstance(x, str) else json.dumps(x)
+            out.append(x)
+        return out
+
+    def _coerce(self, field: str, v: Any) -> Any:
+        t = self.type_of(field)
+        if t == "date_nanos":
+            return _nanos(v) if isinstance(v, str) else int(v)
+        if t in ("integer", "long"):
+            return int(v)
+        return v
+
+    def matches(self, q: dict[str, Any], doc: dict[str, Any]) -> bool:
+        ((kind, arg),) = q.items()
+        if kind == "match_all":
+            return True
+        if kind == "bool":
+
+            def lst(x: Any) -> list[dict[str, Any]]:
+                return [x] if isinstance(x, dict) else list(x or [])
+
+            must = lst(arg.get("filter")) + lst(arg.get("must"))
+            if not all(self.matches(c, doc) for c in must):
+                return False
+            if any(self.matches(c, doc) for c in lst(arg.get("must_not"))):
+                return False
+            should = lst(arg.get("should"))
+            need = arg.get("minimum_should_match", 0 if must or arg.get("must_not") else 1)
+            return not should or sum(self.matches(c, doc) for c in should) >= int(need)
+        if kind == "term":
+            ((field, v),) = arg.items()
+            v = v["value"] if isinstance(v, dict) else v
+            return self._coerce(field, v) in self.values(field, doc)
+        if kind == "terms":
+            ((field, vs),) = arg.items()
+            want = {self._coerce(field, v) for v in vs}
+            return any(x in want for x in self.values(field, doc))
+        if kind == "exists":
+            return bool(self.values(arg["field"], doc))
+        if kind == "range":
+            ((field, r),) = arg.items()
+            ops = {"gte": lambda a, b: a >= b, "gt": lambda a, b: a > b, "lte": lambda a, b: a <= b,
+                   "lt": lambda a, b: a < b}  # fmt: skip
+            return any(all(ops[o](x, self._coerce(field, b)) for o, b in r.items() if o in ops)
+                       for x in self.values(field, doc))  # fmt: skip
+        if kind == "wildcard":
+            ((field, spec),) = arg.items()
+            spec = spec if isinstance(spec, dict) else {"value": spec}
+            rx = _wildcard_regex(spec["value"], bool(spec.get("case_insensitive")))
+            return any(rx.fullmatch(x) for x in self.values(field, doc) if isinstance(x, str))
+        raise ValueError(f"query [{kind}] is not supported by the fake")
+
+    def sort_key(self, sort: list[tuple[str, bool, str]], doc: dict[str, Any]) -> _Key:
+        parts = []
+        for field, desc, _ in sort:
+            vals = self.values(field, doc)
+            parts.append((desc, (max(vals) if desc else min(vals)) if vals else MISSING))
+        return _Key(parts)
+
+    def hit(self, h: tuple[str, str, dict[str, Any]], sort: list[tuple[str, bool, str]], source: Any) -> dict[str, Any]:
+        index, _id, doc = h
+        out: dict[str, Any] = {"_index": index, "_id": _id, "_score": None, "_source": _project(doc, source)}
+        if sort:
+            out["sort"] = [None if v is MISSING else v for _, v in self.sort_key(sort, doc).parts]
+        return out
+
+    def aggs(self, spec: dict[str, Any], hits: list[tuple[str, str, dict[str, Any]]]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for name, agg in spec.items():
+            sub = agg.get("aggs") or agg.get("aggregations") or {}
+            if "terms" in agg:
+                t = agg["terms"]
+                groups: dict[Any, list[tuple[str, str, dict[str, Any]]]] = collections.defaultdict(list)
+                for h in hits:
+                    for v in set(self.values(t["field"], h[2])):
+                        groups[v].append(h)
+                order = t.get("order", {"_count": "desc"})
+                ((okey, odir),) = (order if isinstance(order, dict) else order[0]).items()
+                if okey == "_key":
+                    keys = sorted(groups, reverse=odir == "desc")
+                else:
+                    keys = sorted(groups, key=lambda k: (-len(groups[k]) if odir == "desc" else len(groups[k]), k))
+                buckets = []
+                for k in keys[: int(t.get("size", 10))]:
+                    b = {"key": k, "doc_count": len(groups[k]), **self.aggs(sub, groups[k])}
+                    buckets.append(b)
+                out[name] = {"doc_count_error_upper_bound": 0, "sum_other_doc_count": sum(
+                    len(groups[k]) for k in keys[int(t.get("size", 10)):]), "buckets": buckets}  # fmt: skip
+            elif "filter" in agg:
+                kept = [h for h in hits if self.matches(agg["filter"], h[2])]
+                out[name] = {"doc_count": len(kept), **self.aggs(sub, kept)}
+            elif "top_hits" in agg:
+                th = agg["top_hits"]
+                sort = _sort_spec(th.get("sort"), self)
+                ranked = sorted(hits, key=lambda h: self.sort_key(sort, h[2])) if sort else hits
+                out[name] = {"hits": {"total": {"value": len(hits), "relation": "eq"},
+                                      "hits": [self.hit(h, sort, th.get("_source"))
+                                               for h in ranked[: int(th.get("size", 3))]]}}  # fmt: skip
+            else:
+                raise ValueError(f"aggregation {sorted(agg)} is not supported by the fake")
+        return out
+
+
+def _project(doc: dict[str, Any], source: Any) -> dict[str, Any]:
+    if source is None or source is True:
+        return doc
+    includes = source.get("includes") if isinstance(source, dict) else source
+    if isinstance(includes, str):
+        includes = [includes]
+    return {k: v for k, v in doc.items() if k in (includes or [])}
+
+
+def _wildcard_regex(pattern: str, case_insensitive: bool) -> re.Pattern[str]:
+    out, i = [], 0
+    while i < len(pattern):
+        c = pattern[i]
+        if c == "\\" and i + 1 < len(pattern):
+            out.append(re.escape(pattern[i + 1]))
+            i += 2
+            continue
+        out.append(".*" if c == "*" else "." if c == "?" else re.escape(c))
+        i += 1
+    return re.compile("".join(out), re.DOTALL | (re.IGNORECASE if case_insensitive else 0))

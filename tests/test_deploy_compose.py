@@ -203,6 +203,7 @@ class _RecordingDashboards:
                         "method": "POST",
                         "path": self.path,
                         "xsrf": self.headers["osd-xsrf"],
+                        "tenant": self.headers["securitytenant"],
                         "auth": self.headers["Authorization"],
                         "body": orjson.loads(self.rfile.read(n)),
                     }
@@ -236,14 +237,18 @@ def test_dashboards_setup_creates_the_index_pattern_the_dashboard_links_open(tmp
     pattern = MixinConfig().logs_index_pattern
     assert env["INDEX_PATTERN"] == pattern  # the id the dashboards' Discover links use
     posts = [q for q in osd.requests if q["method"] == "POST"]
-    assert [q["path"] for q in posts] == [
-        f"/api/saved_objects/index-pattern/{pattern.replace('*', '%2A')}?overwrite=true",
-        "/api/opensearch-dashboards/settings",
+    # in the shared global tenant and the setup user's private one (multi-tenancy keeps saved objects apart)
+    assert [(q["path"], q["tenant"]) for q in posts] == [
+        (f"/api/saved_objects/index-pattern/{pattern.replace('*', '%2A')}?overwrite=true", tenant)
+        if i == 0
+        else ("/api/opensearch-dashboards/settings", tenant)
+        for tenant in ("global", "__user__")
+        for i in range(2)
     ]
     assert all(q["xsrf"] == "true" for q in posts)
     assert all(q["auth"] == "Basic " + base64.b64encode(f"admin:{PASSWORD}".encode()).decode() for q in osd.requests)
-    assert posts[0]["body"] == {"attributes": {"title": pattern, "timeFieldName": "@timestamp"}}
-    assert posts[1]["body"] == {"changes": {"defaultIndex": pattern}}
+    assert all(q["body"] == {"attributes": {"title": pattern, "timeFieldName": "@timestamp"}} for q in posts[0::2])
+    assert all(q["body"] == {"changes": {"defaultIndex": pattern}} for q in posts[1::2])
 
 
 # --- our services, natively, as compose starts them ---------------------------------------------------------

@@ -10,7 +10,6 @@ from typing import Any
 
 import pytest
 
-from mlops_obs.config import ConfigError
 from mlops_obs.logs.backend import Backend, open_source
 from mlops_obs.logs.sink import LEVEL_RANK
 from mlops_obs.logs.source import EventQuery, RankFacts
@@ -146,10 +145,13 @@ def test_a_reader_never_creates_a_store(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="no event store"):
         open_source(Backend(store=tmp_path / "typo"))
     assert not (tmp_path / "typo").exists()
-    with pytest.raises(ConfigError, match="not yet supported"):
-        open_source(Backend.from_config({"opensearch": "http://127.0.0.1:9", "opensearch.index-prefix": "p",
-                                         "opensearch.max-body-bytes": 1 << 20, "opensearch.retention": 86400.0,
-                                         "opensearch.timeout": 1.0, "opensearch.backoff-max": 1.0}))  # fmt: skip
+    from mlops_obs.logs.opensearch import OpenSearchSource
+
+    src = open_source(Backend.from_config({"opensearch": "http://127.0.0.1:9", "opensearch.index-prefix": "p",
+                                           "opensearch.max-body-bytes": 1 << 20, "opensearch.retention": 86400.0,
+                                           "opensearch.timeout": 1.0, "opensearch.backoff-max": 1.0}))  # fmt: skip
+    assert isinstance(src, OpenSearchSource)  # connects on the first read, creates nothing
+    src.close()
 
 
 @pytest.mark.parametrize(

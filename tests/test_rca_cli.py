@@ -72,7 +72,7 @@ def test_usage_errors_are_exit_2_in_one_line(store: Path, tmp_path: Path) -> Non
         ((), "job: required"),
         (("--job", "bad", "--since", "yesterday"), "since:"),
         (("--job", "bad", "--prometheus", "localhost:9090"), "prometheus:"),
-        (("--job", "bad", "--store", str(store), "--bundle", str(tmp_path / "b.tar.gz")), "not both"),
+        (("--job", "bad", "--store", str(store), "--bundle", str(tmp_path / "b.tar.gz")), "give one of"),
         (("--job", "bad", "--no-such-flag"), "unrecognized arguments"),
     ]:
         r = rca(*args)

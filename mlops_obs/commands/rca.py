@@ -9,6 +9,7 @@ traceback reaches the user: every failure is one line on stderr.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -26,6 +27,7 @@ from mlops_obs.config import (
     parse_optional_str,
     positive_duration,
 )
+from mlops_obs.logs.opensearch import OPENSEARCH_SETTINGS, OPENSEARCH_URL_SETTING
 
 EXIT_HEALTHY, EXIT_FAULT, EXIT_USAGE, EXIT_UNKNOWN, EXIT_FAILED = 0, 1, 2, 3, 4
 DEFAULT_STORE = Path("mlops-obs-store")
@@ -69,6 +71,8 @@ RCA_SETTINGS: tuple[Setting, ...] = (
         "Analyse an incident bundle (from `mlops-obs bundle`) instead of a store.",
         metavar="FILE",
     ),
+    dataclasses.replace(OPENSEARCH_URL_SETTING, help="Analyse the events in OpenSearch instead of a store."),
+    *OPENSEARCH_SETTINGS,
     Setting("json", parse_bool, False, "Print the verdict as one JSON object.", kind="bool"),
     Setting("html", parse_optional_path, None, "Also write the self-contained HTML report here.", metavar="FILE"),
 )
@@ -127,14 +131,14 @@ def guarded(command: str, body: Callable[[], int]) -> int:
 
 def run(cfg: Mapping[str, Any]) -> int:
     job = required_job(cfg)
-    if cfg.get("bundle") and cfg.get("store"):
-        raise ConfigError("bundle", "give --store or --bundle, not both")
+    if sum(bool(cfg.get(k)) for k in ("bundle", "store", "opensearch")) > 1:
+        raise ConfigError("store", "give one of --store, --opensearch or --bundle")
     return guarded("rca", lambda: _run(cfg, job))
 
 
 def _run(cfg: Mapping[str, Any], job: str) -> int:
     from mlops_obs.rca.bundle import Bundle, BundleError
-    from mlops_obs.rca.sources import EventStream, Source, SourceError, open_store
+    from mlops_obs.rca.sources import EventStream, Source, SourceError, SourceFacts, open_store
     from mlops_obs.rca.verdict import analyse
 
     since, until = cfg.get("since"), cfg.get("until")
@@ -148,6 +152,10 @@ def _run(cfg: Mapping[str, Any], job: str) -> int:
                 raise Failed(f"{cfg['bundle']}: the bundle holds job {bundle.job!r}, not {job!r}")
             source = EventStream(bundle.events, str(cfg["bundle"]))
             now = bundle.manifest.get("until") or bundle.manifest.get("created")
+        elif cfg.get("opensearch"):
+            from mlops_obs.logs.backend import Backend, open_source
+
+            source = SourceFacts(open_source(Backend.from_config(cfg)), str(cfg["opensearch"]))
         else:
             source = open_store(store_dir(cfg))
         facts = source.facts(job, since, until)
@@ -155,7 +163,7 @@ def _run(cfg: Mapping[str, Any], job: str) -> int:
             raise Failed(
                 f"no events of job {job!r}"
                 + (" in that time range" if since or until else "")
-                + f" in {cfg.get('bundle') or store_dir(cfg)}"
+                + f" in {cfg.get('bundle') or cfg.get('opensearch') or store_dir(cfg)}"
             )
         metrics = fetch_metrics(cfg, job, facts.first, facts.last)
         if metrics is None and bundle is not None:

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mlops_obs.config import ConfigError
-from mlops_obs.logs.opensearch import OpenSearchSettings, OpenSearchSink, settings_from_config
+from mlops_obs.logs.opensearch import OpenSearchSettings, OpenSearchSink, OpenSearchSource, settings_from_config
 from mlops_obs.logs.sink import Sink, Stats
 from mlops_obs.logs.source import Source
 from mlops_obs.logs.store import StoreSink, StoreSource
@@ -75,12 +75,11 @@ def open_source(backend: Backend) -> Source:
     """A :class:`Source` over the backend ``backend`` names.
 
     Raises ``FileNotFoundError`` when the store directory holds no store (a reader never creates
-    one: a mistyped path must not read as "nothing happened"), and
-    :class:`~mlops_obs.config.ConfigError` for OpenSearch, which cannot be read back yet.
+    one: a mistyped path must not read as "nothing happened"). OpenSearch is read through
+    :class:`~mlops_obs.logs.opensearch.OpenSearchSource` (a point in time paged with
+    ``search_after``; aggregations for ``rank_facts``); it needs no state directory.
     """
     if backend.opensearch is not None:
-        raise ConfigError(
-            "opensearch", "reading events back from OpenSearch is not yet supported; read the store (--store DIR)"
-        )
+        return OpenSearchSource(backend.opensearch)
     assert backend.store is not None
     return StoreSource(backend.store)

@@ -1,4 +1,7 @@
-"""The OpenSearch sink: ``_bulk`` with our own NDJSON, per-item outcomes, retries that never drop.
+"""OpenSearch as a backend: the sink (``_bulk`` with our own NDJSON, per-item outcomes, retries that
+never drop), the index template and ISM policy it installs, and the source that reads it back
+(:class:`OpenSearchSource`: a point in time paged with ``search_after``, aggregations for the
+per-rank facts; see its docstring and docs/logs.md, "Reading back").
 
 Why not opensearch-py's helpers: ``streaming_bulk`` retries only per-item 429s (and not at all with
 ``raise_on_error``), ``parallel_bulk`` not at all; both build bodies ~10x slower than orjson. Here:
@@ -11,15 +14,18 @@ Why not opensearch-py's helpers: ``streaming_bulk`` retries only per-item 429s (
   full-jitter exponential backoff, forever (the shipper stops reading meanwhile); a 413 splits the
   request in two (a single document too big is dead-lettered); any other 4xx goes to the
   dead-letter file with its reason, fsynced before the batch counts as acknowledged;
-* at start it installs an index template (mappings for our fields) and an ISM retention policy.
+* at start it installs an index template (:func:`template_body`: OpenSearch types, what readers
+  filter or aggregate on typed at the top level) and an ISM retention policy (:func:`ism_policy_body`).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import datetime as _dt
 import logging
 import os
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -44,14 +50,23 @@ from mlops_obs.logs.sink import (
     Stats,
     Stop,
     backoff_delays,
+    format_timestamp,
     say,
 )
+from mlops_obs.logs.source import EventQuery, RankFacts
 
 if TYPE_CHECKING:
     from structlog.typing import FilteringBoundLogger
 
 TEMPLATE_NAME = "mlops-logs"
 POLICY_NAME = "mlops-logs-retention"
+"""The names for the default prefix; another prefix gets its own (:func:`setup_names`), so two
+deployments (or a test) sharing a cluster do not overwrite each other's template and policy."""
+
+
+def setup_names(prefix: str) -> tuple[str, str]:
+    """The index template's and the ISM policy's names for indices ``<prefix>-*``."""
+    return prefix, f"{prefix}-retention"
 
 
 def _parse_url(v: Any) -> str | None:
@@ -141,6 +156,24 @@ def index_for(prefix: str, timestamp: str) -> str:
     return f"{prefix}-{timestamp[0:4]}.{timestamp[5:7]}.{timestamp[8:10]}"
 
 
+STEP_RANGE = (-(1 << 63), 1 << 63)
+"""What a ``long`` holds: a ``fields.step`` outside it is not copied to the top-level ``step``."""
+
+
+def document(ev: Mapping[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """The ``_id`` and the indexed document of one event: the event without ``_id``, plus the two
+    fields the reader needs typed at the top level (see :func:`template_body`): ``event_id`` (the
+    ``_id`` again, the sort's tie-breaker) and ``step`` (``fields.step`` when it is an integer)."""
+    doc = dict(ev)
+    eid = doc.pop("_id")
+    doc["event_id"] = eid
+    fields = doc.get("fields")
+    step = fields.get("step") if isinstance(fields, Mapping) else None
+    if type(step) is int and STEP_RANGE[0] <= step < STEP_RANGE[1]:
+        doc["step"] = step
+    return eid, doc
+
+
 def bulk_lines(events: Sequence[Mapping[str, Any]], prefix: str) -> list[bytes]:
     """One ``create`` action + document per event, each pair as one bytes chunk ending in a newline.
 
@@ -151,8 +184,7 @@ def bulk_lines(events: Sequence[Mapping[str, Any]], prefix: str) -> list[bytes]:
     dumps = orjson.dumps
     heads: dict[str, bytes] = {}
     for ev in events:
-        doc = dict(ev)
-        eid = doc.pop("_id")
+        eid, doc = document(ev)
         day = doc["@timestamp"][:10]
         head = heads.get(day)
         if head is None:
@@ -175,13 +207,31 @@ def chunk_by_bytes(lines: list[bytes], cap: int) -> list[tuple[int, int]]:
     return ranges
 
 
+MESSAGE_KEYWORD_CHARS = 8191
+"""``message.raw`` indexes messages up to this many characters (4 bytes each stays under Lucene's
+32766-byte term limit); a longer message is left out of it, and the reader filters those itself."""
+
+
 def template_body(prefix: str) -> dict[str, Any]:
+    """The composable index template for ``<prefix>-*`` (OpenSearch's ``PUT _index_template``).
+
+    Every field replay and rca filter, sort or aggregate on is typed at the top level; ``fields``
+    (everything else of a record, any keys, any types) is a ``flat_object`` (OpenSearch 2.7+): one
+    mapping whatever its keys, so a record cannot explode the mapping or be rejected for a type
+    clash, searchable by ``fields.key`` but not aggregatable, which is why ``step`` is copied out
+    (:func:`document`). ``event_id`` is the ``_id`` as a keyword with doc values, the sort's last
+    key: sorting on ``_id`` itself needs field data on the heap, which OpenSearch deprecates.
+    ``dynamic: false`` keeps an unexpected top-level key in ``_source`` without mapping it. The ISM
+    policy attaches itself through its ``ism_template`` (:func:`ism_policy_body`), not an index
+    setting, which current ISM no longer honours in templates.
+    """
     return {
         "index_patterns": [f"{prefix}-*"],
+        "priority": 100,
         "template": {
-            "settings": {"index.refresh_interval": "1s", "plugins.index_state_management.policy_id": POLICY_NAME},
+            "settings": {"index.refresh_interval": "1s"},
             "mappings": {
-                "dynamic": True,
+                "dynamic": False,
                 "properties": {
                     "@timestamp": {"type": "date_nanos"},
                     "kind": {"type": "keyword"},
@@ -189,11 +239,16 @@ def template_body(prefix: str) -> dict[str, Any]:
                     "rank": {"type": "integer"},
                     "node": {"type": "keyword"},
                     "level": {"type": "keyword"},
-                    "message": {"type": "text", "fields": {"raw": {"type": "keyword", "ignore_above": 1024}}},
+                    "message": {
+                        "type": "text",
+                        "fields": {"raw": {"type": "keyword", "ignore_above": MESSAGE_KEYWORD_CHARS}},
+                    },
                     "seq": {"type": "long"},
                     "source": {"type": "keyword"},
                     "offset": {"type": "long"},
-                    "fields": {"type": "flattened"},
+                    "step": {"type": "long"},
+                    "event_id": {"type": "keyword"},
+                    "fields": {"type": "flat_object"},
                 },
             },
         },
@@ -216,39 +271,45 @@ def ism_policy_body(prefix: str, retention_s: float) -> dict[str, Any]:
     }  # fmt: skip
 
 
+def make_client(settings: OpenSearchSettings) -> Any:
+    """The opensearch-py client for ``settings``: its own retries off (ours are per item, jittered,
+    never dropping), TLS and basic auth as configured."""
+    from opensearchpy import OpenSearch
+
+    kw: dict[str, Any] = {
+        "hosts": [settings.url],
+        "timeout": settings.timeout_s,
+        "max_retries": 0,
+        "retry_on_timeout": False,
+        "http_compress": False,
+    }
+    if settings.username:
+        kw["http_auth"] = (settings.username, settings.password or "")
+    if settings.url.startswith("https://"):
+        kw.update(use_ssl=True, verify_certs=settings.verify, ssl_show_warn=settings.verify)
+        if settings.ca_file:
+            kw["ca_certs"] = str(settings.ca_file)
+        if settings.client_cert:
+            kw["client_cert"] = str(settings.client_cert)
+        if settings.client_key:
+            kw["client_key"] = str(settings.client_key)
+    # opensearch-py logs every failed request with a traceback; ours says it once, in one line
+    logging.getLogger("opensearch").setLevel(logging.ERROR)
+    return OpenSearch(**kw)
+
+
 class OpenSearchSink:
     """OpenSearch as a :class:`~mlops_obs.logs.sink.Sink` (see the module docstring)."""
 
     def __init__(
         self, settings: OpenSearchSettings, log: FilteringBoundLogger | None = None, stats: Stats | None = None
     ) -> None:
-        from opensearchpy import OpenSearch
-
         if settings.state_dir is None:
             raise ValueError("the OpenSearch sink needs a state directory for its dead-letter file")
         self.s = settings
         self.log = log
         self.stats = stats
-        kw: dict[str, Any] = {
-            "hosts": [settings.url],
-            "timeout": settings.timeout_s,
-            "max_retries": 0,  # retries are ours: per item, jittered, never dropping
-            "retry_on_timeout": False,
-            "http_compress": False,
-        }
-        if settings.username:
-            kw["http_auth"] = (settings.username, settings.password or "")
-        if settings.url.startswith("https://"):
-            kw.update(use_ssl=True, verify_certs=settings.verify, ssl_show_warn=settings.verify)
-            if settings.ca_file:
-                kw["ca_certs"] = str(settings.ca_file)
-            if settings.client_cert:
-                kw["client_cert"] = str(settings.client_cert)
-            if settings.client_key:
-                kw["client_key"] = str(settings.client_key)
-        self.client = OpenSearch(**kw)
-        # opensearch-py logs every failed request with a traceback; ours says it once, in one line
-        logging.getLogger("opensearch").setLevel(logging.ERROR)
+        self.client = make_client(settings)
         self.dead_letters = DeadLetters(Path(settings.state_dir) / DEAD_LETTER_FILE, log)
         self._set_up = not settings.setup
 
@@ -264,11 +325,12 @@ class OpenSearchSink:
         last_error = None
         while True:
             try:
-                self.client.indices.put_index_template(name=TEMPLATE_NAME, body=template_body(self.s.index_prefix))
+                template, policy = setup_names(self.s.index_prefix)
+                self.client.indices.put_index_template(name=template, body=template_body(self.s.index_prefix))
                 try:
                     self.client.transport.perform_request(
                         "PUT",
-                        f"/_plugins/_ism/policies/{POLICY_NAME}",
+                        f"/_plugins/_ism/policies/{policy}",
                         body=ism_policy_body(self.s.index_prefix, self.s.retention_s),
                     )
                 except TransportError as e:
@@ -400,3 +462,342 @@ def _runs(idx: list[int]) -> list[tuple[int, int]]:
 
 def _why(e: BaseException) -> str:
     return f"{type(e).__name__}: {str(e)[:200]}"
+
+
+# --- the read side ------------------------------------------------------------------------------------
+
+SORT: list[dict[str, Any]] = [
+    {"@timestamp": {"order": "asc"}},
+    {"source": {"order": "asc"}},
+    {"offset": {"order": "asc"}},
+    {"event_id": {"order": "asc", "unmapped_type": "keyword"}},
+]
+"""The timeline's order, (``@timestamp``, ``source``, ``offset``), made total by ``event_id``: with a
+sort key unique per document, ``search_after`` neither skips nor repeats an event between pages."""
+SORT_DESC: list[dict[str, Any]] = [{k: {**v, "order": "desc"}} for d in SORT for k, v in d.items()]
+ADDED_FIELDS = ("event_id", "step")
+"""What :func:`document` adds to an event; a read takes them off again."""
+ERROR_LEVELS = ("error", "critical")
+PROGRESS_LEVELS = ("debug", "info")
+
+
+def _escape_wildcard(text: str) -> str:
+    return "".join("\\" + c if c in "\\*?" else c for c in text)
+
+
+def query_body(q: EventQuery) -> dict[str, Any]:
+    """The ``bool`` ``filter`` selecting what :meth:`EventQuery.matches` selects (``limit`` aside).
+
+    The text filter is a case-insensitive ``wildcard`` on ``message.raw``, or-ed with "has no
+    ``message.raw``" (a message longer than :data:`MESSAGE_KEYWORD_CHARS`), which the reader then
+    checks itself: what comes back is a superset, :meth:`EventQuery.matches` the exact answer.
+    """
+    f: list[dict[str, Any]] = []
+    if q.job is not None:
+        f.append({"term": {"job": q.job}})
+    if q.ranks:
+        f.append({"terms": {"rank": list(q.ranks)}})
+    if q.node is not None:
+        f.append({"term": {"node": q.node}})
+    if q.kind is not None:
+        f.append({"term": {"kind": q.kind}})
+    if q.since is not None or q.until is not None:
+        rng: dict[str, Any] = {}
+        if q.since is not None:
+            rng["gte"] = q.since
+        if q.until is not None:
+            rng["lt"] = q.until
+        f.append({"range": {"@timestamp": rng}})
+    if q.levels is not None:
+        f.append({"terms": {"level": sorted(q.levels)}})
+    if q.text:
+        pattern = f"*{_escape_wildcard(q.text)}*"
+        f.append({"bool": {"should": [
+            {"wildcard": {"message.raw": {"value": pattern, "case_insensitive": True}}},
+            {"bool": {"must_not": [{"exists": {"field": "message.raw"}}]}},
+        ], "minimum_should_match": 1}})  # fmt: skip
+    return {"bool": {"filter": f}} if f else {"match_all": {}}
+
+
+def event_of(hit: Mapping[str, Any]) -> dict[str, Any]:
+    """A search hit as an event of the schema: ``_id`` from the hit, the fields the sink added gone."""
+    src = hit.get("_source") or {}
+    ev = {"_id": hit.get("_id")}
+    ev.update((k, v) for k, v in src.items() if k not in ADDED_FIELDS)
+    return ev
+
+
+class OpenSearchSource:
+    """OpenSearch as a :class:`~mlops_obs.logs.source.Source` over the ``<prefix>-*`` indices.
+
+    * :meth:`events`: pages of ``page_size`` sorted by :data:`SORT`; beyond the first, through a point
+      in time (``POST /<prefix>-*/_search/point_in_time``), each page ``search_after`` the last one's
+      sort values, the point in time deleted at the end (or when the caller stops early). Only one
+      page is held (:meth:`search`).
+    * :meth:`follow`: :meth:`events`, then every ``poll_interval`` a search from ``lookback``
+      seconds before the newest time seen, skipping the ids already yielded in that window: an event
+      shipped late (a lagging shipper, the index's refresh) still comes if its time is within
+      ``lookback`` of the newest; one older than that is not seen by a follower.
+    * :meth:`rank_facts`: one aggregation request, whatever the job's size.
+    """
+
+    def __init__(
+        self, settings: OpenSearchSettings, *, page_size: int = 1000, keep_alive: str = "2m", lookback_s: float = 120.0
+    ) -> None:
+        self.client = make_client(settings)
+        self.index = f"{settings.index_prefix}-*"
+        self.page_size = page_size
+        self.keep_alive = keep_alive
+        self.lookback_s = lookback_s
+        self.requests = 0  # searches, aggregations and point-in-time calls made (for the benchmarks)
+        self.bytes_out = 0  # request bodies, as JSON
+        self.bytes_in = 0  # response bodies, as JSON
+
+    def _call(self, method: str, path: str, body: Any = None, params: Mapping[str, str] | None = None) -> Any:
+        from opensearchpy.exceptions import NotFoundError
+
+        self.requests += 1
+        self.bytes_out += len(orjson.dumps(body)) if body is not None else 0
+        try:
+            resp = self.client.transport.perform_request(method, path, body=body, params=dict(params or {}))
+        except NotFoundError:
+            return None
+        self.bytes_in += len(orjson.dumps(resp)) if resp is not None else 0
+        return resp
+
+    # --- paging -----------------------------------------------------------------------------------------
+
+    def search(
+        self, query: Mapping[str, Any], *, limit: int | None = None, sort: list[dict[str, Any]] | None = None
+    ) -> Iterator[dict[str, Any]]:
+        """The hits of ``query`` in ``sort`` order (default :data:`SORT`), up to ``limit``.
+
+        The first page is a plain search; only when it comes back full is a point in time opened and
+        the rest read through it, each page ``search_after`` the previous one's last sort values
+        (unique, so nothing is skipped or repeated). Most of rca's questions fit one page: one
+        request instead of three. What is stored between the first page and the point in time
+        counts as stored after the read began, as anything stored during a read does.
+        """
+        sort = sort or SORT
+        size = self.page_size if limit is None else min(self.page_size, limit)
+        if size <= 0:
+            return
+        body: dict[str, Any] = {"size": size, "query": query, "sort": sort, "track_total_hits": False}
+        hits = self._hits(self._call("POST", f"/{self.index}/_search", body=body))
+        yield from hits
+        n = len(hits)
+        if len(hits) < size or (limit is not None and n >= limit):
+            return
+        created = self._call("POST", f"/{self.index}/_search/point_in_time", params={"keep_alive": self.keep_alive})
+        if not created or not created.get("pit_id"):
+            return  # the indices went away meanwhile (retention): nothing more to read
+        pit = created["pit_id"]
+        try:
+            after = hits[-1]["sort"]
+            while limit is None or n < limit:
+                size = self.page_size if limit is None else min(self.page_size, limit - n)
+                body = {
+                    "size": size,
+                    "query": query,
+                    "sort": sort,
+                    "pit": {"id": pit, "keep_alive": self.keep_alive},
+                    "track_total_hits": False,
+                    "search_after": after,
+                }
+                resp = self._call("POST", "/_search", body=body) or {}
+                pit = resp.get("pit_id") or pit
+                hits = self._hits(resp)
+                yield from hits
+                n += len(hits)
+                if len(hits) < size:
+                    return
+                after = hits[-1]["sort"]
+        finally:
+            try:
+                self._call("DELETE", "/_search/point_in_time", body={"pit_id": [pit]})
+            except Exception:
+                pass  # it expires after keep_alive anyway
+
+    @staticmethod
+    def _hits(resp: Any) -> list[dict[str, Any]]:
+        return list(((resp or {}).get("hits") or {}).get("hits") or [])
+
+    def events(self, query: EventQuery) -> Iterator[dict[str, Any]]:
+        want = query.limit
+        if want == 0:
+            return
+        n = 0
+        body = query_body(query)
+        # The server's answer is exact but for over-long messages under a text filter (see query_body):
+        # page on, checking each, until the limit is reached.
+        for h in self.search(body, limit=None if query.text else want):
+            ev = event_of(h)
+            if query.text and not query.matches(ev):
+                continue
+            yield ev
+            n += 1
+            if want is not None and n >= want:
+                return
+
+    def follow(self, query: EventQuery, stop: threading.Event, poll_interval: float = 0.25) -> Iterator[dict[str, Any]]:
+        newest: str | None = None
+        seen: dict[str, str] = {}  # _id -> @timestamp, of the events within lookback of the newest
+
+        def note(ev: Mapping[str, Any]) -> None:
+            nonlocal newest
+            ts = str(ev.get("@timestamp"))
+            seen[str(ev.get("_id"))] = ts
+            if newest is None or ts > newest:
+                newest = ts
+
+        if query.limit is not None:
+            # A limited read shows only part of what is stored now, and the rest is not new: before it,
+            # take the newest stored event and the ones within the look-back of it as seen (as many as
+            # a poll reads), so following starts from there.
+            last = [event_of(h) for h in self.search(query_body(dataclasses.replace(query, limit=None)),
+                                                     limit=1, sort=SORT_DESC)]  # fmt: skip
+            if last:
+                top = str(last[0]["@timestamp"])
+                floor = _shift(top, -self.lookback_s)
+                start = floor if query.since is None or floor > query.since else query.since
+                for ev in self.events(dataclasses.replace(query, since=start, until=_shift(top, 1e-6), limit=None)):
+                    note(ev)
+        for ev in self.events(query):
+            note(ev)
+            yield ev
+        while not stop.wait(poll_interval):
+            since = query.since
+            if newest is not None:
+                floor = _shift(newest, -self.lookback_s)
+                since = floor if since is None or floor > since else since
+                for eid in [k for k, t in seen.items() if t < floor]:
+                    del seen[eid]
+            q = dataclasses.replace(query, since=since, limit=None)
+            for ev in self.events(q):
+                if str(ev.get("_id")) in seen:
+                    continue
+                note(ev)
+                yield ev
+                if stop.is_set():
+                    return
+
+    # --- aggregations -----------------------------------------------------------------------------------
+
+    def rank_facts(self, job: str, *, since: str | None = None, until: str | None = None) -> list[RankFacts]:
+        """One ``size: 0`` search: a ``terms`` aggregation on ``rank`` (and a ``filter`` for events
+        without one), each bucket with its ``nodes`` (``terms``), its first and last event (``top_hits``
+        sorted both ways: exact times, where ``min``/``max`` of a ``date_nanos`` round through a
+        double), its first error and its last event with a ``step`` (``top_hits`` under a ``filter``)."""
+        q = EventQuery(job=job, kind="log", since=since, until=until)
+        ts_only = {"includes": ["@timestamp"]}
+        per_rank = {
+            "nodes": {"terms": {"field": "node", "size": 64}},
+            "first": {"top_hits": {"size": 1, "sort": SORT, "_source": ts_only}},
+            "last": {"top_hits": {"size": 1, "sort": SORT_DESC, "_source": ts_only}},
+            "errors": {"filter": {"terms": {"level": list(ERROR_LEVELS)}},
+                       "aggs": {"first": {"top_hits": {"size": 1, "sort": SORT}}}},
+            "steps": {"filter": {"exists": {"field": "step"}},
+                      "aggs": {"last": {"top_hits": {"size": 1, "sort": SORT_DESC,
+                                                     "_source": {"includes": ["@timestamp", "step"]}}}}},
+        }  # fmt: skip
+        body = {
+            "size": 0,
+            "track_total_hits": False,
+            "query": query_body(q),
+            "aggs": {
+                "ranks": {"terms": {"field": "rank", "size": MAX_RANKS, "order": {"_key": "asc"}}, "aggs": per_rank},
+                "no_rank": {"filter": {"bool": {"must_not": [{"exists": {"field": "rank"}}]}}, "aggs": per_rank},
+            },
+        }
+        resp = self._call("POST", f"/{self.index}/_search", body=body)
+        if not resp:
+            return []
+        aggs = resp.get("aggregations") or {}
+        out = [_rank_facts(job, b.get("key"), b) for b in (aggs.get("ranks") or {}).get("buckets") or []]
+        none = aggs.get("no_rank") or {}
+        if none.get("doc_count"):
+            out.append(_rank_facts(job, None, none))
+        return out
+
+    def recent_steps(
+        self, job: str, n: int, *, since: str | None = None, until: str | None = None
+    ) -> dict[int, list[dict[str, Any]]]:
+        """Per rank, its last ``n`` progress events (a log event at ``debug``/``info`` or no level
+        with a ``step``), newest first: one aggregation (``terms`` on ``rank``, ``top_hits``)."""
+        q = query_body(EventQuery(job=job, kind="log", since=since, until=until))
+        progress = {"bool": {"filter": [{"exists": {"field": "step"}}], "should": [
+            {"terms": {"level": list(PROGRESS_LEVELS)}},
+            {"bool": {"must_not": [{"exists": {"field": "level"}}]}},
+        ], "minimum_should_match": 1}}  # fmt: skip
+        body = {
+            "size": 0,
+            "track_total_hits": False,
+            "query": {"bool": {"filter": [q, progress]}},
+            "aggs": {"ranks": {"terms": {"field": "rank", "size": MAX_RANKS},
+                               "aggs": {"recent": {"top_hits": {"size": n, "sort": SORT_DESC}}}}},
+        }  # fmt: skip
+        resp = self._call("POST", f"/{self.index}/_search", body=body)
+        out: dict[int, list[dict[str, Any]]] = {}
+        for b in (((resp or {}).get("aggregations") or {}).get("ranks") or {}).get("buckets") or []:
+            out[int(b["key"])] = [event_of(h) for h in b["recent"]["hits"]["hits"]]
+        return out
+
+    def after(
+        self, job: str, starts: Mapping[int, str | None], *, until: str | None = None
+    ) -> Iterator[dict[str, Any]]:
+        """The log events of each rank of ``starts`` from its start time (all of them for None): a
+        paged search with a ``bool`` ``should`` of one clause per rank, :data:`MAX_CLAUSES` ranks a
+        search (under ``indices.query.bool.max_clause_count``, 1024 by default). Each rank's events
+        come in order; the ranks of different searches are not merged."""
+        q = query_body(EventQuery(job=job, kind="log", until=until))
+        ranks = sorted(starts.items())
+        for i in range(0, len(ranks), MAX_CLAUSES):
+            clauses: list[dict[str, Any]] = []
+            for rank, start in ranks[i : i + MAX_CLAUSES]:
+                c: list[dict[str, Any]] = [{"term": {"rank": rank}}]
+                if start is not None:
+                    c.append({"range": {"@timestamp": {"gte": start}}})
+                clauses.append({"bool": {"filter": c}})
+            body = {"bool": {"filter": [q], "should": clauses, "minimum_should_match": 1}}
+            for h in self.search(body):
+                yield event_of(h)
+
+    def close(self) -> None:
+        try:
+            self.client.close()
+        except Exception:
+            pass
+
+
+MAX_RANKS = 10000
+MAX_CLAUSES = 512
+"""Most ranks one aggregation returns buckets for (under OpenSearch's default ``search.max_buckets``)."""
+
+
+def _top(agg: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    hits = ((agg or {}).get("hits") or {}).get("hits") or []
+    return event_of(hits[0]) if hits else None
+
+
+def _rank_facts(job: str, rank: Any, b: Mapping[str, Any]) -> RankFacts:
+    first, last = _top(b.get("first")), _top(b.get("last"))
+    err = _top((b.get("errors") or {}).get("first"))
+    steps = (((b.get("steps") or {}).get("last") or {}).get("hits") or {}).get("hits") or []
+    step = steps[0].get("_source") or {} if steps else None
+    step_value = (step or {}).get("step")
+    return RankFacts(
+        job=job,
+        rank=int(rank) if rank is not None else None,
+        nodes=tuple(sorted(str(n["key"]) for n in (b.get("nodes") or {}).get("buckets") or [])),
+        events=int(b.get("doc_count") or 0),
+        first_time=str((first or {}).get("@timestamp")),
+        last_time=str((last or {}).get("@timestamp")),
+        first_error=err,
+        last_step=int(step_value) if type(step_value) is int else None,
+        last_step_time=str(step.get("@timestamp")) if step else None,
+    )
+
+
+def _shift(ts: str, seconds: float) -> str:
+    t = _dt.datetime.strptime(ts, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=_dt.UTC)
+    return format_timestamp(t + _dt.timedelta(seconds=seconds))

@@ -19,13 +19,12 @@ Backends
 * The embedded store: :class:`~mlops_obs.logs.store.StoreSource`. Its ``events`` is
   :meth:`~mlops_obs.logs.store.EventStore.iter_query`, a streaming k-way merge of the selected chunks:
   memory bounded by the chunks open at one moment, never the whole result.
-* OpenSearch: not yet readable; ``open_source`` says so in one line. The design it will follow:
-  ``events`` as a point-in-time search sorted by ``@timestamp``, ``source``, ``offset`` paged with
-  ``search_after`` (the filters of :class:`EventQuery` as ``bool`` ``filter`` terms, ranges and a
-  ``wildcard`` on the message); ``follow`` as repeated searches past the last sort key;
-  ``rank_facts`` as a ``terms`` aggregation on ``rank`` with ``min``/``max`` of ``@timestamp`` and
-  ``top_hits`` for the first error and the last step, which needs the typed top-level fields the
-  replay issue gives the index template.
+* OpenSearch: :class:`~mlops_obs.logs.opensearch.OpenSearchSource`: ``events`` sorted by
+  ``@timestamp``, ``source``, ``offset`` (and ``event_id``, unique), pages past the first through a
+  point in time with ``search_after``, the filters of :class:`EventQuery` as a ``bool`` ``filter``;
+  ``follow`` as repeated searches from a look-back before the newest time seen; ``rank_facts`` as
+  one ``terms`` aggregation on ``rank`` with ``top_hits``, on the typed top-level fields of its
+  index template.
 """
 
 from __future__ import annotations

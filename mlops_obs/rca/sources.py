@@ -1,5 +1,6 @@
-"""Where the analysis reads a job's events: the embedded store (fast path), or any re-readable stream
-of events in the store schema (a bundle, the store's own ``query()``, later OpenSearch).
+"""Where the analysis reads a job's events: the embedded store (fast path), a logs
+:class:`~mlops_obs.logs.source.Source` (OpenSearch), or any re-readable stream of events in the
+store schema (a bundle, the store's own ``query()``).
 
 What the verdict needs from a store is small and the same everywhere (see docs/rca.md, "What rca
 asks of a store"):
@@ -13,7 +14,9 @@ asks of a store"):
 :class:`ChunkStore` answers these from the store's SQL (schema version 2) directly, decoding only the
 chunks they select, so a verdict over a 1-million-event job reads a few hundred kilobytes of chunk
 data rather than all of it. :class:`EventStream` answers them from a full pass over any iterable, which
-is what a bundle or an unknown store version gets. Both feed the same
+is what a bundle or an unknown store version gets. :class:`SourceFacts` answers them through a logs
+``Source`` (``rank_facts`` and filtered ``events``; OpenSearch adds two aggregations of its own,
+see there). All feed the same
 :class:`~mlops_obs.rca.facts.FactsBuilder`, whose facts do not depend on which events beyond the needed
 ones it was given, so the two paths give the same verdict (a test holds them to it).
 """
@@ -28,8 +31,10 @@ from typing import Any, Protocol
 import orjson
 
 from mlops_obs.logs.sink import LEVEL_RANK
+from mlops_obs.logs.source import EventQuery
+from mlops_obs.logs.source import Source as LogSource
 from mlops_obs.logs.store import DB_NAME, EventStore
-from mlops_obs.rca.facts import FactsBuilder, JobFacts
+from mlops_obs.rca.facts import RECENT_PROGRESS, FactsBuilder, JobFacts
 from mlops_obs.rca.times import epoch, stamp
 
 KIND_MARGIN_SECONDS = 900.0
@@ -306,6 +311,92 @@ class ChunkStore:
         for ev in self.node_errors(nodes, lo, hi):
             b.add(ev)
         return f
+
+
+class SourceFacts:
+    """The five questions through a logs :class:`~mlops_obs.logs.source.Source`, never reading a
+    job's events in full:
+
+    1. counts per rank: ``rank_facts`` (OpenSearch: one aggregation);
+    2. the job's errors: ``events`` at ``min_level="error"``;
+    3. per rank, its last :data:`~mlops_obs.rca.facts.RECENT_PROGRESS` progress events and whatever
+       it logged after the last: with a source offering ``recent_steps`` and ``after``
+       (OpenSearch: one ``top_hits`` aggregation, one paged search), else every event of the rank,
+       streamed;
+    4. alerts, launcher and stack events, and job-less errors of the job's nodes, over the job's time
+       range with :data:`KIND_MARGIN_SECONDS`: ``events`` per kind and per node;
+    5. the window: ``events`` over it.
+
+    Every answer streams (the source pages it); memory stays what the facts keep.
+    """
+
+    def __init__(self, source: LogSource, name: str) -> None:
+        self.source = source
+        self.name = name
+
+    def _events(self, q: EventQuery) -> Iterator[dict[str, Any]]:
+        try:
+            yield from self.source.events(q)
+        except SourceError:
+            raise
+        except Exception as e:  # a server's or a store's failure: one line
+            raise SourceError(f"{self.name}: {type(e).__name__}: {e}") from None
+
+    def facts(self, job: str, since: str | None, until: str | None) -> JobFacts:
+        b = FactsBuilder(job)
+        b.count_events = False
+        try:
+            ranks = self.source.rank_facts(job, since=since, until=until)
+        except Exception as e:
+            raise SourceError(f"{self.name}: {type(e).__name__}: {e}") from None
+        for rf in ranks:
+            if rf.rank is not None:
+                b.facts.rank(rf.rank).n_events = rf.events
+        b.facts.n_events = sum(rf.events for rf in ranks)
+        for ev in self._events(EventQuery(job=job, min_level="error", since=since, until=until)):
+            b.add(ev)
+        for ev in self._tails(job, [rf for rf in ranks if rf.rank is not None], since, until):
+            b.add(ev)
+        f = b.facts
+        lo_, hi_ = _kind_range(f, since, until)
+        lo, hi = (None if lo_ == "0000" else lo_), (None if hi_ == "9999" else hi_)  # no events: no bound
+        for kind in ("alert", "launcher", "stack"):
+            for ev in self._events(EventQuery(kind=kind, since=lo, until=hi)):
+                if relevant(ev, job, f.nodes):
+                    b.add(ev)
+        for node in sorted(f.nodes):
+            for ev in self._events(EventQuery(node=node, min_level="error", since=lo, until=hi)):
+                if ev.get("job") in (None, ""):
+                    b.add(ev)
+        return f
+
+    def _tails(self, job: str, ranks: list[Any], since: str | None, until: str | None) -> Iterator[dict[str, Any]]:
+        recent = getattr(self.source, "recent_steps", None)
+        after = getattr(self.source, "after", None)
+        if recent is not None and after is not None:
+            try:
+                steps = recent(job, RECENT_PROGRESS, since=since, until=until)
+            except Exception as e:
+                raise SourceError(f"{self.name}: {type(e).__name__}: {e}") from None
+            starts: dict[int, str | None] = {}
+            for rf in ranks:
+                got = steps.get(rf.rank) or []
+                yield from got
+                start = got[0]["@timestamp"] if got else since
+                starts[rf.rank] = start if since is None or (start is not None and start > since) else since
+            try:
+                yield from after(job, starts, until=until)
+            except Exception as e:
+                raise SourceError(f"{self.name}: {type(e).__name__}: {e}") from None
+            return
+        for rf in ranks:  # no way to ask for a rank's last steps: its whole log, streamed
+            yield from self._events(EventQuery(job=job, ranks=(rf.rank,), kind="log", since=since, until=until))
+
+    def window(self, job: str, nodes: set[str], lo: str, hi: str) -> list[dict[str, Any]]:
+        return [ev for ev in self._events(EventQuery(since=lo, until=hi)) if relevant(ev, job, nodes)]
+
+    def close(self) -> None:
+        self.source.close()
 
 
 def open_store(directory: Path | str) -> Source:

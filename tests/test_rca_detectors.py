@@ -229,3 +229,49 @@ def test_every_detector_is_registered_once_with_a_known_evidence_need() -> None:
     names = [d.name for d in DETECTORS]
     assert len(names) == len(set(names)) and len(names) >= 12
     assert {d.needs for d in DETECTORS} <= {"logs", "metrics"}
+
+
+# --- alerts ---------------------------------------------------------------------------------------------
+
+
+def test_every_mixin_alert_is_evidence_of_a_kind_or_listed_as_not() -> None:
+    from mlops_obs.mixin.config import MixinConfig
+    from mlops_obs.mixin.rules import alerts
+    from mlops_obs.rca.detectors.alerts import ALERT_KINDS, NOT_EVIDENCE, kind_of
+
+    names = {a.name for a in alerts(MixinConfig())}
+    assert not set(ALERT_KINDS) & set(NOT_EVIDENCE)
+    assert names - set(ALERT_KINDS) - set(NOT_EVIDENCE) == set(), "classify these alerts for rca"
+    assert set(ALERT_KINDS) | set(NOT_EVIDENCE) == names, "rca lists alerts the mixin no longer defines"
+    for name in NOT_EVIDENCE:  # not evidence, even where a shape for other rule sets' names would match
+        assert kind_of(name) is None
+    assert kind_of("NodeDown") == ("node_down", "fault")  # another rule set's name, by its shape
+
+
+@pytest.mark.parametrize(
+    ("alert", "labels", "want"),
+    [
+        ("TrainingRankFailed", {"rank": 1, "node": "n2"}, ("crash", 1)),
+        ("TrainingNodeDown", {"rank": 1, "node": "n2"}, ("node_down", 1)),
+        ("TrainingStalledRankMissing", {}, ("stall", None)),
+        ("GpuMissing", {"node": "n2"}, ("gpu_xid", None)),
+    ],
+)
+def test_mixin_alerts_name_their_kind(alert: str, labels: dict[str, Any], want: tuple[str, int | None]) -> None:
+    j = Job(world=2, nodes={0: "n1", 1: "n2"})
+    j.start()
+    t = j.steps(0, 20, 1.0)
+    j.alert(t + 1, alert, job=j.name, severity="critical", **labels)
+    got = verdict(j, now=t + 2)  # before the silence alone would read as a hang
+    assert (got["verdict"], root(got)[:2]) == ("fault", want), got["root_cause"]
+    assert got["root_cause"]["evidence"][0]["source"] == "alert"
+
+
+def test_pipeline_alerts_are_not_a_verdict() -> None:
+    j = Job(world=2, nodes={0: "n1", 1: "n2"})
+    j.start()
+    t = j.steps(0, 20, 1.0)
+    j.finish(t)
+    j.alert(t - 5, "MlopsExporterDown", node="n2", severity="critical")
+    j.alert(t - 5, "TrainingThroughputRegression", job=j.name)
+    assert verdict(j)["verdict"] == "healthy"

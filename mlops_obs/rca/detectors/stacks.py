@@ -109,7 +109,7 @@ def stacks(ctx: Context) -> Iterable[Finding]:
     rf = ctx.facts.ranks.get(x)
     summary = (
         f"rank {x} is in {frame.short()}; {'rank' if len(inside) == 1 else 'ranks'} "
-        f"{', '.join(map(str, inside))} wait in {' / '.join(waits[:2])}"
+        f"{', '.join(map(str, inside))} {'waits' if len(inside) == 1 else 'wait'} in {' / '.join(waits[:2])}"
     )
     evidence = [event_evidence(latest[r], f"rank {r}: {spots[r][0].short()}") for r in [x, *inside][:8]]
     step = rf.last_step + 1 if rf and rf.last_step is not None and rf.step_gap == 1 else None

@@ -5,8 +5,9 @@ logs shipped into the store, its metrics scraped by a real Prometheus from the e
 
 The runs are the session's one set (``tests/fault_runs.py``), shared with the fault-to-alert matrix:
 every job starts at once (separate jobs on one node, as on a shared machine), so the suite pays for the
-slowest run once. The results table is generated into ``docs/rca-scorecard.md`` (included by the
-README) and checked like ``generate --check``: set ``MLOPS_OBS_WRITE_SCORECARD=1`` to rewrite it.
+slowest run once. The results table is generated into ``docs/rca-scorecard.md`` and into the README
+(between its ``scorecard:begin``/``end`` markers) and checked like ``generate --check``: set
+``MLOPS_OBS_WRITE_SCORECARD=1`` to rewrite both.
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ pytestmark = pytest.mark.timeout(900)
 
 ROOT = Path(__file__).resolve().parent.parent
 TABLE = ROOT / "docs" / "rca-scorecard.md"
+README = ROOT / "README.md"
+BEGIN, END = "<!-- scorecard:begin -->\n", "<!-- scorecard:end -->\n"
 
 
 @dataclass
@@ -142,9 +145,26 @@ def test_rca_names_the_injected_fault(outcomes: dict[str, Outcome], case: Case) 
         assert (o.rc_logs, logs["verdict"]) == (0, case.logs_only), logs
 
 
+def in_readme(readme: str, table: str) -> str:
+    """The README with ``table`` between its scorecard markers."""
+    head, rest = readme.split(BEGIN, 1)
+    return head + BEGIN + table + END + rest.split(END, 1)[1]
+
+
 def test_scorecard_table_is_current(outcomes: dict[str, Outcome]) -> None:
-    """docs/rca-scorecard.md is what this run produced (rewrite with MLOPS_OBS_WRITE_SCORECARD=1)."""
+    """docs/rca-scorecard.md and the README's table are what this run produced (rewrite both with
+    MLOPS_OBS_WRITE_SCORECARD=1)."""
     table = render_table(outcomes)
+    readme = in_readme(README.read_text(), table)
     if os.environ.get("MLOPS_OBS_WRITE_SCORECARD") == "1":
         TABLE.write_text(table)
+        README.write_text(readme)
     assert TABLE.exists() and TABLE.read_text() == table, table
+    assert README.read_text() == readme, "the README's scorecard differs: rewrite with MLOPS_OBS_WRITE_SCORECARD=1"
+
+
+def test_readme_scorecard_is_the_docs_table() -> None:
+    """Without the runs: the README shows the committed table, once."""
+    readme = README.read_text()
+    assert readme.count(BEGIN) == readme.count(END) == 1
+    assert readme == in_readme(readme, TABLE.read_text())

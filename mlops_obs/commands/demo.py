@@ -194,7 +194,7 @@ def _demo(cfg: Mapping[str, Any], sc: Scenario, workdir: Path, stop: StopRequest
         if sc.alert and stack.prom and stack.alertmanager:
             _wait_for_alert(alerts, sc.alert, rank, stop, timed)
         if stack.prom:
-            _fired(stack.prom, job)
+            _fired(stack.prom, job, alerts)
         shipper.drain()
         _check(stop)
         _summary(workdir / "multiproc", stack.prom, job)
@@ -355,12 +355,19 @@ def _wait_for_alert(alerts: _AlertWatch, name: str, rank: int, stop: StopRequest
         time.sleep(0.5)
 
 
-def _fired(prom: PrometheusProcess, job: str) -> None:
-    """What Prometheus fired for the job; Alertmanager's inhibitions may keep some from the sink."""
+def _fired(prom: PrometheusProcess, job: str, alerts: _AlertWatch) -> None:
+    """What Prometheus fired for the job, and which of those Alertmanager's inhibitions kept from the sink."""
     res = prom.query(f'count by (alertname, rank) (last_over_time(ALERTS{{job="{job}",alertstate="firing"}}[1h]))')
-    labels = [r["metric"] for r in res]
-    names = sorted(m.get("alertname", "?") + (f" (rank {m['rank']})" if "rank" in m else "") for m in labels)
-    _say(f"Prometheus fired for {job}: {', '.join(names) or 'nothing'} (an inhibited alert never reaches the sink)")
+    fired = sorted((m.get("alertname", "?"), m.get("rank", "")) for m in (r["metric"] for r in res))
+    alerts.new()
+    stored = {(str((ev.get("fields") or {}).get("alertname")), str(ev.get("rank") or "")) for ev in alerts.firing}
+
+    def show(names: list[tuple[str, str]]) -> str:
+        return ", ".join(name + (f" (rank {rank})" if rank else "") for name, rank in names)
+
+    muted = [x for x in fired if x not in stored]
+    _say(f"Prometheus fired for {job}: {show(fired) or 'nothing'}"
+         + (f"; muted by Alertmanager's inhibitions: {show(muted)}" if muted else ""))  # fmt: skip
 
 
 def _analyse(stack: Stack, sc: Scenario, rank: int, step: int | None, since: str) -> bool:

@@ -16,6 +16,7 @@ import pytest
 from mlops_obs.logs.store import EventStore
 from mlops_obs.rca.bundle import Bundle, BundleError, write_bundle
 from mlops_obs.rca.metrics import MetricEvidence
+from mlops_obs.rca.times import epoch, stamp
 from tests.rca_helpers import Job
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -78,9 +79,9 @@ def test_bundle_command_round_trip_redacted(tmp_path: Path) -> None:
 def test_size_cap_drops_the_oldest_plain_lines_first(tmp_path: Path) -> None:
     j = crashed_job()
     evs = sorted(j.events, key=lambda e: (e["@timestamp"], e["source"], e["offset"]))
-    full = write_bundle(tmp_path / "full.tar.gz", "bj", lambda: evs)
+    full = write_bundle(tmp_path / "full.tar.gz", "bj", evs)
     cap = full.manifest["events"]["bytes"] // 2
-    w = write_bundle(tmp_path / "half.tar.gz", "bj", lambda: evs, max_bytes=cap)
+    w = write_bundle(tmp_path / "half.tar.gz", "bj", evs, max_bytes=cap)
     assert w.dropped > 0 and w.manifest["truncated"] and w.manifest["events"]["bytes"] <= cap
     kept = list(Bundle(tmp_path / "half.tar.gz").events())
     # Every warning, error and alert is kept; of the plain lines, the newest.
@@ -90,7 +91,7 @@ def test_size_cap_drops_the_oldest_plain_lines_first(tmp_path: Path) -> None:
     assert kept_plain == [e["_id"] for e in plain[len(plain) - len(kept_plain) :]]
     assert w.manifest["events"]["kept_plain_from"] == plain[-len(kept_plain)]["@timestamp"]
     with pytest.raises(BundleError, match="exceed the size cap"):
-        write_bundle(tmp_path / "tiny.tar.gz", "bj", lambda: evs, max_bytes=300)
+        write_bundle(tmp_path / "tiny.tar.gz", "bj", evs, max_bytes=300)
     assert not (tmp_path / "tiny.tar.gz").exists() and not list(tmp_path.glob(".tiny*"))
 
 
@@ -143,3 +144,56 @@ def test_hostile_bundles_are_refused_in_one_line(tmp_path: Path) -> None:
     assert r.returncode == 1 and orjson.loads(r.stdout)["root_cause"]["kind"] == "crash"
     r = cli("rca", "--bundle", str(p), "--job", "another")
     assert r.returncode == 4 and "holds job 'bj'" in r.stderr
+
+
+def test_bundle_streams_the_store_in_time_order_without_holding_the_job(tmp_path: Path) -> None:
+    """The command's path (ChunkStore.events into write_bundle) gives the job's events and its nodes'
+    job-less alerts and warnings in the store's order, holding the chunks that overlap in time rather
+    than the job: its peak memory is a fraction of reading the job at once."""
+    import tracemalloc
+
+    from mlops_obs.rca.sources import ChunkStore, relevant
+
+    j = Job(name="big", world=8, step_s=0.01)
+    j.start()
+    t = j.steps(0, 5000, 1.0)
+    j.ev(3, t, "rank failed", "error", error="RuntimeError: boom")
+    j.alert(t + 1, "GpuXidCritical", node="n1")  # job-less, on the job's node: in
+    j.alert(t + 1, "GpuXidCritical", node="elsewhere")  # another node: out
+    j.ev(None, t - 2, "kernel: Out of memory", "error", node="n1", job=None)  # in
+    j.ev(None, t - 2, "kernel: all fine", "info", node="n1", job=None)  # a plain job-less line: out
+    other = Job(name="other", world=1)
+    other.start()
+    other.steps(0, 50, 1.0)
+    with EventStore(tmp_path / "store") as s:
+        for r in range(8):  # as the shipper puts them: each rank's file in its own batches
+            s.put([e for e in j.events if e["rank"] == r])
+        s.put([e for e in j.events if e["rank"] is None])
+        s.put(other.events)
+        mine = s.query(job="big")
+        lo, hi = mine[0]["@timestamp"], mine[-1]["@timestamp"]
+        want = mine + [
+            e
+            for e in s.query(since=stamp(epoch(lo) - 900), until=stamp(epoch(hi) + 900))
+            if e["job"] is None and relevant(e, "big", {"n1"}) and (e["kind"] == "alert" or e["level"] == "error")
+        ]
+    want.sort(key=lambda e: (e["@timestamp"], e["source"], e["offset"]))
+    store = ChunkStore(tmp_path / "store")
+    try:
+        assert [e["_id"] for e in store.events("big", None, None)] == [e["_id"] for e in want]
+        tracemalloc.start()
+        with EventStore(tmp_path / "store") as s:
+            held = s.query(job="big")
+        at_once = tracemalloc.get_traced_memory()[1]
+        del held
+        tracemalloc.stop()
+        tracemalloc.start()
+        w = write_bundle(tmp_path / "b.tar.gz", "big", store.events("big", None, None))
+        streamed = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    finally:
+        store.close()
+    assert w.events == len(want) and [e["_id"] for e in Bundle(tmp_path / "b.tar.gz").events()] == [
+        e["_id"] for e in want
+    ]
+    assert streamed < at_once / 3, (streamed, at_once)

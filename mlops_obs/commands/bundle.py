@@ -8,7 +8,7 @@ when asked for, the cap too small for the job's evidence); one line on stderr, n
 from __future__ import annotations
 
 import argparse
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -45,64 +45,28 @@ def run(cfg: Mapping[str, Any]) -> int:
     return guarded("bundle", lambda: _run(cfg, job))
 
 
-def job_events(directory: Path, job: str, since: str | None, until: str | None) -> list[dict[str, Any]]:
-    """The job's events with its nodes' alerts and job-less lines, in time order, through
-    :meth:`EventStore.query` (the store's read API today; it returns lists, so this holds them)."""
-    from mlops_obs.logs.store import EventStore
-    from mlops_obs.rca.sources import KIND_MARGIN_SECONDS, ChunkStore, relevant
-    from mlops_obs.rca.times import epoch, stamp
-
-    ChunkStore(directory).close()  # a clear error when there is no store (EventStore would create one)
-    with EventStore(directory) as s:
-        mine = s.query(job=job, since=since, until=until)
-        if not mine:
-            return []
-        nodes = {e["node"] for e in mine if isinstance(e.get("node"), str)}
-        lo = stamp(epoch(mine[0]["@timestamp"]) - KIND_MARGIN_SECONDS)
-        hi = stamp(epoch(mine[-1]["@timestamp"]) + KIND_MARGIN_SECONDS)
-        lo, hi = max(lo, since or lo), min(hi, until or hi)
-        others = [
-            e
-            for e in s.query(since=lo, until=hi, level=("warning", "error", "critical"))
-            if e.get("job") in (None, "") and relevant(e, job, nodes)
-        ]
-        others += [
-            e
-            for e in s.query(kind="alert", since=lo, until=hi)
-            if e.get("job") in (None, "")
-            and e.get("level") not in ("warning", "error", "critical")
-            and relevant(e, job, nodes)
-        ]
-    out = mine + others
-    out.sort(key=lambda e: (e["@timestamp"], e["source"], e["offset"]))
-    return out
-
-
 def _run(cfg: Mapping[str, Any], job: str) -> int:
     from mlops_obs.rca.bundle import BundleError, write_bundle
-    from mlops_obs.rca.sources import SourceError
+    from mlops_obs.rca.sources import ChunkStore, SourceError
 
     directory = store_dir(cfg)
     since, until = cfg.get("since"), cfg.get("until")
+    out = Path(cfg["out"])
+    none = f"no events of job {job!r}" + (" in that time range" if since or until else "") + f" in {directory}"
     try:
-        events = job_events(directory, job, since, until)
+        store = ChunkStore(directory)
     except SourceError as e:
         raise Failed(str(e)) from None
-    if not events:
-        raise Failed(
-            f"no events of job {job!r}" + (" in that time range" if since or until else "") + f" in {directory}"
-        )
-    metrics = fetch_metrics(cfg, job, events[0]["@timestamp"], events[-1]["@timestamp"])
-    out = Path(cfg["out"])
-
-    def again() -> Iterable[Mapping[str, Any]]:
-        return events
-
     try:
+        span = store.span(job, since, until)
+        if span is None:
+            raise Failed(none)
+        metrics = fetch_metrics(cfg, job, *span)
+        # Streamed from the store, one chunk at a time, through the redaction into the archive.
         w = write_bundle(
             out,
             job,
-            again,
+            store.events(job, since, until),
             since=since,
             until=until,
             metrics=metrics,
@@ -110,10 +74,15 @@ def _run(cfg: Mapping[str, Any], job: str) -> int:
             max_bytes=int(cfg["max-bytes"]),
             source=f"store {directory}" + (f", prometheus {cfg['prometheus']}" if metrics else ""),
         )
-    except BundleError as e:
+    except (BundleError, SourceError) as e:
         raise Failed(str(e)) from None
     except OSError as e:
         raise Failed(f"--out {out}: {e.strerror or e}") from None
+    finally:
+        store.close()
+    if w.events == 0:  # the chunks overlapped the range, none of their events fell in it
+        out.unlink(missing_ok=True)
+        raise Failed(none)
     dropped = f"; dropped the {w.dropped} oldest plain log lines for the size cap" if w.dropped else ""
     print(
         f"wrote {out}: {w.events} events, {w.series} series, {w.snapshots} rank snapshots, "

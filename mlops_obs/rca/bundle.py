@@ -18,6 +18,11 @@ the events do not fit, the oldest plain (``info``/``debug``) log lines go first,
 evidence is its warnings, errors, alerts, exit records and the last lines before them. The manifest
 says how many were dropped and from when the kept ones start.
 
+Writing streams: ``mlops-obs bundle`` reads the store one chunk at a time in time order
+(:meth:`~mlops_obs.rca.sources.ChunkStore.events`), each event is redacted and written to a temporary
+file as it comes, and the kept lines go from there into the archive, so memory holds the chunks that
+overlap in time and a byte or five per event, never the job.
+
 Reading never extracts to disk: members are streamed out of the archive, so a hostile archive's
 paths mean nothing, and every member is size-checked before it is parsed.
 """
@@ -31,7 +36,8 @@ import platform
 import sqlite3
 import tarfile
 import tempfile
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from array import array
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -92,7 +98,7 @@ class Written:
 def write_bundle(
     out: Path,
     job: str,
-    events: Callable[[], Iterable[Mapping[str, Any]]],
+    events: Iterable[Mapping[str, Any]],
     *,
     since: str | None = None,
     until: str | None = None,
@@ -102,103 +108,112 @@ def write_bundle(
     source: str = "",
     extra_versions: Mapping[str, str] | None = None,
 ) -> Written:
-    """Write a bundle to ``out`` (atomically: a temp file beside it, then a rename). ``events`` is
-    called twice (sizes, then writing), so the cap is applied without holding the events."""
+    """Write a bundle to ``out`` (atomically: a temp file beside it, then a rename).
+
+    ``events`` (in time order) is read once, each event redacted and written to a temporary file as it
+    comes, with one byte (notable or not) and, for a plain line, its size kept: 1-5 bytes an event,
+    whatever the job's size. The cap then says how many of the oldest plain lines go; the kept lines
+    are streamed from the file into the archive (through a second file only when some were dropped).
+    """
     series_doc = orjson.dumps(_redact_series(metrics.to_json())) if metrics else None
     snaps = _snapshots(multiproc_dir, job) if multiproc_dir else []
     fixed = len(series_doc or b"") + sum(len(b) for _, b in snaps)
     budget = max_bytes - fixed
     if budget <= 0:
         raise BundleError(f"the series and snapshots alone ({fixed} bytes) exceed the size cap ({max_bytes} bytes)")
-    # Pass 1: sizes, to find how many old plain lines must go.
-    plain_sizes: list[int] = []
-    notable_bytes = 0
-    for ev in events():
-        n = len(_dump(ev))
-        if _notable(ev):
-            notable_bytes += n
-        else:
-            plain_sizes.append(n)
-    drop_plain = 0
-    room = budget - notable_bytes
-    total_plain = sum(plain_sizes)
-    if total_plain > room:
-        excess = total_plain - max(room, 0)
-        acc = 0
-        while drop_plain < len(plain_sizes) and acc < excess:
-            acc += plain_sizes[drop_plain]
-            drop_plain += 1
-    if notable_bytes > budget:
-        raise BundleError(
-            f"the job's warnings, errors and alerts alone ({notable_bytes} bytes) exceed the size cap "
-            f"({max_bytes} bytes); give a narrower --since/--until or a larger cap"
-        )
     written = Written(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
-    tmp = Path(tmp_name)
-    raw = os.fdopen(fd, "wb")
-    try:
-        with raw, tempfile.TemporaryFile() as ev_file:
-            first = last = None
-            kinds: dict[str, int] = {}
-            plain_seen = 0
-            kept_from = None
-            for ev in events():
-                if not _notable(ev):
-                    plain_seen += 1
-                    if plain_seen <= drop_plain:
-                        written.dropped += 1
-                        continue
-                    if kept_from is None:
-                        kept_from = ev.get("@timestamp")
-                line = _dump(ev)
-                ev_file.write(line)
-                written.events += 1
-                ts = ev.get("@timestamp")
-                if isinstance(ts, str):
-                    first = ts if first is None or ts < first else first
-                    last = ts if last is None or ts > last else last
-                k = str(ev.get("kind", "log"))
-                kinds[k] = kinds.get(k, 0) + 1
-            ev_bytes = ev_file.tell()
-            manifest = {
-                "format": FORMAT,
-                "format_version": FORMAT_VERSION,
-                "created": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
-                "versions": _versions(extra_versions),
-                "job": job,
-                "since": since,
-                "until": until,
-                "first_event": first,
-                "last_event": last,
-                "source": source,
-                "redacted": True,
-                "max_bytes": max_bytes,
-                "truncated": written.dropped > 0,
-                "events": {
-                    "member": "events.ndjson",
-                    "count": written.events,
-                    "bytes": ev_bytes,
-                    "by_kind": kinds,
-                    "dropped": written.dropped,
-                    "kept_plain_from": kept_from if written.dropped else None,
-                },
-                "series": {
-                    "member": "series.json",
-                    "count": sum(len(x) for x in metrics.series.values()) if metrics else 0,
-                    "queries": len(metrics.series) if metrics else 0,
-                    "bytes": len(series_doc or b""),
-                },
-                "snapshots": {
-                    "count": len(snaps),
-                    "bytes": sum(len(b) for _, b in snaps),
-                    "members": [f"snapshots/{n}" for n, _ in snaps],
-                },
-            }
-            with tarfile.open(fileobj=raw, mode="w:gz") as tar:
+    with tempfile.TemporaryFile() as all_file, tempfile.TemporaryFile() as kept_file:
+        notable = bytearray()  # per event, in order: 1 for a warning or worse, an alert, launcher or stack event
+        plain_sizes = array("I")  # per plain line, in order: its size
+        notable_bytes = 0
+        kinds: dict[str, int] = {}
+        times: dict[bool, list[str]] = {True: [], False: []}  # first and last time, of notable and plain events
+        for ev in events:
+            line = _dump(ev)
+            all_file.write(line)
+            mark = _notable(ev)
+            notable.append(mark)
+            if mark:
+                notable_bytes += len(line)
+            else:
+                plain_sizes.append(len(line))
+            k = str(ev.get("kind", "log"))
+            kinds[k] = kinds.get(k, 0) + 1
+            ts = ev.get("@timestamp")
+            if isinstance(ts, str):
+                t = times[mark]
+                if not t:
+                    t += [ts, ts]
+                t[0], t[1] = min(t[0], ts), max(t[1], ts)
+        if notable_bytes > budget:
+            raise BundleError(
+                f"the job's warnings, errors and alerts alone ({notable_bytes} bytes) exceed the size cap "
+                f"({max_bytes} bytes); give a narrower --since/--until or a larger cap"
+            )
+        # The oldest plain lines that must go for the rest to fit.
+        excess = sum(plain_sizes) - (budget - notable_bytes)
+        dropped_bytes = 0
+        while written.dropped < len(plain_sizes) and dropped_bytes < excess:
+            dropped_bytes += plain_sizes[written.dropped]
+            written.dropped += 1
+        n_plain = len(plain_sizes)
+        del plain_sizes
+        ev_bytes = all_file.tell() - dropped_bytes
+        written.events = len(notable) - written.dropped
+        kept_from = None
+        ev_file = all_file
+        all_file.seek(0)
+        if written.dropped:
+            kinds["log"] -= written.dropped
+            kept_from = _copy_kept(all_file, kept_file, notable, written.dropped)
+            ev_file = kept_file
+            ev_file.seek(0)
+        del notable
+        spans = [times[True]] if times[True] else []
+        if times[False] and written.dropped < n_plain:
+            spans.append([kept_from or times[False][0], times[False][1]])
+        first = min((t[0] for t in spans), default=None)
+        last = max((t[1] for t in spans), default=None)
+        manifest = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "created": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+            "versions": _versions(extra_versions),
+            "job": job,
+            "since": since,
+            "until": until,
+            "first_event": first,
+            "last_event": last,
+            "source": source,
+            "redacted": True,
+            "max_bytes": max_bytes,
+            "truncated": written.dropped > 0,
+            "events": {
+                "member": "events.ndjson",
+                "count": written.events,
+                "bytes": ev_bytes,
+                "by_kind": {k: n for k, n in kinds.items() if n},
+                "dropped": written.dropped,
+                "kept_plain_from": kept_from,
+            },
+            "series": {
+                "member": "series.json",
+                "count": sum(len(x) for x in metrics.series.values()) if metrics else 0,
+                "queries": len(metrics.series) if metrics else 0,
+                "bytes": len(series_doc or b""),
+            },
+            "snapshots": {
+                "count": len(snaps),
+                "bytes": sum(len(b) for _, b in snaps),
+                "members": [f"snapshots/{n}" for n, _ in snaps],
+            },
+        }
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
+        tmp = Path(tmp_name)
+        try:
+            with os.fdopen(fd, "wb") as raw, tarfile.open(fileobj=raw, mode="w:gz") as tar:
                 _add(tar, "manifest.json", orjson.dumps(manifest, option=orjson.OPT_INDENT_2))
-                ev_file.seek(0)
                 info = tarfile.TarInfo("events.ndjson")
                 info.size = ev_bytes
                 info.mtime = int(_dt.datetime.now().timestamp())
@@ -207,15 +222,31 @@ def write_bundle(
                     _add(tar, "series.json", series_doc)
                 for name, body in snaps:
                     _add(tar, f"snapshots/{name}", body)
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+            os.replace(tmp, out)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
     written.series = manifest["series"]["count"]  # type: ignore[index]
     written.snapshots = len(snaps)
     written.bytes = out.stat().st_size
     written.manifest = manifest
     return written
+
+
+def _copy_kept(src: IO[bytes], dst: IO[bytes], notable: bytearray, drop: int) -> str | None:
+    """Copy ``src``'s lines to ``dst`` but the first ``drop`` plain ones; the time of the first plain
+    line kept (None when none is)."""
+    plain_seen = 0
+    kept_from = None
+    for mark, line in zip(notable, src):
+        if not mark:
+            plain_seen += 1
+            if plain_seen <= drop:
+                continue
+            if kept_from is None:
+                kept_from = orjson.loads(line).get("@timestamp")
+        dst.write(line)
+    return kept_from
 
 
 def _add(tar: tarfile.TarFile, name: str, body: bytes) -> None:

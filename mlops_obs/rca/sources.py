@@ -23,6 +23,7 @@ ones it was given, so the two paths give the same verdict (a test holds them to 
 
 from __future__ import annotations
 
+import heapq
 import sqlite3
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
@@ -286,6 +287,49 @@ class ChunkStore:
             out.extend(ev for ev in self._decode(row) if lo <= ev["@timestamp"] < hi)
         out.sort(key=_order)
         return out
+
+    def span(self, job: str, since: str | None, until: str | None) -> tuple[str, str] | None:
+        """The job's first and last event times as the chunks' metadata bound them (no decoding)."""
+        rng, args = self._range(since, until)
+        first, last = self._scalar(f"SELECT min(ts_min), max(ts_max) FROM chunks WHERE job = ?{rng}", [job, *args])[0]
+        if first is None:
+            return None
+        return max(first, since or first), min(last, until or last)
+
+    def events(self, job: str, since: str | None, until: str | None) -> Iterator[dict[str, Any]]:
+        """Every event of the job in ``[since, until)``, with its nodes' job-less alerts, warnings and errors
+        around it (:data:`KIND_MARGIN_SECONDS`), in (``@timestamp``, ``source``, ``offset``) order, one
+        chunk decoded at a time: chunks come in ``ts_min`` order, and an event is handed on once no chunk
+        still to come can hold an earlier one. What is held is the chunks overlapping in time (a few per
+        rank), not the job."""
+        span = self.span(job, since, until)
+        if span is None:
+            return
+        rng, args = self._range(since, until)
+        nodes = {n for (n,) in self._scalar(f"SELECT DISTINCT node FROM chunks WHERE job = ?{rng}", [job, *args]) if n}
+        lo = max(stamp(epoch(span[0]) - KIND_MARGIN_SECONDS), since or "")
+        hi = min(stamp(epoch(span[1]) + KIND_MARGIN_SECONDS), until or "9999")
+        rows = self._rows(
+            f"SELECT {_COLS} FROM chunks WHERE job = ?{rng} UNION ALL SELECT {_COLS} FROM chunks"
+            " WHERE (job IS NULL OR job = '') AND (kind = 'alert' OR severity >= 3) AND ts_max >= ? AND ts_min < ?"
+            " ORDER BY ts_min",
+            [job, *args, lo, hi],
+        )
+        held: list[tuple[tuple[str, str, int], int, dict[str, Any]]] = []
+        n = 0
+        for row in rows:
+            while held and held[0][0][0] < row[7]:
+                yield heapq.heappop(held)[2]
+            mine = row[2] == job
+            for ev in self._decode(row):
+                ts = ev["@timestamp"]
+                notable = ev["kind"] == "alert" or LEVEL_RANK.get(ev["level"], 0) >= LEVEL_RANK["warning"]
+                if not (_in(ts, since, until) if mine else lo <= ts < hi and notable and relevant(ev, job, nodes)):
+                    continue
+                n += 1
+                heapq.heappush(held, (_order(ev), n, ev))
+        while held:
+            yield heapq.heappop(held)[2]
 
     def facts(self, job: str, since: str | None, until: str | None) -> JobFacts:
         b = FactsBuilder(job)

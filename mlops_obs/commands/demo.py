@@ -82,10 +82,10 @@ SCENARIOS: dict[str, Scenario] = {s.name: s for s in (
              "rank {rank} hangs at step {step}; the launcher dumps every rank's stack after 3 s without a step, "
              "its peers give up on the all-reduce after 10 s", min_world=2,
              workload=(("timeout", 10.0), ("stall-after", 3.0))),
-    Scenario("straggler", ("straggler:rank={rank},factor=4",), 800, None, "TrainingStraggler", "straggler",
+    Scenario("straggler", ("straggler:rank={rank},factor=4",), 1200, None, "TrainingStraggler", "straggler",
              "rank {rank} computes 4 times slower than its peers, who wait for it in every all-reduce",
              min_world=2),
-    Scenario("slow-data", ("slow-data:rank={rank},factor=30",), 600, None, "TrainingDataLoaderBound",
+    Scenario("slow-data", ("slow-data:rank={rank},factor=30",), 800, None, "TrainingDataLoaderBound",
              "data_starvation", "rank {rank}'s input pipeline is 30 times slower", min_world=2),
 )}  # fmt: skip
 DEFAULT_SCENARIO = "crash"  # a fault, its alert, the peers' symptoms, the verdict that tells them apart

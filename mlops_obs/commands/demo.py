@@ -221,7 +221,7 @@ def _start(cfg: Mapping[str, Any], workdir: Path, job: str, cleanup: contextlib.
     store_dir = workdir / "store"
     sink = StoreSink(store_dir)
     cleanup.callback(sink.close)
-    receiver = AlertReceiver(("127.0.0.1", 0), AlertIntake(sink, deadline=10.0)).start_background()
+    receiver = AlertReceiver(("127.0.0.1", 0), AlertIntake(sink, deadline=10.0)).start()
     cleanup.callback(receiver.stop)
     _say(f"  alert sink: {receiver.url}/alerts -> store {store_dir}")
     host, port = cfg["web.listen-address"]

@@ -67,6 +67,7 @@ NOT_EVIDENCE: dict[str, str] = {
     "MlopsScrapeSlow": "the monitoring pipeline's health",
     "MlopsShipperBehind": "the monitoring pipeline's health",
     "MlopsShipperNotShipping": "the monitoring pipeline's health",
+    "MlopsShipperFailing": "the monitoring pipeline's health",
     "MlopsShipperDeadLetters": "the monitoring pipeline's health",
 }
 # Alerts from other rule sets (kube-prometheus, node-mixin), recognised by shape.

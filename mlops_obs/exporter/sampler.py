@@ -64,6 +64,9 @@ SCRAPE_HISTORY = 9
 # Prefetching stops once this many expected scrapes have not come: an idle sidecar does not sample.
 IDLE_AFTER = 3
 MAX_SCRAPE_INTERVAL = 3600.0
+# The published cadence is rewritten when the expected scrapes move by more than this (well inside the
+# ranks' flush margin), not for every few milliseconds of a scrape's jitter.
+PUBLISH_TOLERANCE = 0.1
 
 
 class ScrapeClock:
@@ -401,11 +404,11 @@ class Sampler:
             old_interval, old_next = self._published
             moved = (interval is None) != (old_interval is None)
             if interval is not None and expected is not None and old_interval is not None and old_next is not None:
-                # The published grid is old_next + k * old_interval: still right within a tenth of the lead?
+                # The published grid is old_next + k * old_interval: still right within the tolerance?
                 k = round((expected - old_next) / old_interval)
                 moved = (
-                    abs(old_next + k * old_interval - expected) > max(lead / 10.0, 0.01)
-                    or abs(interval - old_interval) > 0.001 * interval
+                    abs(old_next + k * old_interval - expected) > PUBLISH_TOLERANCE
+                    or abs(interval - old_interval) > 0.01 * interval
                 )
             if not (moved or force or now - self._published_at > HOUSEKEEPING_INTERVAL):
                 return

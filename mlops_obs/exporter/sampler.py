@@ -170,6 +170,7 @@ class Sampler:
     ) -> None:
         self.static = static  # constant series (build info) appended to every scrape
         self.collectors = collectors
+        self.clock = ScrapeClock(interval)
         self.interval = interval
         self.deadline = deadline
         self.log = log
@@ -191,12 +192,20 @@ class Sampler:
         # One condition for the schedule: the collector threads wait on it for their next round, a
         # scrape waits on it for the rounds it asked for, and every round's end notifies it.
         self._cond = threading.Condition()
-        self.clock = ScrapeClock(interval)
         self._published: tuple[float | None, float | None] = (None, None)
         self._published_at = -math.inf
         self._hung_reported: set[str] = set()
         self._housekeeping_errors: dict[int, str] = {}
         self._wake = threading.Event()
+
+    @property
+    def interval(self) -> float:
+        """``--sampler.interval``: the most often a collector samples (a reload may change it)."""
+        return self.clock.floor
+
+    @interval.setter
+    def interval(self, value: float) -> None:
+        self.clock.floor = value
 
     def _bump(self) -> None:
         with self._gen_lock:

@@ -288,7 +288,7 @@ def cadence_mode(args: argparse.Namespace, node_exporter: str) -> int:
             mp = work / f"mp-{len(targets)}"
             mp.mkdir()
             ranks = [
-                subprocess.Popen([py, "-c", CADENCE_RANK_CODE, str(r), str(mp), str(args.ranks)], env=env)
+                subprocess.Popen([py, "-c", CADENCE_RANK_CODE, str(r), str(mp), str(args.ranks)], env=env, cwd=tree)
                 for r in range(args.ranks)
             ]
             procs += ranks
@@ -298,7 +298,8 @@ def cadence_mode(args: argparse.Namespace, node_exporter: str) -> int:
             port = free_port()
             cmd = [py, "-m", "mlops_obs", "exporter", f"--web.listen-address=127.0.0.1:{port}", "--gpu.backend=fake",
                    f"--gpu.fake-scenario={scen}", f"--multiproc-dir={mp}", "--log.level=warn"]  # fmt: skip
-            p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL)
+            # cwd too: ``python -m`` and ``-c`` put the working directory first on sys.path.
+            p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, cwd=tree)
             procs.append(p)
             targets.append(Target(name, p, port))
         ne_port = free_port()

@@ -260,7 +260,8 @@ def part_rank(window: float, settle: float, scrape_interval: float, baseline: Pa
     try:
         for name, args, tree in variants:
             env = {**os.environ, "PYTHONPATH": tree}
-            procs[name] = subprocess.Popen([sys.executable, "-c", RANK_LOOP, *args], env=env)
+            # cwd too: ``python -c`` puts the working directory first on sys.path.
+            procs[name] = subprocess.Popen([sys.executable, "-c", RANK_LOOP, *args], env=env, cwd=tree)
         end = time.monotonic() + settle
         while time.monotonic() < end:
             time.sleep(min(scrape_interval, max(0.0, end - time.monotonic())))

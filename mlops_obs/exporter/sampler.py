@@ -196,7 +196,7 @@ class Sampler:
         self._published_at = -math.inf
         self._hung_reported: set[str] = set()
         self._housekeeping_errors: dict[int, str] = {}
-        self._wake = threading.Event()
+        self._scrapes_waiting = 0  # scrapes waiting for rounds: a round's end wakes threads only for them
 
     @property
     def interval(self) -> float:
@@ -223,7 +223,6 @@ class Sampler:
 
     def stop(self) -> None:
         self._stop.set()
-        self._wake.set()
         with self._cond:
             self._cond.notify_all()
         for t in self._threads.values():
@@ -264,7 +263,8 @@ class Sampler:
         state.rounds += 1
         with self._cond:
             state.running_since = None
-            self._cond.notify_all()
+            if self._scrapes_waiting:  # else nobody to tell: no wake-up of the other collectors' threads
+                self._cond.notify_all()
         self._bump()
         self._report(c.name, error, unavailable, hung_for=state.duration if state.duration > self.deadline else None)
 
@@ -458,12 +458,16 @@ class Sampler:
             if waiting or before is None or after is None or abs(after - before) > 0.01 * before:
                 self._cond.notify_all()  # a round asked for, or a schedule that moved
             until = now + self.deadline
-            while waiting and not self._stop.is_set():
-                waiting = {n: r for n, r in waiting.items() if self.states[n].rounds == r}
-                left = until - time.monotonic()
-                if not waiting or left <= 0:
-                    break
-                self._cond.wait(left)
+            self._scrapes_waiting += 1
+            try:
+                while waiting and not self._stop.is_set():
+                    waiting = {n: r for n, r in waiting.items() if self.states[n].rounds == r}
+                    left = until - time.monotonic()
+                    if not waiting or left <= 0:
+                        break
+                    self._cond.wait(left)
+            finally:
+                self._scrapes_waiting -= 1
         self._publish(now)
 
     @property

@@ -11,8 +11,9 @@ median gap between the last arrivals, :class:`ScrapeClock`) and runs a round jus
 expected scrape (by :meth:`Sampler.lead`: twice the slowest collector's last round, at least
 :data:`LEAD_MIN`), never more often than ``interval`` (``--sampler.interval``). A scrape that finds a
 collector's data older than :meth:`Sampler.budget` (an HA pair's second Prometheus, a first scrape, a
-round that ran late) asks for a round and waits for it, for at most the collector deadline; a round
-already in flight is waited for rather than doubled. While nothing scrapes (no scrape for
+round that ran late) asks for a round and waits for it, for at most the collector deadline and half
+the scrape interval (:meth:`Sampler.scrape_wait`: Prometheus' scrape timeout is at most its interval),
+then serves what it has; a round already in flight is waited for rather than doubled. While nothing scrapes (no scrape for
 :data:`IDLE_AFTER` expected intervals) the collector threads sleep without a timeout: the only
 wake-up is the housekeeping timer (:data:`HOUSEKEEPING_INTERVAL`: stale rank files, the watchdog,
 the published cadence). ``on_cadence`` receives the learned interval, so the ranks' flushes can
@@ -64,6 +65,8 @@ SCRAPE_HISTORY = 9
 # Prefetching stops once this many expected scrapes have not come: an idle sidecar does not sample.
 IDLE_AFTER = 3
 MAX_SCRAPE_INTERVAL = 3600.0
+# How long a scrape waits for a round while the scrape interval is not known yet (a first scrape).
+SCRAPE_WAIT_UNKNOWN = 0.5
 # The published cadence is rewritten when the expected scrapes move by more than this (well inside the
 # ranks' flush margin), not for every few milliseconds of a scrape's jitter.
 PUBLISH_TOLERANCE = 0.1
@@ -296,6 +299,14 @@ class Sampler:
         """The oldest a round may have started for a scrape to serve it without asking for a new one."""
         return max(float(self.interval), 2.0 * self.lead())
 
+    def scrape_wait(self) -> float:
+        """How long a scrape waits for the rounds it asked for before it serves the data it has: the
+        deadline, but at most half the learned scrape interval (:data:`SCRAPE_WAIT_UNKNOWN` before one
+        is learned), so that a slow round never makes Prometheus time the scrape out (its timeout is at
+        most its interval)."""
+        interval = self.clock.interval
+        return min(float(self.deadline), interval / 2.0 if interval is not None else SCRAPE_WAIT_UNKNOWN)
+
     def _due(self, state: CollectorState, now: float) -> float | None:
         """When this collector's next round should start (monotonic), ``None`` when none is wanted; the
         caller holds ``_cond``. Never sooner than ``interval`` after its last round started."""
@@ -457,7 +468,7 @@ class Sampler:
                     waiting[name] = s.rounds
             if waiting or before is None or after is None or abs(after - before) > 0.01 * before:
                 self._cond.notify_all()  # a round asked for, or a schedule that moved
-            until = now + self.deadline
+            until = now + self.scrape_wait()
             self._scrapes_waiting += 1
             try:
                 while waiting and not self._stop.is_set():

@@ -13,10 +13,10 @@ expected scrape (by :meth:`Sampler.lead`: twice the slowest collector's last rou
 collector's data older than :meth:`Sampler.budget` (an HA pair's second Prometheus, a first scrape, a
 round that ran late) asks for a round and waits for it, for at most the collector deadline and half
 the scrape interval (:meth:`Sampler.scrape_wait`: Prometheus' scrape timeout is at most its interval),
-then serves what it has; a round already in flight is waited for rather than doubled. While nothing scrapes (no scrape for
-:data:`IDLE_AFTER` expected intervals) the collector threads sleep without a timeout: the only
-wake-up is the housekeeping timer (:data:`HOUSEKEEPING_INTERVAL`: stale rank files, the watchdog,
-the published cadence). ``on_cadence`` receives the learned interval, so the ranks' flushes can
+then serves what it has; a round already in flight is waited for rather than doubled. While nothing
+scrapes (no scrape for :data:`IDLE_AFTER` expected intervals) the collector threads sleep without a
+timeout: the only wake-up is the housekeeping timer (:data:`HOUSEKEEPING_INTERVAL`: stale rank files,
+the watchdog, the published cadence). ``on_cadence`` receives the learned interval, so the ranks' flushes can
 follow it (:mod:`mlops_obs.rankdir.cadence`).
 
 **Deadlines.** A collector whose round has been running for longer than ``deadline`` (NVML can hang

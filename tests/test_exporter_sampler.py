@@ -561,3 +561,26 @@ def test_a_round_runs_ahead_of_the_expected_scrape_and_the_cadence_is_published(
         assert abs(next_scrape - time.time()) < 5.0
     finally:
         sampler.stop()
+
+
+def test_a_scrape_never_waits_past_half_the_scrape_interval() -> None:
+    """A slow round must not make Prometheus time the scrape out (its timeout is at most its interval):
+    a scrape waits for rounds at most the deadline and half the learned interval, then serves what it has."""
+    hanging = HangingCollector()
+    sampler = Sampler([hanging], interval=0.01, deadline=5.0, log=RecordingLog())
+    assert sampler.scrape_wait() == 0.5  # no interval learned yet
+    sampler.start()
+    try:
+        wait_for(lambda: sampler.ready, "first round")
+        for t in (0.0, 0.2, 0.4):
+            sampler.clock.arrive(time.monotonic() - 0.4 + t)
+        assert sampler.scrape_wait() == pytest.approx(0.1, abs=1e-3)
+        hanging.hang.set()
+        with sampler._cond:
+            sampler.states["hanging"].started_at -= 3600.0
+        body = parse(sampler.scrape())  # asks for a round, which hangs; returns with the old data
+        assert hanging.inside.wait(WAIT)
+        assert body["test_hanging_value"] == 7
+    finally:
+        hanging.release.set()
+        sampler.stop()

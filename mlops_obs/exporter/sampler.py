@@ -11,8 +11,8 @@ median gap between the last arrivals, :class:`ScrapeClock`) and runs a round jus
 expected scrape (by :meth:`Sampler.lead`: twice the slowest collector's last round, at least
 :data:`LEAD_MIN`), never more often than ``interval`` (``--sampler.interval``). A scrape that finds a
 collector's data older than :meth:`Sampler.budget` (an HA pair's second Prometheus, a first scrape, a
-round that ran late) asks for a round and waits for it, for at most the collector deadline and half
-the scrape interval (:meth:`Sampler.scrape_wait`: Prometheus' scrape timeout is at most its interval),
+round that ran late) asks for a round and waits for it, for at most the collector deadline and a quarter
+of the scrape interval (:meth:`Sampler.scrape_wait`: Prometheus' scrape timeout is at most its interval),
 then serves what it has; a round already in flight is waited for rather than doubled. While nothing
 scrapes (no scrape for :data:`IDLE_AFTER` expected intervals) the collector threads sleep without a
 timeout: the only wake-up is the housekeeping timer (:data:`HOUSEKEEPING_INTERVAL`: stale rank files,
@@ -66,7 +66,7 @@ SCRAPE_HISTORY = 9
 IDLE_AFTER = 3
 MAX_SCRAPE_INTERVAL = 3600.0
 # How long a scrape waits for a round while the scrape interval is not known yet (a first scrape).
-SCRAPE_WAIT_UNKNOWN = 0.5
+SCRAPE_WAIT_UNKNOWN = 0.25
 # The published cadence is rewritten when the expected scrapes move by more than this (well inside the
 # ranks' flush margin), not for every few milliseconds of a scrape's jitter.
 PUBLISH_TOLERANCE = 0.1
@@ -301,11 +301,11 @@ class Sampler:
 
     def scrape_wait(self) -> float:
         """How long a scrape waits for the rounds it asked for before it serves the data it has: the
-        deadline, but at most half the learned scrape interval (:data:`SCRAPE_WAIT_UNKNOWN` before one
-        is learned), so that a slow round never makes Prometheus time the scrape out (its timeout is at
-        most its interval)."""
+        deadline, but at most a quarter of the learned scrape interval (:data:`SCRAPE_WAIT_UNKNOWN` before
+        one is learned), so that a slow round on a busy node never makes Prometheus time the scrape out
+        (its timeout is at most its interval)."""
         interval = self.clock.interval
-        return min(float(self.deadline), interval / 2.0 if interval is not None else SCRAPE_WAIT_UNKNOWN)
+        return min(float(self.deadline), interval / 4.0 if interval is not None else SCRAPE_WAIT_UNKNOWN)
 
     def _due(self, state: CollectorState, now: float) -> float | None:
         """When this collector's next round should start (monotonic), ``None`` when none is wanted; the

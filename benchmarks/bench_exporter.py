@@ -28,6 +28,18 @@ otherwise be charged, through contention and evicted caches, to whoever is measu
 The fake NVML answers instantly unless ``--nvml-latency-us`` is given; real NVML calls take tens of
 microseconds to tens of milliseconds (``scripts/gpu_check.py`` measures them on a GPU), which the
 background sampler hides and a naive exporter does not.
+
+``--mode=15s``, ``--mode=60s`` and ``--mode=idle`` measure what a sidecar costs at the scrape
+intervals people use, and with nothing scraping it: ``mlops-obs exporter`` with its defaults (host,
+process, training and fake 8-GPU collectors), node_exporter, and (``--baseline-tree``) the same
+exporter run from another source tree (the code before a change), all running at once, each scraped
+on its own schedule (keep-alive, gzip), with CPU read from ``/proc/<pid>/task/*/schedstat``
+(nanoseconds: clock ticks are too coarse at these levels) over one window of ``--window`` seconds
+(default 300). Each exporter reads its own rank directory, written by ``--ranks`` training ranks running
+the SDK of the same tree with its defaults::
+
+    git worktree add --detach /tmp/base <base-commit>
+    .venv/bin/python benchmarks/bench_exporter.py --mode=15s --baseline-tree=/tmp/base
 """
 
 from __future__ import annotations
@@ -226,6 +238,153 @@ def machine() -> str:
     return f"{model}, {os.cpu_count()} logical CPUs, Linux {platform.release()}, Python {platform.python_version()}"
 
 
+# --- cadence modes: CPU at real scrape intervals and idle, node_exporter side by side -----------------
+
+CADENCE_RANK_CODE = """
+import random, sys, time
+from mlops_obs.instrument import TrainingMonitor
+m = TrainingMonitor(job="bench", rank=int(sys.argv[1]), world_size=int(sys.argv[3]), directory=sys.argv[2])
+while True:
+    with m.step(samples=32, tokens=32 * 512):
+        with m.phase("forward"):
+            time.sleep(0.04)
+        with m.phase("backward"):
+            time.sleep(0.05)
+    m.record(loss=random.random(), grad_norm=1.0, lr=1e-4)
+"""
+
+
+def schedstat_ns(pid: int) -> int:
+    """CPU time of every live thread of ``pid`` in nanoseconds (``/proc/<pid>/task/*/schedstat``)."""
+    total = 0
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/schedstat", "rb") as f:
+                total += int(f.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            pass  # a thread that ended between the listing and the read
+    return total
+
+
+def stat_ticks_seconds(pid: int) -> float:
+    """user + system of the whole process, dead threads included, in clock ticks: the cross-check."""
+    with open(f"/proc/{pid}/stat") as f:
+        tail = f.read().rpartition(")")[2].split()
+    return (int(tail[11]) + int(tail[12])) / CLK_TCK
+
+
+def cadence_mode(args: argparse.Namespace, node_exporter: str) -> int:
+    interval = {"15s": 15.0, "60s": 60.0, "idle": None}[args.mode]
+    trees: list[tuple[str, Path]] = [("mlops-obs", ROOT)]
+    if args.baseline_tree is not None:
+        trees.append(("mlops-obs (baseline)", args.baseline_tree.resolve()))
+    work = Path(tempfile.mkdtemp(prefix="mlops-obs-bench-cadence-"))
+    py = sys.executable
+    procs: list[subprocess.Popen[bytes]] = []
+    targets: list[Target] = []
+    try:
+        for name, tree in trees:
+            env = {**os.environ, "PYTHONPATH": str(tree)}
+            mp = work / f"mp-{len(targets)}"
+            mp.mkdir()
+            ranks = [
+                subprocess.Popen([py, "-c", CADENCE_RANK_CODE, str(r), str(mp), str(args.ranks)], env=env, cwd=tree)
+                for r in range(args.ranks)
+            ]
+            procs += ranks
+            scen = work / f"scenario-{len(targets)}.json"
+            pids = [p.pid for p in ranks]
+            scen.write_text(json.dumps(scenario((pids * 8)[:8], args.nvml_latency_us)))
+            port = free_port()
+            cmd = [py, "-m", "mlops_obs", "exporter", f"--web.listen-address=127.0.0.1:{port}", "--gpu.backend=fake",
+                   f"--gpu.fake-scenario={scen}", f"--multiproc-dir={mp}", "--log.level=warn"]  # fmt: skip
+            # cwd too: ``python -m`` and ``-c`` put the working directory first on sys.path.
+            p = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, cwd=tree)
+            procs.append(p)
+            targets.append(Target(name, p, port))
+        ne_port = free_port()
+        ne = subprocess.Popen(
+            [node_exporter, f"--web.listen-address=127.0.0.1:{ne_port}", "--log.level=warn"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        procs.append(ne)
+        targets.append(Target("node_exporter", ne, ne_port))
+        for t in targets:
+            wait_ready(t)
+        deadline = time.monotonic() + 60
+        while sum(1 for _ in work.glob("mp-*/*.rank.json")) < args.ranks * len(trees):
+            if time.monotonic() > deadline:
+                raise SystemExit("bench: the training ranks did not write their snapshots within 60s")
+            time.sleep(0.2)
+        for t in targets:
+            t.count_series()
+        print(
+            f"cadence mode {args.mode}: settling {args.settle:g}s, then a {args.window:g}s window ...", file=sys.stderr
+        )
+        # Settle at the mode's own schedule, so the window sees the steady state, not start-up.
+        t_end = time.monotonic() + args.settle
+        next_scrape = time.monotonic()
+        cpu0: dict[str, tuple[int, float]] = {}
+        w0 = 0.0
+        phase_end = t_end
+        measuring = False
+        scrapes = 0
+        while True:
+            now = time.monotonic()
+            if now >= phase_end:
+                if measuring:
+                    break
+                cpu0 = {t.name: (schedstat_ns(t.proc.pid), stat_ticks_seconds(t.proc.pid)) for t in targets}
+                w0 = now
+                phase_end = now + args.window
+                measuring = True
+                scrapes = 0
+            if interval is not None and now >= next_scrape:
+                for t in targets:
+                    t.scrape()
+                scrapes += measuring
+                next_scrape += interval
+            time.sleep(max(0.0, min(phase_end, next_scrape if interval else phase_end) - time.monotonic()))
+        wall = time.monotonic() - w0
+        cpu = {
+            t.name: ((schedstat_ns(t.proc.pid) - cpu0[t.name][0]) / 1e9 / wall,
+                     (stat_ticks_seconds(t.proc.pid) - cpu0[t.name][1]) / wall)
+            for t in targets
+        }  # fmt: skip
+        rss = {t.name: t.rss_bytes() for t in targets}
+    finally:
+        for p in procs:
+            p.kill()
+        for p in procs:
+            p.wait()
+        shutil.rmtree(work, ignore_errors=True)
+
+    print(f"machine: {machine()}")
+    what = "no scrapes (idle)" if interval is None else f"a scrape every {interval:g} s ({scrapes} in the window)"
+    print(f"mode {args.mode}: {what}; window {wall:.0f} s after {args.settle:g} s settling; {args.ranks} ranks per "
+          "exporter (SDK defaults); exporters with their defaults (host, process, training, fake 8-GPU)")  # fmt: skip
+    print(f"{'target':<24}{'series':>8}{'CPU %core':>11}{'(ticks)':>9}{'RSS MiB':>9}")
+    rows = []
+    for t in targets:
+        ns, ticks = cpu[t.name]
+        print(f"{t.name:<24}{t.series:>8}{ns * 100:>11.3f}{ticks * 100:>9.2f}{rss[t.name] / 2**20:>9.1f}")
+        rows.append({"target": t.name, "series": t.series, "cpu_pct": ns * 100, "cpu_pct_ticks": ticks * 100,
+                     "rss_mib": rss[t.name] / 2**20})  # fmt: skip
+    ne_cpu = cpu["node_exporter"][0]
+    print("ratios (CPU):")
+    for t in targets:
+        if t.name != "node_exporter":
+            print(f"  {t.name} / node_exporter: {cpu[t.name][0] / ne_cpu:.2f}x" if ne_cpu else "  n/a")
+    if args.baseline_tree is not None:
+        base = cpu["mlops-obs (baseline)"][0]
+        print(f"  mlops-obs / mlops-obs (baseline): {cpu['mlops-obs'][0] / base:.3f}x" if base else "  n/a")
+    if args.json:
+        args.json.write_text(json.dumps({"machine": machine(), "args": {k: str(v) for k, v in vars(args).items()},
+                                         "window_s": wall, "rows": rows}, indent=2))  # fmt: skip
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     ap.add_argument("--scrapes", type=int, default=200, help="Scrapes per target in the latency phase.")
@@ -240,6 +399,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cpu-scrape-interval", type=float, default=1.0, help="Seconds between scrapes, CPU phase.")
     ap.add_argument("--nvml-latency-us", type=float, default=0.0, help="Simulated latency of each fake NVML call.")
     ap.add_argument("--json", type=Path, help="Also write the results here.")
+    ap.add_argument(
+        "--mode",
+        choices=("latency", "15s", "60s", "idle"),
+        default="latency",
+        help="latency: the phases above at a 1 s scrape; 15s, 60s: CPU at that scrape interval; idle: "
+        "CPU with no scrapes (see the module's docstring).",
+    )
+    ap.add_argument("--window", type=float, default=300.0, help="Seconds of the CPU window (cadence modes).")
+    ap.add_argument("--settle", type=float, default=60.0, help="Seconds run before the window (cadence modes).")
+    ap.add_argument("--ranks", type=int, default=4, help="Training ranks per exporter (cadence modes).")
+    ap.add_argument(
+        "--baseline-tree",
+        type=Path,
+        help="Also run the exporter and ranks from this source tree (cadence modes): the before.",
+    )
     ap.add_argument("--naive-server", nargs=2, metavar=("PORT", "CONFIG_JSON"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.naive_server:
@@ -253,6 +427,8 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
+    if args.mode != "latency":
+        return cadence_mode(args, node_exporter)
 
     work = Path(tempfile.mkdtemp(prefix="mlops-obs-bench-"))
     mp = work / "multiproc"

@@ -10,8 +10,17 @@ ratios.
 Part 2 (``--part workload``): throughput (samples/s) of the reference DDP workload with the monitor
 and comm hook on, and with them off (no ``--multiproc-dir``: the no-op mode), alternating runs.
 
-    .venv/bin/python benchmarks/bench_instrument.py            # both parts
+Part 3 (``--part rank``): a rank's CPU per second, flush included, at 10 steps/s (two 50 ms phases
+each, sleeping, as a GPU-bound rank waits on its device), with the SDK's defaults, next to the same
+loop bare, each its own process, all at once, CPU read from ``/proc/<pid>/task/*/schedstat`` over one
+``--window``. The rank directory holds the cadence a sidecar scraped every ``--scrape-interval``
+publishes (written by this script as ``mlops-obs exporter`` would, refreshed each interval); a second
+monitored rank finds no cadence (no sidecar); ``--baseline-tree`` adds a rank running the SDK of
+another source tree (the code before a change) with its defaults.
+
+    .venv/bin/python benchmarks/bench_instrument.py            # parts 1 and 2
     .venv/bin/python benchmarks/bench_instrument.py --part step --iterations 200000
+    .venv/bin/python benchmarks/bench_instrument.py --part rank --window 300 --baseline-tree /tmp/base
 """
 
 from __future__ import annotations
@@ -190,9 +199,94 @@ def part_workload(steps: int, world: int, repeats: int) -> dict[str, float]:
     }
 
 
+RANK_LOOP = """
+import sys, time
+directory = sys.argv[1] if len(sys.argv) > 1 else None
+if directory:
+    from mlops_obs.instrument import TrainingMonitor
+    m = TrainingMonitor(job="bench", rank=0, world_size=1, directory=directory)
+    step, phase, record = m.step, m.phase, m.record
+    while True:
+        with step(samples=32):
+            with phase("forward"):
+                time.sleep(0.05)
+            with phase("backward"):
+                time.sleep(0.05)
+            record(loss=0.5, grad_norm=1.0, lr=1e-4)
+else:
+    while True:
+        time.sleep(0.05)
+        time.sleep(0.05)
+"""
+
+
+def _schedstat_ns(pid: int) -> int:
+    total = 0
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/schedstat", "rb") as f:
+                total += int(f.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            pass
+    return total
+
+
+def part_rank(window: float, settle: float, scrape_interval: float, baseline: Path | None) -> dict[str, float]:
+    """CPU per wall second (fraction of a core) of each variant's process over the window."""
+    from mlops_obs.rankdir import cadence
+
+    root = Path(tempfile.mkdtemp(prefix="bench-rank-"))
+    here = str(Path(__file__).resolve().parent.parent)
+    scraped, alone = root / "scraped", root / "alone"
+    scraped.mkdir()
+    alone.mkdir()
+    variants: list[tuple[str, list[str], str]] = [
+        ("bare loop", [], here),
+        (f"SDK defaults, sidecar scraped every {scrape_interval:g}s", [str(scraped)], here),
+        ("SDK defaults, no sidecar", [str(alone)], here),
+    ]
+    if baseline is not None:
+        (root / "base").mkdir()
+        variants.append(("SDK defaults, baseline tree", [str(root / "base")], str(baseline.resolve())))
+
+    def publish() -> None:  # what a sidecar scraped every scrape_interval writes
+        now = time.time()
+        nxt = now + scrape_interval - (now % scrape_interval)
+        cadence.write(scraped, cadence.make(scrape_interval, nxt, cadence_lead, now))
+
+    cadence_lead = 0.1
+    publish()
+    procs = {}
+    try:
+        for name, args, tree in variants:
+            env = {**os.environ, "PYTHONPATH": tree}
+            # cwd too: ``python -c`` puts the working directory first on sys.path.
+            procs[name] = subprocess.Popen([sys.executable, "-c", RANK_LOOP, *args], env=env, cwd=tree)
+        end = time.monotonic() + settle
+        while time.monotonic() < end:
+            time.sleep(min(scrape_interval, max(0.0, end - time.monotonic())))
+            publish()
+        c0 = {n: _schedstat_ns(p.pid) for n, p in procs.items()}
+        w0 = time.monotonic()
+        end = w0 + window
+        while time.monotonic() < end:
+            time.sleep(min(scrape_interval, max(0.0, end - time.monotonic())))
+            publish()
+        wall = time.monotonic() - w0
+        return {n: (_schedstat_ns(p.pid) - c0[n]) / 1e9 / wall for n, p in procs.items()}
+    finally:
+        for p in procs.values():
+            p.kill()
+            p.wait()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--part", choices=("step", "workload", "all"), default="all")
+    ap.add_argument("--part", choices=("step", "workload", "rank", "all"), default="all")
+    ap.add_argument("--window", type=float, default=300.0, help="Seconds of the CPU window (part rank).")
+    ap.add_argument("--settle", type=float, default=30.0, help="Seconds run before the window (part rank).")
+    ap.add_argument("--scrape-interval", type=float, default=15.0, help="The sidecar's scrape interval (part rank).")
+    ap.add_argument("--baseline-tree", type=Path, help="Also run a rank with this source tree's SDK (part rank).")
     ap.add_argument("--iterations", type=int, default=200_000)
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--steps", type=int, default=400)
@@ -214,6 +308,15 @@ def main() -> int:
         theirs99 = r["prometheus_client multiprocess"]["p99_us"] - base
         print(f"  prometheus_client multiprocess / TrainingMonitor (net): p50 {theirs / ours:.1f}x, "
               f"p99 {theirs99 / ours99:.1f}x")  # fmt: skip
+    if a.part == "rank":
+        r = part_rank(a.window, a.settle, a.scrape_interval, a.baseline_tree)
+        bare_cpu = r["bare loop"]
+        print(f"\na rank at 10 steps/s, CPU per second over a {a.window:g} s window (after {a.settle:g} s), "
+              "% of one core:")  # fmt: skip
+        for name, v in r.items():
+            extra = "" if name == "bare loop" else f"  above the bare loop: {(v - bare_cpu) * 100:.4f}"
+            print(f"  {name:48s} {v * 100:.4f}{extra}")
+        return 0
     if a.part in ("workload", "all"):
         w = part_workload(a.steps, a.world_size, a.repeats)
         print(f"\nreference workload, {a.world_size} ranks x {a.steps} steps, median of {a.repeats} alternating runs "

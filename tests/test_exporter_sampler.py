@@ -130,6 +130,7 @@ def test_hanging_collector_is_abandoned_and_recovers(served: Any) -> None:
     assert first["test_hanging_value"] == 7
 
     hanging.hang.set()
+    scrape(server)  # finds the data stale and asks for a round, which hangs: it waits at most the deadline
     assert hanging.inside.wait(WAIT)
     # The hang is still going on for every scrape below: none of them waited for it.
     wait_for(lambda: scrape(server)["mlops_scrape_collector_success{collector=hanging}"] == 0, "abandonment")
@@ -237,7 +238,7 @@ def test_a_sampling_thread_that_dies_is_reported_restarted_and_recovers() -> Non
         after = parse(sampler.scrape())
         assert after["mlops_scrape_collector_success{collector=dying}"] == 1
         rounds = steady.rounds
-        wait_for(lambda: steady.rounds >= rounds + 3, "three more rounds")
+        wait_for(lambda: sampler.scrape() and steady.rounds >= rounds + 3, "three more rounds")
         assert parse(sampler.scrape())[restarts] == after[restarts]  # no death since
     finally:
         dying.dying.clear()
@@ -470,3 +471,117 @@ def test_collector_cpu_seconds_counts_each_collectors_own_rounds() -> None:
     body = parse(sampler.scrape())
     assert body["mlops_scrape_collector_cpu_seconds_total{collector=busy}"] >= 0.06
     assert body["mlops_scrape_collector_cpu_seconds_total{collector=steady}"] < 0.03
+
+
+# --- cadence from demand ------------------------------------------------------------------------------
+
+
+def test_scrape_clock_learns_the_interval_robustly() -> None:
+    """The median gap, at least the floor: a stray scrape or one late scrape does not move it; after
+    IDLE_AFTER missed scrapes none is expected any more."""
+    from mlops_obs.exporter.sampler import IDLE_AFTER, ScrapeClock
+
+    clock = ScrapeClock(floor=1.0)
+    assert clock.next_expected(0.0) is None
+    for t in (0.0, 15.0, 30.0, 30.2, 45.0, 61.0, 75.0):  # a curl at 30.2, a late scrape at 61
+        clock.arrive(t)
+    assert clock.interval == pytest.approx(14.9)  # gaps 15, 15, 0.2, 14.8, 16, 14
+    assert clock.next_expected(75.0) == 75.0 + clock.interval
+    assert clock.next_expected(75.0 + IDLE_AFTER * clock.interval + 0.1) is None
+    fast = ScrapeClock(floor=1.0)
+    for t in (0.0, 0.01, 0.02, 0.03):
+        fast.arrive(t)
+    assert fast.interval == 1.0  # never sampled more often than --sampler.interval
+
+
+def test_nothing_scrapes_nothing_samples() -> None:
+    """After its first round a collector waits with no timeout while no scrape is expected: the only
+    periodic wake-up of an idle sidecar is the housekeeping thread."""
+    steady = SteadyCollector()
+    sampler = Sampler([steady], interval=0.05, deadline=5.0, log=RecordingLog())
+    sampler.start()
+    try:
+        wait_for(lambda: sampler.ready, "first round")
+        with sampler._cond:
+            assert sampler._due(sampler.states["steady"], time.monotonic()) is None
+        assert steady.rounds == 1
+    finally:
+        sampler.stop()
+
+
+def test_a_scrape_of_stale_data_waits_for_a_fresh_round() -> None:
+    """A scrape that finds data older than the budget asks for a round and serves its result."""
+    steady = SteadyCollector()
+    sampler = Sampler([steady], interval=0.05, deadline=5.0, log=RecordingLog())
+    sampler.start()
+    try:
+        wait_for(lambda: sampler.ready, "first round")
+        for expected in (2, 3):
+            with sampler._cond:
+                sampler.states["steady"].started_at -= 3600.0  # as if the last round ran an hour ago
+            assert parse(sampler.scrape())["test_steady_rounds_total"] == expected
+        assert parse(sampler.scrape())["test_steady_rounds_total"] == 3  # fresh: no round asked for
+    finally:
+        sampler.stop()
+
+
+def test_a_round_runs_ahead_of_the_expected_scrape_and_the_cadence_is_published() -> None:
+    """With a learned interval, the next round starts by itself a lead ahead of the next expected scrape
+    (no scrape asks for it), and the cadence goes to ``on_cadence`` in Unix time."""
+    steady = SteadyCollector()
+    published: list[tuple[float | None, float | None, float]] = []
+    ran = threading.Event()
+    sampler = Sampler([steady], interval=0.05, deadline=5.0, log=RecordingLog(),
+                      on_cadence=lambda *a: published.append(a))  # fmt: skip
+    sampler.start()
+    try:
+        wait_for(lambda: sampler.ready, "first round")
+        now = time.monotonic()
+        with sampler._cond:  # scrapes every 0.5 s so far, the last one just now
+            for k in (-3, -2, -1, 0):
+                sampler.clock.arrive(now + 0.5 * k)
+            state = sampler.states["steady"]
+            state.started_at = now - 0.01  # this scrape's round has just run
+            due = sampler._due(state, now)
+            sampler._cond.notify_all()
+        assert due is not None and abs(due - (now + 0.5 - sampler.lead())) < 1e-6
+        rounds = steady.rounds
+        original = steady.sample
+
+        def sample() -> Iterable[Metric]:
+            ran.set()
+            return original()
+
+        steady.sample = sample  # type: ignore[method-assign]
+        assert ran.wait(WAIT)
+        assert steady.rounds >= rounds
+        sampler.scrape()
+        interval, next_scrape, lead = published[-1]
+        assert interval == 0.5 and next_scrape is not None and lead == sampler.lead()
+        assert abs(next_scrape - time.time()) < 5.0
+    finally:
+        sampler.stop()
+
+
+def test_a_scrape_never_waits_past_a_quarter_of_the_scrape_interval() -> None:
+    """A slow round must not make Prometheus time the scrape out (its timeout is at most its interval):
+    a scrape waits for rounds at most the deadline and a quarter of the learned interval, then serves what
+    it has."""
+    hanging = HangingCollector()
+    sampler = Sampler([hanging], interval=0.01, deadline=5.0, log=RecordingLog())
+    assert sampler.scrape_wait() == 0.25  # no interval learned yet
+    sampler.start()
+    try:
+        wait_for(lambda: sampler.ready, "first round")
+        for t in (0.0, 0.2, 0.4):
+            sampler.clock.arrive(time.monotonic() - 0.4 + t)
+        assert sampler.scrape_wait() == pytest.approx(0.05, abs=1e-3)
+        hanging.hang.set()
+        with sampler._cond:
+            sampler.states["hanging"].started_at -= 3600.0
+        body = parse(sampler.scrape())  # asks for a round, which hangs; returns with the old data
+        assert hanging.inside.wait(WAIT)
+        assert body["test_hanging_value"] == 7
+    finally:
+        hanging.release.set()
+        sampler.stop()

@@ -467,7 +467,8 @@ def test_no_nvml_reports_unavailable_once(start_exporter: Callable[..., Any]) ->
     ex.sampler._reported.clear()
     wait_for(lambda: ex.sampler.states["gpu"].rounds >= 1)
     start = ex.sampler.states["gpu"].rounds
-    wait_for(lambda: ex.sampler.states["gpu"].rounds >= start + 5)
+    # The sampler runs rounds for scrapes: scrape until five more have run.
+    wait_for(lambda: ex.sampler.scrape() and ex.sampler.states["gpu"].rounds >= start + 5)
     gpu_lines = [r for r in records if r[1].get("collector") == "gpu"]
     assert len(gpu_lines) == 1 and gpu_lines[0][0] == "collector unavailable on this machine"
     s = scrape_series(_get(ex.url + "/metrics"))

@@ -10,6 +10,7 @@ import typing
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 import yaml
 
@@ -18,7 +19,7 @@ from mlops_obs.collectors.process import ProcessCollector
 from mlops_obs.config import resolve
 from mlops_obs.exporter import settings
 from mlops_obs.instrument import TrainingMonitor
-from mlops_obs.rankdir import RankDirectory
+from mlops_obs.rankdir import RankDirectory, cadence
 from mlops_obs.rankdir.files import Unreadable, read_bytes
 
 
@@ -231,3 +232,74 @@ def test_a_reload_points_the_rank_directory_elsewhere(tmp_path: Path, start_expo
     assert ok, msg
     assert [s["job"] for s in ex.ranks.snapshots()] == ["two"] and ex.ranks.retention == 3600.0
     assert all(c.ranks is ex.ranks for c in ex.collectors)
+
+
+# --- the sidecar's cadence, read by the ranks ----------------------------------------------------------
+
+
+def test_cadence_round_trip_and_next_flush(tmp_path: Path) -> None:
+    """The rank flushes FLUSH_MARGIN before the sidecar's round ahead of each scrape; over 15 s, on an even
+    division of the interval; without a cadence (or an idle sidecar) at the fallback."""
+
+    now = 1_000_000.0
+    cadence.write(tmp_path, cadence.make(15.0, now + 10.0, 0.2, now))
+    c = cadence.read(tmp_path, now)
+    assert c is not None and c["scrape_interval"] == 15.0
+    assert cadence.next_flush(c, now, 15.0) == pytest.approx(10.0 - 0.2 - cadence.FLUSH_MARGIN)
+    assert cadence.next_flush(c, now + 9.6, 15.0) == pytest.approx(15.0 - 0.05)  # just missed: the next one
+    slow = cadence.make(60.0, now + 40.0, 0.2, now)
+    assert cadence.next_flush(slow, now, 15.0) == pytest.approx(40.0 - 45.0 - 0.2 - cadence.FLUSH_MARGIN + 15.0)
+    assert cadence.next_flush(None, now, 99.0) == cadence.MAX_FLUSH_INTERVAL
+    assert cadence.next_flush(cadence.make(None, None, 0.1, now), now, 5.0) == 5.0
+    fast = cadence.make(0.001, now + 0.001, 0.0, now)
+    assert cadence.next_flush(fast, now, 5.0) >= cadence.MIN_FLUSH_INTERVAL
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"not json",
+        b'{"v": 2, "scrape_interval": 15, "next_scrape": 1000010, "lead": 0.1, "updated": 1000000}',
+        b'{"v": 1, "scrape_interval": "15", "next_scrape": 1000010, "lead": 0.1, "updated": 1000000}',
+        b'{"v": 1, "scrape_interval": 15, "next_scrape": null, "lead": 0.1, "updated": 1000000}',
+        b'{"v": 1, "scrape_interval": -1, "next_scrape": 1000010, "lead": 0.1, "updated": 1000000}',
+        b'{"v": 1, "scrape_interval": 15, "next_scrape": 1000010, "lead": 0.1, "updated": 1}',  # sidecar gone
+        b'{"v": 1, "scrape_interval": 15, "next_scrape": 1000010, "lead": true, "updated": 1000000}',
+        b"[" * 5000,
+    ],
+)
+def test_a_bad_or_stale_cadence_file_is_ignored(tmp_path: Path, content: bytes) -> None:
+
+    (tmp_path / cadence.CADENCE_FILE).write_bytes(content)
+    assert cadence.read(tmp_path, 1_000_000.0) is None
+
+
+def test_a_cadence_file_that_is_a_link_or_fifo_is_not_followed(tmp_path: Path) -> None:
+
+    target = tmp_path / "elsewhere.json"
+    target.write_bytes(orjson.dumps(cadence.make(15.0, 1_000_010.0, 0.1, 1_000_000.0)))
+    (tmp_path / cadence.CADENCE_FILE).symlink_to(target)
+    assert cadence.read(tmp_path, 1_000_000.0) is None
+    (tmp_path / cadence.CADENCE_FILE).unlink()
+    os.mkfifo(tmp_path / cadence.CADENCE_FILE)
+    assert cadence.read(tmp_path, 1_000_000.0) is None  # returns at once: opened without waiting
+    (tmp_path / cadence.CADENCE_FILE).unlink()
+    # The sidecar's write replaces a planted link instead of writing through it.
+    (tmp_path / cadence.CADENCE_FILE).symlink_to(target)
+    cadence.write(tmp_path, cadence.make(None, None, 0.1, 1_000_000.0))
+    assert not (tmp_path / cadence.CADENCE_FILE).is_symlink()
+    assert orjson.loads(target.read_bytes())["scrape_interval"] == 15.0
+
+
+def test_a_monitor_follows_the_sidecars_cadence(tmp_path: Path) -> None:
+    """By default the flush thread waits for the sidecar's next round; a fixed interval overrides it."""
+
+    now = time.time()
+    cadence.write(tmp_path, cadence.make(15.0, now + 7.0, 0.2, now))
+    with TrainingMonitor("j", 0, 1, tmp_path) as m:
+        assert 6.0 < m._flush_wait() < 7.0
+    with TrainingMonitor("j", 1, 1, tmp_path, flush_interval=0.5) as m:
+        assert m._flush_wait() == 0.5
+    (tmp_path / cadence.CADENCE_FILE).unlink()
+    with TrainingMonitor("j", 2, 1, tmp_path) as m:
+        assert m._flush_wait() == cadence.MAX_FLUSH_INTERVAL

@@ -13,7 +13,9 @@ if TYPE_CHECKING:
     from structlog.typing import FilteringBoundLogger
 
 EVENT_XID = 0x0000000000000008  # nvmlEventTypeXidCriticalError
-WAIT_MS = 500  # one nvmlEventSetWait: how soon the thread notices it should stop
+# One nvmlEventSetWait: how soon the thread notices it should stop (nobody waits for it: a daemon), and
+# how often an idle sidecar's XID thread wakes (each timeout is an NVMLError raised and caught).
+WAIT_MS = 10_000
 
 
 class XidWatcher:

@@ -9,7 +9,9 @@ The ``mlops-obs exporter`` command (flags, signals, process settings) is
 
 from __future__ import annotations
 
+import os
 import threading
+import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -31,7 +33,7 @@ from mlops_obs.config import (
 from mlops_obs.exporter.sampler import Sampler
 from mlops_obs.exporter.server import ExporterServer
 from mlops_obs.logs import get_logger
-from mlops_obs.rankdir import DEFAULT_RETENTION, RankDirectory
+from mlops_obs.rankdir import DEFAULT_RETENTION, RankDirectory, cadence
 from mlops_obs.web import config as web_config
 
 if TYPE_CHECKING:
@@ -69,8 +71,9 @@ EXPORTER_SETTINGS: tuple[Setting, ...] = (
     Setting("web.enable-lifecycle", parse_bool, False,
             "Serve POST /-/reload and POST /-/quit (off: anyone who reaches the port could use them).",
             kind="bool"),
-    Setting("sampler.interval", loop_duration, 1.0, "How often collectors sample, off the scrape path.",
-            metavar="DURATION"),
+    Setting("sampler.interval", loop_duration, 1.0,
+            "The most often collectors sample, off the scrape path: they sample just ahead of each expected "
+            "scrape (the interval learned from the scrapes), and not while nothing scrapes.", metavar="DURATION"),
     Setting("collector.deadline", loop_duration, 5.0,
             "A collector sampling for longer than this is abandoned (success 0, series dropped).",
             metavar="DURATION"),
@@ -143,7 +146,13 @@ class Exporter:
         # that updates it in place reaches them (file system paths, deadlines...).
         self.collectors = collectors.build(self.config, self.ranks)
         self.sampler = Sampler(
-            self.collectors, config["sampler.interval"], config["collector.deadline"], self.log, static=static_text()
+            self.collectors,
+            config["sampler.interval"],
+            config["collector.deadline"],
+            self.log,
+            static=static_text(),
+            housekeeping=[self.ranks.snapshots],  # stale rank files go while nothing scrapes too
+            on_cadence=self._publish_cadence,
         )
         try:
             self.server = ExporterServer(
@@ -160,6 +169,14 @@ class Exporter:
             self.sampler.stop()  # releases what the collectors opened (NVML, threads)
             raise
         self._reload_lock = threading.Lock()
+
+    def _publish_cadence(self, interval: float | None, next_scrape: float | None, lead: float) -> None:
+        """Write the sampling cadence where the ranks read it, so their flushes land just before our
+        rounds (:mod:`mlops_obs.rankdir.cadence`); nothing until the ranks created the directory."""
+        path = self.ranks.path
+        if path is None or not os.path.isdir(path):
+            return
+        cadence.write(path, cadence.make(interval, next_scrape, lead, time.time()))
 
     @property
     def url(self) -> str:

@@ -78,7 +78,9 @@ class ExporterServer(HTTPServer):
         self.routes = {
             r.path: r
             for r in (
-                Route(path, self._metrics),
+                # On a worker thread: a scrape that finds stale data waits (at most the collector
+                # deadline) for the round it asks for, and must not hold up the event loop meanwhile.
+                Route(path, self._metrics, blocking=True),
                 Route("/-/healthy", lambda _: Response(200, b"Healthy.\n")),
                 Route("/-/ready", self._ready),
                 Route("/", self._landing),

@@ -7,8 +7,12 @@ objects (the ones ``step()`` and ``phase()`` return are reused). Entering a step
 a phase runs no Python code at all (see :func:`_recorder`); leaving one appends one more reading.
 Everything derived from those readings (step count, histogram bucket, goodput, phase totals net of
 collective time, the straggler ring) is folded in by :meth:`TrainingMonitor._fold` (:mod:`.fold`), which the daemon
-flush thread runs every ``flush_interval`` seconds before it copies the state into a snapshot file
-(see :mod:`mlops_obs.rankdir` for why that beats prometheus_client's multiprocess mode).
+flush thread runs before it copies the state into a snapshot file (see :mod:`mlops_obs.rankdir` for why
+that beats prometheus_client's multiprocess mode). By default the flush thread follows the sidecar's
+cadence, published in the same directory (:mod:`mlops_obs.rankdir.cadence`): it flushes just before
+the sidecar's round ahead of each scrape, at least every 15 s (the heartbeat the stall alert needs),
+so a rank scraped every 15 s flushes every 15 s instead of every second; a fixed ``flush_interval``
+overrides it.
 Reading a derived attribute (``monitor.steps``, ``phase_seconds``, ...) folds first, so it is always
 current; a training thread that outruns a stuck flush thread folds itself every few thousand steps,
 so the lists stay bounded.
@@ -53,6 +57,8 @@ BADPUT_KINDS: tuple[str, ...] = (
 PAUSE_PHASES: tuple[str, ...] = ("checkpoint", "checkpoint_restore", "evaluation")
 # A monitor's final snapshot waits at most this long for a flush in progress (a hung sampler).
 FINAL_WRITE_WAIT_SECONDS = 1.0
+# The flush interval with no sidecar cadence to follow (none published, or the sidecar not scraped).
+DEFAULT_FLUSH_INTERVAL = rankdir.cadence.MAX_FLUSH_INTERVAL
 
 T = TypeVar("T")
 
@@ -221,6 +227,10 @@ class TrainingMonitor:
     the flush thread over each flush interval of wall time, so stalls and data waits lower it as they
     should.
 
+    ``flush_interval``: seconds between snapshots; ``None`` (the default) follows the sidecar's
+    published cadence, flushing just before its rounds (at least every 15 s, and every 15 s with no
+    sidecar cadence to follow), so the flush costs what the scrape interval asks for.
+
     ``pause_phases`` adds phase names (of ``phase()`` or ``badput()``) that are expected pauses besides
     :data:`PAUSE_PHASES`: while a rank is in one, the stall alerts do not count its peers' wait.
     The rank ends ``finished`` on ``close()`` (or leaving ``with``) and ``failed`` when the process
@@ -237,7 +247,7 @@ class TrainingMonitor:
         *,
         node: str | None = None,
         enabled: bool | None = None,
-        flush_interval: float = 1.0,
+        flush_interval: float | None = None,
         window: int = 256,
         flops_per_sample: float | None = None,
         flops_per_token: float | None = None,
@@ -746,8 +756,19 @@ class TrainingMonitor:
             if held:
                 self._end_lock.release()
 
+    def _flush_wait(self) -> float:
+        """Seconds until the next flush: the fixed interval, or just before the sidecar's next round."""
+        if self.flush_interval is not None:
+            return self.flush_interval
+        now = _wall()
+        try:
+            c = rankdir.cadence.read(self.directory, now) if self.directory is not None else None
+        except Exception:  # never into the flush thread: a fallback interval instead
+            c = None
+        return rankdir.cadence.next_flush(c, now, DEFAULT_FLUSH_INTERVAL)
+
     def _run(self) -> None:
-        while not self._stop.wait(self.flush_interval):
+        while not self._stop.wait(self._flush_wait()):
             self.flush()
 
     def close(self, error: BaseException | None = None) -> None:

@@ -18,12 +18,13 @@ incarnation wrote the file.
   reasons a file is skipped for;
 * :mod:`.files`: file names, the rank's atomic write, the sidecar's guarded read;
 * :mod:`.directory`: :class:`RankDirectory` (listing, parse cache, stale deletion, one file per
-  job/rank/node).
+  job/rank/node);
+* :mod:`.cadence`: the other direction, the sidecar's scrape cadence that the ranks' flushes follow.
 
 This package imports neither the SDK (``instrument``) nor the collectors: both stand on it.
 """
 
-from mlops_obs.rankdir import validate
+from mlops_obs.rankdir import cadence, validate
 from mlops_obs.rankdir.directory import DEFAULT_RETENTION, RankDirectory, Unlistable
 from mlops_obs.rankdir.files import MAX_BYTES, SUFFIX, file_name, read, remove_leftovers, write
 from mlops_obs.rankdir.schema import (
@@ -64,6 +65,7 @@ __all__ = [
     "RankDirectory",
     "Snapshot",
     "Unlistable",
+    "cadence",
     "failure_detail",
     "file_name",
     "median_sorted",

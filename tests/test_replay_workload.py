@@ -63,9 +63,10 @@ def test_the_crash_traceback_is_one_error_event_before_the_peers_errors(
     exited = next(j for j, e in enumerate(events) if e["kind"] == "launcher" and e["message"] == "rank exited"
                   and e["rank"] == 1)  # fmt: skip
     assert exited > i
-    # Between the traceback and the launcher's exit record: only the peer's failure, nothing else.
+    # Between the traceback and the launcher's exit record: only the peer, failing (and, on a busy
+    # machine, the end of the step it was in when its peer crashed), nothing of the crashed rank's.
     between = events[i + 1 : exited]
-    assert all(e["rank"] == 0 and e["level"] in ("error", "warning") for e in between), [
+    assert all(e["rank"] == 0 and (e["level"] in ("error", "warning") or e["message"] == "step") for e in between), [
         (e["rank"], e["level"], e["message"][:60]) for e in between
     ]
     assert (_ts(events[exited]["@timestamp"]) - _ts(tb["@timestamp"])).total_seconds() < 10.0

@@ -72,9 +72,7 @@ def _run(cfg: Mapping[str, Any], job: str) -> int:
         else:
             reader = ChunkStore(store_dir(cfg))
             origin = f"store {where}"
-    except SourceError as e:
-        raise Failed(str(e)) from None
-    except (OSError, ValueError) as e:  # an unreadable OpenSearch password file
+    except (SourceError, OSError, ValueError) as e:  # no store there; an unreadable OpenSearch password file
         raise Failed(str(e)) from None
     try:
         span = reader.span(job, since, until)

@@ -1,5 +1,6 @@
 """``mlops-obs replay``: every matching event of a job's ranks, its launcher and the alerts of its nodes
-in one time order, from the embedded store, OpenSearch, or the log files themselves (``--source``).
+in one time order, from the embedded store, OpenSearch, an incident bundle (``--bundle``, from
+``mlops-obs bundle``), or the log files themselves (``--source``): exactly one of them.
 
 Filters come only from this command's flags: ``--job``, ``--rank`` and the rest are not settings, so a
 ``MLOPS_OBS_JOB`` or ``MLOPS_OBS_RANK`` in the environment (the launcher sets such variables for its
@@ -7,7 +8,8 @@ ranks) never narrows a replay without a word. Times are RFC 3339 or a duration a
 ``kubectl logs --since`` takes it); ``--around T`` shows ``--window`` either side of ``T``.
 
 Exit codes: 0 the events were printed (none matching is not an error: a line on stderr says so), 2 a
-usage error, 4 the events cannot be read (no store there, OpenSearch unreachable, a file unreadable),
+usage error, 4 the events cannot be read (no store there, OpenSearch unreachable, a file or bundle
+unreadable),
 130 interrupted. Output: aligned, coloured text on a terminal, plain text when piped, ``--json`` one
 stored event a line in the store's schema (see :mod:`mlops_obs.replay.render`).
 """
@@ -47,6 +49,8 @@ REPLAY_SETTINGS: tuple[Setting, ...] = (
     Setting("store", parse_optional_path, None, f"Embedded store directory to read (default ./{DEFAULT_STORE}).",
             metavar="DIR"),
     dataclasses.replace(OPENSEARCH_URL_SETTING, help="OpenSearch URL to read the events from instead of a store."),
+    Setting("bundle", parse_optional_path, None, "Incident bundle (`mlops-obs bundle`) to read instead of a store.",
+            metavar="FILE"),
     *OPENSEARCH_SETTINGS,
 )  # fmt: skip
 
@@ -127,10 +131,12 @@ class Failed(Exception):
 def run(cfg: Mapping[str, Any]) -> int:
     query = build_query(cfg)
     _steady_heap()
-    if cfg.get("source") and (cfg.get("store") or cfg.get("opensearch")):
-        raise ConfigError("source", "give --source, --store or --opensearch, one of them")
+    if sum(bool(cfg.get(k)) for k in ("source", "store", "opensearch", "bundle")) > 1:
+        raise ConfigError("source", "give one of --store, --opensearch, --bundle or --source")
     if cfg.get("source") and cfg.get("follow"):
         raise ConfigError("follow", "--follow reads a store or OpenSearch; ship the files to follow them")
+    if cfg.get("bundle") and cfg.get("follow"):
+        raise ConfigError("follow", "--follow reads a store or OpenSearch; a bundle does not grow")
     try:
         n = _run(cfg, query, sys.stdout)
     except Failed as e:
@@ -221,13 +227,17 @@ def _run(cfg: Mapping[str, Any], query: Any, out: IO[str]) -> int:
     except BrokenPipeError:
         raise
     except Exception as e:  # a store or server failing mid-read: one line, never a traceback
+        from mlops_obs.rca.bundle import BundleError
+
+        if isinstance(e, BundleError):  # its line names the bundle and what is wrong in it
+            raise Failed(str(e)) from None
         raise Failed(f"cannot read the events from {_where(cfg)}: {type(e).__name__}: {e}") from None
     finally:
         source.close()
 
 
 def _where(cfg: Mapping[str, Any]) -> str:
-    return str(cfg.get("opensearch") or cfg.get("store") or DEFAULT_STORE)
+    return str(cfg.get("opensearch") or cfg.get("bundle") or cfg.get("store") or DEFAULT_STORE)
 
 
 @contextlib.contextmanager
@@ -254,6 +264,14 @@ _dump_stored = functools.partial(orjson.dumps, option=orjson.OPT_APPEND_NEWLINE,
 def _open(cfg: Mapping[str, Any]) -> Any:
     from mlops_obs.logs.backend import Backend, open_source
 
+    if cfg.get("bundle"):
+        from mlops_obs.rca.bundle import BundleError
+        from mlops_obs.replay.bundle import BundleSource
+
+        try:
+            return BundleSource(cfg["bundle"])
+        except BundleError as e:  # missing, not a .tar.gz, not a bundle, a newer format
+            raise Failed(str(e)) from None
     try:
         backend = Backend.from_config(cfg, default_store=DEFAULT_STORE)
     except ConfigError:

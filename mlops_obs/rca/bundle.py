@@ -1,5 +1,5 @@
 """Incident bundles: one ``.tar.gz`` holding what an analysis of a job needs, so the incident can be
-read on a laptop after the cluster has moved on (``rca --bundle``, later ``replay --bundle``).
+read on a laptop after the cluster has moved on (``rca --bundle``, ``replay --bundle``).
 
 Members (format version 1):
 
@@ -36,6 +36,7 @@ import platform
 import sqlite3
 import tarfile
 import tempfile
+import zlib
 from array import array
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -353,10 +354,23 @@ class Bundle:
             raise BundleError(f"{self.path}: {name}: {e}") from None
 
     def events(self) -> Iterator[dict[str, Any]]:
-        """Every event, in the order written; a line that is not an event object is skipped and counted."""
+        """Every event, in the order written; a line that is not an event object is skipped and counted.
+
+        Each call reads through an archive handle of its own, front to back: two readings at once (a
+        replay merging a job's events with its nodes' alerts) would otherwise seek one gzip stream
+        back and forth, decompressing it again from the start at every turn."""
         self.skipped = 0
-        f = self._open("events.ndjson")
+        m = self._members.get("events.ndjson")
+        if m is None:
+            raise BundleError(f"{self.path}: member events.ndjson is missing")
         try:
+            tar = tarfile.open(self.path, mode="r:gz")  # noqa: SIM115 - closed below
+        except (tarfile.TarError, OSError, EOFError) as e:
+            raise BundleError(f"{self.path}: not a readable .tar.gz bundle: {e}") from None
+        try:
+            f = tar.extractfile(m)
+            if f is None:
+                raise BundleError(f"{self.path}: member events.ndjson is not a file")
             for line in f:
                 try:
                     ev = orjson.loads(line)
@@ -367,8 +381,14 @@ class Bundle:
                     self.skipped += 1
                     continue
                 yield ev
-        except (tarfile.TarError, OSError, EOFError) as e:
+            # To the end of the gzip stream, whose checksum comes last: damage that still inflates
+            # (a bundle altered in transit) is an error here, not a replay that looked whole.
+            while tar.fileobj is not None and tar.fileobj.read(1 << 20):
+                pass
+        except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
             raise BundleError(f"{self.path}: events.ndjson: {e}") from None
+        finally:
+            tar.close()
 
     def metrics(self) -> MetricEvidence | None:
         if "series.json" not in self._members:

@@ -439,6 +439,53 @@ class SourceFacts:
     def window(self, job: str, nodes: set[str], lo: str, hi: str) -> list[dict[str, Any]]:
         return [ev for ev in self._events(EventQuery(since=lo, until=hi)) if relevant(ev, job, nodes)]
 
+    def _extent(self, job: str, since: str | None, until: str | None) -> tuple[str, str, set[str]] | None:
+        """The job's first and last event times and its nodes, over every kind: its log events from
+        ``rank_facts`` (aggregations), its few alert, launcher and stack events read whole."""
+        try:
+            ranks = self.source.rank_facts(job, since=since, until=until)
+        except Exception as e:
+            raise SourceError(f"{self.name}: {type(e).__name__}: {e}") from None
+        times = [t for rf in ranks for t in (rf.first_time, rf.last_time)]
+        nodes = {n for rf in ranks for n in rf.nodes}
+        for kind in ("alert", "launcher", "stack"):
+            for ev in self._events(EventQuery(job=job, kind=kind, since=since, until=until)):
+                times.append(str(ev["@timestamp"]))
+                if isinstance(ev.get("node"), str) and ev["node"]:
+                    nodes.add(ev["node"])
+        return (min(times), max(times), nodes) if times else None
+
+    def span(self, job: str, since: str | None, until: str | None) -> tuple[str, str] | None:
+        """The job's first and last event times (None when it has none), as :meth:`ChunkStore.span`."""
+        got = self._extent(job, since, until)
+        return None if got is None else (got[0], got[1])
+
+    def events(self, job: str, since: str | None, until: str | None) -> Iterator[dict[str, Any]]:
+        """What :meth:`ChunkStore.events` yields, through the source: the job's events in ``[since, until)``
+        merged in order with the job-less alerts (relevant to its nodes) and the job-less warnings and
+        errors of its nodes within :data:`KIND_MARGIN_SECONDS` of them. Every part is a sorted stream
+        the source pages; the merge holds one event of each."""
+        got = self._extent(job, since, until)
+        if got is None:
+            return
+        first, last, nodes = got
+        lo = max(stamp(epoch(first) - KIND_MARGIN_SECONDS), since or "")
+        hi = min(stamp(epoch(last) + KIND_MARGIN_SECONDS), until or "9999")
+
+        def jobless(ev: Mapping[str, Any]) -> bool:
+            return ev.get("job") in (None, "") and relevant(ev, job, nodes)
+
+        streams: list[Iterable[dict[str, Any]]] = [
+            self._events(EventQuery(job=job, since=since, until=until)),
+            (ev for ev in self._events(EventQuery(kind="alert", since=lo, until=hi)) if jobless(ev)),
+        ]
+        streams += [
+            (ev for ev in self._events(EventQuery(node=node, min_level="warning", since=lo, until=hi))
+             if ev.get("kind", "log") != "alert" and jobless(ev))
+            for node in sorted(nodes)
+        ]  # fmt: skip
+        yield from heapq.merge(*streams, key=_order)
+
     def close(self) -> None:
         self.source.close()
 

@@ -293,3 +293,48 @@ def test_retention_flag_on_ship(tmp_path: Path) -> None:
                          str(tmp_path / "s"), "--once", "--store.retention", "banana"],
                         capture_output=True, text=True, timeout=120)  # fmt: skip
     assert r2.returncode == 2 and "store.retention" in r2.stderr
+
+
+def test_clock_bounds_from_a_real_prometheus_mark_uncertain_order(
+    store: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+    start_exporter: Any,
+) -> None:  # fmt: skip
+    """``--prometheus``: node n2's clock bound comes from its sidecar's adjtimex figures through a real
+    Prometheus (joined to the node name by ``mlops_exporter_node_info``); the header says it, and an n2
+    event closer to the n1 event before it than that bound is marked ``?``. A Prometheus that cannot
+    answer costs only the marks."""
+    from mlops_obs.children.prometheus import PrometheusProcess
+    from mlops_obs.commands.replay import CLOCK_BOUND_EXPR
+
+    monkeypatch.setenv("MLOPS_OBS_NODE", "n2")
+    ex = start_exporter(**{"collector.host": True, "collector.gpu": False})
+    prom = PrometheusProcess(tmp_path / "prom", [ex.url.split("//", 1)[1].rstrip("/")]).start()
+    try:
+        (got,) = prom.wait_for(CLOCK_BOUND_EXPR, timeout=60)
+        assert got["metric"]["node"] == "n2"
+        bound = float(got["value"][1])
+        capsys.readouterr()  # the exporter's own log lines
+        rc = main(["replay", "--store", str(store), "--job", "j", "--color", "never", "--prometheus", prom.url])
+        out, _ = capsys.readouterr()
+    finally:
+        prom.stop()
+    assert rc == 0
+    header, *lines = out.splitlines()
+    assert header.startswith("clock bounds (|offset| + max error): n2 \u00b1"), header
+    # In the store, rank 1 (n2) logs 10 ms after rank 0 (n1) and 10 ms before rank 2 (n1).
+    n2_after_n1 = [line for line in lines if " rank 1 " in line]
+    assert n2_after_n1
+    assert all(line[15] == ("?" if bound > 0.010 else " ") for line in n2_after_n1), (bound, n2_after_n1[:3])
+    rc = main(["replay", "--store", str(store), "--job", "j", "--color", "never", "--prometheus",
+               f"http://127.0.0.1:{_closed_port()}"])  # fmt: skip
+    out, err = capsys.readouterr()
+    assert rc == 0 and "warning: no clock bounds" in err and err.count("\n") == 1
+    assert out.startswith("clock bounds: none known") and "?" not in "".join(x[15] for x in out.splitlines()[1:])
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

@@ -7,7 +7,7 @@ from typing import Any
 
 import orjson
 
-from mlops_obs.replay.render import KEYS, Renderer, event_lines, json_line, key_fields, ranges, who
+from mlops_obs.replay.render import KEYS, Renderer, clock_header, event_lines, json_line, key_fields, ranges, who
 
 
 def ev(ts: str, msg: str, *, rank: int | None = 0, level: str = "info", seq: int | None = None, kind: str = "log",
@@ -110,3 +110,25 @@ def test_json_line_is_the_store_schema_in_order() -> None:
     got = orjson.loads(json_line(e))
     assert list(got) == list(KEYS) and got["fields"] == {"step": 1}
     assert json_line(e).endswith(b"\n")
+
+
+def test_order_across_nodes_within_their_clock_bounds_is_marked() -> None:
+    """With clock bounds, an event from another node than the one printed before it, closer than the two
+    bounds together, gets a ``?`` after its time; the same node, a wider gap, or no bounds: none."""
+    ev = [_ev(0.000, "n1", 0, "a"), _ev(0.004, "n2", 1, "b"), _ev(0.010, "n2", 1, "c"), _ev(0.500, "n1", 0, "d")]
+    marked = Renderer(clock_bounds={"n1": 0.002, "n2": 0.003})
+    lines = [line for e in ev for line in marked.feed(e) if "rank" in line]
+    assert [line[15] for line in lines] == [" ", "?", " ", " "], lines
+    plain = Renderer()
+    assert [line[15] for e in ev for line in plain.feed(e) if "rank" in line] == [" "] * 4
+    assert clock_header({"n2": 0.003, "n1": 0.0105}) == (
+        "clock bounds (|offset| + max error): n1 \u00b110.5 ms, n2 \u00b13 ms; '?' after a time: order across"
+        " nodes uncertain"
+    )
+    assert "none known" in clock_header({})
+
+
+def _ev(t: float, node: str, rank: int, msg: str) -> dict[str, Any]:
+    return {"@timestamp": f"2026-02-03T04:05:{t:09.6f}Z", "kind": "log", "job": "j", "rank": rank, "node": node,
+            "level": "info", "message": msg, "seq": None, "source": f"/l/j-rank{rank}.jsonl", "offset": 0,
+            "fields": {}}  # fmt: skip

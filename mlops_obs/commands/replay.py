@@ -23,6 +23,7 @@ import dataclasses
 import functools
 import gc
 import itertools
+import math
 import os
 import queue
 import sys
@@ -74,6 +75,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> list[Setting]:
     a("--json", action="store_true", default=False, help="One stored event a line, in the store's schema.")
     a("--source", action="append", default=None, metavar="GLOB",
       help="Read these log files directly through the shipper's parser (nothing shipped). Repeatable.")  # fmt: skip
+    a("--prometheus", metavar="URL",
+      help="Prometheus holding the sidecars' clock figures: events of two nodes closer than their "
+           "clocks' bounds are marked '?' (order uncertain).")  # fmt: skip
     a("--color", choices=("auto", "always", "never"), default="auto",
       help="Colours: on a terminal unless NO_COLOR is set (auto), always, or never.")  # fmt: skip
     return list(COMMON_SETTINGS + REPLAY_SETTINGS)
@@ -185,8 +189,14 @@ def _run(cfg: Mapping[str, Any], query: Any, out: IO[str]) -> int:
     if not cfg.get("json"):
         content_filtered = query.min_level is not None or query.text is not None
         renderer = Renderer(color=_color(cfg, out), gaps=not content_filtered)
+        if cfg.get("prometheus"):
+            renderer.clock_bounds = clock_bounds(cfg["prometheus"], query)
     dump = json_line if cfg.get("source") else _dump_stored
     writer = _Writer(out)
+    if renderer is not None and cfg.get("prometheus"):
+        from mlops_obs.replay.render import clock_header
+
+        writer.write((clock_header(renderer.clock_bounds) + "\n").encode())
 
     def show(events: Iterator[dict[str, Any]]) -> int:
         if renderer is None and not live:
@@ -234,6 +244,32 @@ def _run(cfg: Mapping[str, Any], query: Any, out: IO[str]) -> int:
         raise Failed(f"cannot read the events from {_where(cfg)}: {type(e).__name__}: {e}") from None
     finally:
         source.close()
+
+
+CLOCK_BOUND_EXPR = (
+    "max by (node) ((abs(mlops_node_timex_offset_seconds) + mlops_node_timex_maxerror_seconds)"
+    " * on (instance) group_left (node) mlops_exporter_node_info)"
+)
+"""Per node, how far its clock may be from true time: the kernel's estimated offset and maximum error
+(adjtimex, exported by the sidecar's host collector), joined to the node name the logs use."""
+
+
+def clock_bounds(url: str, query: Any) -> dict[str, float]:
+    """Each node's clock bound (seconds) at the end of the replayed window (now when open-ended); a
+    Prometheus that cannot answer costs only the marks: one line on stderr, no bounds."""
+    import time
+
+    from mlops_obs.rca.prometheus import Prometheus, PrometheusError
+    from mlops_obs.rca.times import epoch
+
+    at = epoch(query.until) if query.until else time.time()
+    try:
+        series = Prometheus(url).query(CLOCK_BOUND_EXPR, at)
+    except PrometheusError as e:
+        print(f"mlops-obs replay: warning: no clock bounds: {e}", file=sys.stderr)
+        return {}
+    return {s.labels["node"]: s.points[-1][1] for s in series
+            if s.labels.get("node") and s.points and math.isfinite(s.points[-1][1])}  # fmt: skip
 
 
 def _where(cfg: Mapping[str, Any]) -> str:

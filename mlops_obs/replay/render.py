@@ -15,6 +15,12 @@ Folding: an event like the one before it (same kind and level, same message once
 ``x37 similar on ranks 0,2-7``. The first of a run is printed at once, so ``--follow`` shows every new
 kind of line without waiting.
 
+Clocks: nodes' clocks differ. Given each node's clock bound (``|offset| + max error`` from the
+kernel's adjtimex figures the sidecar exports, :func:`clock_header`), an event whose node differs from
+the event printed before it, less than the two nodes' bounds apart, gets a ``?`` after its time: the
+order of those two across nodes is not known. A node without a known bound counts as 0 (its own
+clock is the reference there).
+
 Gaps: every process writes its records with a ``seq`` counting up from 1 (the job-side logger, the
 launcher); where the next ``seq`` of the same source jumps, a line says how many records are missing
 (``rank 3: 12 lines lost between seq 40 and 53``). A ``seq`` that goes down is a restarted process:
@@ -152,10 +158,20 @@ def alert_state(ev: Mapping[str, Any]) -> str:
     return "resolved" if msg.startswith("[RESOLVED]") else "firing"
 
 
-def event_lines(ev: Mapping[str, Any], *, color: bool = False) -> list[str]:
-    """The lines one event prints as (several for a multi-line message)."""
+def clock_header(bounds: Mapping[str, float]) -> str:
+    """The line saying which nodes' clock bounds the ``?`` marks come from."""
+    if not bounds:
+        return "clock bounds: none known (no node's adjtimex figures in Prometheus)"
+    parts = ", ".join(f"{node} \u00b1{b * 1000:.3g} ms" for node, b in sorted(bounds.items()))
+    return f"clock bounds (|offset| + max error): {parts}; '?' after a time: order across nodes uncertain"
+
+
+def event_lines(ev: Mapping[str, Any], *, color: bool = False, uncertain: bool = False) -> list[str]:
+    """The lines one event prints as (several for a multi-line message); ``uncertain``: its order
+    against the event before it, from another node, is within their clocks' bounds."""
     ts = str(ev.get("@timestamp") or "")
-    clock = (ts[11:26] if len(ts) >= 26 else ts).ljust(15) + ("~" if _approximate(ev) else " ")
+    mark = "~" if _approximate(ev) else "?" if uncertain else " "
+    clock = (ts[11:26] if len(ts) >= 26 else ts).ljust(15) + mark
     name, style = _LEVELS.get(ev.get("level"), (str(ev.get("level") or "-").upper()[:LEVEL_WIDTH], ""))
     head = f"{_paint(clock, _DIM, color)} {who(ev)[:24]:<{WHO_WIDTH}} {_paint(f'{name:<{LEVEL_WIDTH}}', style, color)} "
     indent = " " * (len(clock) + 1 + WHO_WIDTH + 1 + LEVEL_WIDTH + 1)
@@ -202,8 +218,10 @@ class Renderer:
     gaps: bool = True
     fold_window: float = FOLD_WINDOW
     _run: _Run | None = None
+    clock_bounds: Mapping[str, float] = field(default_factory=dict)
     _seq: dict[str, int] = field(default_factory=dict)
     _day: str = ""
+    _last: tuple[str, float] | None = None  # (node, time) of the event printed last
 
     def feed(self, ev: Mapping[str, Any]) -> list[str]:
         out: list[str] = []
@@ -232,7 +250,7 @@ class Renderer:
             out.append(_paint(f"--- {self._day} ---", _DIM, self.color))
         if gap is not None:
             out.append(gap)
-        out += event_lines(ev, color=self.color)
+        out += event_lines(ev, color=self.color, uncertain=self._uncertain(ev, ts))
         self._run = _Run(sig, _seconds(ts)) if sig is not None else None
         return out
 
@@ -249,6 +267,18 @@ class Renderer:
         pad = " " * 17
         line = f"{pad}x{run.folded} similar" + (f" on {' and '.join(where)}" if where else "")
         return [_paint(f"{line} until {run.last_ts[11:26]}", _DIM, self.color)]
+
+    def _uncertain(self, ev: Mapping[str, Any], ts: str) -> bool:
+        """Whether this event's order against the one printed before it, from another node, is
+        within the two nodes' clock bounds (always False without bounds)."""
+        if not self.clock_bounds:
+            return False
+        node, t = str(ev.get("node") or ""), _seconds(ts)
+        last, self._last = self._last, (node, t)
+        if last is None or not node or not last[0] or last[0] == node:
+            return False
+        bound = self.clock_bounds.get(node, 0.0) + self.clock_bounds.get(last[0], 0.0)
+        return abs(t - last[1]) < bound
 
     def _gap(self, ev: Mapping[str, Any]) -> str | None:
         seq = ev.get("seq")

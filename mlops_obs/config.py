@@ -89,6 +89,16 @@ def parse_optional_str(v: Any) -> str | None:
     return parse_str(v)
 
 
+def parse_http_url(v: Any) -> str | None:
+    """An http:// or https:// URL without its trailing slash, or None when unset."""
+    s = parse_optional_str(v)
+    if s is None:
+        return None
+    if not s.startswith(("http://", "https://")):
+        raise ValueError(f"expected an http:// or https:// URL, got {s!r}")
+    return s.rstrip("/")
+
+
 def parse_bool(v: Any) -> bool:
     if isinstance(v, bool):
         return v

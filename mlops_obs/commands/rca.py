@@ -23,6 +23,7 @@ from mlops_obs.config import (
     ConfigError,
     Setting,
     parse_bool,
+    parse_http_url,
     parse_optional_path,
     parse_optional_str,
     positive_duration,
@@ -31,15 +32,6 @@ from mlops_obs.logs.opensearch import OPENSEARCH_SETTINGS, OPENSEARCH_URL_SETTIN
 
 EXIT_HEALTHY, EXIT_FAULT, EXIT_USAGE, EXIT_UNKNOWN, EXIT_FAILED = 0, 1, 2, 3, 4
 DEFAULT_STORE = Path("mlops-obs-store")
-
-
-def parse_url(v: Any) -> str | None:
-    s = parse_optional_str(v)
-    if s is None:
-        return None
-    if not s.startswith(("http://", "https://")):
-        raise ValueError(f"expected an http:// or https:// URL, got {s!r}")
-    return s.rstrip("/")
 
 
 def parse_time(v: Any) -> str | None:
@@ -59,7 +51,9 @@ SOURCE_SETTINGS: tuple[Setting, ...] = (
         "since", parse_time, None, "Only events at or after: RFC 3339, or a duration ago (15m, 2h).", metavar="TIME"
     ),
     Setting("until", parse_time, None, "Only events before: RFC 3339, or a duration ago.", metavar="TIME"),
-    Setting("prometheus", parse_url, None, "Prometheus URL for metric evidence around the incident.", metavar="URL"),
+    Setting(
+        "prometheus", parse_http_url, None, "Prometheus URL for metric evidence around the incident.", metavar="URL"
+    ),
     Setting("prometheus.timeout", positive_duration, 10.0, "Timeout of one Prometheus query.", metavar="DURATION"),
 )
 

@@ -37,6 +37,7 @@ from mlops_obs.config import (
     int_parser,
     parse_bool,
     parse_duration,
+    parse_http_url,
     parse_optional_path,
     parse_optional_str,
     parse_str,
@@ -69,17 +70,8 @@ def setup_names(prefix: str) -> tuple[str, str]:
     return prefix, f"{prefix}-retention"
 
 
-def _parse_url(v: Any) -> str | None:
-    s = parse_optional_str(v)
-    if s is None:
-        return None
-    if not s.startswith(("http://", "https://")):
-        raise ValueError(f"expected an http:// or https:// URL, got {s!r}")
-    return s.rstrip("/")
-
-
 OPENSEARCH_URL_SETTING = Setting(
-    "opensearch", _parse_url, None, "OpenSearch URL to ship to instead of the embedded store.", metavar="URL"
+    "opensearch", parse_http_url, None, "OpenSearch URL to ship to instead of the embedded store.", metavar="URL"
 )
 OPENSEARCH_SETTINGS: tuple[Setting, ...] = (
     Setting("opensearch.index-prefix", parse_str, "mlops-logs",

@@ -21,6 +21,7 @@ import signal
 from collections.abc import Mapping
 from typing import Any
 
+from mlops_obs.commands import signals_for_sigwait
 from mlops_obs.config import (
     COMMON_SETTINGS,
     ConfigError,
@@ -63,14 +64,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> list[Setting]:
 
 
 def run(cfg: Mapping[str, Any]) -> int:
-    # Signals are taken synchronously with sigwait, as the exporter does (see there for why); the mask
-    # is set before the server's threads start so that they inherit it.
-    handled = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, handled)
-    try:
+    with signals_for_sigwait() as handled:
         return _serve(cfg, handled)
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def _serve(cfg: Mapping[str, Any], handled: set[signal.Signals]) -> int:

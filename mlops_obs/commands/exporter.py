@@ -21,6 +21,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from mlops_obs import __version__
+from mlops_obs.commands import signals_for_sigwait
 from mlops_obs.config import ConfigError, Setting
 from mlops_obs.exporter import Exporter, settings
 from mlops_obs.logs import configure, get_logger
@@ -49,16 +50,8 @@ def known_keys() -> set[str]:
 
 
 def run(cfg: Mapping[str, Any]) -> int:
-    # Signals are taken synchronously with sigwait: a Python handler that set an Event could
-    # deadlock on the Event's own lock if the signal landed while the main thread held it. The mask
-    # is set before any thread starts, so every thread inherits it and only sigwait sees them; it is
-    # restored on the way out for callers that run the command in-process.
-    handled = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, handled)
-    try:
+    with signals_for_sigwait() as handled:
         return _serve(cfg, handled)
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 # Objects allocated between two young-generation collections. Every sampling round allocates a few

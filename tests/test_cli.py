@@ -171,3 +171,16 @@ def test_an_os_error_escaping_a_command_is_one_line(tmp_path: Path, monkeypatch:
     assert main(["mkdir", f"--path={blocker / 'sub'}"]) == 2
     assert capsys.readouterr().err == f"mlops-obs mkdir: error: Not a directory: '{blocker / 'sub'}'\n"
     assert main(["mkdir", f"--path={tmp_path / 'fine'}"]) == 0 and (tmp_path / "fine").is_dir()
+
+
+@pytest.mark.parametrize("command", ["replay", "rca", "bundle"])
+def test_opensearch_readers_offer_only_the_settings_a_reader_uses(command: str) -> None:
+    """Request size, retries, retention and template set-up mean nothing to a command that only reads."""
+    from mlops_obs.logs.opensearch import OPENSEARCH_READ_SETTINGS, OPENSEARCH_WRITE_SETTINGS
+
+    _, per_command = build_parser(command)
+    keys = {s.key for s in per_command[command]}
+    assert {s.key for s in OPENSEARCH_READ_SETTINGS} <= keys
+    assert not keys & {s.key for s in OPENSEARCH_WRITE_SETTINGS}
+    _, ship = build_parser("ship")
+    assert {s.key for s in OPENSEARCH_READ_SETTINGS + OPENSEARCH_WRITE_SETTINGS} <= {s.key for s in ship["ship"]}

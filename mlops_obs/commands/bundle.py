@@ -18,11 +18,11 @@ from typing import Any
 
 from mlops_obs.commands.rca import SOURCE_SETTINGS, Failed, fetch_metrics, guarded, required_job, store_dir
 from mlops_obs.config import COMMON_SETTINGS, ConfigError, Setting, int_parser, parse_optional_path
-from mlops_obs.logs.opensearch import OPENSEARCH_SETTINGS, OPENSEARCH_URL_SETTING
+from mlops_obs.logs.opensearch import OPENSEARCH_READ_SETTINGS, OPENSEARCH_URL_SETTING
 
 BUNDLE_SETTINGS: tuple[Setting, ...] = (
     dataclasses.replace(OPENSEARCH_URL_SETTING, help="Read the job's events from OpenSearch instead of a store."),
-    *OPENSEARCH_SETTINGS,
+    *OPENSEARCH_READ_SETTINGS,
     Setting("out", parse_optional_path, None, "The bundle to write (FILE.tar.gz; required).", metavar="FILE"),
     Setting(
         "multiproc-dir",

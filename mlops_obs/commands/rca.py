@@ -28,7 +28,7 @@ from mlops_obs.config import (
     parse_optional_str,
     positive_duration,
 )
-from mlops_obs.logs.opensearch import OPENSEARCH_SETTINGS, OPENSEARCH_URL_SETTING
+from mlops_obs.logs.opensearch import OPENSEARCH_READ_SETTINGS, OPENSEARCH_URL_SETTING
 
 EXIT_HEALTHY, EXIT_FAULT, EXIT_USAGE, EXIT_UNKNOWN, EXIT_FAILED = 0, 1, 2, 3, 4
 DEFAULT_STORE = Path("mlops-obs-store")
@@ -66,7 +66,7 @@ RCA_SETTINGS: tuple[Setting, ...] = (
         metavar="FILE",
     ),
     dataclasses.replace(OPENSEARCH_URL_SETTING, help="Analyse the events in OpenSearch instead of a store."),
-    *OPENSEARCH_SETTINGS,
+    *OPENSEARCH_READ_SETTINGS,
     Setting("json", parse_bool, False, "Print the verdict as one JSON object.", kind="bool"),
     Setting("html", parse_optional_path, None, "Also write the self-contained HTML report here.", metavar="FILE"),
 )

@@ -35,7 +35,7 @@ from typing import IO, Any
 import orjson
 
 from mlops_obs.config import COMMON_SETTINGS, ConfigError, Setting, parse_duration, parse_optional_path
-from mlops_obs.logs.opensearch import OPENSEARCH_SETTINGS, OPENSEARCH_URL_SETTING
+from mlops_obs.logs.opensearch import OPENSEARCH_READ_SETTINGS, OPENSEARCH_URL_SETTING
 from mlops_obs.logs.sink import KINDS, LEVEL_RANK
 
 EXIT_OK, EXIT_USAGE, EXIT_FAILED = 0, 2, 4
@@ -52,7 +52,7 @@ REPLAY_SETTINGS: tuple[Setting, ...] = (
     dataclasses.replace(OPENSEARCH_URL_SETTING, help="OpenSearch URL to read the events from instead of a store."),
     Setting("bundle", parse_optional_path, None, "Incident bundle (`mlops-obs bundle`) to read instead of a store.",
             metavar="FILE"),
-    *OPENSEARCH_SETTINGS,
+    *OPENSEARCH_READ_SETTINGS,
 )  # fmt: skip
 
 

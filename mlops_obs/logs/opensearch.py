@@ -73,15 +73,10 @@ def setup_names(prefix: str) -> tuple[str, str]:
 OPENSEARCH_URL_SETTING = Setting(
     "opensearch", parse_http_url, None, "OpenSearch URL to ship to instead of the embedded store.", metavar="URL"
 )
-OPENSEARCH_SETTINGS: tuple[Setting, ...] = (
+OPENSEARCH_READ_SETTINGS: tuple[Setting, ...] = (
     Setting("opensearch.index-prefix", parse_str, "mlops-logs",
             "Daily indices <prefix>-YYYY.MM.DD, chosen from each event's own timestamp."),
-    Setting("opensearch.max-body-bytes", int_parser(1024), 5 << 20, "Cap on one _bulk request body.",
-            metavar="BYTES"),
-    Setting("opensearch.retention", parse_duration, 30 * 86400.0, "ISM policy: delete indices older than this.",
-            metavar="DURATION"),
-    Setting("opensearch.timeout", parse_duration, 30.0, "Timeout of one _bulk request.", metavar="DURATION"),
-    Setting("opensearch.backoff-max", parse_duration, 10.0, "Longest pause between retries.", metavar="DURATION"),
+    Setting("opensearch.timeout", parse_duration, 30.0, "Timeout of one request.", metavar="DURATION"),
     Setting("opensearch.username", parse_optional_str, None, "Basic-auth user."),
     Setting("opensearch.password-file", parse_optional_path, None, "File holding the basic-auth password.",
             metavar="PATH"),
@@ -90,11 +85,24 @@ OPENSEARCH_SETTINGS: tuple[Setting, ...] = (
     Setting("opensearch.client-key", parse_optional_path, None, "Client key (mTLS).", metavar="PATH"),
     Setting("opensearch.insecure-skip-verify", parse_bool, False, "Do not verify the server certificate.",
             kind="bool"),
+)  # fmt: skip
+"""The ``opensearch.*`` settings a command that only reads from OpenSearch takes (``replay``, ``rca``,
+``bundle``): where the indices are and how to connect."""
+OPENSEARCH_WRITE_SETTINGS: tuple[Setting, ...] = (
+    Setting("opensearch.max-body-bytes", int_parser(1024), 5 << 20, "Cap on one _bulk request body.",
+            metavar="BYTES"),
+    Setting("opensearch.retention", parse_duration, 30 * 86400.0, "ISM policy: delete indices older than this.",
+            metavar="DURATION"),
+    Setting("opensearch.backoff-max", parse_duration, 10.0, "Longest pause between retries.", metavar="DURATION"),
     Setting("opensearch.setup", parse_bool, True, "Install the index template and ISM policy at start.",
             kind="bool"),
 )  # fmt: skip
-"""The ``opensearch.*`` settings :func:`settings_from_config` reads, shared by every command that
+"""The ``opensearch.*`` settings only a writer takes: request size, retries, the index template and
+ISM policy."""
+OPENSEARCH_SETTINGS: tuple[Setting, ...] = OPENSEARCH_READ_SETTINGS + OPENSEARCH_WRITE_SETTINGS
+"""Every ``opensearch.*`` setting :func:`settings_from_config` reads, shared by every command that
 writes to OpenSearch (one config file serves ``ship`` and ``alert-sink``)."""
+_WRITE_DEFAULTS = {s.key: s.default for s in OPENSEARCH_WRITE_SETTINGS}
 
 
 @dataclass
@@ -129,17 +137,17 @@ def settings_from_config(cfg: Mapping[str, Any], state_dir: Path | None) -> Open
         url=cfg["opensearch"],
         state_dir=state_dir,
         index_prefix=cfg["opensearch.index-prefix"],
-        max_body_bytes=cfg["opensearch.max-body-bytes"],
-        retention_s=cfg["opensearch.retention"],
+        max_body_bytes=cfg.get("opensearch.max-body-bytes", _WRITE_DEFAULTS["opensearch.max-body-bytes"]),
+        retention_s=cfg.get("opensearch.retention", _WRITE_DEFAULTS["opensearch.retention"]),
         timeout_s=cfg["opensearch.timeout"],
-        backoff_max_s=cfg["opensearch.backoff-max"],
+        backoff_max_s=cfg.get("opensearch.backoff-max", _WRITE_DEFAULTS["opensearch.backoff-max"]),
         username=username,
         password=password,
         ca_file=cfg.get("opensearch.ca-file"),
         client_cert=cfg.get("opensearch.client-cert"),
         client_key=cfg.get("opensearch.client-key"),
         verify=not cfg.get("opensearch.insecure-skip-verify", False),
-        setup=cfg.get("opensearch.setup", True),
+        setup=cfg.get("opensearch.setup", _WRITE_DEFAULTS["opensearch.setup"]),
     )
 
 

@@ -25,6 +25,7 @@ from mlops_obs.logs.opensearch import (
 )
 from mlops_obs.logs.shipper import Shipper, ShipperOptions
 from mlops_obs.logs.sink import DEAD_LETTER_FILE, Stats
+from tests.conftest import wait_for
 from tests.fake_opensearch import FakeOpenSearch
 from tests.logs_helpers import line, reconcile, run_ship, ship_cmd
 
@@ -90,6 +91,36 @@ def test_item_error_matrix(fake: FakeOpenSearch, tmp_path: Path) -> None:
     assert len(dead) == 1 and dead[0]["event"]["_id"] == "fid-5" and dead[0]["status"] == 400
     assert "mapper_parsing_exception" in dead[0]["reason"]
     reconcile([*docs.values(), *(d["event"] for d in dead)], {"s": 10})
+
+
+def test_sink_error_names_the_cause_while_it_lasts(fake: FakeOpenSearch, tmp_path: Path) -> None:
+    """A sink that retries says why (the answer OpenSearch gave), and says nothing once a batch goes through."""
+    fake.request_faults.extend([503] * 100_000)
+    sink, stats = _sink(fake, tmp_path)
+    sender = threading.Thread(target=sink.send, args=(_events(5), threading.Event()))
+    sender.start()
+    try:
+        wait_for(lambda: stats.sink_error is not None, "a named sink error", timeout=30)
+        assert stats.sink_error is not None and stats.sink_error.startswith("opensearch: bulk request failed (503)")
+    finally:
+        fake.request_faults.clear()
+        sender.join(timeout=60)
+    assert not sender.is_alive() and fake.count() == 5 and stats.sink_error is None
+
+    class Recorded(Stats):
+        def __setattr__(self, name: str, value: Any) -> None:
+            if name == "sink_error":
+                errors.append(value)
+            super().__setattr__(name, value)
+
+    errors: list[str | None] = []
+    sink.stats = Recorded()
+    errors.clear()  # the dataclass's own None
+    fake.item_faults.extend([429])
+    sink.send(_events(3, day="2026-03-05"), threading.Event())
+    assert fake.count() == 8
+    assert errors[0] is not None and errors[0].startswith("opensearch: 1 of 3 documents refused for now (429 ")
+    assert errors[-1] is None
 
 
 def test_request_level_faults_are_retried(fake: FakeOpenSearch, tmp_path: Path) -> None:

@@ -298,6 +298,16 @@ def make_client(settings: OpenSearchSettings) -> Any:
     return OpenSearch(**kw)
 
 
+@dataclass(frozen=True)
+class _Failed:
+    """A ``_bulk`` request that failed as a whole, and why."""
+
+    why: str
+
+
+TOO_LARGE = _Failed("request entity too large (413)")
+
+
 class OpenSearchSink:
     """OpenSearch as a :class:`~mlops_obs.logs.sink.Sink` (see the module docstring)."""
 
@@ -313,9 +323,12 @@ class OpenSearchSink:
         self.dead_letters = DeadLetters(Path(settings.state_dir) / DEAD_LETTER_FILE, log)
         self._set_up = not settings.setup
 
-    def _count_retry(self) -> None:
+    def _count_retry(self, why: str) -> None:
+        """One more retry, and why: ``stats.sink_error`` names the cause in the shipper's stats.json
+        (and so in the failing-shipper alert's runbook) until a batch goes through."""
         if self.stats is not None:
             self.stats.retries += 1
+            self.stats.sink_error = f"opensearch: {why}"
 
     def _setup(self, stop: threading.Event) -> None:
         """Template and ISM policy; retried like writes (the cluster may still be starting)."""
@@ -345,7 +358,7 @@ class OpenSearchSink:
                 self._set_up = True
                 return
             except Exception as e:
-                self._count_retry()
+                self._count_retry(f"setup failed: {_why(e)}")
                 if _why(e) != last_error:
                     last_error = _why(e)
                     self._say("warning", "OpenSearch setup failed; retrying", error=last_error)
@@ -369,15 +382,15 @@ class OpenSearchSink:
             a, b = pending.pop(0)
             idx = list(range(a, b))
             outcome = self._post([lines[i] for i in idx], stop)
-            if isinstance(outcome, str):  # "too_large"
+            if outcome is TOO_LARGE:
                 if len(idx) == 1:
                     dead.append((events[idx[0]], "request entity too large (413) for a single document", 413))
                 else:
                     mid = (a + b) // 2
                     pending[:0] = [(a, mid), (mid, b)]
                 continue
-            if outcome is None:  # whole request failed (connection, timeout, 5xx, 429): retry it
-                self._count_retry()
+            if not isinstance(outcome, list):  # whole request failed (connection, timeout, 5xx, 429): retry it
+                self._count_retry(outcome.why)
                 pending.insert(0, (a, b))
                 if stop.wait(delay()):
                     raise Stop() from None
@@ -392,7 +405,8 @@ class OpenSearchSink:
                 else:
                     dead.append((events[i], reason, status))
             if retry:
-                self._count_retry()
+                status, reason = outcome[retry[0] - a]
+                self._count_retry(f"{len(retry)} of {len(idx)} documents refused for now ({status} {reason})")
                 # retry only the failed items, as their own requests (they are contiguous enough)
                 pending[:0] = [(i, i + 1) for i in retry] if len(retry) < 8 else _runs(retry)
                 if stop.wait(delay()):
@@ -401,9 +415,12 @@ class OpenSearchSink:
                 delay = backoff_delays(cap=self.s.backoff_max_s)
         if dead:
             self._dead_letter(dead)
+        if self.stats is not None:
+            self.stats.sink_error = None
         return len(events)
 
-    def _post(self, chunk: list[bytes], stop: threading.Event) -> list[tuple[int, str]] | str | None:
+    def _post(self, chunk: list[bytes], stop: threading.Event) -> list[tuple[int, str]] | _Failed:
+        """Per-item ``(status, reason)``, or why the whole request failed (:data:`TOO_LARGE` for 413)."""
         from opensearchpy.exceptions import ConnectionError as OSConnectionError
         from opensearchpy.exceptions import TransportError
 
@@ -412,17 +429,17 @@ class OpenSearchSink:
             resp = self.client.bulk(body=body)
         except OSConnectionError as e:  # includes timeouts: the write may or may not have been applied
             self._say("warning", "OpenSearch unreachable; retrying", error=_why(e))
-            return None
+            return _Failed(f"unreachable: {_why(e)}")
         except TransportError as e:
             if e.status_code == 413:
-                return "too_large"
+                return TOO_LARGE
             self._say("warning", "bulk request failed; retrying", status=e.status_code, error=_why(e))
-            return None
+            return _Failed(f"bulk request failed ({e.status_code}): {_why(e)}")
         FAULTS.hit("sent")
         items = resp.get("items") or []
         if len(items) != len(chunk):
             self._say("warning", "bulk response does not match the request; retrying", items=len(items))
-            return None
+            return _Failed(f"bulk response has {len(items)} items for {len(chunk)} documents")
         out = []
         for it in items:
             res = next(iter(it.values()))

@@ -288,3 +288,44 @@ def test_logfmt_for_daemons_still_works() -> None:
     get_logger(component="exporter").info("listening", url="http://admin:pw12345@0.0.0.0:9400")
     text = buf.getvalue()
     assert "event=listening" in text and "component=exporter" in text and "pw12345" not in text
+
+
+def test_logfmt_never_raises_on_a_key_and_keeps_lines_unambiguous() -> None:
+    buf = io.StringIO()
+    configure("info", "logfmt", stream=buf)
+    get_logger().info("odd keys", **{"a b": "password=hunter2", "k=v": 1, 'q"': 2, "é\u00a0x": 3, "plain": 4})
+    line = buf.getvalue().strip()
+    assert 'a_b="password=' in line and "hunter2" not in line  # renamed, and still redacted
+    assert " k_v=1 " in line and " q_=2 " in line and " é_x=3 " in line and " plain=4 " in line
+
+
+@pytest.mark.parametrize("fmt", ["json", "logfmt"])
+def test_a_stdlib_record_that_cannot_be_formatted_is_one_event_without_its_arguments(
+    fmt: str, capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The stdlib's own handleError prints the template and the raw arguments to stderr, past redaction."""
+
+    class Unprintable:
+        def __str__(self) -> str:
+            raise RuntimeError("no str")
+
+    token = "ghp_" + "a1b2c3d4e5" * 4
+    path = tmp_path / "log"
+    stream = open(path, "a" if fmt == "logfmt" else "ab")  # noqa: SIM115 (configure keeps it)
+    configure("info", fmt, stream=stream)
+    root = logging.getLogger()  # ours only: pytest's own capture handler would format (and raise) too
+    monkeypatch.setattr(root, "handlers", [h for h in root.handlers if type(h).__module__ == "mlops_obs.logs.config"])
+    logging.getLogger("torch.distributed").warning("token=%s peer=%s", token, Unprintable())
+    logging.getLogger("lib").warning("one argument too many: %s", "x", "y")
+    stream.close()
+    out = path.read_text()
+    captured = capfd.readouterr()
+    assert token not in out + captured.err + captured.out
+    assert "Logging error" not in captured.err
+    assert out.count("log record could not be formatted") == 2, out
+    if fmt == "json":
+        events = [orjson.loads(x) for x in out.splitlines()]
+        assert [(e["logger"], e["error"], e["arguments"]) for e in events] == [
+            ("torch.distributed", "RuntimeError", 2),
+            ("lib", "TypeError", 2),
+        ]

@@ -287,6 +287,25 @@ def _fast_bound_logger(min_level: int) -> type[Any]:
     return type(f"Fast{base.__name__}", (base,), ns)
 
 
+def logfmt_keys(logger: WrappedLogger, method: str, event_dict: EventDict) -> EventDict:
+    """Make every key a logfmt key, so that the logfmt renderer never raises on one: structlog's
+    refuses a key with whitespace or control characters (``ValueError``) and cannot read a non-string
+    one, and an ``=`` or a quote in a key would make the line ambiguous. Such characters become ``_``;
+    a key that needs nothing costs one scan."""
+    if all(type(k) is str and k and _LOGFMT_KEY_OK.issuperset(k) for k in event_dict):  # ASCII: the usual case
+        return event_dict
+    return {_logfmt_key(k): v for k, v in event_dict.items()}
+
+
+_LOGFMT_KEY_OK = frozenset(chr(c) for c in range(0x21, 0x7F)) - {"=", '"'}
+
+
+def _logfmt_key(key: Any) -> str:
+    text = key if isinstance(key, str) else str(key)
+    return "".join(c if c in _LOGFMT_KEY_OK or (c > "\x7f" and c.isprintable() and not c.isspace()) else "_"
+                   for c in text) or "_"  # fmt: skip
+
+
 class _StdlibToStructlog(logging.Handler):
     """Routes stdlib ``logging`` records (torch, libraries) into the structlog pipeline."""
 
@@ -301,6 +320,24 @@ class _StdlibToStructlog(logging.Handler):
             getattr(log, method)(record.getMessage(), **kw)
         except Exception:  # a logging failure must never reach the training loop
             self.handleError(record)
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        """A record that cannot be formatted (``%`` with the wrong arguments, an argument whose
+        ``str`` raises) is one redacted error event naming its logger and the failure. The stdlib's own
+        ``handleError`` would print the record's template and raw arguments to stderr, past redaction."""
+        error = sys.exc_info()[1]
+        try:
+            structlog.get_logger().bind(logger=record.name).error(
+                "log record could not be formatted",
+                template=str(record.msg),
+                arguments=len(record.args) if isinstance(record.args, tuple) else 1 if record.args else 0,
+                error=type(error).__name__ if error is not None else None,
+            )
+        except Exception:  # not even that: a fixed line, nothing from the record but its logger
+            try:
+                sys.stderr.write(f"mlops-obs: a log record from {record.name!r} could not be logged\n")
+            except Exception:
+                pass
 
 
 def configure(
@@ -338,7 +375,7 @@ def configure(
         if fmt == "console":
             processors.append(structlog.dev.ConsoleRenderer(timestamp_key="ts"))
         else:
-            processors.append(structlog.processors.LogfmtRenderer(key_order=["ts", "level", "event"]))
+            processors += [logfmt_keys, structlog.processors.LogfmtRenderer(key_order=["ts", "level", "event"])]
         factory = structlog.PrintLoggerFactory(file=cast(TextIO, out))
     structlog.reset_defaults()
     min_level = _LEVELS.get(level, logging.INFO)

@@ -278,3 +278,39 @@ def test_other_programs_records_are_redacted_ours_pass_as_written() -> None:
     assert "ghp_abcdefghijklmnopqrstuvwxyz0123456789" not in ev["message"] and ev["message"].startswith("login")
     ours = orjson.dumps({"event": "step", "note": "x", "level": "info", "ts": T0, "seq": 1})
     assert p.feed(ours, 200)[0]["fields"] == {"note": "x"}
+
+
+def _pem_key() -> list[str]:
+    """A private key's armour and body as a client would print it (the body is random, not a real key)."""
+    import base64
+    import os
+
+    body = base64.b64encode(os.urandom(600)).decode()
+    return ["-----BEGIN RSA PRIVATE KEY-----", "Proc-Type: 4,ENCRYPTED",
+            *(body[i : i + 64] for i in range(0, len(body), 64)), "-----END RSA PRIVATE KEY-----"]  # fmt: skip
+
+
+@pytest.mark.parametrize("framing", ["cri", "raw"])
+def test_a_private_key_printed_over_lines_is_one_event_masked_whole(framing: str) -> None:
+    """Redacted a line at a time, only the armour would match: the base64 body lines would be stored."""
+    key = _pem_key()
+    lines = ["loading credentials", *key, "connected"]
+    if framing == "cri":
+        data = b"".join(cri(T0, "stderr", x) for x in lines)
+    else:
+        data = "".join(x + "\n" for x in lines).encode()
+    evs = feed_all(LineParser("/logs/j-rank0.log", "f" * 20, ""), data)
+    assert [e["message"] for e in evs][0::2] == ["loading credentials", "connected"]
+    assert evs[1]["fields"]["block"] == "pem" and evs[1]["fields"]["lines"] == len(key)
+    stored = orjson.dumps(evs).decode()
+    assert not any(x in stored for x in key[2:-1]), "a line of the key body was stored"
+    assert "RSA PRIVATE KEY" in evs[1]["message"] and "[REDACTED]" in evs[1]["message"]
+
+
+def test_a_pem_block_ends_at_the_first_line_that_is_not_key_material() -> None:
+    """A truncated key (no END line) takes no log line after it with it."""
+    key = _pem_key()[:5]
+    data = "".join(x + "\n" for x in [*key, "step 7 loss=0.25", "step 8 loss=0.24"]).encode()
+    evs = feed_all(LineParser("/logs/j-rank0.log", "f" * 20, ""), data)
+    assert [e["message"] for e in evs][1:] == ["step 7 loss=0.25", "step 8 loss=0.24"]
+    assert evs[0]["fields"]["block"] == "pem" and not any(x in evs[0]["message"] for x in key[2:])

@@ -208,6 +208,11 @@ _FAULT_CONT = re.compile(
     r"^(?:\s+File \".*\", line \d+|\s+<no Python frame>|(?:Current thread|Thread) 0x[0-9a-fA-F]+ |"
     r"Python runtime state:|Extension modules: |Stack \(most recent call first\):|\s*$)"
 )
+# A private key printed as text (a misconfigured client, a debug dump): its armour lines and body
+# become one event, so that redaction sees the whole key (and masks it), not a base64 line at a time.
+_PEM_START = re.compile(r"-----BEGIN [A-Z0-9 ]*PRIVATE KEY[A-Z ]*-----")
+_PEM_END = re.compile(r"-----END [A-Z0-9 ]*PRIVATE KEY[A-Z ]*-----")
+_PEM_BODY = re.compile(r"^\s*(?:[A-Za-z0-9+/=]+|[A-Za-z][\w-]*: .*)\s*$")  # base64, or a Proc-Type header
 _LEVEL_WORDS = re.compile(
     r"\b(?:(?P<critical>CRITICAL|FATAL|Fatal|PANIC)|(?P<error>ERROR|Error|Exception|Traceback|Segmentation fault)"
     r"|(?P<warning>WARNING|WARN|Warning))\b"
@@ -245,7 +250,7 @@ def worse(a: str, b: str) -> str:
 class Block:
     """A multi-line event being assembled from consecutive lines of one stream."""
 
-    kind: str  # traceback | rank | nccl | faulthandler
+    kind: str  # traceback | rank | nccl | faulthandler | pem
     lines: list[str]
     key: str | None = None  # the rank (``rank``) or ``host:pid:tid`` (``nccl``) every line shares
     level: str = "info"
@@ -266,11 +271,12 @@ class Block:
             b = cls("traceback", [text], stream=stream)
         elif _FAULT_START.match(text):
             b = cls("faulthandler", [text], stream=stream)
-        else:
-            n = _NCCL.match(text)
-            if not n or n.group("sev") not in ("WARN", "ERROR"):
-                return None
+        elif (n := _NCCL.match(text)) and n.group("sev") in ("WARN", "ERROR"):
             b = cls("nccl", [text], key=n.group("who"), stream=stream)
+        elif "-----BEGIN " in text and _PEM_START.search(text) and not _PEM_END.search(text):
+            b = cls("pem", [text], stream=stream)
+        else:
+            return None
         b.level = line_level(text)
         b.chars = len(text)
         b.last_ts = ts
@@ -295,6 +301,8 @@ class Block:
             return n is not None and n.group("who") == self.key
         if self.kind == "faulthandler":
             return bool(_FAULT_CONT.match(text))
+        if self.kind == "pem":  # up to its END line; a line that is not key material ends it too
+            return not self.ended and (bool(_PEM_END.search(text)) or bool(_PEM_BODY.match(text)))
         # traceback
         if not text.strip() or _CHAIN.match(text):
             return True
@@ -308,7 +316,9 @@ class Block:
         self.level = worse(self.level, line_level(text))
         if ts is not None:
             self.last_ts = ts
-        if self.kind == "traceback":
+        if self.kind == "pem":
+            self.ended = self.ended or bool(_PEM_END.search(text))
+        elif self.kind == "traceback":
             if _CHAIN.match(text):
                 self.chained = True
             elif _TRACEBACK.match(text):

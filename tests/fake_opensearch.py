@@ -40,6 +40,7 @@ import re
 import socket
 import threading
 import time
+import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -50,6 +51,8 @@ class FakeOpenSearch:
         self.indices: dict[str, dict[str, dict[str, Any]]] = collections.defaultdict(dict)
         self.templates: dict[str, Any] = {}
         self.policies: dict[str, Any] = {}
+        self.policy_seq_no: dict[str, int] = {}
+        self.change_policy_calls: list[tuple[str, dict[str, Any]]] = []
         self.item_faults: collections.deque[int] = collections.deque()
         self.request_faults: collections.deque[Any] = collections.deque()
         self.max_body_bytes: int | None = None
@@ -112,6 +115,12 @@ class FakeOpenSearch:
                     self._answer(*fake.search(path, body))
                 elif path == "/":
                     self._send(200, {"version": {"number": "2.11.0", "distribution": "opensearch"}})
+                elif path.startswith("/_plugins/_ism/policies/") and path.rsplit("/", 1)[1] in fake.policies:
+                    name = path.rsplit("/", 1)[1]
+                    with fake.lock:
+                        seq, policy = fake.policy_seq_no[name], fake.policies[name]["policy"]
+                    self._send(200, {"_id": name, "_version": seq + 1, "_seq_no": seq, "_primary_term": 1,
+                                     "policy": {"policy_id": name, **policy}})  # fmt: skip
                 else:
                     self._send(404, {"error": {"type": "not_found", "reason": path}, "status": 404})
 
@@ -131,12 +140,15 @@ class FakeOpenSearch:
                             self._send(200, {"acknowledged": True})
                     elif path.startswith("/_plugins/_ism/policies/"):
                         name = path.rsplit("/", 1)[1]
-                        if name in fake.policies:
+                        query = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query)
+                        if_seq = query.get("if_seq_no", [None])[0]
+                        if name in fake.policies and (if_seq is None or int(if_seq) != fake.policy_seq_no[name]):
                             self._send(409, {"error": {"type": "version_conflict_engine_exception",
                                                        "reason": "policy exists"}, "status": 409})  # fmt: skip
                         else:
                             fake.policies[name] = json.loads(body)
-                            self._send(201, {"_id": name})
+                            fake.policy_seq_no[name] = fake.policy_seq_no.get(name, -1) + 1
+                            self._send(201 if if_seq is None else 200, {"_id": name})
                     else:
                         self._send(404, {"error": {"type": "not_found", "reason": path}, "status": 404})
 
@@ -145,6 +157,11 @@ class FakeOpenSearch:
                 body = self._body()
                 if path.endswith("/_search"):
                     self._answer(*fake.search(path, body))
+                    return
+                if path.startswith("/_plugins/_ism/change_policy/"):
+                    with fake.lock:
+                        fake.change_policy_calls.append((path.rsplit("/", 1)[1], json.loads(body)))
+                    self._send(200, {"updated_indices": 1, "failures": False, "failed_indices": []})
                     return
                 if path.endswith("/_search/point_in_time"):
                     self._answer(*fake.create_pit(path[: -len("/_search/point_in_time")].strip("/")))

@@ -72,8 +72,19 @@ def test_setup_installs_template_and_ism_policy(fake: FakeOpenSearch, tmp_path: 
     assert tpl["template"]["mappings"]["properties"]["rank"] == {"type": "integer"}
     policy = fake.policies[POLICY_NAME]["policy"]
     assert policy["states"][0]["transitions"][0]["conditions"] == {"min_index_age": "7d"}
-    sink2, _ = _sink(fake, tmp_path)
-    sink2.send(_events(2), threading.Event())  # policy exists: 409 is accepted
+    sink2, _ = _sink(fake, tmp_path, retention_s=7 * 86400)
+    sink2.send(_events(2), threading.Event())  # policy exists with this retention: left as it is
+    assert fake.count() == 2 and fake.policy_seq_no[POLICY_NAME] == 0 and not fake.change_policy_calls
+
+
+def test_a_changed_retention_updates_the_policy_and_its_indices(fake: FakeOpenSearch, tmp_path: Path) -> None:
+    """The create answers 409 once the policy exists: a new retention must not be ignored for good."""
+    _sink(fake, tmp_path, retention_s=7 * 86400)[0].send(_events(1), threading.Event())
+    _sink(fake, tmp_path, retention_s=90 * 86400)[0].send(_events(2), threading.Event())
+    policy = fake.policies[POLICY_NAME]["policy"]
+    assert policy["states"][0]["transitions"][0]["conditions"] == {"min_index_age": "90d"}
+    assert fake.policy_seq_no[POLICY_NAME] == 1
+    assert fake.change_policy_calls == [("mlops-logs-*", {"policy_id": POLICY_NAME})]
     assert fake.count() == 2
 
 

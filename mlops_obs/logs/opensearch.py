@@ -271,6 +271,16 @@ def ism_policy_body(prefix: str, retention_s: float) -> dict[str, Any]:
     }  # fmt: skip
 
 
+def min_index_age(policy: Any) -> str | None:
+    """The ``min_index_age`` of the first transition that has one in an ISM ``policy`` (ours has one)."""
+    for state in (policy or {}).get("states") or ():
+        for transition in state.get("transitions") or ():
+            age = (transition.get("conditions") or {}).get("min_index_age")
+            if age is not None:
+                return str(age)
+    return None
+
+
 def make_client(settings: OpenSearchSettings) -> Any:
     """The opensearch-py client for ``settings``: its own retries off (ours are per item, jittered,
     never dropping), TLS and basic auth as configured."""
@@ -347,8 +357,8 @@ class OpenSearchSink:
                         body=ism_policy_body(self.s.index_prefix, self.s.retention_s),
                     )
                 except TransportError as e:
-                    if e.status_code == 409:  # already installed
-                        pass
+                    if e.status_code == 409:  # already installed: with this retention?
+                        self._update_retention(policy)
                     elif e.status_code in (400, 404) and "ism" not in str(e.error).lower():
                         self._say("warning", "ISM plugin not available; no retention policy installed")
                     elif isinstance(e.status_code, int) and 400 <= e.status_code < 500:
@@ -364,6 +374,37 @@ class OpenSearchSink:
                     self._say("warning", "OpenSearch setup failed; retrying", error=last_error)
                 if stop.wait(delay()):
                     raise Stop() from None
+
+    def _update_retention(self, policy: str) -> None:
+        """Bring an installed ISM policy to this sink's retention, the indices it already manages included.
+
+        A changed ``--opensearch.retention`` would otherwise be ignored for good: the policy exists, so
+        the create answers 409. The update is conditional on the version read (``if_seq_no``), and
+        ISM runs an index on the policy version it enrolled it with, so the indices under the prefix
+        are moved to the new version (``change_policy``); new indices pick it up by its template. With
+        several shippers on different retentions, the last one started wins, and says so in its log.
+        """
+        from opensearchpy.exceptions import TransportError
+
+        url = f"/_plugins/_ism/policies/{policy}"
+        current = self.client.transport.perform_request("GET", url)
+        body = ism_policy_body(self.s.index_prefix, self.s.retention_s)
+        was, want = min_index_age(current.get("policy")), min_index_age(body["policy"])
+        if was == want:
+            return
+        try:
+            self.client.transport.perform_request(
+                "PUT", url, params={"if_seq_no": current["_seq_no"], "if_primary_term": current["_primary_term"]},
+                body=body,
+            )  # fmt: skip
+        except TransportError as e:
+            if e.status_code == 409:  # changed since we read it: another shipper's update won
+                return
+            raise
+        self.client.transport.perform_request(
+            "POST", f"/_plugins/_ism/change_policy/{self.s.index_prefix}-*", body={"policy_id": policy}
+        )
+        self._say("info", "ISM retention updated", policy=policy, was=was, now=want)
 
     def _say(self, level: str, msg: str, **kw: Any) -> None:
         say(self.log, level, msg, **kw)

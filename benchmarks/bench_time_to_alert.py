@@ -1,8 +1,10 @@
 """Time to alert with the shipped (unscaled) rules at a 15 s scrape and evaluation interval.
 
 Each fault the CPU workload injects runs as its own job, all at once (15 s scrapes leave the machine
-mostly idle), against the real stack: the exporter sidecar, Prometheus scraping it every 15 s and
-evaluating the generated alerting and recording rules every 15 s. For each fault the time is taken from
+mostly idle), against the real stack: the exporter sidecar with its defaults, Prometheus scraping it
+every 15 s and evaluating the generated alerting and recording rules every 15 s, and the ranks with the
+workload's default ``--flush-interval=auto``: they flush just before the sidecar's rounds once it has
+learned the scrape interval, every 15 s before that. For each fault the time is taken from
 the fault's injection, as the faulty rank's own JSON log shows it (its error line for a crash or a NaN,
 the end of its last step before it hung, its first step for a straggler or a slow loader), to the first
 evaluation at which Prometheus had the named alert firing (``ALERTS{alertstate="firing"}``) for that
@@ -19,6 +21,7 @@ Prints a Markdown table (the one in README.md and docs/alerts.md) and, with ``--
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import signal
 import subprocess
@@ -70,9 +73,17 @@ def _lines(logs: Path, job: str, rank: int) -> list[dict[str, Any]]:
     return [orjson.loads(x) for x in path.read_bytes().splitlines() if x.strip()]
 
 
-def _stop(p: subprocess.Popen[bytes]) -> None:
+def _stop(p: subprocess.Popen[bytes], finish: bool = True) -> None:
+    """End a job: finish it cleanly (SIGUSR2: every rank stops after the same step, so the stop raises no
+    alert of its own) where its ranks still make steps, else stop it as torchrun would (SIGINT)."""
+    if p.poll() is None and finish:
+        p.send_signal(signal.SIGUSR2)
+        try:
+            p.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            pass
     if p.poll() is None:
-        p.send_signal(signal.SIGINT)  # the launcher stops its ranks, as torchrun does
+        p.send_signal(signal.SIGINT)  # the launcher stops its ranks
         try:
             p.wait(timeout=60)
         except subprocess.TimeoutExpired:
@@ -87,6 +98,7 @@ def run(faults: tuple[Fault, ...], healthy_minutes: float, deadline_minutes: flo
     from mlops_obs.mixin.config import MixinConfig
     from mlops_obs.mixin.generate import ALERTS_FILE, RECORDING_FILE, render_files
     from mlops_obs.mixin.rules import training_alerts
+    from mlops_obs.rankdir import cadence
 
     mp, logs = work / "mp", work / "logs"
     mp.mkdir()
@@ -106,7 +118,7 @@ def run(faults: tuple[Fault, ...], healthy_minutes: float, deadline_minutes: flo
     results: dict[str, Any] = {}
     try:
         for c in (*(f.case for f in faults), HEALTHY):
-            procs[c.job] = subprocess.Popen(workload_command(c, logs, mp), stdout=subprocess.DEVNULL,
+            procs[c.job] = subprocess.Popen(workload_command(c, logs, mp, flush="auto"), stdout=subprocess.DEVNULL,
                                             stderr=subprocess.DEVNULL, cwd=ROOT)  # fmt: skip
         pending = {f.case.job: f for f in faults}
         end = time.monotonic() + deadline_minutes * 60
@@ -117,7 +129,7 @@ def run(faults: tuple[Fault, ...], healthy_minutes: float, deadline_minutes: flo
             for job, f in list(pending.items()):
                 hits = [a for a in fired if a.labels.get("job") == job and a.labels.get("alertname") == f.alert]
                 if hits:
-                    _stop(procs[job])
+                    _stop(procs[job], finish=f.case.kind != "stall")  # a hung rank makes no step
                     assert f.case.rank is not None
                     struck = fault_time(f.case, _lines(logs, job, f.case.rank))
                     first = min(a.first for a in hits)
@@ -128,6 +140,7 @@ def run(faults: tuple[Fault, ...], healthy_minutes: float, deadline_minutes: flo
         for f in pending.values():
             results[f.name] = {"alert": f.alert, "budget": f.budget, "seconds": None, "ranks": []}
         fired = fired_alerts(prom, started, time.time())
+        results["cadence"] = cadence.read(mp, time.time())  # what the ranks followed
         results["healthy"] = {
             "minutes": (time.time() - started) / 60,
             "training_alerts": sorted({a.labels["alertname"] for a in fired
@@ -136,8 +149,8 @@ def run(faults: tuple[Fault, ...], healthy_minutes: float, deadline_minutes: flo
         results["other_alerts"] = sorted({(a.labels["alertname"], a.labels.get("job", ""), a.labels.get("rank", ""))
                                           for a in fired})  # fmt: skip
     finally:
-        for p in procs.values():
-            _stop(p)
+        for job, p in procs.items():
+            _stop(p, finish=job != "tta-stall")
         prom.stop()
         ex.stop()
     return results
@@ -168,10 +181,25 @@ def main() -> int:
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
     faults = tuple(f for f in FAULTS if not a.only or f.name.split()[0] in a.only)
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="tta-") as d:
         results = run(faults, a.healthy_minutes, a.deadline_minutes, Path(d))
-    print(f"# time to alert, 15 s scrape and evaluation, shipped rules ({platform.node()}, {platform.machine()})")
+    load = " / ".join(f"{x:.1f}" for x in (*load_before, *os.getloadavg()))
+    print(
+        f"# time to alert, 15 s scrape and evaluation, shipped rules, ranks following the sidecar's cadence "
+        f"({platform.node()}, {platform.machine()}, {os.cpu_count()} CPUs, {time.strftime('%Y-%m-%d')}; "
+        f"load average 1/5/15 min before / after: {load})"
+    )
     print(table(faults, results))
+    c = results["cadence"]
+    print(
+        "# the sidecar's cadence the ranks followed, at the end: "
+        + (
+            f"a scrape every {c['scrape_interval']:g} s"
+            if c and c["scrape_interval"]
+            else "none (ranks on their fallback)"
+        )
+    )
     if a.json:
         print(orjson.dumps(results, option=orjson.OPT_INDENT_2).decode())
     over = [f.name for f in faults if results[f.name]["seconds"] is None or results[f.name]["seconds"] > f.budget]

@@ -16,6 +16,7 @@ fired (``ALERTS``, from Prometheus' history) with the time it first fired.
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 import time
@@ -30,6 +31,13 @@ from mlops_obs.children.prometheus import PrometheusProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 TIME_SCALE = 1 / 15  # Prometheus here scrapes and evaluates every 1 s, standing for 15 s
+# The ranks flush at a fixed interval here. Following the sidecar (the workload's default) they would
+# flush every 1 s, just before its rounds; but a rank with no cadence to follow (before the sidecar has
+# learned the scrape interval, or when it saw none for three intervals) falls back to
+# MAX_FLUSH_INTERVAL, 15 s on every clock: 225 s on this one, far past the scaled stall floor (4 s).
+# A fixed flush a fifth of the scaled scrape keeps every rank's data as fresh as following keeps it at
+# the shipped 15 s; benchmarks/bench_time_to_alert.py runs the default, unscaled.
+FLUSH = "200ms"
 
 
 @dataclass(frozen=True)
@@ -45,11 +53,18 @@ class Case:
     other: tuple[str, int] | None = None
     extra: tuple[str, ...] = ()
     alerts: tuple[str, ...] = ()  # alerts that must fire naming `rank` (and no other rank)
+    # Train until each of `alerts` reached the alert store firing, then finish cleanly (`steps` is a cap).
+    until_alerted: bool = False
 
 
 STALL = ("--timeout=25",)  # the peers' all-reduce gives up after 25 s: the job then fails
-# Straggler, slow data and the healthy run train long enough for the scaled windows (8 s) and `for:` (8 s)
-# to pass while they still run, with margin for a CI machine running every job at once.
+# A straggler or a slow loader alerts only while its job runs (a finished rank is no longer slow), after
+# the scaled window and `for:` (8 s each), and reaches the alert store a group wait later: whatever a step
+# costs on the machine, those jobs train until their alert is stored, then finish cleanly (SIGUSR2 to the
+# launcher), `UNTIL_ALERTED` steps being only a cap. The healthy run trains long enough for the windows.
+UNTIL_ALERTED = 1_000_000
+# How long a job waits for its alert before it is finished anyway (the matrix then says what is missing).
+ALERT_WAIT_SECONDS = 300.0
 CASES = (
     # Healthy, with checkpoints and a peak FLOP/s (MFU) so that every training panel has data.
     Case("healthy", 2, 500, (), None, None, None, None, extra=("--checkpoint-every=100", "--peak-flops=1e9")),
@@ -63,10 +78,10 @@ CASES = (
          alerts=("TrainingStalled",)),
     Case("stall-w4-first", 4, 30, ("stall:rank=0,step=5,seconds=300",), "stall", 0, 5, None, extra=STALL,
          alerts=("TrainingStalled",)),
-    Case("straggler-w2-last", 2, 400, ("straggler:rank=1,factor=4",), "straggler", 1, None, "healthy",
-         alerts=("TrainingStraggler",)),
-    Case("slowdata-w4-last", 4, 400, ("slow-data:rank=3,factor=30",), "data_starvation", 3, None, "healthy",
-         alerts=("TrainingDataLoaderBound",)),
+    Case("straggler-w2-last", 2, UNTIL_ALERTED, ("straggler:rank=1,factor=4",), "straggler", 1, None, "healthy",
+         alerts=("TrainingStraggler",), until_alerted=True),
+    Case("slowdata-w4-last", 4, UNTIL_ALERTED, ("slow-data:rank=3,factor=30",), "data_starvation", 3, None,
+         "healthy", alerts=("TrainingDataLoaderBound",), until_alerted=True),
     Case("straggler-crash-w4", 4, 40, ("straggler:rank=0,factor=4", "crash:rank=3,step=20"), "crash", 3, 20, None,
          other=("straggler", 0), alerts=("TrainingRankFailed",)),
 )  # fmt: skip
@@ -132,9 +147,10 @@ def fired_alerts(prom: PrometheusProcess, start: float, end: float, step: float 
     return sorted(out, key=lambda f: f.first)
 
 
-def workload_command(case: Case, logs: Path, mp: Path, *more: str) -> list[str]:
+def workload_command(case: Case, logs: Path, mp: Path, *more: str, flush: str = FLUSH) -> list[str]:
+    """The reference workload's command line for ``case``; ``flush`` is its ``--flush-interval``."""
     return [sys.executable, "-m", "mlops_obs", "workload", f"--world-size={case.world}", f"--steps={case.steps}",
-            f"--job={case.job}", f"--log-dir={logs}", f"--multiproc-dir={mp}", "--flush-interval=0.2",
+            f"--job={case.job}", f"--log-dir={logs}", f"--multiproc-dir={mp}", f"--flush-interval={flush}",
             "--log-every=1", "--device=cpu", *(f"--inject={x}" for x in case.inject), *case.extra, *more]  # fmt: skip
 
 
@@ -191,7 +207,7 @@ def run_all(root: Path) -> tuple[Runs, list[Any]]:
         for c in CASES:
             procs[c.job] = subprocess.Popen(workload_command(c, runs.logs, runs.mp), stdout=subprocess.DEVNULL,
                                             stderr=subprocess.PIPE, text=True, cwd=ROOT)  # fmt: skip
-        runs.codes = {job: p.wait(timeout=600) for job, p in procs.items()}
+        runs.codes = _wait(runs, procs)
         # The ranks' final snapshots reach Prometheus with the first scrape after a sampler round that
         # followed the last exit.
         runs.ended = time.time() + 0.5
@@ -213,6 +229,31 @@ def run_all(root: Path) -> tuple[Runs, list[Any]]:
                 p.kill()
                 p.wait()
     return runs, stop
+
+
+def stored_alert(runs: Runs, alertname: str, job: str) -> dict[str, Any] | None:
+    """The alert as the sink stored it, firing, once Alertmanager delivered it; ``None`` before."""
+    for ev in runs.alert_store.query(kind="alert", job=job):
+        if ev["fields"].get("alertname") == alertname and ev["fields"].get("status") == "firing":
+            return dict(ev)
+    return None
+
+
+def _wait(runs: Runs, procs: dict[str, subprocess.Popen[str]]) -> dict[str, int]:
+    """Every job's exit code once all have ended; each ``until_alerted`` job is asked to finish once its
+    alerts are in the store (or after :data:`ALERT_WAIT_SECONDS`)."""
+    waiting = {c.job: c for c in CASES if c.until_alerted}
+    give_up = time.monotonic() + ALERT_WAIT_SECONDS
+    deadline = time.monotonic() + 600
+    while any(p.poll() is None for p in procs.values()):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"jobs still running: {[j for j, p in procs.items() if p.poll() is None]}")
+        for job, c in list(waiting.items()):
+            if all(stored_alert(runs, a, job) for a in c.alerts) or time.monotonic() > give_up:
+                procs[job].send_signal(signal.SIGUSR2)  # its launcher: every rank stops after the same step
+                del waiting[job]
+        time.sleep(0.5)
+    return {job: int(p.returncode) for job, p in procs.items()}
 
 
 def _missing(runs: Runs) -> list[tuple[str, str]]:

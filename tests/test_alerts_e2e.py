@@ -21,7 +21,7 @@ import pytest
 from mlops_obs.mixin import dashboards, grafana
 from mlops_obs.mixin.config import seconds
 from mlops_obs.mixin.rules import training_alerts
-from tests.fault_runs import CASES, TIME_SCALE, Case, Runs, fault_time
+from tests.fault_runs import CASES, TIME_SCALE, Case, Runs, fault_time, stored_alert
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -85,9 +85,9 @@ def _stored_alert(runs: Runs, alertname: str, job: str, timeout: float = 60.0) -
     """The alert as the sink stored it (Alertmanager delivers after its scaled group wait)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        for ev in runs.alert_store.query(kind="alert", job=job):
-            if ev["fields"].get("alertname") == alertname and ev["fields"].get("status") == "firing":
-                return dict(ev)
+        ev = stored_alert(runs, alertname, job)
+        if ev is not None:
+            return ev
         time.sleep(0.5)
     held = [a["labels"].get("alertname") for a in runs.am.alerts()]
     raise AssertionError(f"{alertname} for {job} never reached the store; Alertmanager holds {held}")
@@ -104,6 +104,8 @@ def test_a_stalled_rank_alert_reaches_the_store(fault_runs: Runs) -> None:
 
 
 def test_a_straggler_alert_reaches_the_store(fault_runs: Runs) -> None:
+    """The straggler's job trained until this alert was stored, then finished cleanly (no failed rank)."""
+    assert fault_runs.codes["straggler-w2-last"] == 0
     ev = _stored_alert(fault_runs, "TrainingStraggler", "straggler-w2-last")
     assert (ev["level"], ev["rank"]) == ("warning", 1)
 

@@ -39,6 +39,7 @@ class Env:
         self.prom = prom
 
     def command(self, job: str, steps: int, *args: str) -> list[str]:
+        """A fixed fast flush: the tests scrape when they look, not on a cadence the ranks could follow."""
         return [sys.executable, "-m", "mlops_obs", "workload", f"--world-size={WORLD}", f"--steps={steps}",
                 f"--job={job}", f"--log-dir={self.logs}", f"--multiproc-dir={self.mp}", "--flush-interval=0.2",
                 "--log-every=1", "--device=cpu", *args]  # fmt: skip

@@ -7,17 +7,21 @@ all-reduce), so nothing but the launcher's handling ever ends them.
 
 from __future__ import annotations
 
+import argparse
 import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import orjson
 import psutil
 import pytest
 
 from mlops_obs.children import free_port
+from mlops_obs.rankdir import RankDirectory, cadence
 from tests.conftest import wait_for
 
 WORLD = 2
@@ -104,6 +108,57 @@ def test_ranks_die_with_a_sigkilled_launcher(
     wait_for(lambda: not any(_alive(r) for r in ranks), "the ranks to die with their launcher")
 
 
+def test_ranks_follow_the_sidecar_by_default_and_finish_cleanly_on_sigusr2(tmp_path: Path) -> None:
+    """With the default ``--flush-interval=auto`` a rank flushes on the sidecar's published cadence (every
+    2 s here: not a fixed fast interval, nor the 15 s a rank with no cadence falls back to); SIGUSR2 ends
+    the run early with every rank stopping after the same step, finished, exit code 0."""
+    mp, logs = tmp_path / "mp", tmp_path / "logs"
+    mp.mkdir()
+    now = time.time()
+    period = 2.0
+    cadence.write(mp, cadence.make(period, now + period, 0.05, now))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlops_obs", "workload", f"--world-size={WORLD}", "--steps=10000000", "--job=fin",
+         f"--log-dir={logs}", f"--multiproc-dir={mp}", "--device=cpu", "--log-every=1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    snapshot = mp / "fin.0.rank.json"
+    versions: dict[int, int] = {}  # rank 0's snapshot: inode (a new file for each flush) -> its mtime
+
+    def flushes() -> int:
+        try:
+            st = snapshot.stat()
+        except FileNotFoundError:
+            return 0
+        versions.setdefault(st.st_ino, st.st_mtime_ns)
+        return len(versions)
+
+    try:
+        wait_for(lambda: flushes() >= 1 or proc.poll() is not None, "rank 0's first snapshot", timeout=120)
+        assert proc.poll() is None, proc.communicate()
+        # The first snapshot is written at start-up, off the cadence; then 4 on it, 3 periods apart.
+        wait_for(lambda: flushes() >= 5, "flushes on the sidecar's cadence", timeout=30)
+        proc.send_signal(signal.SIGUSR2)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    on_cadence = sorted(versions.values())[1:5]
+    assert (on_cadence[-1] - on_cadence[0]) / 1e9 >= 3 * period - 2.0, on_cadence  # a late first one: shorter
+    assert proc.returncode == 0, err
+    (told,) = [ln for ln in err.splitlines() if "asked to finish early" in ln]
+    steps = int(told.split("stops after ")[1].split()[0])
+    for r in range(WORLD):
+        lines = [orjson.loads(x) for x in (logs / f"fin-rank{r}.jsonl").read_bytes().splitlines()]
+        assert [x["step"] for x in lines if x["event"] == "step"][-1] == steps - 1
+        assert (lines[-1]["event"], lines[-1]["steps"]) == ("training finished", steps)
+    states = {s["rank"]: s["state"] for s in RankDirectory(mp).snapshots()}
+    assert states == dict.fromkeys(range(WORLD), "finished")
+    launcher_log = [orjson.loads(x) for x in (logs / "fin-launcher.jsonl").read_bytes().splitlines()]
+    assert [x["steps"] for x in launcher_log if x["event"] == "finish requested"] == [steps]
+
+
 def test_a_rank_whose_launcher_is_already_gone_ends_at_once() -> None:
     """The launcher can die before the rank asks for its death signal; the rank sees a changed parent."""
     code = "from mlops_obs.workload.train import die_with_launcher; die_with_launcher(); print('survived')"
@@ -160,3 +215,30 @@ def test_demo_port_in_use_is_one_line(tmp_path: Path) -> None:
         r = _run("demo", f"--workdir={tmp_path / 'demo'}", f"--web.listen-address=127.0.0.1:{port}")
     _one_line(r, f"mlops-obs demo: error: web.listen-address: cannot listen on 127.0.0.1:{port}: ")
     assert not list((tmp_path / "demo").glob("logs/*"))  # no rank started
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("20s", "must be between 50ms and 15s, got '20s' (or auto: follow the sidecar)"),  # no stall heartbeat
+        ("1ms", "must be between 50ms and 15s, got '1ms' (or auto: follow the sidecar)"),  # a core on writes
+        ("sometimes", "expected a duration like 500ms, 1s or 5m, got 'sometimes' (or auto: follow the sidecar)"),
+    ],
+)
+def test_a_flush_interval_out_of_bounds_is_one_line(tmp_path: Path, value: str, message: str) -> None:
+    r = _run("workload", "--device=cpu", f"--log-dir={tmp_path / 'logs'}", f"--flush-interval={value}")
+    _one_line(r, f"mlops-obs workload: error: flush-interval: {message} (from --flush-interval)")
+    assert not (tmp_path / "logs").exists()
+
+
+def test_the_flush_setting_reaches_the_ranks() -> None:
+    """``auto`` (the default) is ``None`` to the ranks' monitor: follow the sidecar; a duration is fixed."""
+    from mlops_obs.commands import workload
+    from mlops_obs.config import resolve
+    from mlops_obs.workload.launcher import rank_options
+
+    settings = workload.add_arguments(argparse.ArgumentParser())
+    for given, want in (({}, None), ({"flush-interval": "auto"}, None), ({"flush-interval": "250ms"}, 0.25)):
+        cfg = resolve(settings, given, environ={})
+        assert orjson.loads(orjson.dumps(rank_options(cfg)))["flush_interval"] == want
+    assert resolve(settings, {}, environ={"MLOPS_OBS_FLUSH_INTERVAL": "AUTO"})["flush-interval"] is None

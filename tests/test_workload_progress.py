@@ -6,7 +6,7 @@ import os
 import subprocess
 import sys
 
-from mlops_obs.workload.progress import HEARTBEAT_FD_ENV, STARTUP_SECONDS, Heartbeats, StallWatch
+from mlops_obs.workload.progress import FINISH_AHEAD, HEARTBEAT_FD_ENV, STARTUP_SECONDS, Beat, Heartbeats, StallWatch
 
 
 def test_a_rank_process_writes_its_slots_and_the_launcher_reads_them() -> None:
@@ -87,3 +87,19 @@ def test_a_lagging_rank_catching_up_is_progress() -> None:
 def test_floor_zero_turns_stall_detection_off() -> None:
     w = StallWatch(floor=0.0, factor=20.0, started=0.0)
     assert feed(w, [(1.0, [1], [0]), (2.0, [2], [1]), (10_000.0, [2], [1])]) == []
+
+
+def test_a_finish_is_set_ahead_of_the_furthest_rank_once_and_every_rank_reads_it() -> None:
+    hb = Heartbeats(2)
+    try:
+        beats = [Beat(r, os.dup(hb.fd)) for r in range(2)]
+        assert [b.finish() for b in beats] == [0, 0]  # nothing asked: train the --steps asked for
+        beats[0].step(40)
+        beats[1].step(41)
+        assert hb.finish() == 41 + FINISH_AHEAD
+        beats[1].step(90)
+        assert hb.finish() == 41 + FINISH_AHEAD  # a finish the ranks may have read never moves
+        assert [b.finish() for b in beats] == [41 + FINISH_AHEAD] * 2
+        assert hb.steps() == [40, 90]  # the ranks' own slots are where they were
+    finally:
+        hb.close()

@@ -17,14 +17,32 @@ from mlops_obs.config import (
     choice_parser,
     duration_parser,
     float_parser,
+    format_duration,
     int_parser,
     parse_optional_path,
     parse_path,
     parse_str,
     positive_duration,
 )
+from mlops_obs.rankdir.cadence import MAX_FLUSH_INTERVAL, MIN_FLUSH_INTERVAL
 from mlops_obs.workload.faults import parse_inject
 from mlops_obs.workload.launcher import STALL_AFTER, STALL_FACTOR
+
+_fixed_flush = duration_parser(MIN_FLUSH_INTERVAL, MAX_FLUSH_INTERVAL)
+
+
+def parse_flush_interval(v: Any) -> float | None:
+    """``auto`` (``None``: the monitor follows the sidecar's cadence) or a fixed flush interval. The fixed
+    one is held within the cadence's bounds: a longer one would leave the stall alert without the
+    heartbeat it needs (:data:`~mlops_obs.rankdir.cadence.MAX_FLUSH_INTERVAL`), a shorter one burns a
+    core on writes nobody reads."""
+    if isinstance(v, str) and v.strip().lower() == "auto":
+        return None
+    try:
+        return float(_fixed_flush(v))
+    except ValueError as e:
+        raise ValueError(f"{e} (or auto: follow the sidecar)") from None
+
 
 WORKLOAD_SETTINGS: tuple[Setting, ...] = (
     Setting("world-size", int_parser(1, 64), 2, "Number of rank processes.", metavar="N"),
@@ -36,8 +54,11 @@ WORKLOAD_SETTINGS: tuple[Setting, ...] = (
     Setting("batch-size", int_parser(1), 64, "Samples per step per rank.", metavar="N"),
     Setting("device", choice_parser("auto", "cpu", "cuda"), "auto",
             "auto: CUDA with NCCL where available, else CPU with gloo."),
-    Setting("flush-interval", positive_duration, 0.5, "How often ranks hand their metrics to the sidecar.",
-            metavar="DURATION"),
+    Setting("flush-interval", parse_flush_interval, None,
+            "When ranks hand their metrics to the sidecar: auto (the default) follows the sidecar's published "
+            f"cadence, just before each of its rounds, at least every {format_duration(MAX_FLUSH_INTERVAL)}; a "
+            f"duration ({format_duration(MIN_FLUSH_INTERVAL)} to {format_duration(MAX_FLUSH_INTERVAL)}) flushes "
+            "at that fixed interval instead.", metavar="auto|DURATION"),
     Setting("log-every", int_parser(1), 10, "Log a step line every N steps.", metavar="N"),
     Setting("timeout", positive_duration, 600.0, "Collective timeout before a stuck job fails.",
             metavar="DURATION"),

@@ -875,6 +875,7 @@ def training_alerts(c: MixinConfig) -> list[Alert]:
     steps_at_10m = "0+60x10 600x40"  # a rank's last-step time: one step a second for 10 minutes, then none
     lost = duration(c.training_retention_seconds)
     ended = m("mlops_training_rank_state", 'state!="running"')
+    nonfinite = m("mlops_training_nonfinite_loss_total")
     return [
         Alert(
             "TrainingRankFailed", "training",
@@ -1056,13 +1057,30 @@ def training_alerts(c: MixinConfig) -> list[Alert]:
             ),
         ),
         Alert(
+            # A rank younger than the window counts from 0: increase() needs two samples, and a rank that
+            # diverges before its first scrape has none at 0 (at a 15 s scrape, a job that NaNs within
+            # seconds of its start).
             "TrainingNonFiniteLoss", "training",
-            f"increase({m('mlops_training_nonfinite_loss_total')}[{c.training_rate_window}]) > 0",
+            f"increase({nonfinite}[{c.training_rate_window}]) > 0 or ({nonfinite} > 0 and "
+            f"time() - {m('mlops_training_process_start_time_seconds')} < {_g(seconds(c.training_rate_window))})",
             c.for_training_fault, "warning",
             f"{who} produced NaN or infinite losses",
             f"{who} recorded non-finite losses: the run is diverging (learning rate, bad batch, overflow).",
             Case({f"mlops_training_nonfinite_loss_total{tl}": "0x5 3x30"}, f"{nan_at}m", (tr,)),
             Case({f"mlops_training_nonfinite_loss_total{tl}": "0x30"}, f"{nan_at}m"),
+            also_fires=(
+                # It diverged before its first scrape: the counter's first sample is already 3.
+                Case({f"mlops_training_nonfinite_loss_total{tl}": "_x5 3x30",
+                      f"mlops_training_process_start_time_seconds{tl}": "_x5 290x30"}, "6m", (tr,)),
+                # Both ways at once (a young rank whose counter moved after its first scrape): one alert.
+                Case({f"mlops_training_nonfinite_loss_total{tl}": "_x4 0 3x30",
+                      f"mlops_training_process_start_time_seconds{tl}": "_x4 230x30"}, "6m", (tr,)),
+            ),
+            also_quiet=(
+                # Old non-finite losses, the rank seen again after a scrape gap: nothing new.
+                Case({f"mlops_training_nonfinite_loss_total{tl}": "3x5 _x5 3x20",
+                      f"mlops_training_process_start_time_seconds{tl}": "0x5 _x5 0x20"}, "12m"),
+            ),
         ),
         Alert(
             "TrainingCheckpointStale", "training",

@@ -12,6 +12,10 @@ Stopping is the launcher's whole job once the ranks run, so it holds in every wa
   a launcher started in the background by a script has SIGINT ignored, and an explicit ``kill -INT``
   must still stop it. SIGHUP inherited ignored is the exception: that is ``nohup``, whose point is
   that a hang-up leaves the job running.
+- SIGUSR2 ends the run early and cleanly, for whoever waits for something while the job trains (a test
+  waiting for its alert): the launcher writes a step count :data:`~.progress.FINISH_AHEAD` past the
+  furthest rank into the heartbeat memory, every rank stops after that many steps as if it were
+  ``--steps``, and the job ends finished with exit code 0.
 - When the launcher dies without a chance to act (SIGKILL, the OOM killer), the kernel kills the
   ranks: each rank asks for ``PR_SET_PDEATHSIG`` at start-up (see :mod:`.train`). The kernel sends
   it when the *thread* that started the rank exits, so :func:`launch` starts and supervises the
@@ -61,6 +65,7 @@ from mlops_obs.workload.progress import HEARTBEAT_FD_ENV, Heartbeats, StallWatch
 from mlops_obs.workload.signals import FR_BUFFER_SIZE, DumpTarget, request_dumps, stack_path
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+FINISH_SIGNAL = signal.SIGUSR2  # finish early: every rank stops cleanly after the same step
 GRACE_SECONDS = 10.0  # between SIGTERM and SIGKILL when stopping ranks
 POLL_SECONDS = 0.05  # how often the supervisor looks at the ranks and at stop requests
 STALL_AFTER = 60.0  # a stall is at least this long without a completed step...
@@ -83,6 +88,7 @@ class StopRequest:
 
     def __init__(self) -> None:
         self.signals: list[int] = []
+        self.finish = False  # FINISH_SIGNAL received: end the run early, cleanly
 
     @property
     def signum(self) -> int | None:
@@ -92,15 +98,20 @@ class StopRequest:
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         self.signals.append(signum)
 
+    def _finish(self, signum: int, frame: FrameType | None) -> None:
+        self.finish = True
+
     @contextmanager
     def installed(self) -> Iterator[StopRequest]:
-        """Handle :data:`STOP_SIGNALS` while the block runs (main thread only); restore them after."""
+        """Handle :data:`STOP_SIGNALS` and :data:`FINISH_SIGNAL` while the block runs (main thread only);
+        restore them after."""
         previous: dict[signal.Signals, Any] = {}
         try:
             for sig in STOP_SIGNALS:
                 if sig == signal.SIGHUP and signal.getsignal(sig) == signal.SIG_IGN:
                     continue  # started under nohup: a hang-up is meant to leave the job running
                 previous[sig] = signal.signal(sig, self._handle)
+            previous[FINISH_SIGNAL] = signal.signal(FINISH_SIGNAL, self._finish)
             yield self
         finally:
             for sig, handler in previous.items():
@@ -361,6 +372,7 @@ class Job:
         else the first failed rank's exit code (1 for a rank killed by a signal).
         """
         failed: tuple[int, int] | None = None
+        finishing = False
         while stop.signum is None:
             self.reap()
             codes = [r.proc.returncode for r in self.ranks]
@@ -371,6 +383,9 @@ class Job:
                     print(f"workload: rank {r.rank} exited with code {code}; stopping the other ranks", file=out)
             if failed or all(c is not None for c in codes):
                 break
+            if stop.finish and not finishing:
+                finishing = True
+                self.finish(out)
             self._watch_progress(out)
             time.sleep(POLL_SECONDS)
         if stop.signum is not None:
@@ -391,6 +406,16 @@ class Job:
             rc = 0
         (self.log.info if rc == 0 else self.log.error)("launcher finished", exit_code=rc)
         return rc
+
+    def finish(self, out: IO[str]) -> None:
+        """Have every rank stop cleanly after the same step (:meth:`.progress.Heartbeats.finish`)."""
+        if self.heartbeats is None:
+            print("workload: asked to finish early, but the ranks cannot be told (no shared memory)", file=out)
+            self.log.warning("finish request ignored", reason="no heartbeat memory")
+            return
+        steps = self.heartbeats.finish()
+        print(f"workload: asked to finish early; every rank stops after {steps} steps", file=out, flush=True)
+        self.log.info("finish requested", steps=steps)
 
     def reap(self) -> None:
         """Log every rank that exited since the last look."""

@@ -4,9 +4,15 @@ Each rank has three 64-bit slots in one ``memfd`` the launcher creates and hands
 (``pass_fds``; its number in ``MLOPS_OBS_HEARTBEAT_FD``): ``ready``, the rank's pid once its signal
 handlers are installed (only then may the launcher send it ``SIGUSR1``, whose default action would kill
 it); ``steps``, the number of steps it completed; ``interval``, the microseconds between its last two
-completed steps. A step costs the rank a clock read and two stores into its own mapping: no system
-call, no file, nothing another process can block. The launcher reads every slot each time it looks at
-the ranks.
+completed steps. A step costs the rank a clock read, two stores into its own mapping and one load: no
+system call, no file, nothing another process can block. The launcher reads every slot each time it
+looks at the ranks.
+
+One slot ahead of the ranks' goes the other way: ``finish``, written by the launcher when it is asked to
+end the run early (``SIGUSR2``), is the number of steps after which every rank stops cleanly (0: train
+the ``--steps`` asked for). Each rank reads it as it completes a step, so all of them stop after the
+same one, with no collective of their own: DDP keeps the ranks within a step of each other, and the
+launcher sets it :data:`FINISH_AHEAD` steps past the furthest rank.
 
 :class:`StallWatch` decides from them when the job stopped progressing: no rank completed a step for
 ``max(floor, factor x median step interval)``, the median over the intervals the ranks reported
@@ -28,6 +34,10 @@ from dataclasses import dataclass
 
 HEARTBEAT_FD_ENV = "MLOPS_OBS_HEARTBEAT_FD"
 SLOTS = 3  # int64 values per rank: ready (pid), steps completed, microseconds between the last two
+HEADER = 1  # int64 values before the ranks' slots: finish (steps after which every rank stops; 0: none)
+# How far past the furthest rank a finish is set: the steps a rank may complete between the launcher's
+# reading of the counts and its store (a preempted launcher), with room to spare.
+FINISH_AHEAD = 25
 STARTUP_SECONDS = 300.0
 CADENCE_WINDOW = 64
 
@@ -38,22 +48,31 @@ class Heartbeats:
     def __init__(self, world: int) -> None:
         self.world = world
         self.fd = os.memfd_create("mlops-obs-heartbeats", 0)  # inheritable only through pass_fds
-        os.ftruncate(self.fd, 8 * SLOTS * world)
-        self._map = mmap.mmap(self.fd, 8 * SLOTS * world)
+        size = 8 * (HEADER + SLOTS * world)
+        os.ftruncate(self.fd, size)
+        self._map = mmap.mmap(self.fd, size)
         self._view = memoryview(self._map).cast("q")
 
     def ready(self, rank: int) -> int:
         """The rank's pid once it can take ``SIGUSR1`` (its stack-dump handler is in place), else 0."""
-        return int(self._view[SLOTS * rank])
+        return int(self._view[HEADER + SLOTS * rank])
 
     def steps(self) -> list[int]:
         v = self._view
-        return [int(v[SLOTS * r + 1]) for r in range(self.world)]
+        return [int(v[HEADER + SLOTS * r + 1]) for r in range(self.world)]
 
     def intervals(self) -> list[float]:
         """Seconds between each rank's last two completed steps (0 before its second)."""
         v = self._view
-        return [int(v[SLOTS * r + 2]) / 1e6 for r in range(self.world)]
+        return [int(v[HEADER + SLOTS * r + 2]) / 1e6 for r in range(self.world)]
+
+    def finish(self) -> int:
+        """Have every rank stop cleanly :data:`FINISH_AHEAD` steps past the furthest one; that step count.
+        A finish already set stays (the ranks may have read it)."""
+        v = self._view
+        if not v[0]:
+            v[0] = max(self.steps()) + FINISH_AHEAD
+        return int(v[0])
 
     def close(self) -> None:
         self._view.release()
@@ -62,11 +81,12 @@ class Heartbeats:
 
 
 class Beat:
-    """A rank's side: its two slots in the launcher's shared memory (or nothing, without a launcher)."""
+    """A rank's side: its slots in the launcher's shared memory and the finish slot (or nothing, without a
+    launcher)."""
 
     def __init__(self, rank: int, fd: int | None) -> None:
         self._view: memoryview | None = None
-        self._base = SLOTS * rank
+        self._base = HEADER + SLOTS * rank
         self._last = 0.0
         if fd is None:
             return
@@ -106,6 +126,10 @@ class Beat:
             view[self._base + 2] = int((now - self._last) * 1e6)
         self._last = now
         view[self._base + 1] = completed
+
+    def finish(self) -> int:
+        """The steps after which the launcher asked every rank to stop (0: none asked)."""
+        return int(self._view[0]) if self._view is not None else 0
 
 
 @dataclass(frozen=True)

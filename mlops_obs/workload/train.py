@@ -5,7 +5,8 @@ Started by :mod:`mlops_obs.workload.launcher` with the torchrun environment; opt
 JSON lines through :mod:`mlops_obs.logs` into ``<log-dir>/<job>-rank<R>.jsonl``: a ``step`` line every
 ``log_every`` steps with that step's ``loss``, ``step_s``, ``data_wait_s`` and ``collective_s``; ``rank
 stopped by signal`` when SIGTERM or SIGINT ends it. ``SIGUSR1`` dumps its stacks
-(:mod:`.signals`); each completed step is a heartbeat for the launcher (:mod:`.progress`).
+(:mod:`.signals`); each completed step is a heartbeat for the launcher (:mod:`.progress`), which
+also carries the launcher's request to finish early (after the same step on every rank).
 """
 
 from __future__ import annotations
@@ -129,7 +130,8 @@ def main() -> int:
         world_size=world,
         directory=opts.get("multiproc_dir"),
         node=node,
-        flush_interval=float(opts.get("flush_interval", 1.0)),
+        # None (--flush-interval=auto): just before the sidecar's rounds, at the cadence it is scraped.
+        flush_interval=None if opts.get("flush_interval") is None else float(opts["flush_interval"]),
         flops_per_sample=6.0 * n_params,  # forward + backward of a dense model: ~6 FLOPs a parameter
         peak_flops=peak,
     )
@@ -190,7 +192,9 @@ def main() -> int:
                 t_end = time.perf_counter()
                 compute = t_end - t_step - (collective.seconds - c0) - slowed
             beat.step(step + 1)
-            if step % log_every == 0 or step == steps - 1:
+            finish = beat.finish()  # the launcher asked every rank to stop after this many steps
+            last = step == steps - 1 or 0 < finish <= step + 1
+            if step % log_every == 0 or last:
                 # This step's own times, so a slow loader or a slow peer shows in the logs alone.
                 log.info("step", step=step, loss=round(loss_value, 6), step_s=round(t_end - t_step + data.last, 6),
                          data_wait_s=round(data.last, 6), collective_s=round(collective.seconds - c0, 6))  # fmt: skip
@@ -198,6 +202,8 @@ def main() -> int:
                 with monitor.checkpoint():
                     torch.save({"step": step, "model": model.state_dict()}, ckpt_path)
                 log.info("checkpoint saved", step=step, path=str(ckpt_path))
+            if last:
+                break
     except NonFiniteLossError as e:
         # A job with a loss check stops here, on the rank that saw it; its peers block in the next
         # all-reduce until the launcher stops them.
@@ -213,7 +219,7 @@ def main() -> int:
         log_file.flush()
         raise
 
-    log.info("training finished", steps=steps)
+    log.info("training finished", steps=step + 1)
     monitor.close()
     dist.destroy_process_group()
     log_file.flush()

@@ -191,6 +191,9 @@ class ProcessResolver:
                 del self._cache[pid]
 
 
+# How old a listing of the rank directory the pid index takes (it is re-read every few seconds anyway).
+LISTING_MAX_AGE = 1.0
+
 # A rank's owner as its snapshot claims it: (job, rank), and the start time it recorded (Unix time).
 Claim = tuple[tuple[str, str], Any]
 
@@ -208,9 +211,9 @@ class RankIndex:
     def _load(self) -> None:
         self._read_at = time.monotonic()
         by_pid: dict[int, Claim | None] = {}
-        # Through the directory's parse cache: the files another collector parsed this round are not
-        # parsed again.
-        for s in self.ranks.snapshots() if self.ranks is not None else ():
+        # Through the directory's parse cache, and its last listing when it is at most LISTING_MAX_AGE
+        # old: the training collector's scan of this round is not made again.
+        for s in self.ranks.snapshots(max_age=LISTING_MAX_AGE) if self.ranks is not None else ():
             if "pid" not in s:
                 continue
             try:

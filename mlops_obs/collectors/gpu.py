@@ -568,6 +568,7 @@ class GpuCollector(Collector):
     def close(self) -> None:
         if self.xid is not None:
             self.xid.stop()
+        self.attributor.close()
         self.nvml.shutdown()
 
 

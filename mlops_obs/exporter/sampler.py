@@ -208,7 +208,7 @@ class Sampler:
         # another (a futex wake and a context switch each), and each thread resumes on caches the
         # others evicted; in turn, each round runs on its own warm code. A round waits for it at most
         # ``baton_wait()``, so a collector that hangs (NVML, a dead NFS mount) delays the others by
-        # that much, once per round, and never stops them.
+        # that much, once per round, and never stops them. Not for a collector's first round.
         self._baton = threading.Lock()
 
     @property
@@ -362,7 +362,9 @@ class Sampler:
         state = self.states[c.name]
         baton = self._baton
         while not self._stop.is_set():
-            held = baton.acquire(timeout=self.baton_wait())
+            # The first rounds run at once, side by side: the sidecar is ready, and a first scrape served,
+            # as soon as the slowest collector (GPU start-up) has sampled, not after all of them in turn.
+            held = baton.acquire(timeout=self.baton_wait()) if state.rounds else False
             try:
                 self.sample_once(c)
             finally:

@@ -136,12 +136,14 @@ def test_calls_are_timed_per_function() -> None:
     assert st.count == 4 and st.max >= st.total / 4 > 0 and len(st.samples) == 4
 
 
-def test_field_value_list_reads_what_field_values_reads() -> None:
+def test_field_decoder_reads_what_field_values_reads() -> None:
     """The whole-array decoding (every field answered, one value type) and the per-field one (an error,
     mixed types) give the values ``field_values`` gives, in request order."""
     import pynvml
 
-    from mlops_obs.collectors._nvml_structs import field_value_list, field_values
+    from mlops_obs.collectors._nvml_structs import FieldDecoder, field_values
+
+    field_value_list = FieldDecoder().values
 
     same = (pynvml.c_nvmlFieldValue_t * 4)()
     for i, v in enumerate((0, 7, 2**40 + 3, 12345)):

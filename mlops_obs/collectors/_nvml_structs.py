@@ -17,9 +17,7 @@ _VALUE_FORMATS = tuple(struct.Struct(f) for f in ("<d", "<I", "<Q", "<Q", "<q", 
 _VALUE_NAMES = ("dVal", "uiVal", "ulVal", "ullVal", "sllVal", "siVal", "usVal")
 # Each value type's code within the 8-byte union, padded to its size: for decoding n values at once.
 _VALUE_CODES = ("d", "I4x", "Q", "Q", "q", "i4x", "H6x")
-# Formats by array length (and by (length, value type)): a GPU asks for the same fields every refresh.
-_ROWS: dict[int, struct.Struct] = {}
-_SAME_TYPE: dict[tuple[int, int], struct.Struct] = {}
+# Formats a FieldDecoder keeps (by array length, and by length and value type) before it starts over.
 _FORMATS_MAX = 64
 
 
@@ -55,6 +53,39 @@ def field_values(arr: Any) -> list[tuple[int, int, float | None]]:
     return out
 
 
+class FieldDecoder:
+    """Reads the values of nvmlFieldValue_t arrays in request order (``None`` where NVML returned an
+    error): what :func:`field_values` gives, without the ids.
+
+    Why: the GPU collector's counter refresh asks for ~90 fields a device (NVLink per link, PCIe, throttle)
+    that all succeed and share one value type; the whole array is then decoded by two ``struct`` calls
+    instead of a Python step per field. The formats for the lengths and types seen are kept (a device
+    asks for the same fields every refresh); one decoder per collector, used by its thread alone.
+    """
+
+    __slots__ = ("_rows", "_same")
+
+    def __init__(self) -> None:
+        self._rows: dict[int, struct.Struct] = {}
+        self._same: dict[tuple[int, int], struct.Struct] = {}
+
+    def values(self, arr: Any) -> list[float | None]:
+        n = len(arr)
+        try:
+            raw = memoryview(arr).cast("B")
+        except TypeError:
+            raw = None
+        if raw is None or n == 0 or len(raw) != _FIELD_VALUE.size * n:
+            return [x for _, _, x in field_values(arr)]
+        row = _cached(self._rows, n, "<" + "IIqqII8s" * n).unpack(raw)
+        vtypes = row[4::7]
+        vtype = vtypes[0]
+        if not any(row[5::7]) and vtype < len(_VALUE_CODES) and vtypes.count(vtype) == n:
+            same = _cached(self._same, (n, vtype), "<" + _VALUE_CODES[vtype] * n)
+            return list(map(float, same.unpack(b"".join(row[6::7]))))
+        return [x for _, _, x in field_values(arr)]
+
+
 def _cached(cache: dict[Any, struct.Struct], key: Any, fmt: str) -> struct.Struct:
     st = cache.get(key)
     if st is None:
@@ -62,31 +93,6 @@ def _cached(cache: dict[Any, struct.Struct], key: Any, fmt: str) -> struct.Struc
             cache.clear()
         st = cache[key] = struct.Struct(fmt)
     return st
-
-
-def field_value_list(arr: Any) -> list[float | None]:
-    """The values of an nvmlFieldValue_t array in request order (``None`` where NVML returned an
-    error): what :func:`field_values` gives, without the ids.
-
-    Why: the GPU collector's counter refresh asks for ~90 fields a device (NVLink per link, PCIe, throttle)
-    that all succeed and share one value type; the whole array is then decoded by two ``struct``
-    calls instead of a Python step per field, which was most of the collector's own time at a 15 s
-    scrape (every round a refresh).
-    """
-    n = len(arr)
-    try:
-        raw = memoryview(arr).cast("B")
-    except TypeError:
-        raw = None
-    if raw is None or n == 0 or len(raw) != _FIELD_VALUE.size * n:
-        return [x for _, _, x in field_values(arr)]
-    row = _cached(_ROWS, n, "<" + "IIqqII8s" * n).unpack(raw)
-    vtypes = row[4::7]
-    vtype = vtypes[0]
-    if not any(row[5::7]) and vtype < len(_VALUE_CODES) and vtypes.count(vtype) == n:
-        same = _cached(_SAME_TYPE, (n, vtype), "<" + _VALUE_CODES[vtype] * n)
-        return list(map(float, same.unpack(b"".join(row[6::7]))))
-    return [x for _, _, x in field_values(arr)]
 
 
 class GpmResults:

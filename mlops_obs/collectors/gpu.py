@@ -35,7 +35,7 @@ from prometheus_client.metrics_core import Metric
 
 from mlops_obs.collectors import Collector, CollectorUnavailable, register
 from mlops_obs.collectors._nvml import GpuLost, Nvml
-from mlops_obs.collectors._nvml_structs import field_value_list, field_values
+from mlops_obs.collectors._nvml_structs import FieldDecoder, field_values
 from mlops_obs.collectors.gpu_device import (
     CLOCK_MEM,
     CLOCK_SM,
@@ -218,6 +218,7 @@ class GpuCollector(Collector):
         self.nvml = Nvml(_loader(config), log)
         self.out = FamilyBuilder(FAMILIES)
         self.attributor = Attributor(self.ranks)
+        self.field_decoder = FieldDecoder()
         self.processes = bool(config.get("gpu.processes", True))
         self.process_limit = int(config.get("gpu.process-limit", 32))
         self.nvlink = bool(config.get("gpu.nvlink", True))
@@ -492,7 +493,7 @@ class GpuCollector(Collector):
                 add("mlops_gpu_persistence_mode", lb, int(v == 1))
         fvs = n.call("nvmlDeviceGetFieldValues", h, ident.field_ids) if ident.field_ids else None
         if fvs is not None:
-            values = field_value_list(fvs)
+            values = self.field_decoder.values(fvs)
             lay = ident.fields
             for i, name, cause in lay.scalars:
                 x = values[i]

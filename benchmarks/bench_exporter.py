@@ -45,6 +45,7 @@ the SDK of the same tree with its defaults::
 from __future__ import annotations
 
 import argparse
+import gzip
 import http.client
 import json
 import os
@@ -145,6 +146,7 @@ class Target:
     conn: http.client.HTTPConnection | None = None
     series: int = 0
     bytes_plain: int = 0
+    body: bytes = b""  # the last scrape's answer as sent (gzip when the server compressed it)
 
     def scrape(self) -> float:
         if self.conn is None:
@@ -154,7 +156,9 @@ class Target:
         try:
             self.conn.request("GET", self.path, headers=headers)
             resp = self.conn.getresponse()
-            resp.read()
+            self.body = resp.read()
+            if resp.getheader("Content-Encoding") == "gzip":
+                self.body = gzip.decompress(self.body)
         except (http.client.HTTPException, OSError):
             self.conn.close()
             self.conn = None
@@ -254,6 +258,16 @@ while True:
 """
 
 
+def collector_cpu(body: bytes) -> dict[str, float]:
+    """``mlops_scrape_collector_cpu_seconds_total`` by collector, from an exporter's answer."""
+    out: dict[str, float] = {}
+    for line in body.decode("utf-8", "replace").splitlines():
+        if line.startswith('mlops_scrape_collector_cpu_seconds_total{collector="'):
+            name = line.split('"', 2)[1]
+            out[name] = float(line.rsplit(" ", 1)[1])
+    return out
+
+
 def schedstat_ns(pid: int) -> int:
     """CPU time of every live thread of ``pid`` in nanoseconds (``/proc/<pid>/task/*/schedstat``)."""
     total = 0
@@ -330,6 +344,8 @@ def cadence_mode(args: argparse.Namespace, node_exporter: str) -> int:
         phase_end = t_end
         measuring = False
         scrapes = 0
+        first_cpu: dict[str, dict[str, float]] = {}
+        last_cpu: dict[str, dict[str, float]] = {}
         while True:
             now = time.monotonic()
             if now >= phase_end:
@@ -344,6 +360,13 @@ def cadence_mode(args: argparse.Namespace, node_exporter: str) -> int:
                 for t in targets:
                     t.scrape()
                 scrapes += measuring
+                if measuring:
+                    # Each collector's rounds between the window's first and last scrape, as the exporter
+                    # counts them: where its CPU goes, the rest being HTTP, wake-ups and housekeeping.
+                    for t in targets:
+                        if t.name != "node_exporter":
+                            first_cpu.setdefault(t.name, collector_cpu(t.body))
+                            last_cpu[t.name] = collector_cpu(t.body)
                 next_scrape += interval
             time.sleep(max(0.0, min(phase_end, next_scrape if interval else phase_end) - time.monotonic()))
         wall = time.monotonic() - w0
@@ -379,9 +402,21 @@ def cadence_mode(args: argparse.Namespace, node_exporter: str) -> int:
     if args.baseline_tree is not None:
         base = cpu["mlops-obs (baseline)"][0]
         print(f"  mlops-obs / mlops-obs (baseline): {cpu['mlops-obs'][0] / base:.3f}x" if base else "  n/a")
+    per_collector: dict[str, dict[str, float]] = {}
+    if interval is not None and scrapes > 1:
+        print(f"ms of CPU per {interval:g} s scrape interval (mlops_scrape_collector_cpu_seconds_total between the "
+              "window's first and last scrape; 'rest' is the process's schedstat less the rounds: HTTP, "
+              "wake-ups, housekeeping, the XID thread):")  # fmt: skip
+        for name in first_cpu:
+            a, b = first_cpu[name], last_cpu[name]
+            per = {c: (b[c] - a.get(c, 0.0)) * 1e3 / (scrapes - 1) for c in b}
+            per["rest"] = cpu[name][0] * interval * 1e3 - sum(per.values())
+            per_collector[name] = per
+            print(f"  {name:<22}" + "  ".join(f"{c} {v:.2f}" for c, v in per.items()))
     if args.json:
         args.json.write_text(json.dumps({"machine": machine(), "args": {k: str(v) for k, v in vars(args).items()},
-                                         "window_s": wall, "rows": rows}, indent=2))  # fmt: skip
+                                         "window_s": wall, "rows": rows, "per_collector_ms": per_collector},
+                                        indent=2))  # fmt: skip
     return 0
 
 

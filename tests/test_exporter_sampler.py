@@ -585,3 +585,97 @@ def test_a_scrape_never_waits_past_a_quarter_of_the_scrape_interval() -> None:
     finally:
         hanging.release.set()
         sampler.stop()
+
+
+def test_the_next_round_aims_past_the_scrape_the_last_one_ran_ahead_of() -> None:
+    """A round's end recomputes the lead from its duration; a lead that shrank must not bring the scrape
+    that round was for back into the schedule (a wake-up, or with a long lead a second round, for it)."""
+    steady = SteadyCollector()
+    sampler = Sampler([steady], interval=0.05, deadline=5.0, log=RecordingLog())
+    now = time.monotonic()
+    with sampler._cond:
+        for k in (-3, -2, -1):
+            sampler.clock.arrive(now + 0.5 * k)  # scrapes every 0.5 s; the next one is expected at `now`
+        state = sampler.states["steady"]
+        state.duration = 0.01
+        lead = sampler.lead()
+        state.started_at = now - lead  # this scrape's round started on time ...
+        state.aimed = now
+        state.duration = 0.009  # ... and took a little less than the one before: the lead shrank
+        assert sampler.lead() < lead
+        due = sampler._due(state, now - lead + 0.009)
+        assert due is not None and due == pytest.approx(now + 0.5 - sampler.lead())
+        sampler.clock.arrive(now + 0.003)  # the scrape comes, a little late: the grid moves with it
+        due = sampler._due(state, now + 0.004)
+        assert due is not None and due == pytest.approx(now + 0.503 - sampler.lead())
+
+
+class OverlapCollector(Collector):
+    """Records how many rounds of its kind are inside ``sample`` at once."""
+
+    def __init__(self, name: str, shared: dict[str, int], lock: threading.Lock) -> None:
+        super().__init__({})
+        self.name = name  # type: ignore[misc]
+        self.shared, self.lock = shared, lock
+        self.rounds = 0
+
+    def sample(self) -> Iterable[Metric]:
+        with self.lock:
+            self.shared["inside"] += 1
+            self.shared["most"] = max(self.shared["most"], self.shared["inside"])
+        time.sleep(0.002)  # a syscall that releases the GIL: where interleaved rounds would meet
+        with self.lock:
+            self.shared["inside"] -= 1
+        self.rounds += 1
+        return []
+
+
+def test_rounds_of_different_collectors_run_one_after_another() -> None:
+    """The baton: collectors due together take turns, so no two rounds interleave (but their first)."""
+    shared = {"inside": 0, "most": 0}
+    lock = threading.Lock()
+    cs = [OverlapCollector(f"c{i}", shared, lock) for i in range(4)]
+    sampler = Sampler(list(cs), interval=0.01, deadline=5.0, log=RecordingLog())
+    sampler.start()
+    try:
+        wait_for(lambda: sampler.ready, "first rounds")  # these run side by side: ready sooner
+        with lock:
+            shared["most"] = 0
+        for _ in range(3):  # each scrape finds the data stale and asks every collector for a round at once
+            with sampler._cond:
+                for s in sampler.states.values():
+                    s.started_at -= 3600.0
+            sampler.scrape()
+        assert all(c.rounds >= 2 for c in cs)
+        assert shared["most"] == 1
+    finally:
+        sampler.stop()
+
+
+def test_a_hung_round_holding_the_baton_delays_the_others_by_the_baton_wait_only() -> None:
+    """A collector that hangs inside its round keeps the baton; the others run anyway once they waited
+    ``baton_wait()``, and keep being served."""
+    hanging, steady = HangingCollector(), SteadyCollector()
+    sampler = Sampler([hanging, steady], interval=0.01, deadline=0.4, log=RecordingLog())
+    assert sampler.baton_wait() == pytest.approx(0.1)
+    sampler.start()
+    try:
+        wait_for(lambda: sampler.ready, "first rounds")
+        hanging.hang.set()
+        with sampler._cond:
+            sampler.states["hanging"].started_at -= 3600.0
+            sampler.states["hanging"].wanted = True
+            sampler._cond.notify_all()
+        assert hanging.inside.wait(WAIT)  # it holds the baton now, and does not give it back
+        assert not sampler._baton.acquire(blocking=False)
+        before = steady.rounds
+        with sampler._cond:
+            sampler.states["steady"].started_at -= 3600.0
+        body = parse(sampler.scrape())  # steady's round waits out the baton, runs, and is served
+        wait_for(lambda: steady.rounds > before, "steady's round past the hung one")
+        body = parse(sampler.scrape())
+        assert body["test_steady_rounds_total"] >= before + 1
+        assert body["mlops_scrape_collector_success{collector=steady}"] == 1
+    finally:
+        hanging.release.set()
+        sampler.stop()

@@ -134,3 +134,31 @@ def test_calls_are_timed_per_function() -> None:
         nv.call("nvmlDeviceGetTemperature", h, 0)
     st = nv.stats["nvmlDeviceGetTemperature"]
     assert st.count == 4 and st.max >= st.total / 4 > 0 and len(st.samples) == 4
+
+
+def test_field_decoder_reads_what_field_values_reads() -> None:
+    """The whole-array decoding (every field answered, one value type) and the per-field one (an error,
+    mixed types) give the values ``field_values`` gives, in request order."""
+    import pynvml
+
+    from mlops_obs.collectors._nvml_structs import FieldDecoder, field_values
+
+    field_value_list = FieldDecoder().values
+
+    same = (pynvml.c_nvmlFieldValue_t * 4)()
+    for i, v in enumerate((0, 7, 2**40 + 3, 12345)):
+        same[i].fieldId, same[i].scopeId, same[i].valueType = 138, i, pynvml.NVML_VALUE_TYPE_UNSIGNED_LONG_LONG
+        same[i].value.ullVal = v
+    assert field_value_list(same) == [0.0, 7.0, float(2**40 + 3), 12345.0]
+    assert field_value_list(same) == [x for _, _, x in field_values(same)]
+
+    mixed = (pynvml.c_nvmlFieldValue_t * 3)()
+    mixed[0].valueType, mixed[0].value.uiVal = pynvml.NVML_VALUE_TYPE_UNSIGNED_INT, 81
+    mixed[1].valueType, mixed[1].nvmlReturn = pynvml.NVML_VALUE_TYPE_UNSIGNED_LONG_LONG, pynvml.NVML_ERROR_NOT_SUPPORTED
+    mixed[2].valueType, mixed[2].value.dVal = pynvml.NVML_VALUE_TYPE_DOUBLE, 0.5
+    assert field_value_list(mixed) == [81.0, None, 0.5] == [x for _, _, x in field_values(mixed)]
+
+    uints = (pynvml.c_nvmlFieldValue_t * 2)()
+    for i in range(2):
+        uints[i].valueType, uints[i].value.ullVal = pynvml.NVML_VALUE_TYPE_UNSIGNED_INT, (1 << 40) | (i + 5)
+    assert field_value_list(uints) == [5.0, 6.0]  # the low four bytes of the union, as uiVal reads them

@@ -303,3 +303,19 @@ def test_a_monitor_follows_the_sidecars_cadence(tmp_path: Path) -> None:
     (tmp_path / cadence.CADENCE_FILE).unlink()
     with TrainingMonitor("j", 2, 1, tmp_path) as m:
         assert m._flush_wait() == cadence.MAX_FLUSH_INTERVAL
+
+
+def test_a_listing_is_handed_out_again_only_to_callers_that_accept_its_age(tmp_path: Path) -> None:
+    """``max_age``: the GPU collector's pid index and the housekeeping sweep take the last scan's result
+    when it is young enough; a caller without it (the training collector) always sees the directory."""
+    _write(tmp_path, "j", 0)
+    ranks = RankDirectory(tmp_path)
+    assert [s["rank"] for s in ranks.snapshots()] == [0]
+    _write(tmp_path, "j", 1)
+    assert [s["rank"] for s in ranks.snapshots(max_age=3600.0)] == [0]  # the last scan's result
+    assert sorted(s["rank"] for s in ranks.snapshots()) == [0, 1]  # a scan
+    assert sorted(s["rank"] for s in ranks.snapshots(max_age=3600.0)) == [0, 1]
+    (tmp_path / rankdir.file_name("j", 1)).unlink()
+    assert sorted(s["rank"] for s in ranks.snapshots(max_age=0.0)) == [0]
+    ranks.configure(tmp_path / "elsewhere", None)  # another directory: nothing of the old one is reused
+    assert ranks.snapshots(max_age=3600.0) == []

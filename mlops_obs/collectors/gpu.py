@@ -35,17 +35,12 @@ from prometheus_client.metrics_core import Metric
 
 from mlops_obs.collectors import Collector, CollectorUnavailable, register
 from mlops_obs.collectors._nvml import GpuLost, Nvml
-from mlops_obs.collectors._nvml_structs import field_values
+from mlops_obs.collectors._nvml_structs import FieldDecoder, field_values
 from mlops_obs.collectors.gpu_device import (
     CLOCK_MEM,
     CLOCK_SM,
     FI_MEMORY_TEMP,
-    FI_NVLINK_DATA_RX,
-    FI_NVLINK_DATA_TX,
     FI_NVLINK_ERRORS,
-    FI_PCIE_RX_BYTES,
-    FI_PCIE_TX_BYTES,
-    FI_THROTTLE,
     MEMORY_ERROR_CORRECTED,
     MEMORY_ERROR_UNCORRECTED,
     NVML_MEMORY_V2,
@@ -223,6 +218,7 @@ class GpuCollector(Collector):
         self.nvml = Nvml(_loader(config), log)
         self.out = FamilyBuilder(FAMILIES)
         self.attributor = Attributor(self.ranks)
+        self.field_decoder = FieldDecoder()
         self.processes = bool(config.get("gpu.processes", True))
         self.process_limit = int(config.get("gpu.process-limit", 32))
         self.nvlink = bool(config.get("gpu.nvlink", True))
@@ -497,50 +493,42 @@ class GpuCollector(Collector):
                 add("mlops_gpu_persistence_mode", lb, int(v == 1))
         fvs = n.call("nvmlDeviceGetFieldValues", h, ident.field_ids) if ident.field_ids else None
         if fvs is not None:
-            # Per-link label sets are built once per owner, not ~90 fresh dicts a device a round.
-            if d.link_labels is None or d.link_labels[0] != key:
-                d.link_labels = (key, {})
-            ll = d.link_labels[1]
-            per_link = prof.nvlink_per_link
-            # Per GPU (default profile): each family's sum over the links (and error types) that have
-            # answered, or no sample when one that answered before is missing from this read: a partial
-            # sum would look like a counter reset. A field the device never supports is simply not summed.
-            totals: dict[str, float] = {}
-            answered: set[tuple[int, int]] = set()
-            for fid, scope, x in field_values(fvs):
-                if fid == FI_PCIE_TX_BYTES:
-                    if x is not None:
-                        add("mlops_gpu_pcie_transmit_bytes_total", lb, x)
-                    continue
-                if fid == FI_PCIE_RX_BYTES:
-                    if x is not None:
-                        add("mlops_gpu_pcie_receive_bytes_total", lb, x)
-                    continue
-                if fid in FI_THROTTLE:
-                    if x is not None:
-                        add("mlops_gpu_throttle_seconds_total", intern({**lb, "reason": FI_THROTTLE[fid]}), x / 1e9)
-                    continue
-                if fid == FI_NVLINK_DATA_TX:
-                    name, value = "mlops_gpu_nvlink_transmit_bytes_total", None if x is None else x * 1024
-                elif fid == FI_NVLINK_DATA_RX:
-                    name, value = "mlops_gpu_nvlink_receive_bytes_total", None if x is None else x * 1024
-                else:
-                    name, value = "mlops_gpu_nvlink_errors_total", x
-                if value is None:
-                    continue
-                if not per_link:
-                    totals[name] = totals.get(name, 0) + value
-                    answered.add((fid, scope))
-                    continue
-                labels = ll.get((fid, scope))
-                if labels is None:
-                    extra = {"type": FI_NVLINK_ERRORS[fid]} if fid in FI_NVLINK_ERRORS else {}
-                    labels = ll[(fid, scope)] = intern({**lb, "link": str(scope), **extra})
-                add(name, labels, value)
-            if answered >= d.nvlink_answered:
-                d.nvlink_answered = answered
-                for name, total in totals.items():
-                    add(name, lb, total)
+            values = self.field_decoder.values(fvs)
+            lay = ident.fields
+            for i, name, cause in lay.scalars:
+                x = values[i]
+                if x is not None:
+                    if cause is None:
+                        add(name, lb, x)
+                    else:
+                        add(name, intern({**lb, "reason": cause}), x / 1e9)
+            if prof.nvlink_per_link:
+                # Per-link label sets are built once per owner, not ~90 fresh dicts a device a round.
+                if d.link_labels is None or d.link_labels[0] != key:
+                    d.link_labels = (key, {})
+                ll = d.link_labels[1]
+                for i, name, fid, scope, scale in lay.nvlink:
+                    x = values[i]
+                    if x is None:
+                        continue
+                    labels = ll.get((fid, scope))
+                    if labels is None:
+                        extra = {"type": FI_NVLINK_ERRORS[fid]} if fid in FI_NVLINK_ERRORS else {}
+                        labels = ll[(fid, scope)] = intern({**lb, "link": str(scope), **extra})
+                    add(name, labels, x if scale is None else x * scale)
+            elif lay.nvlink:
+                # Per GPU (default profile): each family's sum over the links (and error types) that have
+                # answered, or no sample when one that answered before is missing from this read: a partial
+                # sum would look like a counter reset. A field the device never supports is simply not summed.
+                answered = lay.nvlink_keys
+                if None in values:
+                    answered = frozenset((fid, scope) for i, _, fid, scope, _ in lay.nvlink if values[i] is not None)
+                if answered >= d.nvlink_answered:
+                    d.nvlink_answered = answered
+                    for name, positions, scale in lay.sums:
+                        xs: list[float] = [x for i in positions if (x := values[i]) is not None]
+                        if xs:
+                            add(name, lb, sum(xs if scale is None else [x * scale for x in xs]))
         for name, samples in d.counters.set(list(so.items()), now, key):
             out.extend(name, samples)
 
@@ -581,6 +569,7 @@ class GpuCollector(Collector):
     def close(self) -> None:
         if self.xid is not None:
             self.xid.stop()
+        self.attributor.close()
         self.nvml.shutdown()
 
 

@@ -8,6 +8,7 @@ counters, settings-like gauges, per-process utilisation, GPM ratios.
 
 from __future__ import annotations
 
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -161,6 +162,53 @@ class Gpm:
         return self.ratios.value
 
 
+NVLINK_TX, NVLINK_RX = "mlops_gpu_nvlink_transmit_bytes_total", "mlops_gpu_nvlink_receive_bytes_total"
+NVLINK_ERRORS = "mlops_gpu_nvlink_errors_total"
+
+
+@dataclass(frozen=True)
+class FieldLayout:
+    """Where each counter sits in a device's one ``nvmlDeviceGetFieldValues`` request, worked out once
+    per device (:meth:`Device.prepare`) so that a refresh walks positions, not field ids.
+
+    ``scalars``: (position, family, throttle reason or ``None``) of the PCIe byte counters and the
+    throttle times, in request order. ``nvlink``: (position, family, field id, link, scale) in request
+    order. ``sums``: per NVLink family, in order of first appearance, the positions summed for the
+    per-GPU series (default profile) and the scale applied to each value before summing.
+    """
+
+    scalars: tuple[tuple[int, str, str | None], ...]
+    nvlink: tuple[tuple[int, str, int, int, float | None], ...]
+    sums: tuple[tuple[str, tuple[int, ...], float | None], ...]
+    nvlink_keys: frozenset[tuple[int, int]]
+
+    @classmethod
+    def of(cls, ids: list[Any]) -> FieldLayout:
+        scalars: list[tuple[int, str, str | None]] = []
+        nvlink: list[tuple[int, str, int, int, float | None]] = []
+        sums: dict[str, tuple[list[int], float | None]] = {}
+        for i, item in enumerate(ids):
+            fid, scope = item if isinstance(item, tuple) else (item, 0)
+            if fid == FI_PCIE_TX_BYTES:
+                scalars.append((i, "mlops_gpu_pcie_transmit_bytes_total", None))
+            elif fid == FI_PCIE_RX_BYTES:
+                scalars.append((i, "mlops_gpu_pcie_receive_bytes_total", None))
+            elif fid in FI_THROTTLE:
+                scalars.append((i, "mlops_gpu_throttle_seconds_total", FI_THROTTLE[fid]))
+            else:
+                name, scale = {FI_NVLINK_DATA_TX: (NVLINK_TX, 1024.0), FI_NVLINK_DATA_RX: (NVLINK_RX, 1024.0)}.get(
+                    fid, (NVLINK_ERRORS, None)
+                )
+                nvlink.append((i, name, fid, scope, scale))
+                sums.setdefault(name, ([], scale))[0].append(i)
+        return cls(
+            tuple(scalars),
+            tuple(nvlink),
+            tuple((name, tuple(idx), scale) for name, (idx, scale) in sums.items()),
+            frozenset((fid, scope) for _, _, fid, scope, _ in nvlink),
+        )
+
+
 @dataclass
 class Identity:
     """What :meth:`Device.prepare` reads once per device."""
@@ -168,6 +216,7 @@ class Identity:
     info_labels: Labels  # the device's labels plus driver version, PCI bus id, node: mlops_gpu_info's
     static: dict[str, float]  # limits that never change: max PCIe link, temperature thresholds
     field_ids: list[Any]  # the counters read with one nvmlDeviceGetFieldValues call a refresh
+    fields: FieldLayout  # where each of them sits in the answer
     pcie_counters: bool  # the driver has NVML_FI_DEV_PCIE_COUNT_{TX,RX}_BYTES
     throttle_fields: bool  # the driver has the NVML_FI_DEV_PERF_POLICY_* fields
     mig_enabled: bool
@@ -186,7 +235,7 @@ class Device:
     link_labels: tuple[Owner, dict[tuple[int, int], Labels]] | None = None  # per (field, link), per owner
     proc_labels: dict[int, tuple[dict[str, str], Labels]] = field(default_factory=dict)  # pid -> (attribution, set)
     # The NVLink (field, link) pairs the per-GPU sums added up at their last read (default profile).
-    nvlink_answered: set[tuple[int, int]] = field(default_factory=set)
+    nvlink_answered: AbstractSet[tuple[int, int]] = field(default_factory=frozenset)
     # Re-read every gpu.counter-interval.
     counters: Timed[list[tuple[str, list[Sample]]]] = field(default_factory=lambda: Timed([]))  # per family
     rare: Timed[dict[str, Any]] = field(default_factory=lambda: Timed({}))  # settings-like gauges, by function
@@ -214,7 +263,7 @@ class Device:
         self.labels = labels.get({"gpu": str(self.index), "uuid": uuid, "model": model})
         self.link_labels = None
         self.owner_labels = None
-        self.nvlink_answered = set()
+        self.nvlink_answered = frozenset()
         self.proc_labels = {}
         pci = n.call("nvmlDeviceGetPciInfo", h)
         info = {"driver_version": driver}
@@ -261,7 +310,7 @@ class Device:
                     gpm = Gpm([s1, s2])
         mode = n.call("nvmlDeviceGetMigMode", h)
         mig = bool(mode is not None and int(mode[0]) == 1)
-        self.ident = Identity(info_labels, st, ids, pcie_counters, throttle_fields, mig, gpm)
+        self.ident = Identity(info_labels, st, ids, FieldLayout.of(ids), pcie_counters, throttle_fields, mig, gpm)
         return self.ident
 
     def process_utilization(self, nvml: Nvml, procs: list[Any]) -> dict[int, float] | None:

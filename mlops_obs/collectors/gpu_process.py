@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from mlops_obs.collectors import host_parse as hp
-from mlops_obs.collectors.host import CLK_TCK, PAGE_SIZE
+from mlops_obs.collectors.host import CLK_TCK, PAGE_SIZE, ProcFiles
 from mlops_obs.collectors.process import boot_time, same_process
 from mlops_obs.rankdir import RankDirectory
 
@@ -145,6 +145,10 @@ class ProcessResolver:
         self.revalidate = revalidate
         # pid -> (start time in ticks, identity, monotonic time it was last checked against /proc)
         self._cache: dict[int, tuple[int | None, ProcessIdentity, float]] = {}
+        # Each listed pid's /proc/<pid>/stat, kept open and re-read with pread (one syscall, not three):
+        # the descriptor belongs to the process it was opened for, so a reused pid fails the read and is
+        # resolved afresh.
+        self.files = ProcFiles()
 
     def _read(self, pid: int | str, name: str) -> bytes | None:
         # A plain string path: /proc/<pid>/stat is read for every GPU process every round, and
@@ -164,11 +168,11 @@ class ProcessResolver:
         now = time.monotonic()
         if cached is not None and now - cached[2] < self.revalidate:
             return cached[1]
-        stat = self._read(pid, "stat")
+        stat = self.files.read(f"{self._root}/{pid}/stat")
         if stat is None:
             self._cache.pop(pid, None)
             return None
-        start = start_ticks(stat.decode("utf-8", "replace"))
+        start = start_ticks(stat)
         if cached is not None and cached[0] == start:
             self._cache[pid] = (start, cached[1], now)
             return cached[1]
@@ -189,7 +193,14 @@ class ProcessResolver:
         for pid in list(self._cache):
             if pid not in live:
                 del self._cache[pid]
+        self.files.retain(f"{self._root}/{pid}/stat" for pid in live)
 
+    def close(self) -> None:
+        self.files.close()
+
+
+# How old a listing of the rank directory the pid index takes (it is re-read every few seconds anyway).
+LISTING_MAX_AGE = 1.0
 
 # A rank's owner as its snapshot claims it: (job, rank), and the start time it recorded (Unix time).
 Claim = tuple[tuple[str, str], Any]
@@ -208,9 +219,9 @@ class RankIndex:
     def _load(self) -> None:
         self._read_at = time.monotonic()
         by_pid: dict[int, Claim | None] = {}
-        # Through the directory's parse cache: the files another collector parsed this round are not
-        # parsed again.
-        for s in self.ranks.snapshots() if self.ranks is not None else ():
+        # Through the directory's parse cache, and its last listing when it is at most LISTING_MAX_AGE
+        # old: the training collector's scan of this round is not made again.
+        for s in self.ranks.snapshots(max_age=LISTING_MAX_AGE) if self.ranks is not None else ():
             if "pid" not in s:
                 continue
             try:
@@ -287,6 +298,9 @@ class Attributor:
         if self._btime is None:
             return False
         return same_process(recorded, self._btime + ident.start_ticks / CLK_TCK)
+
+    def close(self) -> None:
+        self.procs.close()
 
     def end_round(self, live: set[int]) -> None:
         self.procs.forget_except(live)

@@ -26,7 +26,7 @@ import os
 import time
 
 from mlops_obs.collectors.gpu_process import parse_nspid
-from mlops_obs.collectors.host import CLK_TCK, read_text
+from mlops_obs.collectors.host import CLK_TCK, ProcFiles, read_text
 from mlops_obs.collectors.process import boot_time, same_process
 from mlops_obs.rankdir import RUNNING, Snapshot
 
@@ -76,6 +76,10 @@ class Liveness:
         self._outer: dict[tuple[str, int, int, float], int] = {}
         # (boot, ns, pid, start) -> monotonic time of the last scan that did not find it.
         self._missed: dict[tuple[str, int, int, float], float] = {}
+        # Each judged rank's /proc/<pid>/stat, kept open and re-read with pread: a descriptor belongs to
+        # the process it was opened for, so once that process is gone its reads fail, pid reused or not.
+        self.files = ProcFiles()
+        self._used: list[str] = []
 
     def _use(self, root: str) -> None:
         if root != self._root or self._btime is None:
@@ -117,8 +121,18 @@ class Liveness:
             self._missed.pop(ident, None)
         return False
 
+    def end_round(self) -> None:
+        """Close the kept files of the ranks not judged since the last call (they finished, or went)."""
+        self.files.retain(self._used)
+        self._used = []
+
+    def close(self) -> None:
+        self.files.close()
+
     def _gone(self, root: str, pid: int, start: float) -> bool:
-        text = read_text(f"{root}/{pid}/stat")
+        path = f"{root}/{pid}/stat"
+        self._used.append(path)
+        text = self.files.read(path)
         got = pid_state_and_start(text) if text is not None else None
         if got is None:
             return text is None  # absent: gone; garbled: not proof of anything

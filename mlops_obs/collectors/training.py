@@ -181,7 +181,11 @@ class TrainingCollector(Collector):
             if self.liveness.vanished(s, root):
                 s = self._vanished(s)
             out.append(s)
+        self.liveness.end_round()
         return out
+
+    def close(self) -> None:
+        self.liveness.close()
 
     def _vanished(self, s: Snapshot) -> Snapshot:
         # The rank may have written its final snapshot and exited since the directory was read: read

@@ -9,6 +9,7 @@ The ``mlops-obs exporter`` command (flags, signals, process settings) is
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 import time
@@ -30,7 +31,7 @@ from mlops_obs.config import (
     parse_str,
     resolve,
 )
-from mlops_obs.exporter.sampler import Sampler
+from mlops_obs.exporter.sampler import HOUSEKEEPING_INTERVAL, Sampler
 from mlops_obs.exporter.server import ExporterServer
 from mlops_obs.logs import get_logger
 from mlops_obs.rankdir import DEFAULT_RETENTION, RankDirectory, cadence
@@ -151,7 +152,8 @@ class Exporter:
             config["collector.deadline"],
             self.log,
             static=static_text(),
-            housekeeping=[self.ranks.snapshots],  # stale rank files go while nothing scrapes too
+            # Stale rank files go while nothing scrapes too; while something does, the rounds' scans did it.
+            housekeeping=[functools.partial(self.ranks.snapshots, max_age=HOUSEKEEPING_INTERVAL)],
             on_cadence=self._publish_cadence,
         )
         try:

@@ -60,6 +60,8 @@ SELF = "exporter-self"  # the housekeeping thread: stale rank files, the watchdo
 HOUSEKEEPING_INTERVAL = 60.0
 # Rounds start at least this long before the expected scrape (more when rounds take longer).
 LEAD_MIN = 0.1
+# The longest a collector's round waits for another collector's round to end (see ``Sampler._baton``).
+BATON_WAIT_MAX = 0.25
 # Scrape arrivals kept to learn the interval from (the median of their gaps).
 SCRAPE_HISTORY = 9
 # Prefetching stops once this many expected scrapes have not come: an idle sidecar does not sample.
@@ -118,6 +120,7 @@ class CollectorState:
     started_at: float = -math.inf  # when the last round (finished or running) started
     finished_at: float | None = None
     wanted: bool = False  # a scrape found the data stale and waits for a round
+    aimed: float | None = None  # the expected scrape the last scheduled round ran ahead of (monotonic)
     backoff_until: float = 0.0  # its thread is dead and starts again then: no scrape waits for it
     error: str | None = None
     restarts: int = 0  # times its thread died and was started again
@@ -200,6 +203,13 @@ class Sampler:
         self._hung_reported: set[str] = set()
         self._housekeeping_errors: dict[int, str] = {}
         self._scrapes_waiting = 0  # scrapes waiting for rounds: a round's end wakes threads only for them
+        # Held through a round: the collectors' rounds, due at the same moment, run one after another
+        # instead of interleaving. Interleaved, every syscall one of them makes hands the GIL to
+        # another (a futex wake and a context switch each), and each thread resumes on caches the
+        # others evicted; in turn, each round runs on its own warm code. A round waits for it at most
+        # ``baton_wait()``, so a collector that hangs (NVML, a dead NFS mount) delays the others by
+        # that much, once per round, and never stops them. Not for a collector's first round.
+        self._baton = threading.Lock()
 
     @property
     def interval(self) -> float:
@@ -288,10 +298,10 @@ class Sampler:
     # --- the schedule -----------------------------------------------------------------------------
 
     def lead(self) -> float:
-        """How long before an expected scrape its round starts: twice the slowest last round, at least
-        :data:`LEAD_MIN`, at most half the scrape interval."""
-        slowest = max((s.duration for s in self.states.values()), default=0.0)
-        lead = LEAD_MIN + 2.0 * min(slowest, self.deadline)
+        """How long before an expected scrape its round starts: twice the last rounds' durations added up
+        (they run one after another), at least :data:`LEAD_MIN`, at most half the scrape interval."""
+        total = sum(s.duration for s in self.states.values())
+        lead = LEAD_MIN + 2.0 * min(total, self.deadline)
         interval = self.clock.interval
         return min(lead, interval / 2.0) if interval is not None else lead
 
@@ -310,14 +320,26 @@ class Sampler:
     def _due(self, state: CollectorState, now: float) -> float | None:
         """When this collector's next round should start (monotonic), ``None`` when none is wanted; the
         caller holds ``_cond``. Never sooner than ``interval`` after its last round started."""
+        return self._schedule(state, now)[0]
+
+    def _schedule(self, state: CollectorState, now: float) -> tuple[float | None, float | None]:
+        """(when the next round is due, the expected scrape it runs ahead of); see :meth:`_due`.
+
+        The next expected scrape is the first one after the one the last round ran ahead of
+        (``aimed``): after a round the lead is recomputed from its duration, and a lead that shrank
+        would otherwise put that same scrape still ahead of the round's start plus the lead, and the
+        thread would wake (or, with a lead over ``interval``, run a second round) for it again."""
         earliest = state.started_at + float(self.interval)
         if state.wanted:
-            return max(now, earliest)
+            return max(now, earliest), None
         lead = self.lead()
-        expected = self.clock.next_expected(state.started_at + lead)
+        after = state.started_at + lead
+        if state.aimed is not None and state.aimed > after:
+            after = state.aimed
+        expected = self.clock.next_expected(after)
         if expected is None:
-            return None
-        return max(expected - lead, earliest)
+            return None, None
+        return max(expected - lead, earliest), expected
 
     def _wait_next_round(self, state: CollectorState) -> bool:
         """Sleep until this collector's next round is due (a scrape is expected, or one asked); True when
@@ -325,16 +347,29 @@ class Sampler:
         with self._cond:
             while not self._stop.is_set():
                 now = time.monotonic()
-                due = self._due(state, now)
+                due, expected = self._schedule(state, now)
                 if due is not None and due <= now:
+                    state.aimed = expected
                     return False
                 self._cond.wait(None if due is None else due - now)
         return True
 
+    def baton_wait(self) -> float:
+        """How long a round waits for the round of another collector to end before it runs anyway."""
+        return min(BATON_WAIT_MAX, float(self.deadline) / 4.0)
+
     def _loop(self, c: Collector) -> None:
         state = self.states[c.name]
+        baton = self._baton
         while not self._stop.is_set():
-            self.sample_once(c)
+            # The first rounds run at once, side by side: the sidecar is ready, and a first scrape served,
+            # as soon as the slowest collector (GPU start-up) has sampled, not after all of them in turn.
+            held = baton.acquire(timeout=self.baton_wait()) if state.rounds else False
+            try:
+                self.sample_once(c)
+            finally:
+                if held:
+                    baton.release()
             state.deaths_in_a_row = 0
             if self._wait_next_round(state):
                 return

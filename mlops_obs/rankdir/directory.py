@@ -93,6 +93,9 @@ class RankDirectory:
         self.errors: Counter[str] = Counter()
         self.dropped: Counter[str] = Counter()
         self.problem: str | None = None
+        # (monotonic time the last scan started, its result): handed out again to callers that accept a
+        # listing that old (``max_age``).
+        self._last: tuple[float, list[Snapshot]] | None = None
         self.configure(path, retention)
 
     @classmethod
@@ -113,6 +116,7 @@ class RankDirectory:
                 self._files = {}
                 self._losers = {}
                 self.problem = None
+            self._last = None
             self.retention = retention
 
     def raise_problem(self) -> None:
@@ -122,8 +126,15 @@ class RankDirectory:
         if problem is not None:
             raise Unlistable(problem)
 
-    def snapshots(self, now: float | None = None) -> list[Snapshot]:
-        """Every live, checked snapshot, one per job/rank/node, in directory order; ``now`` (Unix time) for tests."""
+    def snapshots(self, now: float | None = None, max_age: float = 0.0) -> list[Snapshot]:
+        """Every live, checked snapshot, one per job/rank/node, in directory order; ``now`` (Unix time) for tests.
+
+        ``max_age`` (seconds): the result of a scan that started at most that long ago is returned
+        again instead of listing and ``stat``-ing every file once more. For callers that can use a
+        listing that old: the GPU collector's pid index, which the training collector's scan of the
+        same round has just made, and the housekeeping sweep of stale files, which a scan of any
+        collector has done while the sidecar is scraped.
+        """
         if self._path is None:
             return []
         # Held for the whole scan: collectors that wake together then parse a changed file once (the
@@ -131,7 +142,13 @@ class RankDirectory:
         with self._lock:
             if self._path is None:
                 return []
-            return self._scan(self._path, time.time() if now is None else now)
+            started = time.monotonic()
+            last = self._last
+            if max_age > 0 and now is None and last is not None and started - last[0] <= max_age:
+                return list(last[1])
+            found = self._scan(self._path, time.time() if now is None else now)
+            self._last = (started, found)
+            return list(found)
 
     def _scan(self, directory: str, now: float) -> list[Snapshot]:
         try:

@@ -41,6 +41,14 @@ def test_the_monitor_writes_exactly_the_schemas_fields(tmp_path: Path) -> None:
     assert set(written) == set(typing.get_type_hints(rankdir.Snapshot))
 
 
+@pytest.mark.parametrize("job", [".", "..", ".hidden", "", "a/../b"])
+def test_a_job_name_never_makes_a_dot_file_the_sidecar_skips(tmp_path: Path, job: str) -> None:
+    """Found by hypothesis: job ``.`` wrote ``..0.rank.json``, a dot file, which the listing skips."""
+    path = _write(tmp_path, job, 0)
+    assert not path.name.startswith(".") and "/" not in path.name
+    assert [(s["job"], s["rank"]) for s in RankDirectory(tmp_path).snapshots()] == [(job, 0)]
+
+
 def test_version_2_is_read_as_the_current_version_and_others_are_not() -> None:
     """The previous version's ``closed`` becomes finished (it could not tell a crash), its compute-time
     median keeps its meaning under the new name; any other version, or a document that is not an

@@ -33,7 +33,13 @@ _writes = itertools.count()
 
 
 def file_name(job: str, rank: int) -> str:
-    return f"{_UNSAFE.sub('_', job)}.{rank}{SUFFIX}"
+    """The snapshot's file name: the job with anything but ``[A-Za-z0-9_.-]`` made ``_``, and never a dot
+    file (the sidecar's listing skips those: temp files, the cadence file), so a job named ``.`` or
+    ``.hidden`` is still seen. Names may collide; the snapshot itself carries the real job name."""
+    safe = _UNSAFE.sub("_", job)
+    if not safe or safe[0] == ".":
+        safe = "_" + safe[1:]
+    return f"{safe}.{rank}{SUFFIX}"
 
 
 def write(directory: Path, job: str, rank: int, data: Snapshot) -> None:

@@ -62,6 +62,9 @@ DEFAULT_FLUSH_INTERVAL = rankdir.cadence.MAX_FLUSH_INTERVAL
 
 T = TypeVar("T")
 
+# The gauges ``record(loss=, grad_norm=, lr=)`` sets, in its arguments' order.
+RECORDED_GAUGES: tuple[str, ...] = ("loss", "grad_norm", "learning_rate")
+
 _perf = time.perf_counter
 _wall = time.time
 
@@ -286,7 +289,10 @@ class TrainingMonitor:
         self.checkpoint_seconds_sum = 0.0
         self.failed_checkpoints = 0
         self.last_checkpoint_time = 0.0
-        self.gauges: dict[str, float] = {}
+        self._gauges: dict[str, float] = {}
+        # ``record``'s scalars (``RECORDED_GAUGES``, None until recorded): list items are cheaper to
+        # store than dict entries; ``gauges`` merges them in when read.
+        self._recorded: list[float | None] = [None] * len(RECORDED_GAUGES)
         self.nonfinite_loss = 0
         # Queues the hot path appends to and ``_fold`` empties: step entry readings and negated exit
         # readings (``(end,)`` for a step that raised); (time, seconds) reports of collective and
@@ -460,6 +466,17 @@ class TrainingMonitor:
         self._samplers.append(fn)
 
     # --- hand-off ---------------------------------------------------------------------------------
+
+    @property
+    def gauges(self) -> dict[str, float]:
+        """The rank's gauges: the last ``record``ed loss, grad norm and learning rate, ``mfu``, and
+        whatever samplers set (they write into this dict). The recorded scalars are merged in here,
+        so reading it is always current."""
+        g = self._gauges
+        for name, v in zip(RECORDED_GAUGES, self._recorded):
+            if v is not None:
+                g[name] = v
+        return g
 
     @property
     def steps(self) -> int:
@@ -707,7 +724,7 @@ class TrainingMonitor:
         flops = (self.samples - mark[1]) * (self.flops_per_sample or 0.0) + (self.tokens - mark[2]) * (
             self.flops_per_token or 0.0
         )
-        self.gauges["mfu"] = flops / ((now - mark[0]) * self.peak_flops)
+        self._gauges["mfu"] = flops / ((now - mark[0]) * self.peak_flops)
 
     def flush(self) -> None:
         if not self.enabled or self.directory is None or os.getpid() != self.pid:
@@ -870,20 +887,21 @@ def _make_step(m: TrainingMonitor) -> tuple[Callable[..., _StepBase], Callable[[
 
 def _make_record(m: TrainingMonitor) -> Callable[..., None]:
     """``monitor.record`` of an enabled monitor; ``float()`` only for what is not a float already
-    (a tensor, a NumPy scalar), and the gauges dict is a closure cell."""
-    g = m.gauges
+    (a tensor, a NumPy scalar). The values go into the items of a list that is a closure cell
+    (``RECORDED_GAUGES``' order; ``monitor.gauges`` merges them in), a third cheaper than dict entries."""
+    r = m._recorded
 
     def record(loss: Any = None, grad_norm: Any = None, lr: Any = None) -> None:
         if loss is not None:
             if loss.__class__ is not float:
                 loss = float(loss)
-            g["loss"] = loss
+            r[0] = loss
             if loss - loss:  # NaN or +-inf (both give NaN, which is true), without a function call
                 m.nonfinite_loss += 1
         if grad_norm is not None:
-            g["grad_norm"] = grad_norm if grad_norm.__class__ is float else float(grad_norm)
+            r[1] = grad_norm if grad_norm.__class__ is float else float(grad_norm)
         if lr is not None:
-            g["learning_rate"] = lr if lr.__class__ is float else float(lr)
+            r[2] = lr if lr.__class__ is float else float(lr)
 
     return record
 

@@ -13,9 +13,11 @@ and comm hook on, and with them off (no ``--multiproc-dir``: the no-op mode), al
 
 Part 3 (``--part rank``): a rank's CPU per second, flush included, at 10 steps/s (two 50 ms phases
 each, sleeping, as a GPU-bound rank waits on its device), with the SDK's defaults, next to the same
-loop bare, each its own process, all at once, CPU read from ``/proc/<pid>/task/*/schedstat`` over one
-``--window``. The rank directory holds the cadence a sidecar scraped every ``--scrape-interval``
-publishes (written by this script as ``mlops-obs exporter`` would, refreshed each interval); a second
+loop bare and instrumented at the floor of the API shape (empty ``with`` blocks, a call and the
+clock reads: what any instrumentation costs in a loop this slow, where every step runs cold), each
+its own process, all at once, CPU read from ``/proc/<pid>/task/*/schedstat`` over one ``--window``.
+The rank directory holds the cadence a sidecar scraped every ``--scrape-interval`` publishes
+(written by this script as ``mlops-obs exporter`` would, refreshed each interval); a second
 monitored rank finds no cadence (no sidecar); ``--baseline-tree`` adds a rank running the SDK of
 another source tree (the code before a change) with its defaults.
 
@@ -250,7 +252,26 @@ def part_workload(steps: int, world: int, repeats: int) -> dict[str, float]:
 RANK_LOOP = """
 import sys, time
 directory = sys.argv[1] if len(sys.argv) > 1 else None
-if directory:
+if directory == "--floor":
+    class Empty:
+        def __enter__(self): return None
+        def __exit__(self, et, ev, tb): return None
+    def record(loss=None, grad_norm=None, lr=None): return None
+    e, perf = Empty(), time.perf_counter
+    while True:
+        with e:
+            perf()
+            with e:
+                perf()
+                time.sleep(0.05)
+                perf()
+            with e:
+                perf()
+                time.sleep(0.05)
+                perf()
+            record(loss=0.5, grad_norm=1.0, lr=1e-4)
+            perf()
+elif directory:
     from mlops_obs.instrument import TrainingMonitor
     m = TrainingMonitor(job="bench", rank=0, world_size=1, directory=directory)
     step, phase, record = m.step, m.phase, m.record
@@ -290,6 +311,7 @@ def part_rank(window: float, settle: float, scrape_interval: float, baseline: Pa
     alone.mkdir()
     variants: list[tuple[str, list[str], str]] = [
         ("bare loop", [], here),
+        ("floor of the API shape (empty with blocks)", ["--floor"], here),
         (f"SDK defaults, sidecar scraped every {scrape_interval:g}s", [str(scraped)], here),
         ("SDK defaults, no sidecar", [str(alone)], here),
     ]

@@ -1,20 +1,23 @@
 """Cost of instrumenting a training step, side by side with the bare loop and prometheus_client.
 
 Part 1 (``--part step``): per-iteration time of a full step record (``step`` + 3 ``phase`` +
-``record``) with :class:`TrainingMonitor`, the bare loop, and the same record done with plain
-prometheus_client metrics in multiprocess mode (what a training process needs to expose metrics
-without an HTTP server per rank: children resolved once, as its docs advise), in one process, one
-run, interleaved in rounds so that machine noise hits all three alike. Reported as p50/p99 µs and
-ratios.
+``record``) with :class:`TrainingMonitor`, the bare loop, the floor of the record's API shape (four
+``with`` blocks over empty context managers, a call and eight clock reads: see :func:`floor`), and
+the same record done with plain prometheus_client metrics in multiprocess mode (what a training
+process needs to expose metrics without an HTTP server per rank: children resolved once, as its docs
+advise), in one process, one run, interleaved in rounds so that machine noise hits all four alike.
+Reported as p50/p99 µs and ratios (the monitor over the floor, prometheus_client over the monitor).
 
 Part 2 (``--part workload``): throughput (samples/s) of the reference DDP workload with the monitor
 and comm hook on, and with them off (no ``--multiproc-dir``: the no-op mode), alternating runs.
 
 Part 3 (``--part rank``): a rank's CPU per second, flush included, at 10 steps/s (two 50 ms phases
 each, sleeping, as a GPU-bound rank waits on its device), with the SDK's defaults, next to the same
-loop bare, each its own process, all at once, CPU read from ``/proc/<pid>/task/*/schedstat`` over one
-``--window``. The rank directory holds the cadence a sidecar scraped every ``--scrape-interval``
-publishes (written by this script as ``mlops-obs exporter`` would, refreshed each interval); a second
+loop bare and instrumented at the floor of the API shape (empty ``with`` blocks, a call and the
+clock reads: what any instrumentation costs in a loop this slow, where every step runs cold), each
+its own process, all at once, CPU read from ``/proc/<pid>/task/*/schedstat`` over one ``--window``.
+The rank directory holds the cadence a sidecar scraped every ``--scrape-interval`` publishes
+(written by this script as ``mlops-obs exporter`` would, refreshed each interval); a second
 monitored rank finds no cadence (no sidecar); ``--baseline-tree`` adds a rank running the SDK of
 another source tree (the code before a change) with its defaults.
 
@@ -56,6 +59,53 @@ def bare(n: int, out: list[int]) -> None:
         t0 = perf_ns()
         _ = (loss, g, lr)
         out.append(perf_ns() - t0)
+
+
+class _Empty:
+    """A context manager that does nothing (the floor's ``with`` target, made once)."""
+
+    __slots__ = ()
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, et: object, ev: object, tb: object) -> None:
+        return None
+
+
+def _no_record(loss: float | None = None, grad_norm: float | None = None, lr: float | None = None) -> None:
+    return None
+
+
+def floor() -> Callable[[int, list[int]], None]:
+    """The floor of the record's API shape: the least any implementation of ``with step(): with
+    phase(): ... (3 phases); record(loss=, grad_norm=, lr=)`` that times every block runs, that is
+    four ``with`` blocks over empty context managers, one call with the three scalars and eight
+    clock reads (each block's entry and exit), with nothing stored. Finding the step's and phases'
+    context managers (``step(samples=32)``, ``phase("forward")``) is left out, so the floor is below
+    what any real implementation can reach."""
+    e, rec, perf = _Empty(), _no_record, time.perf_counter
+
+    def run(n: int, out: list[int]) -> None:
+        loss, g, lr = 0.5, 1.0, 0.1
+        for _ in range(n):
+            t0 = perf_ns()
+            with e:
+                perf()
+                with e:
+                    perf()
+                    perf()
+                with e:
+                    perf()
+                    perf()
+                with e:
+                    perf()
+                    perf()
+                rec(loss=loss, grad_norm=g, lr=lr)
+                perf()
+            out.append(perf_ns() - t0)
+
+    return run
 
 
 def monitored(m: TrainingMonitor) -> Callable[[int, list[int]], None]:
@@ -127,8 +177,8 @@ def part_step(iterations: int, rounds: int) -> dict[str, dict[str, float]]:
     (so the monitor's flush thread, which folds the queued readings, is counted too)."""
     with tempfile.TemporaryDirectory() as d:
         m = TrainingMonitor("bench", 0, 1, d, node="n", flush_interval=1.0)  # flush thread running, as in use
-        variants = {"bare loop": bare, "TrainingMonitor": monitored(m), "prometheus_client multiprocess":
-                    prometheus_multiprocess()}  # fmt: skip
+        variants = {"bare loop": bare, "floor of the API shape": floor(), "TrainingMonitor": monitored(m),
+                    "prometheus_client multiprocess": prometheus_multiprocess()}  # fmt: skip
         samples: dict[str, list[int]] = {k: [] for k in variants}
         round_p50: dict[str, list[float]] = {k: [] for k in variants}
         cpu: dict[str, float] = dict.fromkeys(variants, 0.0)
@@ -202,7 +252,26 @@ def part_workload(steps: int, world: int, repeats: int) -> dict[str, float]:
 RANK_LOOP = """
 import sys, time
 directory = sys.argv[1] if len(sys.argv) > 1 else None
-if directory:
+if directory == "--floor":
+    class Empty:
+        def __enter__(self): return None
+        def __exit__(self, et, ev, tb): return None
+    def record(loss=None, grad_norm=None, lr=None): return None
+    e, perf = Empty(), time.perf_counter
+    while True:
+        with e:
+            perf()
+            with e:
+                perf()
+                time.sleep(0.05)
+                perf()
+            with e:
+                perf()
+                time.sleep(0.05)
+                perf()
+            record(loss=0.5, grad_norm=1.0, lr=1e-4)
+            perf()
+elif directory:
     from mlops_obs.instrument import TrainingMonitor
     m = TrainingMonitor(job="bench", rank=0, world_size=1, directory=directory)
     step, phase, record = m.step, m.phase, m.record
@@ -242,6 +311,7 @@ def part_rank(window: float, settle: float, scrape_interval: float, baseline: Pa
     alone.mkdir()
     variants: list[tuple[str, list[str], str]] = [
         ("bare loop", [], here),
+        ("floor of the API shape (empty with blocks)", ["--floor"], here),
         (f"SDK defaults, sidecar scraped every {scrape_interval:g}s", [str(scraped)], here),
         ("SDK defaults, no sidecar", [str(alone)], here),
     ]
@@ -302,6 +372,10 @@ def main() -> int:
         for name, v in r.items():
             print(f"  {name:32s} p50 {v['p50_us']:6.2f}  p99 {v['p99_us']:6.2f}  net p50 {v['p50_us'] - base:6.2f}  "
                   f"best-round p50 {v['best_round_p50_us']:6.2f}  CPU/iteration {v['cpu_us']:6.2f}")  # fmt: skip
+        mon, flo = r["TrainingMonitor"], r["floor of the API shape"]
+        print(f"  TrainingMonitor / floor: p50 {mon['p50_us'] / flo['p50_us']:.2f}x, best-round p50 "
+              f"{mon['best_round_p50_us'] / flo['best_round_p50_us']:.2f}x, net of the bare loop p50 "
+              f"{(mon['p50_us'] - base) / (flo['p50_us'] - base):.2f}x")  # fmt: skip
         ours = r["TrainingMonitor"]["p50_us"] - base
         theirs = r["prometheus_client multiprocess"]["p50_us"] - base
         ours99 = r["TrainingMonitor"]["p99_us"] - base

@@ -23,8 +23,9 @@ shared, and a run that shares its core is slower in CPU time too.
 4. Follow latency: a line appended while ``mlops-obs ship`` follows the file, until a store query
    returns it; p50 and p90 over 40 lines.
 
-The issue's floors (on the reference machine): logging >= 200k/s/core, shipper >= 100k/s/core,
-bulk >= 300k docs/s/core and >= 3x the helpers, follow latency p50 <= 1 s.
+The logs issue's floors (on the reference machine): logging >= 200k/s/core, shipper >= 100k/s/core,
+bulk >= 300k docs/s/core and >= 3x the helpers, follow latency p50 <= 1 s. The cadence issue's
+(16) targets, printed next to each rate as ours/target: logging 300k/s/core, shipper 200k/s/core.
 """
 
 from __future__ import annotations
@@ -70,6 +71,12 @@ CREATE INDEX events_kind ON events (kind, ts) WHERE kind != 'log';
 
 
 REPEATS = 3
+# Events (docs) per second per core: (the logs issue's floor, the cadence issue's target or None).
+TARGETS: dict[str, tuple[float, float | None]] = {
+    "logging": (200_000, 300_000),
+    "shipper": (100_000, 200_000),
+    "bulk": (300_000, None),
+}
 
 
 def cpu_rate(n: int, fn: Any) -> float:
@@ -290,15 +297,19 @@ def main() -> int:
         sh = bench_shipper(n_ship, tmp) if "shipper" in only else None
         bk = bench_bulk(n_bulk) if "bulk" in only else None
         lat = bench_latency(n_lat, tmp) if "latency" in only else None
-    for title, rates in (
-        (f"1. job-side logging to a file ({n_log} events), events/s per core", lg),
-        (f"2. shipper into the embedded store ({n_ship} lines), events/s per core", sh),
-        (f"3. _bulk body build ({n_bulk} docs), docs/s per core", bk),
+    for title, key, rates in (
+        (f"1. job-side logging to a file ({n_log} events), events/s per core", "logging", lg),
+        (f"2. shipper into the embedded store ({n_ship} lines), events/s per core", "shipper", sh),
+        (f"3. _bulk body build ({n_bulk} docs), docs/s per core", "bulk", bk),
     ):
         if rates:
             print(f"\n{title}")
             for k, v in rates.items():
                 print(f"   {k:28s} {v:12,.0f}   ours/this = {rates['ours'] / v:5.2f}x")
+            floor, target = TARGETS[key]
+            print(f"   {'floor (logs issue)':28s} {floor:12,.0f}   ours/this = {rates['ours'] / floor:5.2f}x")
+            if target is not None:
+                print(f"   {'target (issue 16)':28s} {target:12,.0f}   ours/this = {rates['ours'] / target:5.2f}x")
     if lat:
         print(f"\n4. follow latency, line written -> queryable in the store ({n_lat} lines)")
         print(f"   p50 {lat['p50_s'] * 1000:.0f} ms   p90 {lat['p90_s'] * 1000:.0f} ms")

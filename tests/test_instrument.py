@@ -46,6 +46,27 @@ def test_step_phases_record_and_goodput(tmp_path: Path) -> None:
     assert badput["startup"] > 0  # process start -> first step
 
 
+def test_recorded_scalars_and_sampler_gauges_share_one_dict(tmp_path: Path) -> None:
+    """``record``'s scalars (kept apart, for speed) and what samplers write meet in ``monitor.gauges``
+    and the snapshot; a later ``record`` wins, a scalar never recorded is absent, and a tensor-like
+    value is stored as a float."""
+
+    class Scalar:
+        def __float__(self) -> float:
+            return 2.0
+
+    m = TrainingMonitor("j", 0, 1, tmp_path, flush_interval=60)
+    m.add_sampler(lambda mon: mon.gauges.__setitem__("cuda_memory_allocated", 7.0))
+    m.record(loss=1.0)
+    assert m.gauges == {"loss": 1.0}
+    m.flush()
+    assert _read(tmp_path)["gauges"] == {"loss": 1.0, "cuda_memory_allocated": 7.0}
+    m.record(loss=Scalar(), lr=0.5)
+    assert m.gauges["loss"] == 2.0 and type(m.gauges["loss"]) is float and "grad_norm" not in m.gauges
+    m.close()
+    assert _read(tmp_path)["gauges"] == {"loss": 2.0, "learning_rate": 0.5, "cuda_memory_allocated": 7.0}
+
+
 def test_failed_step_nonfinite_loss_and_nan_gauge(tmp_path: Path) -> None:
     """A step that raises is a failed step (its time is badput); a NaN loss is counted and exported as NaN."""
     m = TrainingMonitor("j", 0, 1, tmp_path, flush_interval=60)

@@ -1,10 +1,10 @@
-"""``TrainingMonitor``: what a training loop calls each step, at about 1.5 us for a step with 3 phases.
+"""``TrainingMonitor``: what a training loop calls each step, at about 1 us for a step with 3 phases.
 
 The hot path (``step``, ``phase``, ``record``) only appends clock readings to lists owned by this
 object: it makes no system call beyond the vDSO clock, takes no lock (unless the flush thread has
 fallen thousands of steps behind, see ``_SYNC_FOLD_EVENTS``), and allocates no context-manager
-objects (the ones ``step()`` and ``phase()`` return are reused). Entering a step or
-a phase runs no Python code at all (see :func:`_recorder`); leaving one appends one more reading.
+objects (the ones ``step()`` and ``phase()`` return are reused). Entering or leaving a step or a
+phase appends one clock reading (see :func:`_recorder`).
 Everything derived from those readings (step count, histogram bucket, goodput, phase totals net of
 collective time, the straggler ring) is folded in by :meth:`TrainingMonitor._fold` (:mod:`.fold`), which the daemon
 flush thread runs before it copies the state into a snapshot file (see :mod:`mlops_obs.rankdir` for why
@@ -62,6 +62,9 @@ DEFAULT_FLUSH_INTERVAL = rankdir.cadence.MAX_FLUSH_INTERVAL
 
 T = TypeVar("T")
 
+# The gauges ``record(loss=, grad_norm=, lr=)`` sets, in its arguments' order.
+RECORDED_GAUGES: tuple[str, ...] = ("loss", "grad_norm", "learning_rate")
+
 _perf = time.perf_counter
 _wall = time.time
 
@@ -85,16 +88,21 @@ def _env_int(*names: str, default: int) -> int:
     return default
 
 
-def _recorder(out: Callable[[float], object]) -> Callable[[], object]:
-    """A C-level callable that appends ``perf_counter()`` to ``out`` each time it is called.
+def _recorder(out: Callable[[float], object]) -> Callable[[], None]:
+    """A context manager's ``__enter__`` (as a ``staticmethod``, so ``with`` binds no method) that
+    appends ``perf_counter()`` to ``out``; ``with monitor.phase(...) as x`` binds ``None``.
 
-    ``map(out, iter(perf_counter, None))`` is an endless iterator whose ``__next__`` reads the clock
-    and passes the reading to ``out``, all in C. Used as a context manager's ``__enter__`` it is
-    called as it is (a method-wrapper has no ``__get__``, so nothing binds ``self``), so entering a
-    step or a phase runs no Python frame (a quarter to a third of a bare ``with`` here). The price is
-    that ``with monitor.phase(...) as x`` binds ``None``.
+    A Python closure rather than a C-level callable (``map(out, iter(perf_counter, None)).__next__``
+    runs no Python frame): in a hot loop the C one is ~0.01 us faster per block, but at the step
+    rates training runs at (a few a second, every step with cold caches) its rarely used C paths
+    (the method-wrapper, the iterator's sentinel comparison) cost more than the interpreter's own
+    loop, ~5 us a block on the reference VM (``bench_instrument.py --part rank``).
     """
-    return map(out, iter(_perf, None)).__next__
+
+    def __enter__() -> None:
+        out(_perf())
+
+    return __enter__
 
 
 class _StepBase:
@@ -102,7 +110,7 @@ class _StepBase:
 
     __slots__ = ()
 
-    def __enter__(self) -> object:  # replaced by a C-level recorder in each monitor's class
+    def __enter__(self) -> object:  # replaced by a recorder in each monitor's class
         raise NotImplementedError
 
     def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
@@ -129,7 +137,7 @@ class _PhaseBase:
     open_start: float | None
     total: float
 
-    def __enter__(self) -> object:  # replaced by a C-level recorder in each phase's class
+    def __enter__(self) -> object:  # replaced by a recorder in each phase's class
         raise NotImplementedError
 
     def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
@@ -143,7 +151,7 @@ def _make_phase(name: str) -> _PhaseBase:
     def __exit__(et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
         append(-_perf())
 
-    cls = type(f"_Phase_{name}", (_PhaseBase,), {"__slots__": (), "__enter__": _recorder(append),
+    cls = type(f"_Phase_{name}", (_PhaseBase,), {"__slots__": (), "__enter__": staticmethod(_recorder(append)),
                                                   "__exit__": staticmethod(__exit__)})  # fmt: skip
     p: _PhaseBase = cls()
     p.events = events
@@ -286,7 +294,10 @@ class TrainingMonitor:
         self.checkpoint_seconds_sum = 0.0
         self.failed_checkpoints = 0
         self.last_checkpoint_time = 0.0
-        self.gauges: dict[str, float] = {}
+        self._gauges: dict[str, float] = {}
+        # ``record``'s scalars (``RECORDED_GAUGES``, None until recorded): list items are cheaper to
+        # store than dict entries; ``gauges`` merges them in when read.
+        self._recorded: list[float | None] = [None] * len(RECORDED_GAUGES)
         self.nonfinite_loss = 0
         # Queues the hot path appends to and ``_fold`` empties: step entry readings and negated exit
         # readings (``(end,)`` for a step that raised); (time, seconds) reports of collective and
@@ -460,6 +471,17 @@ class TrainingMonitor:
         self._samplers.append(fn)
 
     # --- hand-off ---------------------------------------------------------------------------------
+
+    @property
+    def gauges(self) -> dict[str, float]:
+        """The rank's gauges: the last ``record``ed loss, grad norm and learning rate, ``mfu``, and
+        whatever samplers set (they write into this dict). The recorded scalars are merged in here,
+        so reading it is always current."""
+        g = self._gauges
+        for name, v in zip(RECORDED_GAUGES, self._recorded):
+            if v is not None:
+                g[name] = v
+        return g
 
     @property
     def steps(self) -> int:
@@ -707,7 +729,7 @@ class TrainingMonitor:
         flops = (self.samples - mark[1]) * (self.flops_per_sample or 0.0) + (self.tokens - mark[2]) * (
             self.flops_per_token or 0.0
         )
-        self.gauges["mfu"] = flops / ((now - mark[0]) * self.peak_flops)
+        self._gauges["mfu"] = flops / ((now - mark[0]) * self.peak_flops)
 
     def flush(self) -> None:
         if not self.enabled or self.directory is None or os.getpid() != self.pid:
@@ -828,7 +850,7 @@ def _make_step(m: TrainingMonitor) -> tuple[Callable[..., _StepBase], Callable[[
     """``monitor.step`` of an enabled monitor, and a function that reads its sample and token totals.
 
     ``step`` stores its arguments in closure cells and returns the monitor's one step context
-    manager, whose entry is a C-level clock reading (:func:`_recorder`) and whose exit queues the
+    manager, whose entry queues a clock reading (:func:`_recorder`) and whose exit queues the
     negated end reading (``(end,)`` for a step that raised) and adds the samples and tokens up in
     closure cells. ``__exit__`` is a ``staticmethod`` closure, so ``with`` binds no method per step.
     The rest (count, histogram, goodput, compute time) is :meth:`TrainingMonitor._fold`'s work. The
@@ -852,7 +874,7 @@ def _make_step(m: TrainingMonitor) -> tuple[Callable[..., _StepBase], Callable[[
         if len(events) > _SYNC_FOLD_EVENTS:  # the flush thread is behind: fold here, memory stays bounded
             fold()
 
-    cls = type("_Step", (_StepBase,), {"__slots__": (), "__enter__": _recorder(append),
+    cls = type("_Step", (_StepBase,), {"__slots__": (), "__enter__": staticmethod(_recorder(append)),
                                         "__exit__": staticmethod(__exit__)})  # fmt: skip
     ctx: _StepBase = cls()
 
@@ -870,20 +892,21 @@ def _make_step(m: TrainingMonitor) -> tuple[Callable[..., _StepBase], Callable[[
 
 def _make_record(m: TrainingMonitor) -> Callable[..., None]:
     """``monitor.record`` of an enabled monitor; ``float()`` only for what is not a float already
-    (a tensor, a NumPy scalar), and the gauges dict is a closure cell."""
-    g = m.gauges
+    (a tensor, a NumPy scalar). The values go into the items of a list that is a closure cell
+    (``RECORDED_GAUGES``' order; ``monitor.gauges`` merges them in), a third cheaper than dict entries."""
+    r = m._recorded
 
     def record(loss: Any = None, grad_norm: Any = None, lr: Any = None) -> None:
         if loss is not None:
             if loss.__class__ is not float:
                 loss = float(loss)
-            g["loss"] = loss
+            r[0] = loss
             if loss - loss:  # NaN or +-inf (both give NaN, which is true), without a function call
                 m.nonfinite_loss += 1
         if grad_norm is not None:
-            g["grad_norm"] = grad_norm if grad_norm.__class__ is float else float(grad_norm)
+            r[1] = grad_norm if grad_norm.__class__ is float else float(grad_norm)
         if lr is not None:
-            g["learning_rate"] = lr if lr.__class__ is float else float(lr)
+            r[2] = lr if lr.__class__ is float else float(lr)
 
     return record
 

@@ -53,6 +53,7 @@ class FakeOpenSearch:
         self.policies: dict[str, Any] = {}
         self.policy_seq_no: dict[str, int] = {}
         self.change_policy_calls: list[tuple[str, dict[str, Any]]] = []
+        self.refuse_policy_changes = False  # a role that may create a policy but not update one (403)
         self.item_faults: collections.deque[int] = collections.deque()
         self.request_faults: collections.deque[Any] = collections.deque()
         self.max_body_bytes: int | None = None
@@ -142,7 +143,10 @@ class FakeOpenSearch:
                         name = path.rsplit("/", 1)[1]
                         query = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query)
                         if_seq = query.get("if_seq_no", [None])[0]
-                        if name in fake.policies and (if_seq is None or int(if_seq) != fake.policy_seq_no[name]):
+                        if if_seq is not None and fake.refuse_policy_changes:
+                            self._send(403, {"error": {"type": "security_exception",
+                                                       "reason": "no permissions"}, "status": 403})  # fmt: skip
+                        elif name in fake.policies and (if_seq is None or int(if_seq) != fake.policy_seq_no[name]):
                             self._send(409, {"error": {"type": "version_conflict_engine_exception",
                                                        "reason": "policy exists"}, "status": 409})  # fmt: skip
                         else:

@@ -236,3 +236,13 @@ def test_dead_letter_not_doubled_by_a_crash_before_checkpoint(fake: FakeOpenSear
     dead = [orjson.loads(x)["event"] for x in (tmp_path / "state" / DEAD_LETTER_FILE).read_bytes().splitlines()]
     assert len(dead) == 1 and fake.statuses[400] == 2
     reconcile([*fake.all_docs().values(), *dead], {"s": 200})
+
+
+def test_a_refused_retention_update_is_a_warning_and_shipping_goes_on(fake: FakeOpenSearch, tmp_path: Path) -> None:
+    """A role that may create a policy but not change one: the events still go, the policy stays."""
+    _sink(fake, tmp_path, retention_s=7 * 86400)[0].send(_events(1), threading.Event())
+    fake.refuse_policy_changes = True
+    sink, stats = _sink(fake, tmp_path, retention_s=90 * 86400)
+    sink.send(_events(2), threading.Event())
+    assert fake.count() == 2 and stats.retries == 0
+    assert fake.policies[POLICY_NAME]["policy"]["states"][0]["transitions"][0]["conditions"] == {"min_index_age": "7d"}

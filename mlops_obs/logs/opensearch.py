@@ -358,7 +358,7 @@ class OpenSearchSink:
                     )
                 except TransportError as e:
                     if e.status_code == 409:  # already installed: with this retention?
-                        self._update_retention(policy)
+                        self._try_update_retention(policy)
                     elif e.status_code in (400, 404) and "ism" not in str(e.error).lower():
                         self._say("warning", "ISM plugin not available; no retention policy installed")
                     elif isinstance(e.status_code, int) and 400 <= e.status_code < 500:
@@ -374,6 +374,23 @@ class OpenSearchSink:
                     self._say("warning", "OpenSearch setup failed; retrying", error=last_error)
                 if stop.wait(delay()):
                     raise Stop() from None
+
+    def _try_update_retention(self, policy: str) -> None:
+        """:meth:`_update_retention`; a refusal (a role allowed to create a policy but not to read or
+        change one, ISM's own 4xx) is a warning and shipping goes on: retention is not worth holding
+        the logs back for. A 5xx or a lost connection is retried with the rest of the set-up."""
+        from opensearchpy.exceptions import ConnectionError as OSConnectionError
+        from opensearchpy.exceptions import TransportError
+
+        try:
+            self._update_retention(policy)
+        except OSConnectionError:
+            raise
+        except TransportError as e:
+            if isinstance(e.status_code, int) and 400 <= e.status_code < 500:
+                self._say("warning", "ISM retention not updated", status=e.status_code, error=str(e.error))
+            else:
+                raise
 
     def _update_retention(self, policy: str) -> None:
         """Bring an installed ISM policy to this sink's retention, the indices it already manages included.

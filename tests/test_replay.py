@@ -11,6 +11,7 @@ import sys
 import threading
 import time
 import tracemalloc
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -169,6 +170,21 @@ def test_terminal_text_is_plain_when_piped(store: Path, capsys: pytest.CaptureFi
     assert "\x1b[" in capsys.readouterr().out
 
 
+def count_in_order_with_peak(events: Iterable[Mapping[str, Any]]) -> tuple[int, int]:
+    """Iterate ``events``, asserting time order: how many there were, and the peak memory traced
+    meanwhile (what streaming them held)."""
+    tracemalloc.start()
+    try:
+        n, last = 0, ""
+        for e in events:
+            assert e["@timestamp"] >= last
+            last = e["@timestamp"]
+            n += 1
+        return n, tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
 def test_streaming_memory_does_not_grow_with_the_store(tmp_path: Path) -> None:
     """50 ranks' overlapping chunks: iterating holds about the open chunks' events, the same for a
     store twice the size, and a fraction of what the whole result as a list takes."""
@@ -180,16 +196,7 @@ def test_streaming_memory_does_not_grow_with_the_store(tmp_path: Path) -> None:
                    for i in range(p * part, (p + 1) * part)])  # fmt: skip
 
     def peak(s: EventStore) -> tuple[int, int]:
-        tracemalloc.start()
-        try:
-            n, last = 0, ""
-            for e in s.iter_query():
-                assert e["@timestamp"] >= last
-                last = e["@timestamp"]
-                n += 1
-            return n, tracemalloc.get_traced_memory()[1]
-        finally:
-            tracemalloc.stop()
+        return count_in_order_with_peak(s.iter_query())
 
     with EventStore(tmp_path, synchronous="NORMAL") as s:
         fill(s, range(6))

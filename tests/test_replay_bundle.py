@@ -25,6 +25,7 @@ from mlops_obs.replay.timeline import job_timeline
 from tests.fake_opensearch import FakeOpenSearch
 from tests.test_replay import (
     alert,
+    count_in_order_with_peak,
     log,
     store,  # noqa: F401 - the fixture: a job, another job, launcher, alerts
 )
@@ -137,16 +138,9 @@ def test_replaying_a_bundle_streams_it(tmp_path: Path) -> None:
 
     def peak(path: Path) -> tuple[int, int]:
         source = BundleSource(path)
-        tracemalloc.start()
         try:
-            n, last = 0, ""
-            for e in job_timeline(source, EventQuery(job="j")):
-                assert e["@timestamp"] >= last
-                last = e["@timestamp"]
-                n += 1
-            return n, tracemalloc.get_traced_memory()[1]
+            return count_in_order_with_peak(job_timeline(source, EventQuery(job="j")))
         finally:
-            tracemalloc.stop()
             source.close()
 
     write_bundle(tmp_path / "small.tar.gz", "j", events(40_000))

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from mlops_obs.children import die_with_parent
+from tests.conftest import wait_for
 
 
 def _gone(pid: int) -> bool:
@@ -44,10 +45,7 @@ def test_alertmanager_stops_when_its_parent_is_killed(tmp_path: Path) -> None:
         assert not _gone(child)
         os.kill(parent.pid, signal.SIGKILL)  # no handler, no atexit, no ChildServer.stop
         parent.wait()
-        deadline = time.monotonic() + 60
-        while not _gone(child) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert _gone(child), f"alertmanager {child} outlived its SIGKILLed parent"
+        wait_for(lambda: _gone(child), f"alertmanager {child} to end with its SIGKILLed parent")
     finally:
         parent.kill()
         parent.wait()

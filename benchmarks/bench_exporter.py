@@ -64,6 +64,9 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from proc_cpu import process_cpu_ns  # noqa: E402
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -268,18 +271,6 @@ def collector_cpu(body: bytes) -> dict[str, float]:
     return out
 
 
-def schedstat_ns(pid: int) -> int:
-    """CPU time of every live thread of ``pid`` in nanoseconds (``/proc/<pid>/task/*/schedstat``)."""
-    total = 0
-    for task in os.listdir(f"/proc/{pid}/task"):
-        try:
-            with open(f"/proc/{pid}/task/{task}/schedstat", "rb") as f:
-                total += int(f.read().split()[0])
-        except (OSError, ValueError, IndexError):
-            pass  # a thread that ended between the listing and the read
-    return total
-
-
 def stat_ticks_seconds(pid: int) -> float:
     """user + system of the whole process, dead threads included, in clock ticks: the cross-check."""
     with open(f"/proc/{pid}/stat") as f:
@@ -351,7 +342,7 @@ def cadence_mode(args: argparse.Namespace, node_exporter: str) -> int:
             if now >= phase_end:
                 if measuring:
                     break
-                cpu0 = {t.name: (schedstat_ns(t.proc.pid), stat_ticks_seconds(t.proc.pid)) for t in targets}
+                cpu0 = {t.name: (process_cpu_ns(t.proc.pid), stat_ticks_seconds(t.proc.pid)) for t in targets}
                 w0 = now
                 phase_end = now + args.window
                 measuring = True
@@ -371,7 +362,7 @@ def cadence_mode(args: argparse.Namespace, node_exporter: str) -> int:
             time.sleep(max(0.0, min(phase_end, next_scrape if interval else phase_end) - time.monotonic()))
         wall = time.monotonic() - w0
         cpu = {
-            t.name: ((schedstat_ns(t.proc.pid) - cpu0[t.name][0]) / 1e9 / wall,
+            t.name: ((process_cpu_ns(t.proc.pid) - cpu0[t.name][0]) / 1e9 / wall,
                      (stat_ticks_seconds(t.proc.pid) - cpu0[t.name][1]) / wall)
             for t in targets
         }  # fmt: skip

@@ -15,10 +15,15 @@ Part 3 (``--part rank``): a rank's CPU per second, flush included, at 10 steps/s
 each, sleeping, as a GPU-bound rank waits on its device), with the SDK's defaults, next to the same
 loop bare and instrumented at the floor of the API shape (empty ``with`` blocks, a call and the
 clock reads: what any instrumentation costs in a loop this slow, where every step runs cold), each
-its own process, all at once, CPU read from ``/proc/<pid>/task/*/schedstat`` over one ``--window``.
+its own process, ``--replicas`` processes of each variant, all at once, CPU read per thread from
+``/proc/<pid>/task/*/schedstat`` (:mod:`proc_cpu`) over one ``--window``. One process's figure moves
+with where and when the host happens to run it by about as much as the SDK costs (two processes
+running the same code in the same window differed by up to 0.15% of a core on the reference VM), so
+the report compares each variant's median, and splits it into the training thread's CPU (per wake-up:
+the loop runs cold twice a step) and the flush thread's (per flush), which needs no subtraction.
 The rank directory holds the cadence a sidecar scraped every ``--scrape-interval`` publishes
-(written by this script as ``mlops-obs exporter`` would, refreshed each interval); a second
-monitored rank finds no cadence (no sidecar); ``--baseline-tree`` adds a rank running the SDK of
+(written by this script as ``mlops-obs exporter`` would, refreshed each interval); other monitored
+ranks find no cadence (no sidecar); ``--baseline-tree`` adds ranks running the SDK of
 another source tree (the code before a change) with its defaults. The rank directories are made under
 ``--rank-dir-root``, by default ``/dev/shm``: a tmpfs, as the shipped deployments give the ranks (the
 pod's ``emptyDir`` with ``medium: Memory``, the node's ``/var/run`` for the DaemonSet, ``/run`` in
@@ -41,6 +46,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import orjson
@@ -50,6 +56,10 @@ _PROM_DIR = tempfile.mkdtemp(prefix="bench-prom-mp-")
 os.environ["PROMETHEUS_MULTIPROC_DIR"] = _PROM_DIR
 
 from prometheus_client import Counter, Gauge, Histogram  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from proc_cpu import thread_cpu  # noqa: E402
 
 from mlops_obs import rankdir  # noqa: E402
 from mlops_obs.instrument import TrainingMonitor  # noqa: E402
@@ -253,6 +263,8 @@ def part_workload(steps: int, world: int, repeats: int) -> dict[str, float]:
     }
 
 
+BARE = "bare loop"
+FLOOR = "floor of the API shape (empty with blocks)"
 RANK_LOOP = """
 import sys, time
 directory = sys.argv[1] if len(sys.argv) > 1 else None
@@ -277,7 +289,8 @@ if directory == "--floor":
             perf()
 elif directory:
     from mlops_obs.instrument import TrainingMonitor
-    m = TrainingMonitor(job="bench", rank=0, world_size=1, directory=directory)
+    rank = int(sys.argv[3]) if sys.argv[2:3] == ["--rank"] else 0
+    m = TrainingMonitor(job="bench", rank=rank, world_size=1, directory=directory)
     step, phase, record = m.step, m.phase, m.record
     while True:
         with step(samples=32):
@@ -293,15 +306,30 @@ else:
 """
 
 
-def _schedstat_ns(pid: int) -> int:
-    total = 0
-    for task in os.listdir(f"/proc/{pid}/task"):
-        try:
-            with open(f"/proc/{pid}/task/{task}/schedstat", "rb") as f:
-                total += int(f.read().split()[0])
-        except (OSError, ValueError, IndexError):
-            pass
-    return total
+@dataclass
+class RankCpu:
+    """One rank process's CPU over the window: its main (training) thread's and its other threads'
+    (the SDK's flush thread), as fractions of a core, and how many times each ran."""
+
+    main: float
+    other: float
+    main_runs: int
+    other_runs: int
+
+    @property
+    def total(self) -> float:
+        return self.main + self.other
+
+
+def _rank_cpu(pid: int, before: dict[int, tuple[int, int]], after: dict[int, tuple[int, int]], wall: float) -> RankCpu:
+    def delta(tid: int) -> tuple[int, int]:
+        a, b = before.get(tid, (0, 0)), after[tid]
+        return b[0] - a[0], b[1] - a[1]
+
+    m_ns, m_runs = delta(pid) if pid in after else (0, 0)
+    others = [delta(t) for t in after if t != pid]
+    o_ns, o_runs = sum(x[0] for x in others), sum(x[1] for x in others)
+    return RankCpu(m_ns / 1e9 / wall, o_ns / 1e9 / wall, m_runs, o_runs)
 
 
 def _fs_type(path: Path) -> str:
@@ -323,9 +351,16 @@ def _default_rank_dir_root() -> Path | None:
 
 
 def part_rank(
-    window: float, settle: float, scrape_interval: float, baseline: Path | None, dir_root: Path | None = None
-) -> dict[str, float]:
-    """CPU per wall second (fraction of a core) of each variant's process over the window."""
+    window: float,
+    settle: float,
+    scrape_interval: float,
+    baseline: Path | None,
+    dir_root: Path | None = None,
+    replicas: int = 3,
+) -> dict[str, list[RankCpu]]:
+    """Each variant's processes' CPU over the window (``replicas`` processes of each, started
+    interleaved): one process's figure moves with where and when the host runs it by about as much as
+    the SDK costs, so the report compares medians."""
     from mlops_obs.rankdir import cadence
 
     root = Path(tempfile.mkdtemp(prefix="bench-rank-", dir=dir_root))
@@ -335,8 +370,8 @@ def part_rank(
     scraped.mkdir()
     alone.mkdir()
     variants: list[tuple[str, list[str], str]] = [
-        ("bare loop", [], here),
-        ("floor of the API shape (empty with blocks)", ["--floor"], here),
+        (BARE, [], here),
+        (FLOOR, ["--floor"], here),
         (f"SDK defaults, sidecar scraped every {scrape_interval:g}s", [str(scraped)], here),
         ("SDK defaults, no sidecar", [str(alone)], here),
     ]
@@ -351,28 +386,62 @@ def part_rank(
 
     cadence_lead = 0.1
     publish()
-    procs = {}
+    procs: list[tuple[str, subprocess.Popen[bytes]]] = []
     try:
-        for name, args, tree in variants:
-            env = {**os.environ, "PYTHONPATH": tree}
-            # cwd too: ``python -c`` puts the working directory first on sys.path.
-            procs[name] = subprocess.Popen([sys.executable, "-c", RANK_LOOP, *args], env=env, cwd=tree)
+        for _ in range(replicas):
+            for name, args, tree in variants:
+                env = {**os.environ, "PYTHONPATH": tree}
+                # cwd too: ``python -c`` puts the working directory first on sys.path. Every replica of
+                # a monitored variant shares the directory, as a node's ranks do (each its own rank).
+                rank = ["--rank", str(sum(1 for n, _ in procs if n == name))] if args and args[0] != "--floor" else []
+                procs.append(
+                    (name, subprocess.Popen([sys.executable, "-c", RANK_LOOP, *args, *rank], env=env, cwd=tree))
+                )
         end = time.monotonic() + settle
         while time.monotonic() < end:
             time.sleep(min(scrape_interval, max(0.0, end - time.monotonic())))
             publish()
-        c0 = {n: _schedstat_ns(p.pid) for n, p in procs.items()}
+        c0 = [thread_cpu(p.pid) for _, p in procs]
         w0 = time.monotonic()
         end = w0 + window
         while time.monotonic() < end:
             time.sleep(min(scrape_interval, max(0.0, end - time.monotonic())))
             publish()
+        c1 = [thread_cpu(p.pid) for _, p in procs]
         wall = time.monotonic() - w0
-        return {n: (_schedstat_ns(p.pid) - c0[n]) / 1e9 / wall for n, p in procs.items()}
+        out: dict[str, list[RankCpu]] = {name: [] for name, _, _ in variants}
+        for (name, p), before, after in zip(procs, c0, c1):
+            out[name].append(_rank_cpu(p.pid, before, after, wall))
+        return out
     finally:
-        for p in procs.values():
+        for _, p in procs:
             p.kill()
             p.wait()
+
+
+def report_rank(r: dict[str, list[RankCpu]], window: float, settle: float) -> None:
+    """Medians over each variant's processes: the total, the main thread's CPU per wake-up (the loop
+    sleeps twice a step, so the training thread runs cold 20 times a second), and the flush thread's."""
+    med = statistics.median
+    n = len(r[BARE])
+    print(f"\na rank at 10 steps/s, CPU over a {window:g} s window (after {settle:g} s), median of {n} processes "
+          "each, % of one core (min-max):")  # fmt: skip
+    for name, xs in r.items():
+        tot = [x.total * 100 for x in xs]
+        wake = med(x.main * window / x.main_runs * 1e6 for x in xs) if all(x.main_runs for x in xs) else 0.0
+        line = f"  {name:46s} {med(tot):.4f} ({min(tot):.4f}-{max(tot):.4f})  training thread {wake:5.1f} µs a wake-up"
+        if all(x.other_runs for x in xs):
+            per_flush = med(x.other * window / x.other_runs * 1e3 for x in xs)
+            line += f", flush thread {med(x.other for x in xs) * 100:.4f} ({per_flush:.2f} ms a wake-up)"
+        print(line)
+    print("  above the bare loop (each variant's median less the bare loop's):")
+    bare_total, bare_main = med(x.total for x in r[BARE]), med(x.main for x in r[BARE])
+    for name, xs in r.items():
+        if name != BARE:
+            total, main = med(x.total for x in xs) - bare_total, med(x.main for x in xs) - bare_main
+            other = med(x.other for x in xs)
+            print(f"    {name:44s} {total * 100:+.4f}  (training thread {main * 100:+.4f}, "
+                  f"flush thread {other * 100:+.4f})")  # fmt: skip
 
 
 def main() -> int:
@@ -381,6 +450,7 @@ def main() -> int:
     ap.add_argument("--window", type=float, default=300.0, help="Seconds of the CPU window (part rank).")
     ap.add_argument("--settle", type=float, default=30.0, help="Seconds run before the window (part rank).")
     ap.add_argument("--scrape-interval", type=float, default=15.0, help="The sidecar's scrape interval (part rank).")
+    ap.add_argument("--replicas", type=int, default=3, help="Processes of each variant (part rank).")
     ap.add_argument("--baseline-tree", type=Path, help="Also run a rank with this source tree's SDK (part rank).")
     ap.add_argument(
         "--rank-dir-root",
@@ -414,13 +484,8 @@ def main() -> int:
         print(f"  prometheus_client multiprocess / TrainingMonitor (net): p50 {theirs / ours:.1f}x, "
               f"p99 {theirs99 / ours99:.1f}x")  # fmt: skip
     if a.part == "rank":
-        r = part_rank(a.window, a.settle, a.scrape_interval, a.baseline_tree, a.rank_dir_root)
-        bare_cpu = r["bare loop"]
-        print(f"\na rank at 10 steps/s, CPU per second over a {a.window:g} s window (after {a.settle:g} s), "
-              "% of one core:")  # fmt: skip
-        for name, v in r.items():
-            extra = "" if name == "bare loop" else f"  above the bare loop: {(v - bare_cpu) * 100:.4f}"
-            print(f"  {name:48s} {v * 100:.4f}{extra}")
+        ranks = part_rank(a.window, a.settle, a.scrape_interval, a.baseline_tree, a.rank_dir_root, a.replicas)
+        report_rank(ranks, a.window, a.settle)
         return 0
     if a.part in ("workload", "all"):
         w = part_workload(a.steps, a.world_size, a.repeats)

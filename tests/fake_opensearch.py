@@ -3,7 +3,20 @@
 Real sockets, real HTTP (opensearch-py cannot tell it from a cluster for these calls):
 ``/_bulk`` (``create`` with ``_id``, per-item statuses, 409 on a repeated ``_id`` within an index),
 ``/_index_template/*`` (rejecting a field type OpenSearch does not have, such as Elasticsearch's
-``flattened``), ``/_plugins/_ism/policies/*``, and the read side as OpenSearch documents it:
+``flattened``), ``/_plugins/_ism/policies/*``, ingest pipelines, and the read side as OpenSearch
+documents it:
+
+* ingest pipelines: ``PUT``/``GET /_ingest/pipeline/<id>`` (``processors`` required; only the ``set``
+  processor, with ``field``, ``value``, ``override``, its value a mustache template of
+  ``_ingest.timestamp`` or of a document field); an index takes its settings from the matching
+  template with the highest priority *when it is created* (by its first document), and runs its
+  ``index.default_pipeline`` on every document written into it then, a pipeline that does not exist
+  failing the item (400). ``_ingest.timestamp`` is the fake's :attr:`FakeOpenSearch.clock`, per
+  document, rendered as OpenSearch renders it: Java's ``ZonedDateTime.toString()`` in UTC (seconds and
+  fraction only when not zero);
+* refresh: with :attr:`FakeOpenSearch.hold_refresh` set, documents written are stored (a repeated
+  ``_id`` is still a 409) but not searchable until :meth:`FakeOpenSearch.refresh` (or
+  ``POST /<index>/_refresh``), as between two refreshes of a real index;
 
 * point in time: ``POST /<index>/_search/point_in_time?keep_alive=`` freezes the matching indices'
   documents (later writes are not seen through it), ``DELETE /_search/point_in_time`` with
@@ -13,7 +26,7 @@ Real sockets, real HTTP (opensearch-py cannot tell it from a cluster for these c
   with ``case_insensitive``), ``sort`` (``asc``/``desc``, missing values last, ``unmapped_type``),
   ``search_after``, ``size``, ``_source`` includes, and ``aggs`` (``terms`` with ``size`` and
   ``order``, ``filter``, ``top_hits``), each hit carrying its ``sort`` values (a ``date_nanos`` as
-  nanoseconds since the epoch, as OpenSearch returns it).
+  nanoseconds since the epoch, a ``date`` as milliseconds, as OpenSearch returns them).
 
 Fields are resolved through the installed template's mappings: an unmapped field (the template
 says ``dynamic: false``) matches no query, a keyword sub-field skips values over ``ignore_above``.
@@ -24,6 +37,7 @@ Faults, injected from the test:
 * ``request_faults``: consumed one per ``_bulk`` request: ``"reset"`` (connection closed, no answer),
   ``"timeout"`` (the write is applied, the answer comes after the client gave up), ``503``, ``429``;
 * ``max_body_bytes``: larger bodies get 413;
+* ``refuse_pipelines``: a role without ``cluster_manage_pipelines`` (403 on ``PUT _ingest/pipeline``);
 * :meth:`stop` / :meth:`start` on the same port: an outage.
 """
 
@@ -41,6 +55,7 @@ import socket
 import threading
 import time
 import urllib.parse
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -54,6 +69,12 @@ class FakeOpenSearch:
         self.policy_seq_no: dict[str, int] = {}
         self.change_policy_calls: list[tuple[str, dict[str, Any]]] = []
         self.refuse_policy_changes = False  # a role that may create a policy but not update one (403)
+        self.pipelines: dict[str, Any] = {}
+        self.refuse_pipelines = False  # a role without cluster_manage_pipelines (403)
+        self.index_settings: dict[str, dict[str, Any]] = {}  # fixed when each index is created
+        self.clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC)  # _ingest.timestamp
+        self.hold_refresh = False
+        self.unrefreshed: set[tuple[str, str]] = set()  # stored, not yet searchable
         self.item_faults: collections.deque[int] = collections.deque()
         self.request_faults: collections.deque[Any] = collections.deque()
         self.max_body_bytes: int | None = None
@@ -116,6 +137,14 @@ class FakeOpenSearch:
                     self._answer(*fake.search(path, body))
                 elif path == "/":
                     self._send(200, {"version": {"number": "2.11.0", "distribution": "opensearch"}})
+                elif path.startswith("/_ingest/pipeline/"):
+                    name = path.rsplit("/", 1)[1]
+                    with fake.lock:
+                        found = copy.deepcopy(fake.pipelines.get(name))
+                    if found is None:
+                        self._send(404, {})  # OpenSearch answers an unknown pipeline with an empty object
+                    else:
+                        self._send(200, {name: found})
                 elif path.startswith("/_plugins/_ism/policies/") and path.rsplit("/", 1)[1] in fake.policies:
                     name = path.rsplit("/", 1)[1]
                     with fake.lock:
@@ -139,6 +168,8 @@ class FakeOpenSearch:
                         else:
                             fake.templates[path.rsplit("/", 1)[1]] = tpl
                             self._send(200, {"acknowledged": True})
+                    elif path.startswith("/_ingest/pipeline/"):
+                        self._send(*fake.put_pipeline(path.rsplit("/", 1)[1], json.loads(body or b"{}")))
                     elif path.startswith("/_plugins/_ism/policies/"):
                         name = path.rsplit("/", 1)[1]
                         query = urllib.parse.parse_qs(urllib.parse.urlsplit(self.path).query)
@@ -166,6 +197,10 @@ class FakeOpenSearch:
                     with fake.lock:
                         fake.change_policy_calls.append((path.rsplit("/", 1)[1], json.loads(body)))
                     self._send(200, {"updated_indices": 1, "failures": False, "failed_indices": []})
+                    return
+                if path.endswith("/_refresh"):
+                    fake.refresh()
+                    self._send(200, {"_shards": {"total": 1, "successful": 1, "failed": 0}})
                     return
                 if path.endswith("/_search/point_in_time"):
                     self._answer(*fake.create_pit(path[: -len("/_search/point_in_time")].strip("/")))
@@ -232,8 +267,11 @@ class FakeOpenSearch:
                     )
                     err = {"type": kind, "reason": f"injected {fault}"}
                 else:
-                    self.indices[index][_id] = doc
-                    status, err = 201, None
+                    status, err = self._ingest(index, doc)
+                    if err is None:
+                        self.indices[index][_id] = doc
+                        if self.hold_refresh:
+                            self.unrefreshed.add((index, _id))
                 self.statuses[status] += 1
                 res: dict[str, Any] = {"_index": index, "_id": _id, "status": status}
                 if err:
@@ -242,6 +280,56 @@ class FakeOpenSearch:
                 items.append({op: res})
         return {"took": 1, "errors": errors, "items": items}
 
+    def _ingest(self, index: str, doc: dict[str, Any]) -> tuple[int, dict[str, Any] | None]:
+        """Create the index on its first document (its settings from the template that matches it
+        then), run its default pipeline on ``doc``: (201, None), or the item's error."""
+        settings = self.index_settings.get(index)
+        if settings is None:
+            settings = self.index_settings[index] = self._template_settings(index)
+        name = settings.get("index.default_pipeline")
+        if name is None or name == "_none":
+            return 201, None
+        pipeline = self.pipelines.get(name)
+        if pipeline is None:
+            return 400, {"type": "illegal_argument_exception", "reason": f"pipeline with id [{name}] does not exist"}
+        now = self.clock()
+        for proc in pipeline["processors"]:
+            spec = proc["set"]
+            if spec.get("override", True) or doc.get(spec["field"]) is None:
+                doc[spec["field"]] = _render(spec["value"], doc, now)
+        return 201, None
+
+    def _template_settings(self, index: str) -> dict[str, Any]:
+        """The flattened settings of the matching index template of highest priority (only one applies)."""
+        best: tuple[int, dict[str, Any]] | None = None
+        for tpl in self.templates.values():
+            if any(fnmatch.fnmatchcase(index, p) for p in tpl.get("index_patterns") or []):
+                prio = int(tpl.get("priority", 0))
+                if best is None or prio > best[0]:
+                    best = (prio, tpl.get("template", {}).get("settings") or {})
+        return _flat_settings(best[1]) if best else {}
+
+    def put_pipeline(self, name: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        if self.refuse_pipelines:
+            return 403, _error(403, "security_exception", "no permissions for [cluster:admin/ingest/pipeline/put]")
+        procs = body.get("processors")
+        if not isinstance(procs, list):
+            return 400, _error(400, "parse_exception", "[processors] required property is missing")
+        for proc in procs:
+            ((kind, spec),) = proc.items()
+            if kind != "set":
+                return 400, _error(400, "parse_exception", f"No processor type exists with name [{kind}]")
+            for key in ("field", "value"):
+                if key not in spec:
+                    return 400, _error(400, "parse_exception", f"[{key}] required property is missing")
+        self.pipelines[name] = body
+        return 200, {"acknowledged": True}
+
+    def refresh(self) -> None:
+        """Make every stored document searchable (what each index's refresh does)."""
+        with self.lock:
+            self.unrefreshed.clear()
+
     def _matching(self, target: str) -> list[tuple[str, str, dict[str, Any]]]:
         pats = [t for t in target.split(",") if t] or ["*"]
         return [
@@ -249,6 +337,7 @@ class FakeOpenSearch:
             for i, d in self.indices.items()
             if any(p in ("_all", "*") or fnmatch.fnmatchcase(i, p) for p in pats)
             for k, v in d.items()
+            if (i, k) not in self.unrefreshed
         ]
 
     def create_pit(self, target: str) -> tuple[int, dict[str, Any]]:
@@ -366,6 +455,66 @@ def _nanos(ts: str) -> int:
     return int(t.timestamp()) * 1_000_000_000 + t.microsecond * 1000
 
 
+_DATE = re.compile(r"(\d{4})-(\d\d)-(\d\d)(?:T(\d\d)(?::(\d\d)(?::(\d\d)(?:\.(\d{1,9}))?)?)?)?(Z|[+-]\d\d:\d\d)?")
+
+
+def _millis(v: Any) -> int:
+    """A ``date`` field's value as OpenSearch indexes it: epoch milliseconds, from a number (epoch
+    millis) or a string in the default ``strict_date_optional_time`` (optional time, minutes, seconds,
+    1 to 9 fraction digits, which a ``date`` truncates to milliseconds)."""
+    if isinstance(v, int | float) and not isinstance(v, bool):
+        return int(v)
+    m = _DATE.fullmatch(str(v))
+    if m is None:
+        raise ValueError(f"failed to parse date field [{v}] with format [strict_date_optional_time||epoch_millis]")
+    y, mo, d, h, mi, sec, frac, zone = m.groups()
+    t = dt.datetime(int(y), int(mo), int(d), int(h or 0), int(mi or 0), int(sec or 0), tzinfo=dt.UTC)
+    if zone and zone != "Z":
+        t -= (1 if zone[0] == "+" else -1) * dt.timedelta(hours=int(zone[1:3]), minutes=int(zone[4:6]))
+    return int(t.timestamp()) * 1000 + int((frac or "0").ljust(9, "0")[:3])
+
+
+def _java_instant(t: dt.datetime) -> str:
+    """``ZonedDateTime.toString()`` in UTC, as a mustache template renders ``_ingest.timestamp``:
+    ``HH:mm`` then ``:ss`` only if seconds or fraction are not zero, the fraction in 3, 6 or 9 digits."""
+    t = t.astimezone(dt.UTC)
+    out = t.strftime("%Y-%m-%dT%H:%M")
+    if t.second or t.microsecond:
+        out += f":{t.second:02d}"
+    if t.microsecond:
+        out += "." + (f"{t.microsecond // 1000:03d}" if t.microsecond % 1000 == 0 else f"{t.microsecond:06d}")
+    return out + "Z"
+
+
+def _render(value: Any, doc: dict[str, Any], now: dt.datetime) -> Any:
+    """A ``set`` processor's value: a string is a mustache template (``{{x}}`` or ``{{{x}}}``)."""
+    if not isinstance(value, str):
+        return value
+
+    def sub(m: re.Match[str]) -> str:
+        name = m.group(1).strip()
+        if name == "_ingest.timestamp":
+            return _java_instant(now)
+        v: Any = doc
+        for part in name.split("."):
+            v = v.get(part) if isinstance(v, dict) else None
+        return "" if v is None else str(v)
+
+    return re.sub(r"\{\{\{?([^{}]+?)\}?\}\}", sub, value)
+
+
+def _flat_settings(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"index": {"default_pipeline": x}}`` and ``{"default_pipeline": x}`` as ``index.default_pipeline``."""
+    out: dict[str, Any] = {}
+    for k, v in settings.items():
+        key = prefix + k
+        if isinstance(v, dict):
+            out.update(_flat_settings(v, key + "."))
+        else:
+            out[key if key.startswith("index.") else "index." + key] = v
+    return out
+
+
 class _Missing:
     """Sorts after every value (OpenSearch's default ``missing: _last``, either order)."""
 
@@ -457,6 +606,8 @@ class _View:
                 continue
             if t == "date_nanos":
                 x = _nanos(x)
+            elif t == "date":
+                x = _millis(x)
             elif t in ("integer", "long"):
                 x = int(x)
             elif t in ("keyword", "text", "flat_object"):
@@ -468,6 +619,8 @@ class _View:
         t = self.type_of(field)
         if t == "date_nanos":
             return _nanos(v) if isinstance(v, str) else int(v)
+        if t == "date":
+            return _millis(v)
         if t in ("integer", "long"):
             return int(v)
         return v

@@ -1,6 +1,6 @@
 """The OpenSearch sink against a local _bulk endpoint: the per-item error matrix, 413 splitting,
-resets, a timeout after the write was applied, setup (template + ISM); and a real cluster when
-``MLOPS_OBS_TEST_OPENSEARCH_URL`` is set."""
+resets, a timeout after the write was applied, setup (ingest pipeline + template + ISM); and a real
+cluster when ``MLOPS_OBS_TEST_OPENSEARCH_URL`` is set."""
 
 from __future__ import annotations
 
@@ -15,6 +15,8 @@ import orjson
 import pytest
 
 from mlops_obs.logs.opensearch import (
+    INGESTED,
+    PIPELINE_NAME,
     POLICY_NAME,
     TEMPLATE_NAME,
     OpenSearchSettings,
@@ -22,6 +24,9 @@ from mlops_obs.logs.opensearch import (
     bulk_lines,
     chunk_by_bytes,
     index_for,
+    ingest_pipeline_body,
+    ingest_time_ns,
+    setup_names,
 )
 from mlops_obs.logs.shipper import Shipper, ShipperOptions
 from mlops_obs.logs.sink import DEAD_LETTER_FILE, Stats
@@ -75,6 +80,51 @@ def test_setup_installs_template_and_ism_policy(fake: FakeOpenSearch, tmp_path: 
     sink2, _ = _sink(fake, tmp_path, retention_s=7 * 86400)
     sink2.send(_events(2), threading.Event())  # policy exists with this retention: left as it is
     assert fake.count() == 2 and fake.policy_seq_no[POLICY_NAME] == 0 and not fake.change_policy_calls
+
+
+def test_setup_installs_the_ingest_pipeline_new_indices_run(fake: FakeOpenSearch, tmp_path: Path) -> None:
+    """The pipeline stamps each document with the cluster's time of ingest; the template names it as
+    the default pipeline and maps the field as a date; the names follow the prefix; a deployment whose
+    installed pipeline differs (an older version's) gets the current one at the next start."""
+    assert setup_names("mlops-logs") == (TEMPLATE_NAME, POLICY_NAME, PIPELINE_NAME)
+    assert setup_names("other")[2] == "other-ingested"
+    fake.pipelines[PIPELINE_NAME] = {"processors": [{"set": {"field": "x", "value": 1}}]}  # an older body
+    sink, _ = _sink(fake, tmp_path)
+    sink.send(_events(3), threading.Event())
+    assert fake.pipelines[PIPELINE_NAME] == ingest_pipeline_body("mlops-logs")
+    tpl = fake.templates[TEMPLATE_NAME]["template"]
+    assert tpl["settings"]["index.default_pipeline"] == PIPELINE_NAME
+    assert tpl["mappings"]["properties"][INGESTED] == {"type": "date"}
+    stamps = [ingest_time_ns(d[INGESTED]) for d in fake.all_docs().values()]
+    assert all(stamps) and len(stamps) == 3
+    _sink(fake, tmp_path)[0].send(_events(4), threading.Event())  # a rerun: the same bodies again
+    assert fake.pipelines[PIPELINE_NAME] == ingest_pipeline_body("mlops-logs") and fake.count() == 4
+
+
+def test_a_refused_pipeline_is_a_warning_and_the_template_names_none(fake: FakeOpenSearch, tmp_path: Path) -> None:
+    """A role without cluster_manage_pipelines: naming a pipeline that is not there would fail every
+    write into the new indices (as the fake shows first), so the template names none and shipping goes
+    on, the documents without an ingest time (followers fall back to event time). One an administrator
+    installed is used all the same."""
+    fake.templates["x"] = {"index_patterns": ["x-*"], "template": {"settings": {"index.default_pipeline": "nope"}}}
+    from opensearchpy import OpenSearch
+
+    resp = OpenSearch(hosts=[fake.url]).bulk(body=b'{"create":{"_index":"x-1","_id":"a"}}\n{"m":1}\n')
+    assert resp["items"][0]["create"]["status"] == 400
+    assert "pipeline with id [nope] does not exist" in resp["items"][0]["create"]["error"]["reason"]
+    del fake.templates["x"]
+
+    fake.refuse_pipelines = True
+    sink, stats = _sink(fake, tmp_path / "a")
+    sink.send(_events(2), threading.Event())
+    assert fake.count() == 2 and stats.retries == 0 and stats.dead_letters == 0
+    assert "index.default_pipeline" not in fake.templates[TEMPLATE_NAME]["template"]["settings"]
+    assert not any(INGESTED in d for d in fake.all_docs().values())
+    fake.pipelines[PIPELINE_NAME] = ingest_pipeline_body("mlops-logs")  # installed by an administrator
+    sink, stats = _sink(fake, tmp_path / "b")
+    sink.send(_events(3, day="2026-03-05"), threading.Event())
+    assert fake.templates[TEMPLATE_NAME]["template"]["settings"]["index.default_pipeline"] == PIPELINE_NAME
+    assert stats.retries == 0 and all(INGESTED in d for d in fake.indices["mlops-logs-2026.03.05"].values())
 
 
 def test_a_changed_retention_updates_the_policy_and_its_indices(fake: FakeOpenSearch, tmp_path: Path) -> None:

@@ -1,11 +1,15 @@
 """Reading OpenSearch back: the template and ISM bodies OpenSearch accepts, the point-in-time paging in
 the store's order (the same files shipped into both), no duplicate across an index boundary after a
-retry, follow, the per-rank aggregations, and rca's verdict through OpenSearch equal to the store's.
+retry, follow (by the time each event was stored: late shippers, skewed clocks, the refresh margin,
+indices from before the ingest pipeline), the per-rank aggregations, and rca's verdict through
+OpenSearch equal to the store's.
 
 Page sizes are small so every read crosses many pages."""
 
 from __future__ import annotations
 
+import dataclasses
+import datetime as dt
 import json
 import subprocess
 import sys
@@ -20,10 +24,12 @@ import pytest
 from mlops_obs.logs.alerts import alert_events
 from mlops_obs.logs.backend import Backend, open_source
 from mlops_obs.logs.opensearch import (
+    INGESTED,
     MESSAGE_KEYWORD_CHARS,
     OpenSearchSettings,
     OpenSearchSink,
     OpenSearchSource,
+    ingest_time_ns,
     ism_policy_body,
     query_body,
     template_body,
@@ -31,6 +37,7 @@ from mlops_obs.logs.opensearch import (
 from mlops_obs.logs.shipper import Shipper, ShipperOptions
 from mlops_obs.logs.source import EventQuery
 from mlops_obs.logs.store import StoreSink, StoreSource
+from tests.conftest import wait_for
 from tests.fake_opensearch import KNOWN_TYPES, FakeOpenSearch
 
 REPO = Path(__file__).resolve().parent.parent
@@ -398,8 +405,11 @@ def test_real_opensearch_reads_back_as_the_store(tmp_path: Path) -> None:
             sink.send(_alerts() + evs, threading.Event())
             sh.close()
         client.indices.refresh(index=f"{prefix}-*")
-        template, policy = setup_names(prefix)
+        template, policy, pipeline = setup_names(prefix)
         assert client.indices.get_index_template(name=template)["index_templates"]
+        assert client.transport.perform_request("GET", f"/_ingest/pipeline/{pipeline}")[pipeline]
+        hits = client.search(index=f"{prefix}-*", body={"size": 100, "query": {"match_all": {}}})["hits"]["hits"]
+        assert hits and all(ingest_time_ns(h["_source"][INGESTED]) for h in hits)  # the cluster's format, read
         store = StoreSource(tmp_path / "store")
         source = OpenSearchSource(settings, page_size=7)
         for q in QUERIES:
@@ -416,9 +426,10 @@ def test_real_opensearch_reads_back_as_the_store(tmp_path: Path) -> None:
     finally:
         b.close()
         client.indices.delete(index=f"{prefix}-*")
-        template, policy = setup_names(prefix)
+        template, policy, pipeline = setup_names(prefix)
         client.indices.delete_index_template(name=template)
         client.transport.perform_request("DELETE", f"/_plugins/_ism/policies/{policy}")
+        client.transport.perform_request("DELETE", f"/_ingest/pipeline/{pipeline}")
 
 
 def test_follow_with_a_limit_does_not_yield_the_rest_of_what_was_there(tmp_path: Path, fake: FakeOpenSearch) -> None:
@@ -446,6 +457,190 @@ def test_follow_with_a_limit_does_not_yield_the_rest_of_what_was_there(tmp_path:
     t.join(30)
     assert not t.is_alive()
     assert got == ["id-0000", "id-0001", "id-0002", "id-0030"]
+
+
+class _Follower:
+    """``source.follow`` in a thread, what it yields collected; polls counted by the fake's searches."""
+
+    def __init__(self, source: OpenSearchSource, query: EventQuery) -> None:
+        self.got: list[str] = []
+        self.stop = threading.Event()
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, args=(source, query), daemon=True)
+        self._thread.start()
+
+    def _run(self, source: OpenSearchSource, query: EventQuery) -> None:
+        for ev in source.follow(query, self.stop, poll_interval=0.02):
+            with self._lock:
+                self.got.append(ev["_id"])
+
+    def ids(self) -> list[str]:
+        with self._lock:
+            return list(self.got)
+
+    def wait(self, *ids: str) -> None:
+        wait_for(lambda: set(ids) <= set(self.ids()), f"the follower to yield {ids}")
+
+    def wait_polls(self, fake: FakeOpenSearch, n: int) -> None:
+        start = fake.searches
+        wait_for(lambda: fake.searches >= start + n, f"{n} more polls")
+
+    def close(self) -> list[str]:
+        self.stop.set()
+        self._thread.join(30)
+        assert not self._thread.is_alive()
+        return self.ids()
+
+
+def _at(ts: str, i: int, **kw: Any) -> dict[str, Any]:
+    return _ev(i, ts, **kw) | {"_id": f"{kw.get('node', 'n')}-{i}"}
+
+
+def test_follow_shows_an_event_shipped_late_whatever_its_time(tmp_path: Path, fake: FakeOpenSearch) -> None:
+    """The 3 a.m. case: a node went dark, its shipper catches up minutes later. Its event, ten minutes
+    older than the newest the follower has shown (far beyond the two-minute look-back by event time),
+    is yielded once it is stored, and only once over many polls."""
+    sink = OpenSearchSink(_settings(fake, tmp_path))
+    sink.send([_at(f"2026-03-04T10:00:0{i}.000000Z", i) for i in range(5)], threading.Event())
+    follower = _Follower(_source(fake, tmp_path, page=3), EventQuery(job="j"))
+    follower.wait(*(f"n-{i}" for i in range(5)))
+    sink.send([_at("2026-03-04T10:20:00.000000Z", 10), _at("2026-03-04T10:20:01.000000Z", 11)], threading.Event())
+    follower.wait("n-10", "n-11")
+    late = _at("2026-03-04T10:10:01.000000Z", 7, node="dark")  # ten minutes before the newest shown
+    sink.send([late], threading.Event())
+    follower.wait("dark-7")
+    sink.send([_at("2026-03-04T10:20:02.000000Z", 12)], threading.Event())
+    follower.wait("n-12")
+    follower.wait_polls(fake, 25)
+    got = follower.close()
+    assert got == [*(f"n-{i}" for i in range(5)), "n-10", "n-11", "dark-7", "n-12"]
+    assert ingest_time_ns(fake.all_docs()["dark-7"][INGESTED]) is not None  # stamped by the cluster
+
+
+def test_follow_two_shippers_with_skewed_clocks(tmp_path: Path, fake: FakeOpenSearch) -> None:
+    """Node a's clock runs an hour ahead, node b's is right: their events interleave as they are stored,
+    every one is yielded once, each poll's in time order, though b's are an hour older than the newest."""
+    sink_a = OpenSearchSink(_settings(fake, tmp_path / "a"))
+    sink_b = OpenSearchSink(_settings(fake, tmp_path / "b"))
+    follower = _Follower(_source(fake, tmp_path), EventQuery(job="j"))
+    want: list[str] = []
+    for i in range(6):
+        a = _at(f"2026-03-04T11:00:{i:02d}.000000Z", i, node="a")
+        b = [_at(f"2026-03-04T10:00:{i:02d}.{k:06d}Z", 10 * i + k, node="b") for k in (2, 1)]
+        sink_a.send([a], threading.Event())
+        follower.wait(a["_id"])
+        sink_b.send(b, threading.Event())  # one bulk, so one poll: shown in time order
+        follower.wait(*(e["_id"] for e in b))
+        want += [a["_id"], b[1]["_id"], b[0]["_id"]]
+    follower.wait_polls(fake, 25)
+    assert follower.close() == want
+
+
+def test_follow_margin_covers_documents_searchable_out_of_order(tmp_path: Path, fake: FakeOpenSearch) -> None:
+    """A document stamped before one the follower has shown, but searchable only after it (another
+    shard's refresh, a bulk still being indexed), is shown when it becomes searchable if it was stamped
+    within the margin (10 s) of the newest seen; one stamped longer before is not: the margin's limit,
+    as documented."""
+    sink = OpenSearchSink(_settings(fake, tmp_path))
+    t0 = dt.datetime(2026, 3, 4, 10, 0, tzinfo=dt.UTC)
+    fake.clock = lambda: t0 + dt.timedelta(seconds=30)
+    sink.send([_at("2026-03-04T09:00:00.000000Z", 1)], threading.Event())
+    follower = _Follower(_source(fake, tmp_path), EventQuery(job="j"))
+    follower.wait("n-1")
+    fake.hold_refresh = True
+    fake.clock = lambda: t0  # stamped 30 s before what the follower will have seen: beyond the margin
+    sink.send([_at("2026-03-04T09:00:01.000000Z", 2)], threading.Event())
+    fake.clock = lambda: t0 + dt.timedelta(seconds=32)  # within it
+    sink.send([_at("2026-03-04T09:00:02.000000Z", 3)], threading.Event())
+    fake.hold_refresh = False
+    fake.clock = lambda: t0 + dt.timedelta(seconds=35)
+    sink.send([_at("2026-03-04T09:00:03.000000Z", 4)], threading.Event())
+    follower.wait("n-4")
+    fake.refresh()
+    follower.wait("n-3")
+    assert follower.close() == ["n-1", "n-4", "n-3"]  # n-2 came in the same poll as n-3, and was not shown
+
+
+def test_follow_an_index_from_before_the_pipeline_by_event_time(tmp_path: Path, fake: FakeOpenSearch) -> None:
+    """An index created before the ingest pipeline existed keeps no default pipeline: its documents,
+    late ones written into it after the upgrade too, carry no ingest time. The follower still shows
+    them by the old rule (within two minutes of the newest event time), next to the new index's
+    documents followed by ingest time; one older than that in the old index is not shown, as documented."""
+    old_sink = OpenSearchSink(dataclasses.replace(_settings(fake, tmp_path / "old"), setup=False))
+    fake.templates["mlops-logs"] = template_body("mlops-logs", pipeline=False)  # as an older version left it
+    old_sink.send([_at("2026-03-03T23:59:00.000000Z", 1)], threading.Event())
+    sink = OpenSearchSink(_settings(fake, tmp_path))  # the upgraded shipper: pipeline and template
+    sink.send([_at("2026-03-04T00:00:30.000000Z", 2)], threading.Event())
+    assert fake.index_settings["mlops-logs-2026.03.03"] == {"index.refresh_interval": "1s"}
+    assert fake.index_settings["mlops-logs-2026.03.04"]["index.default_pipeline"] == "mlops-logs-ingested"
+    follower = _Follower(_source(fake, tmp_path), EventQuery(job="j"))
+    follower.wait("n-1", "n-2")
+    sink.send([_at("2026-03-03T23:59:40.000000Z", 3)], threading.Event())  # late, into the old index
+    follower.wait("n-3")
+    sink.send([_at("2026-03-03T23:50:00.000000Z", 4)], threading.Event())  # late, beyond the look-back
+    sink.send([_at("2026-03-04T00:00:31.000000Z", 5)], threading.Event())  # late by ingest time: shown
+    follower.wait("n-5")
+    follower.wait_polls(fake, 10)
+    docs = fake.all_docs()
+    assert INGESTED not in docs["n-3"] and INGESTED in docs["n-5"]
+    assert follower.close() == ["n-1", "n-2", "n-3", "n-5"]
+
+
+@pytest.mark.opensearch
+def test_real_opensearch_follow_shows_an_event_shipped_late(tmp_path: Path) -> None:
+    """Against a real cluster: the pipeline the sink installs stamps documents the follower then follows
+    by, so an event an hour older than the newest, shipped late, is shown once after the refresh."""
+    import os
+    import uuid
+
+    url = os.environ.get("MLOPS_OBS_TEST_OPENSEARCH_URL")
+    if not url:
+        pytest.skip("set MLOPS_OBS_TEST_OPENSEARCH_URL to run against a real OpenSearch")
+    from opensearchpy import OpenSearch
+
+    from mlops_obs.logs.opensearch import setup_names
+
+    prefix = f"mlops-test-{uuid.uuid4().hex[:8]}"
+    settings = OpenSearchSettings(url=url, state_dir=tmp_path / "st", index_prefix=prefix, verify=False)
+    client = OpenSearch(hosts=[url], verify_certs=False, ssl_show_warn=False)
+    sink = OpenSearchSink(settings)
+    try:
+        sink.send([_at("2026-03-04T11:00:00.000000Z", 1)], threading.Event())
+        client.indices.refresh(index=f"{prefix}-*")
+        follower = _Follower(OpenSearchSource(settings, page_size=7), EventQuery(job="j"))
+        follower.wait("n-1")
+        sink.send([_at("2026-03-04T10:00:00.000000Z", 2, node="dark")], threading.Event())
+        sink.send([_at("2026-03-04T11:00:01.000000Z", 3)], threading.Event())
+        follower.wait("dark-2", "n-3")
+        assert sorted(follower.close()) == ["dark-2", "n-1", "n-3"]
+    finally:
+        client.indices.delete(index=f"{prefix}-*")
+        template, policy, pipeline = setup_names(prefix)
+        client.indices.delete_index_template(name=template)
+        client.transport.perform_request("DELETE", f"/_plugins/_ism/policies/{policy}")
+        client.transport.perform_request("DELETE", f"/_ingest/pipeline/{pipeline}")
+
+
+def test_ingest_times_as_the_cluster_writes_them() -> None:
+    """Java's ZonedDateTime.toString(): no seconds on a whole minute, the fraction in 3, 6 or 9 digits."""
+    from tests.fake_opensearch import _java_instant, _millis
+
+    base = 1772618400 * 10**9  # 2026-03-04T10:00:00Z
+    assert ingest_time_ns("2026-03-04T10:00Z") == base
+    assert ingest_time_ns("2026-03-04T10:00:01Z") == base + 10**9
+    assert ingest_time_ns("2026-03-04T10:00:01.5Z") == base + 15 * 10**8
+    assert ingest_time_ns("2026-03-04T10:00:01.123Z") == base + 1_123_000_000
+    assert ingest_time_ns("2026-03-04T10:00:01.123456Z") == base + 1_123_456_000
+    assert ingest_time_ns("2026-03-04T10:00:01.123456789Z") == base + 1_123_456_789
+    assert ingest_time_ns("2026-03-04T11:00:01+01:00") == base + 10**9
+    assert ingest_time_ns(1772618400123) == base + 123_000_000
+    assert ingest_time_ns(None) is None and ingest_time_ns("yesterday") is None
+    t = dt.datetime(2026, 3, 4, 10, 0, tzinfo=dt.UTC)
+    for us, text in ((0, "2026-03-04T10:00Z"), (120_000, "2026-03-04T10:00:00.120Z"),
+                     (123_456, "2026-03-04T10:00:00.123456Z")):  # fmt: skip
+        assert _java_instant(t + dt.timedelta(microseconds=us)) == text
+        assert ingest_time_ns(text) == base + us * 1000
+        assert _millis(text) == (base + us * 1000) // 10**6
 
 
 def test_after_splits_many_ranks_under_the_clause_limit(tmp_path: Path, fake: FakeOpenSearch) -> None:

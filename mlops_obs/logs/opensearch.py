@@ -14,8 +14,10 @@ Why not opensearch-py's helpers: ``streaming_bulk`` retries only per-item 429s (
   full-jitter exponential backoff, forever (the shipper stops reading meanwhile); a 413 splits the
   request in two (a single document too big is dead-lettered); any other 4xx goes to the
   dead-letter file with its reason, fsynced before the batch counts as acknowledged;
-* at start it installs an index template (:func:`template_body`: OpenSearch types, what readers
-  filter or aggregate on typed at the top level) and an ISM retention policy (:func:`ism_policy_body`).
+* at start it installs an ingest pipeline stamping each document with the cluster's time of ingest
+  (:func:`ingest_pipeline_body`, the field :data:`INGESTED`, what a follower follows by), an index
+  template (:func:`template_body`: OpenSearch types, what readers filter or aggregate on typed at the
+  top level, the pipeline as the indices' default) and an ISM retention policy (:func:`ism_policy_body`).
 """
 
 from __future__ import annotations
@@ -24,8 +26,9 @@ import dataclasses
 import datetime as _dt
 import logging
 import os
+import re
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -61,13 +64,19 @@ if TYPE_CHECKING:
 
 TEMPLATE_NAME = "mlops-logs"
 POLICY_NAME = "mlops-logs-retention"
+PIPELINE_NAME = "mlops-logs-ingested"
 """The names for the default prefix; another prefix gets its own (:func:`setup_names`), so two
-deployments (or a test) sharing a cluster do not overwrite each other's template and policy."""
+deployments (or a test) sharing a cluster do not overwrite each other's template, policy and pipeline."""
+
+INGESTED = "ingested"
+"""The field the ingest pipeline sets to the cluster's time of ingest (``{{_ingest.timestamp}}``):
+when a document was stored, on one clock for every shipper, which is what a follower follows by
+(:meth:`OpenSearchSource.follow`). Mapped as ``date`` (milliseconds: a follower needs no finer)."""
 
 
-def setup_names(prefix: str) -> tuple[str, str]:
-    """The index template's and the ISM policy's names for indices ``<prefix>-*``."""
-    return prefix, f"{prefix}-retention"
+def setup_names(prefix: str) -> tuple[str, str, str]:
+    """The index template's, the ISM policy's and the ingest pipeline's names for indices ``<prefix>-*``."""
+    return prefix, f"{prefix}-retention", f"{prefix}-ingested"
 
 
 OPENSEARCH_URL_SETTING = Setting(
@@ -94,11 +103,11 @@ OPENSEARCH_WRITE_SETTINGS: tuple[Setting, ...] = (
     Setting("opensearch.retention", parse_duration, 30 * 86400.0, "ISM policy: delete indices older than this.",
             metavar="DURATION"),
     Setting("opensearch.backoff-max", parse_duration, 10.0, "Longest pause between retries.", metavar="DURATION"),
-    Setting("opensearch.setup", parse_bool, True, "Install the index template and ISM policy at start.",
-            kind="bool"),
+    Setting("opensearch.setup", parse_bool, True,
+            "Install the ingest pipeline, index template and ISM policy at start.", kind="bool"),
 )  # fmt: skip
-"""The ``opensearch.*`` settings only a writer takes: request size, retries, the index template and
-ISM policy."""
+"""The ``opensearch.*`` settings only a writer takes: request size, retries, the ingest pipeline,
+index template and ISM policy."""
 OPENSEARCH_SETTINGS: tuple[Setting, ...] = OPENSEARCH_READ_SETTINGS + OPENSEARCH_WRITE_SETTINGS
 """Every ``opensearch.*`` setting :func:`settings_from_config` reads, shared by every command that
 writes to OpenSearch (one config file serves ``ship`` and ``alert-sink``)."""
@@ -212,7 +221,7 @@ MESSAGE_KEYWORD_CHARS = 8191
 32766-byte term limit); a longer message is left out of it, and the reader filters those itself."""
 
 
-def template_body(prefix: str) -> dict[str, Any]:
+def template_body(prefix: str, *, pipeline: bool = True) -> dict[str, Any]:
     """The composable index template for ``<prefix>-*`` (OpenSearch's ``PUT _index_template``).
 
     Every field replay and rca filter, sort or aggregate on is typed at the top level; ``fields``
@@ -224,12 +233,19 @@ def template_body(prefix: str) -> dict[str, Any]:
     ``dynamic: false`` keeps an unexpected top-level key in ``_source`` without mapping it. The ISM
     policy attaches itself through its ``ism_template`` (:func:`ism_policy_body`), not an index
     setting, which current ISM no longer honours in templates.
+
+    With ``pipeline``, new indices run the ingest pipeline (:func:`ingest_pipeline_body`) on every
+    document (``index.default_pipeline``); without it (the pipeline could not be installed), they do
+    not: a default pipeline that does not exist fails every write into the index.
     """
+    settings: dict[str, Any] = {"index.refresh_interval": "1s"}
+    if pipeline:
+        settings["index.default_pipeline"] = setup_names(prefix)[2]
     return {
         "index_patterns": [f"{prefix}-*"],
         "priority": 100,
         "template": {
-            "settings": {"index.refresh_interval": "1s"},
+            "settings": settings,
             "mappings": {
                 "dynamic": False,
                 "properties": {
@@ -249,9 +265,25 @@ def template_body(prefix: str) -> dict[str, Any]:
                     "step": {"type": "long"},
                     "event_id": {"type": "keyword"},
                     "fields": {"type": "flat_object"},
+                    INGESTED: {"type": "date"},
                 },
             },
         },
+    }
+
+
+def ingest_pipeline_body(prefix: str) -> dict[str, Any]:
+    """The ingest pipeline (``PUT _ingest/pipeline/<name>``) setting :data:`INGESTED` to the time the
+    cluster took the document in.
+
+    ``_ingest.timestamp`` is taken per document on the node that runs the pipeline; the template
+    renders it as Java's ``ZonedDateTime.toString()`` in UTC (``2026-03-04T10:00:01.123456Z``, but
+    ``...T10:00Z`` on a whole minute), which the ``date`` mapping's default format parses and
+    :func:`ingest_time_ns` reads back.
+    """
+    return {
+        "description": f"mlops-obs: the time {prefix}-* documents were stored, which followers read by",
+        "processors": [{"set": {"field": INGESTED, "value": "{{_ingest.timestamp}}"}}],
     }
 
 
@@ -341,15 +373,21 @@ class OpenSearchSink:
             self.stats.sink_error = f"opensearch: {why}"
 
     def _setup(self, stop: threading.Event) -> None:
-        """Template and ISM policy; retried like writes (the cluster may still be starting)."""
+        """Ingest pipeline, template and ISM policy; retried like writes (the cluster may still be
+        starting). Each is created or replaced by a ``PUT`` of the current body, so a deployment
+        upgraded to another body gets it at the next start (the ISM policy, which a ``PUT`` does
+        not replace, through :meth:`_update_retention`)."""
         from opensearchpy.exceptions import TransportError
 
         delay = backoff_delays(cap=self.s.backoff_max_s)
         last_error = None
         while True:
             try:
-                template, policy = setup_names(self.s.index_prefix)
-                self.client.indices.put_index_template(name=template, body=template_body(self.s.index_prefix))
+                template, policy, pipeline = setup_names(self.s.index_prefix)
+                has_pipeline = self._install_pipeline(pipeline)
+                self.client.indices.put_index_template(
+                    name=template, body=template_body(self.s.index_prefix, pipeline=has_pipeline)
+                )
                 try:
                     self.client.transport.perform_request(
                         "PUT",
@@ -374,6 +412,44 @@ class OpenSearchSink:
                     self._say("warning", "OpenSearch setup failed; retrying", error=last_error)
                 if stop.wait(delay()):
                     raise Stop() from None
+
+    def _install_pipeline(self, name: str) -> bool:
+        """Create or update the ingest pipeline; whether new indices may name it as their default.
+
+        A refusal (a role without ``cluster_manage_pipelines``, a 4xx) is not worth holding the logs
+        back for: if the pipeline is there all the same (an administrator installed it) it is used,
+        otherwise the template names none, the documents carry no :data:`INGESTED` and followers
+        fall back to event time (see :meth:`OpenSearchSource.follow`), and the sink says so. A 5xx
+        or a lost connection is retried with the rest of the set-up.
+        """
+        from opensearchpy.exceptions import ConnectionError as OSConnectionError
+        from opensearchpy.exceptions import TransportError
+
+        url = f"/_ingest/pipeline/{name}"
+        try:
+            self.client.transport.perform_request("PUT", url, body=ingest_pipeline_body(self.s.index_prefix))
+            return True
+        except OSConnectionError:
+            raise
+        except TransportError as e:
+            if not (isinstance(e.status_code, int) and 400 <= e.status_code < 500):
+                raise
+            refusal = e
+        try:
+            current = self.client.transport.perform_request("GET", url)
+        except OSConnectionError:
+            raise
+        except TransportError as e:
+            if not (isinstance(e.status_code, int) and 400 <= e.status_code < 500):
+                raise
+            current = None
+        if _sets_ingested((current or {}).get(name)):
+            self._say("info", "ingest pipeline not updated (refused); the one installed is used",
+                      pipeline=name, status=refusal.status_code)  # fmt: skip
+            return True
+        self._say("warning", "ingest pipeline not installed; followers of these indices go by event time",
+                  pipeline=name, status=refusal.status_code, error=str(refusal.error))  # fmt: skip
+        return False
 
     def _try_update_retention(self, policy: str) -> None:
         """:meth:`_update_retention`; a refusal (a role allowed to create a policy but not to read or
@@ -525,6 +601,18 @@ class OpenSearchSink:
             pass
 
 
+def _sets_ingested(pipeline: Any) -> bool:
+    """Whether an installed pipeline (``GET _ingest/pipeline/<name>``'s value) sets :data:`INGESTED`
+    to the ingest timestamp."""
+    for proc in (pipeline or {}).get("processors") or ():
+        spec = proc.get("set") if isinstance(proc, Mapping) else None
+        if not isinstance(spec, Mapping) or spec.get("field") != INGESTED:
+            continue
+        if "_ingest.timestamp" in str(spec.get("value")):
+            return True
+    return False
+
+
 def _runs(idx: list[int]) -> list[tuple[int, int]]:
     out: list[tuple[int, int]] = []
     for i in idx:
@@ -550,8 +638,8 @@ SORT: list[dict[str, Any]] = [
 """The timeline's order, (``@timestamp``, ``source``, ``offset``), made total by ``event_id``: with a
 sort key unique per document, ``search_after`` neither skips nor repeats an event between pages."""
 SORT_DESC: list[dict[str, Any]] = [{k: {**v, "order": "desc"}} for d in SORT for k, v in d.items()]
-ADDED_FIELDS = ("event_id", "step")
-"""What :func:`document` adds to an event; a read takes them off again."""
+ADDED_FIELDS = ("event_id", "step", INGESTED)
+"""What :func:`document` and the ingest pipeline add to an event; a read takes them off again."""
 ERROR_LEVELS = ("error", "critical")
 PROGRESS_LEVELS = ("debug", "info")
 
@@ -609,21 +697,29 @@ class OpenSearchSource:
       in time (``POST /<prefix>-*/_search/point_in_time``), each page ``search_after`` the last one's
       sort values, the point in time deleted at the end (or when the caller stops early). Only one
       page is held (:meth:`search`).
-    * :meth:`follow`: :meth:`events`, then every ``poll_interval`` a search from ``lookback``
-      seconds before the newest time seen, skipping the ids already yielded in that window: an event
-      shipped late (a lagging shipper, the index's refresh) still comes if its time is within
-      ``lookback`` of the newest; one older than that is not seen by a follower.
+    * :meth:`follow`: :meth:`events`, then every ``poll_interval`` what was stored since, by the
+      cluster's time of ingest (:data:`INGESTED`), whatever the events' own times; documents stored
+      before the ingest pipeline existed by the old rule of event time (see there).
     * :meth:`rank_facts`: one aggregation request, whatever the job's size.
+
+    Only searches: a reader needs read permissions on the indices, nothing on the cluster.
     """
 
     def __init__(
-        self, settings: OpenSearchSettings, *, page_size: int = 1000, keep_alive: str = "2m", lookback_s: float = 120.0
+        self,
+        settings: OpenSearchSettings,
+        *,
+        page_size: int = 1000,
+        keep_alive: str = "2m",
+        lookback_s: float = 120.0,
+        ingest_margin_s: float = 10.0,
     ) -> None:
         self.client = make_client(settings)
         self.index = f"{settings.index_prefix}-*"
         self.page_size = page_size
         self.keep_alive = keep_alive
         self.lookback_s = lookback_s
+        self.ingest_margin_s = ingest_margin_s
         self.requests = 0  # searches, aggregations and point-in-time calls made (for the benchmarks)
         self.bytes_out = 0  # request bodies, as JSON
         self.bytes_in = 0  # response bodies, as JSON
@@ -698,60 +794,104 @@ class OpenSearchSource:
         return list(((resp or {}).get("hits") or {}).get("hits") or [])
 
     def events(self, query: EventQuery) -> Iterator[dict[str, Any]]:
+        for ev, _ in self._read(query):
+            yield ev
+
+    def _read(
+        self, query: EventQuery, also: Mapping[str, Any] | None = None, sort: list[dict[str, Any]] | None = None
+    ) -> Iterator[tuple[dict[str, Any], int | None]]:
+        """The events of ``query`` (and of the filter ``also``), each with its :data:`INGESTED` time
+        in nanoseconds (None for a document stored without it)."""
         want = query.limit
         if want == 0:
             return
         n = 0
         body = query_body(query)
+        if also is not None:
+            body = {"bool": {"filter": [body, also]}}
         # The server's answer is exact but for over-long messages under a text filter (see query_body):
         # page on, checking each, until the limit is reached.
-        for h in self.search(body, limit=None if query.text else want):
+        for h in self.search(body, limit=None if query.text else want, sort=sort):
             ev = event_of(h)
             if query.text and not query.matches(ev):
                 continue
-            yield ev
+            yield ev, ingest_time_ns((h.get("_source") or {}).get(INGESTED))
             n += 1
             if want is not None and n >= want:
                 return
 
     def follow(self, query: EventQuery, stop: threading.Event, poll_interval: float = 0.25) -> Iterator[dict[str, Any]]:
-        newest: str | None = None
-        seen: dict[str, str] = {}  # _id -> @timestamp, of the events within lookback of the newest
+        """:meth:`events`, then every ``poll_interval`` what was stored since, like the store's follow.
 
-        def note(ev: Mapping[str, Any]) -> None:
-            nonlocal newest
+        "Stored since" is read from :data:`INGESTED`, the time the cluster took each document in
+        (one clock for every shipper, so neither a shipper that lagged or was down for minutes nor a
+        node whose clock is off hides an event): each poll asks for the documents ingested at most
+        ``ingest_margin_s`` before the newest ingest time seen, skipping the ids already yielded in
+        that margin. The margin is there because documents do not become searchable in the order
+        they were stamped (a bulk is stamped before it is indexed, each shard refreshes on its own,
+        ingest nodes' clocks differ by milliseconds): one that becomes searchable more than the
+        margin after a later-stamped one was seen would be missed. Each poll's events come in the
+        timeline's order (:data:`SORT`).
+
+        The fallback, for documents without :data:`INGESTED` (indices created before the pipeline
+        was installed, or by a sink whose role may not install it: see :meth:`OpenSearchSink._install_pipeline`):
+        the old rule, documents whose own ``@timestamp`` is within ``lookback_s`` of the newest time
+        seen. Such a document whose time is more than ``lookback_s`` older than the newest event is
+        stored but not shown to a follower (a later ``replay`` shows it): a node's logs shipped late
+        into an index made before the upgrade, until that index ages out.
+        """
+        margin_ns = int(self.ingest_margin_s * 1e9)
+        ingested = _Seen(lambda newest: newest - margin_ns)  # ids by ingest time, within the margin of the newest
+        legacy = _Seen(lambda newest: _shift(newest, -self.lookback_s))  # ids without one, by @timestamp
+        newest_ts: str | None = None  # the newest @timestamp seen, of any document
+
+        def note(ev: Mapping[str, Any], t: int | None) -> None:
+            nonlocal newest_ts
             ts = str(ev.get("@timestamp"))
-            seen[str(ev.get("_id"))] = ts
-            if newest is None or ts > newest:
-                newest = ts
+            if newest_ts is None or ts > newest_ts:
+                newest_ts = ts
+            if t is not None:
+                ingested.add(str(ev.get("_id")), t)
+            else:
+                legacy.add(str(ev.get("_id")), ts)
+
+        def window() -> dict[str, Any]:
+            """What the next poll reads: stored within the margin of the newest seen, or without an
+            ingest time and within the look-back of the newest event time."""
+            since_stored: dict[str, Any] = {"exists": {"field": INGESTED}}
+            if ingested.newest is not None:
+                since_stored = {"range": {INGESTED: {"gte": _format_ms(ingested.newest - margin_ns)}}}
+            old: list[dict[str, Any]] = []
+            if newest_ts is not None:
+                old.append({"range": {"@timestamp": {"gte": _shift(newest_ts, -self.lookback_s)}}})
+            no_ingest = {"bool": {"must_not": [{"exists": {"field": INGESTED}}], "filter": old}}
+            return {"bool": {"should": [since_stored, no_ingest], "minimum_should_match": 1}}
 
         if query.limit is not None:
-            # A limited read shows only part of what is stored now, and the rest is not new: before it,
-            # take the newest stored event and the ones within the look-back of it as seen (as many as
-            # a poll reads), so following starts from there.
-            last = [event_of(h) for h in self.search(query_body(dataclasses.replace(query, limit=None)),
-                                                     limit=1, sort=SORT_DESC)]  # fmt: skip
-            if last:
-                top = str(last[0]["@timestamp"])
-                floor = _shift(top, -self.lookback_s)
-                start = floor if query.since is None or floor > query.since else query.since
-                for ev in self.events(dataclasses.replace(query, since=start, until=_shift(top, 1e-6), limit=None)):
-                    note(ev)
-        for ev in self.events(query):
-            note(ev)
+            # A limited read shows only part of what is stored now, and the rest is not new: take the
+            # newest ingest time and event time stored, then what a poll would read from there as
+            # seen, so following starts after what is stored now.
+            whole = dataclasses.replace(query, limit=None)
+            by_ingest = [{INGESTED: {"order": "desc", "unmapped_type": "date"}}, *SORT_DESC]
+            for _, t in self._read(dataclasses.replace(query, limit=1), {"exists": {"field": INGESTED}}, by_ingest):
+                ingested.newest = t
+            for ev, _ in self._read(dataclasses.replace(query, limit=1), sort=SORT_DESC):
+                newest_ts = str(ev.get("@timestamp"))
+            if ingested.newest is not None or newest_ts is not None:
+                for ev, t in self._read(whole, window()):
+                    note(ev, t)
+        for ev, t in self._read(query):
+            note(ev, t)
             yield ev
         while not stop.wait(poll_interval):
-            since = query.since
-            if newest is not None:
-                floor = _shift(newest, -self.lookback_s)
-                since = floor if since is None or floor > since else since
-                for eid in [k for k, t in seen.items() if t < floor]:
-                    del seen[eid]
-            q = dataclasses.replace(query, since=since, limit=None)
-            for ev in self.events(q):
-                if str(ev.get("_id")) in seen:
+            ingested.evict()
+            if newest_ts is not None:  # the look-back is from the newest event of either kind
+                legacy.evict(_shift(newest_ts, -self.lookback_s))
+            for ev, t in self._read(dataclasses.replace(query, limit=None), window()):
+                eid = str(ev.get("_id"))
+                if eid in ingested.ids or eid in legacy.ids:
                     continue
-                note(ev)
+                note(ev, t)
                 yield ev
                 if stop.is_set():
                     return
@@ -871,6 +1011,76 @@ def _rank_facts(job: str, rank: Any, b: Mapping[str, Any]) -> RankFacts:
         last_step=int(step_value) if type(step_value) is int else None,
         last_step_time=str(step.get("@timestamp")) if step else None,
     )
+
+
+class _Seen:
+    """The ids a follower yielded whose key (an ingest time, an event time) is within its window of
+    the newest key seen: what the next poll will read again and must skip. Old ids are dropped as the
+    window moves, so what is held stays the size of the window, also over a long backlog."""
+
+    def __init__(self, floor: Callable[[Any], Any]) -> None:
+        self.floor = floor  # the window's low end for a newest key
+        self.ids: dict[str, Any] = {}
+        self.newest: Any = None
+        self._size_at_evict = 1024
+
+    def add(self, eid: str, key: Any) -> None:
+        self.ids[eid] = key
+        if self.newest is None or key > self.newest:
+            self.newest = key
+        if len(self.ids) >= 2 * self._size_at_evict:  # amortised: each id is looked at O(1) times
+            self.evict()
+            self._size_at_evict = max(1024, len(self.ids))
+
+    def evict(self, low: Any = None) -> None:
+        """Drop the ids whose key is below ``low`` (default: the window's floor of the newest key)."""
+        if self.newest is None:
+            return
+        low = self.floor(self.newest) if low is None else low
+        for eid in [k for k, v in self.ids.items() if v < low]:
+            del self.ids[eid]
+
+
+_INSTANT = re.compile(
+    r"(\d{4})-(\d\d)-(\d\d)T(\d\d):(\d\d)(?::(\d\d)(?:[.,](\d{1,9}))?)?(Z|[+-]\d\d:?\d\d)?(?:\[[^\]]*\])?"
+)
+
+
+def ingest_time_ns(value: Any) -> int | None:
+    """An :data:`INGESTED` value in nanoseconds since the epoch, or None (absent, or not a time).
+
+    The pipeline writes Java's ``ZonedDateTime.toString()`` of the ingest timestamp: the seconds and
+    the fraction only when not zero, the fraction in 3, 6 or 9 digits (``2026-03-04T10:00Z``,
+    ``2026-03-04T10:00:01.123456Z``); any other count of digits is read too, and a number is epoch
+    milliseconds (a pipeline of one's own).
+    """
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return int(value * 1_000_000)
+    if not isinstance(value, str):
+        return None
+    m = _INSTANT.fullmatch(value.strip())
+    if m is None:
+        return None
+    y, mo, d, h, mi, sec, frac, zone = m.groups()
+    try:
+        t = _dt.datetime(int(y), int(mo), int(d), int(h), int(mi), int(sec or 0), tzinfo=_dt.UTC)
+    except ValueError:
+        return None
+    if zone and zone != "Z":
+        sign = 1 if zone[0] == "+" else -1
+        hh, mm = int(zone[1:3]), int(zone[-2:])
+        t -= sign * _dt.timedelta(hours=hh, minutes=mm)
+    whole = (t - _EPOCH) // _dt.timedelta(seconds=1)
+    return whole * 1_000_000_000 + int((frac or "0").ljust(9, "0"))
+
+
+_EPOCH = _dt.datetime(1970, 1, 1, tzinfo=_dt.UTC)
+
+
+def _format_ms(ns: int) -> str:
+    """Nanoseconds since the epoch as a time a ``date`` field parses, floored to the millisecond."""
+    t = _EPOCH + _dt.timedelta(milliseconds=ns // 1_000_000)
+    return t.strftime("%Y-%m-%dT%H:%M:%S.") + f"{t.microsecond // 1000:03d}Z"
 
 
 def _shift(ts: str, seconds: float) -> str:

@@ -74,7 +74,24 @@ def test_a_healthy_run_fires_no_training_alert(fault_runs: Runs) -> None:
     training = {a.name for a in training_alerts(fault_runs.mixin)}
     fired = [f for f in fault_runs.alerts("healthy") if f.labels["alertname"] in training]
     assert fault_runs.codes["healthy"] == 0
-    assert fired == [], _summary(fired)
+    assert fired == [], (_summary(fired), _failed_scrapes(fault_runs))
+
+
+def _failed_scrapes(runs: Runs) -> dict[str, Any]:
+    """The sidecar's failed and slowest scrapes over the runs (seconds since they started), for the failure
+    message: a ``TrainingNodeDown`` for a healthy job means this process stopped answering for seconds."""
+    at = {"time": f"{time.time():.3f}"}
+    span = f"{int(time.time() - runs.started) + 1}s"
+    out: dict[str, Any] = {}
+    for key, expr in (("failed", f'up{{job="mlops-obs"}}[{span}]'),
+                      ("slowest", f'scrape_duration_seconds{{job="mlops-obs"}}[{span}]')):  # fmt: skip
+        values = [(float(t) - runs.started, float(v)) for r in runs.prom.api("query", query=expr, **at)["result"]
+                  for t, v in r["values"]]  # fmt: skip
+        if key == "failed":
+            out[key] = [round(t, 1) for t, v in values if v == 0]
+        else:
+            out[key] = [(round(t, 1), round(v, 2)) for t, v in sorted(values, key=lambda x: -x[1])[:5]]
+    return out
 
 
 def _summary(fired: list[Any]) -> list[tuple[str, str | None, str | None]]:

@@ -127,6 +127,13 @@ class Runs:
     def alerts(self, job: str) -> list[Fired]:
         return [f for f in self.fired if f.labels.get("job") == job]
 
+    def launcher_stderr(self, job: str, tail: int = 2000) -> str:
+        """The end of what ``job``'s launcher wrote to its standard error (for failure messages)."""
+        try:
+            return (self.root / "launchers" / f"{job}.stderr").read_text(errors="replace")[-tail:]
+        except OSError as e:
+            return f"(unreadable: {e})"
+
     def log_lines(self, job: str, rank: int) -> list[dict[str, Any]]:
         path = self.logs / f"{job}-rank{rank}.jsonl"
         return [orjson.loads(line) for line in path.read_bytes().splitlines() if line.strip()]
@@ -230,11 +237,14 @@ def run_all(root: Path) -> tuple[Runs, list[Any]]:
 def _run_all(root: Path) -> tuple[Runs, list[Any]]:
     runs, stop = start_runs(root)
     procs: dict[str, subprocess.Popen[str]] = {}
+    (root / "launchers").mkdir()
     try:
         for c in CASES:
             cmd = ["nice", "-n", str(RANK_NICENESS), *workload_command(c, runs.logs, runs.mp)]
-            procs[c.job] = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                                            cwd=ROOT)  # fmt: skip
+            # Standard error into a file, not a pipe nobody reads while the jobs run (a launcher writing
+            # more than a pipe holds would block); Runs.launcher_stderr reads it for failure messages.
+            with open(root / "launchers" / f"{c.job}.stderr", "wb") as err:
+                procs[c.job] = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, text=True, cwd=ROOT)
         runs.codes = _wait(runs, procs)
         # The ranks' final snapshots reach Prometheus with the first scrape after a sampler round that
         # followed the last exit.

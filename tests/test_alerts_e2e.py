@@ -73,7 +73,7 @@ def test_each_fault_fires_its_alert_naming_the_faulty_rank(fault_runs: Runs, cas
 def test_a_healthy_run_fires_no_training_alert(fault_runs: Runs) -> None:
     training = {a.name for a in training_alerts(fault_runs.mixin)}
     fired = [f for f in fault_runs.alerts("healthy") if f.labels["alertname"] in training]
-    assert fault_runs.codes["healthy"] == 0
+    assert fault_runs.codes["healthy"] == 0, fault_runs.launcher_stderr("healthy")
     assert fired == [], (_summary(fired), _failed_scrapes(fault_runs))
 
 
@@ -122,7 +122,7 @@ def test_a_stalled_rank_alert_reaches_the_store(fault_runs: Runs) -> None:
 
 def test_a_straggler_alert_reaches_the_store(fault_runs: Runs) -> None:
     """The straggler's job trained until this alert was stored, then finished cleanly (no failed rank)."""
-    assert fault_runs.codes["straggler-w2-last"] == 0
+    assert fault_runs.codes["straggler-w2-last"] == 0, fault_runs.launcher_stderr("straggler-w2-last")
     ev = _stored_alert(fault_runs, "TrainingStraggler", "straggler-w2-last")
     assert (ev["level"], ev["rank"]) == ("warning", 1)
 

@@ -59,7 +59,7 @@ from prometheus_client import Counter, Gauge, Histogram  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from proc_cpu import thread_cpu  # noqa: E402
+from proc_cpu import thread_cpu, thread_major_faults  # noqa: E402
 
 from mlops_obs import rankdir  # noqa: E402
 from mlops_obs.instrument import TrainingMonitor  # noqa: E402
@@ -315,21 +315,30 @@ class RankCpu:
     other: float
     main_runs: int
     other_runs: int
+    main_majflt: int = 0
+    other_majflt: int = 0
 
     @property
     def total(self) -> float:
         return self.main + self.other
 
 
-def _rank_cpu(pid: int, before: dict[int, tuple[int, int]], after: dict[int, tuple[int, int]], wall: float) -> RankCpu:
-    def delta(tid: int) -> tuple[int, int]:
-        a, b = before.get(tid, (0, 0)), after[tid]
-        return b[0] - a[0], b[1] - a[1]
+Sample = tuple[dict[int, tuple[int, int]], dict[int, int]]  # a process's thread_cpu and thread_major_faults
 
-    m_ns, m_runs = delta(pid) if pid in after else (0, 0)
-    others = [delta(t) for t in after if t != pid]
-    o_ns, o_runs = sum(x[0] for x in others), sum(x[1] for x in others)
-    return RankCpu(m_ns / 1e9 / wall, o_ns / 1e9 / wall, m_runs, o_runs)
+
+def _sample(pid: int) -> Sample:
+    return thread_cpu(pid), thread_major_faults(pid)
+
+
+def _rank_cpu(pid: int, before: Sample, after: Sample, wall: float) -> RankCpu:
+    def delta(tid: int) -> tuple[int, int, int]:
+        a, b = before[0].get(tid, (0, 0)), after[0][tid]
+        return b[0] - a[0], b[1] - a[1], after[1].get(tid, 0) - before[1].get(tid, 0)
+
+    m = delta(pid) if pid in after[0] else (0, 0, 0)
+    others = [delta(t) for t in after[0] if t != pid]
+    o = [sum(x[i] for x in others) for i in range(3)]
+    return RankCpu(m[0] / 1e9 / wall, o[0] / 1e9 / wall, m[1], o[1], m[2], o[2])
 
 
 def _fs_type(path: Path) -> str:
@@ -401,13 +410,13 @@ def part_rank(
         while time.monotonic() < end:
             time.sleep(min(scrape_interval, max(0.0, end - time.monotonic())))
             publish()
-        c0 = [thread_cpu(p.pid) for _, p in procs]
+        c0 = [_sample(p.pid) for _, p in procs]
         w0 = time.monotonic()
         end = w0 + window
         while time.monotonic() < end:
             time.sleep(min(scrape_interval, max(0.0, end - time.monotonic())))
             publish()
-        c1 = [thread_cpu(p.pid) for _, p in procs]
+        c1 = [_sample(p.pid) for _, p in procs]
         wall = time.monotonic() - w0
         out: dict[str, list[RankCpu]] = {name: [] for name, _, _ in variants}
         for (name, p), before, after in zip(procs, c0, c1):
@@ -433,6 +442,9 @@ def report_rank(r: dict[str, list[RankCpu]], window: float, settle: float) -> No
         if all(x.other_runs for x in xs):
             per_flush = med(x.other * window / x.other_runs * 1e3 for x in xs)
             line += f", flush thread {med(x.other for x in xs) * 100:.4f} ({per_flush:.2f} ms a wake-up)"
+        faults = med(x.main_majflt + x.other_majflt for x in xs)
+        if faults:  # pages read back from disk: the host reclaiming cold file pages, not the code's own work
+            line += f", {faults:g} major page faults"
         print(line)
     print("  above the bare loop (each variant's median less the bare loop's):")
     bare_total, bare_main = med(x.total for x in r[BARE]), med(x.main for x in r[BARE])

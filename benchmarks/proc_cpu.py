@@ -21,6 +21,23 @@ def thread_cpu(pid: int) -> dict[int, tuple[int, int]]:
     return out
 
 
+def thread_major_faults(pid: int) -> dict[int, int]:
+    """Per live thread of ``pid``: its major page faults (``/proc/<pid>/task/*/stat``), the pages it
+    had to wait for the disk for. Code a process runs every few seconds and nothing else on the machine
+    runs (a C extension's pages) is what a kernel reclaiming cold file pages (DAMON's ``pageout``
+    scheme on the reference VM) evicts, and each run then reads it back: the count tells that cost
+    from the code's own."""
+    out: dict[int, int] = {}
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/stat", "rb") as f:
+                tail = f.read().rpartition(b")")[2].split()
+            out[int(task)] = int(tail[9])
+        except (OSError, ValueError, IndexError):
+            pass
+    return out
+
+
 def process_cpu_ns(pid: int) -> int:
     """CPU nanoseconds of every live thread of ``pid``."""
     return sum(ns for ns, _ in thread_cpu(pid).values())

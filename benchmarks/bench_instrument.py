@@ -309,14 +309,20 @@ else:
 @dataclass
 class RankCpu:
     """One rank process's CPU over the window: its main (training) thread's and its other threads'
-    (the SDK's flush thread), as fractions of a core, and how many times each ran."""
+    (the SDK's flush thread; its signal watcher sleeps in a read), as fractions of a core, how many
+    times each ran, and their major page faults."""
 
     main: float
     other: float
     main_runs: int
     other_runs: int
-    main_majflt: int = 0
-    other_majflt: int = 0
+    main_majflt: int
+    other_majflt: int
+    wall: float
+
+    def per_run(self, share: float, runs: int) -> float:
+        """Seconds of CPU a run of a thread that used ``share`` of a core over the window in ``runs`` runs."""
+        return share * self.wall / runs
 
     @property
     def total(self) -> float:
@@ -338,7 +344,7 @@ def _rank_cpu(pid: int, before: Sample, after: Sample, wall: float) -> RankCpu:
     m = delta(pid) if pid in after[0] else (0, 0, 0)
     others = [delta(t) for t in after[0] if t != pid]
     o = [sum(x[i] for x in others) for i in range(3)]
-    return RankCpu(m[0] / 1e9 / wall, o[0] / 1e9 / wall, m[1], o[1], m[2], o[2])
+    return RankCpu(m[0] / 1e9 / wall, o[0] / 1e9 / wall, m[1], o[1], m[2], o[2], wall)
 
 
 def _fs_type(path: Path) -> str:
@@ -437,10 +443,10 @@ def report_rank(r: dict[str, list[RankCpu]], window: float, settle: float) -> No
           "each, % of one core (min-max):")  # fmt: skip
     for name, xs in r.items():
         tot = [x.total * 100 for x in xs]
-        wake = med(x.main * window / x.main_runs * 1e6 for x in xs) if all(x.main_runs for x in xs) else 0.0
+        wake = med(x.per_run(x.main, x.main_runs) * 1e6 for x in xs) if all(x.main_runs for x in xs) else 0.0
         line = f"  {name:46s} {med(tot):.4f} ({min(tot):.4f}-{max(tot):.4f})  training thread {wake:5.1f} µs a wake-up"
         if all(x.other_runs for x in xs):
-            per_flush = med(x.other * window / x.other_runs * 1e3 for x in xs)
+            per_flush = med(x.per_run(x.other, x.other_runs) * 1e3 for x in xs)
             line += f", flush thread {med(x.other for x in xs) * 100:.4f} ({per_flush:.2f} ms a wake-up)"
         faults = med(x.main_majflt + x.other_majflt for x in xs)
         if faults:  # pages read back from disk: the host reclaiming cold file pages, not the code's own work

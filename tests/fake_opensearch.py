@@ -6,12 +6,14 @@ Real sockets, real HTTP (opensearch-py cannot tell it from a cluster for these c
 ``flattened``), ``/_plugins/_ism/policies/*``, ingest pipelines, and the read side as OpenSearch
 documents it:
 
-* ingest pipelines: ``PUT``/``GET /_ingest/pipeline/<id>`` (``processors`` required; only the ``set``
-  processor, with ``field``, ``value``, ``override``, its value a mustache template of
+* ingest pipelines: ``PUT``/``GET``/``DELETE /_ingest/pipeline/<id>`` (``processors`` required; only
+  the ``set`` processor, with ``field``, ``value``, ``override``, its value a mustache template of
   ``_ingest.timestamp`` or of a document field); an index takes its settings from the matching
   template with the highest priority *when it is created* (by its first document), and runs its
-  ``index.default_pipeline`` on every document written into it then, a pipeline that does not exist
-  failing the item (400). ``_ingest.timestamp`` is the fake's :attr:`FakeOpenSearch.clock`, per
+  ``index.default_pipeline`` on every document written into it then, unless the bulk action names a
+  ``pipeline`` of its own (``_none``: none), a pipeline that does not exist failing the item as
+  OpenSearch's ``IngestService`` does (400 ``illegal_argument_exception``, ``pipeline with id [<id>]
+  does not exist``; the index is not created). ``_ingest.timestamp`` is the fake's :attr:`FakeOpenSearch.clock`, per
   document, rendered as OpenSearch renders it: Java's ``ZonedDateTime.toString()`` in UTC (seconds and
   fraction only when not zero);
 * refresh: with :attr:`FakeOpenSearch.hold_refresh` set, documents written are stored (a repeated
@@ -38,6 +40,9 @@ Faults, injected from the test:
   ``"timeout"`` (the write is applied, the answer comes after the client gave up), ``503``, ``429``;
 * ``max_body_bytes``: larger bodies get 413;
 * ``refuse_pipelines``: a role without ``cluster_manage_pipelines`` (403 on ``PUT _ingest/pipeline``);
+* ``pipeline_faults``: statuses consumed one per ``PUT _ingest/pipeline`` (``500``: the
+  ``illegal_state_exception`` OpenSearch answers when no node reports ingest info; ``503``: a
+  cluster-manager task that timed out), the pipeline not stored;
 * :meth:`stop` / :meth:`start` on the same port: an outage.
 """
 
@@ -71,6 +76,8 @@ class FakeOpenSearch:
         self.refuse_policy_changes = False  # a role that may create a policy but not update one (403)
         self.pipelines: dict[str, Any] = {}
         self.refuse_pipelines = False  # a role without cluster_manage_pipelines (403)
+        self.pipeline_faults: collections.deque[int] = collections.deque()  # one per PUT _ingest/pipeline
+        self.pipeline_puts = 0
         self.index_settings: dict[str, dict[str, Any]] = {}  # fixed when each index is created
         self.clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC)  # _ingest.timestamp
         self.hold_refresh = False
@@ -122,6 +129,8 @@ class FakeOpenSearch:
                 path = self.path.split("?")[0]
                 if path == "/_search/point_in_time":
                     self._answer(*fake.delete_pit(json.loads(body or b"{}")))
+                elif path.startswith("/_ingest/pipeline/"):
+                    self._send(*fake.delete_pipeline(path.rsplit("/", 1)[1]))
                 else:
                     self._send(404, {"error": {"type": "not_found", "reason": path}, "status": 404})
 
@@ -267,7 +276,7 @@ class FakeOpenSearch:
                     )
                     err = {"type": kind, "reason": f"injected {fault}"}
                 else:
-                    status, err = self._ingest(index, doc)
+                    status, err = self._ingest(index, doc, meta.get("pipeline"))
                     if err is None:
                         self.indices[index][_id] = doc
                         if self.hold_refresh:
@@ -280,24 +289,34 @@ class FakeOpenSearch:
                 items.append({op: res})
         return {"took": 1, "errors": errors, "items": items}
 
-    def _ingest(self, index: str, doc: dict[str, Any]) -> tuple[int, dict[str, Any] | None]:
-        """Create the index on its first document (its settings from the template that matches it
-        then), run its default pipeline on ``doc``: (201, None), or the item's error."""
+    def _ingest(self, index: str, doc: dict[str, Any], requested: str | None) -> tuple[int, dict[str, Any] | None]:
+        """Run the pipeline on ``doc`` (the action's own ``pipeline``, else the index's default: the
+        existing index's setting, or for a new one the template's that matches it), then create the
+        index if it is new: (201, None), or the item's error.
+
+        As OpenSearch (``IngestService.resolvePipelines``, ``executePipelines``): a pipeline named in
+        the request overrides the default, ``_none`` is no pipeline, and one that does not exist fails
+        the item before it reaches a shard (so a new index is not created by it).
+        """
         settings = self.index_settings.get(index)
         if settings is None:
-            settings = self.index_settings[index] = self._template_settings(index)
-        name = settings.get("index.default_pipeline")
-        if name is None or name == "_none":
-            return 201, None
-        pipeline = self.pipelines.get(name)
-        if pipeline is None:
-            return 400, {"type": "illegal_argument_exception", "reason": f"pipeline with id [{name}] does not exist"}
+            settings = self._template_settings(index)
+        name = requested if requested is not None else settings.get("index.default_pipeline")
+        if name is not None and name != "_none":
+            pipeline = self.pipelines.get(name)
+            if pipeline is None:
+                why = f"pipeline with id [{name}] does not exist"  # IngestService.executePipelines
+                return 400, {"type": "illegal_argument_exception", "reason": why}
+            self._run_pipeline(pipeline, doc)
+        self.index_settings.setdefault(index, settings)
+        return 201, None
+
+    def _run_pipeline(self, pipeline: dict[str, Any], doc: dict[str, Any]) -> None:
         now = self.clock()
         for proc in pipeline["processors"]:
             spec = proc["set"]
             if spec.get("override", True) or doc.get(spec["field"]) is None:
                 doc[spec["field"]] = _render(spec["value"], doc, now)
-        return 201, None
 
     def _template_settings(self, index: str) -> dict[str, Any]:
         """The flattened settings of the matching index template of highest priority (only one applies)."""
@@ -310,8 +329,17 @@ class FakeOpenSearch:
         return _flat_settings(best[1]) if best else {}
 
     def put_pipeline(self, name: str, body: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        self.pipeline_puts += 1
         if self.refuse_pipelines:
             return 403, _error(403, "security_exception", "no permissions for [cluster:admin/ingest/pipeline/put]")
+        fault = self.pipeline_faults.popleft() if self.pipeline_faults else None
+        if fault == 500:  # IngestService.validatePipeline when the nodes info call returned no ingest info
+            return 500, _error(500, "illegal_state_exception", "Ingest info is empty")
+        if fault == 503:
+            return 503, _error(503, "process_cluster_event_timeout_exception",
+                               f"failed to process cluster event (put-pipeline-{name}) within 30s")  # fmt: skip
+        if fault is not None:
+            return fault, _error(fault, "injected", f"injected {fault}")
         procs = body.get("processors")
         if not isinstance(procs, list):
             return 400, _error(400, "parse_exception", "[processors] required property is missing")
@@ -323,6 +351,13 @@ class FakeOpenSearch:
                 if key not in spec:
                     return 400, _error(400, "parse_exception", f"[{key}] required property is missing")
         self.pipelines[name] = body
+        return 200, {"acknowledged": True}
+
+    def delete_pipeline(self, name: str) -> tuple[int, dict[str, Any]]:
+        """``DELETE _ingest/pipeline/<id>``; an unknown id is OpenSearch's ``ResourceNotFoundException``."""
+        with self.lock:
+            if self.pipelines.pop(name, None) is None:
+                return 404, _error(404, "resource_not_found_exception", f"pipeline [{name}] is missing")
         return 200, {"acknowledged": True}
 
     def refresh(self) -> None:

@@ -296,3 +296,227 @@ def test_a_refused_retention_update_is_a_warning_and_shipping_goes_on(fake: Fake
     sink.send(_events(2), threading.Event())
     assert fake.count() == 2 and stats.retries == 0
     assert fake.policies[POLICY_NAME]["policy"]["states"][0]["transitions"][0]["conditions"] == {"min_index_age": "7d"}
+
+
+class _Said:
+    """A logger recording what the sink says (``say`` calls ``log.<level>(msg, **kw)``)."""
+
+    def __init__(self) -> None:
+        self.lines: list[tuple[str, str, dict[str, Any]]] = []
+
+    def __getattr__(self, level: str) -> Any:
+        return lambda msg, **kw: self.lines.append((level, msg, kw))
+
+    def count(self, level: str, text: str) -> int:
+        return sum(1 for lv, msg, _ in self.lines if lv == level and text in msg)
+
+
+class _RecordedStats(Stats):
+    """Stats remembering every ``sink_error`` set (the cause is cleared once the batch goes through)."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "sink_error" and value is not None:
+            self.__dict__.setdefault("errors", []).append(value)
+        super().__setattr__(name, value)
+
+    @property
+    def errors(self) -> list[str]:
+        return list(self.__dict__.get("errors", []))
+
+
+def _recorded_sink(fake: FakeOpenSearch, tmp_path: Path, **kw: Any) -> tuple[OpenSearchSink, _RecordedStats, _Said]:
+    stats, said = _RecordedStats(), _Said()
+    settings = OpenSearchSettings(url=fake.url, state_dir=tmp_path, backoff_max_s=0.05, timeout_s=1.0, **kw)
+    return OpenSearchSink(settings, log=said, stats=stats), stats, said  # type: ignore[arg-type]
+
+
+def _delete_pipeline(fake: FakeOpenSearch) -> None:
+    """By hand, through the API, as an operator would (``DELETE _ingest/pipeline/<id>``)."""
+    from opensearchpy import OpenSearch
+
+    OpenSearch(hosts=[fake.url]).transport.perform_request("DELETE", f"/_ingest/pipeline/{PIPELINE_NAME}")
+    assert PIPELINE_NAME not in fake.pipelines
+
+
+def test_the_fake_fails_writes_past_a_deleted_pipeline_as_opensearch_does(fake: FakeOpenSearch, tmp_path: Path) -> None:
+    """What the sink recognises, as OpenSearch's IngestService answers it: each item of an index whose
+    default pipeline was deleted fails with 400 illegal_argument_exception "pipeline with id [..] does
+    not exist"; a bulk action naming "pipeline": "_none" is written past it; deleting a pipeline that
+    is not there is a 404 resource_not_found_exception."""
+    from opensearchpy import OpenSearch
+    from opensearchpy.exceptions import NotFoundError
+
+    _sink(fake, tmp_path)[0].send(_events(1), threading.Event())
+    _delete_pipeline(fake)
+    client = OpenSearch(hosts=[fake.url])
+    item = client.bulk(body=bulk_lines(_events(2), "mlops-logs")[1])["items"][0]["create"]
+    why = f"pipeline with id [{PIPELINE_NAME}] does not exist"
+    assert item["status"] == 400 and item["error"] == {"type": "illegal_argument_exception", "reason": why}
+    item = client.bulk(body=bulk_lines(_events(2), "mlops-logs", pipeline="_none")[1])["items"][0]["create"]
+    assert item["status"] == 201 and INGESTED not in fake.indices["mlops-logs-2026.03.04"]["fid-2"]
+    with pytest.raises(NotFoundError) as e:
+        client.transport.perform_request("DELETE", f"/_ingest/pipeline/{PIPELINE_NAME}")
+    assert e.value.error == "resource_not_found_exception"
+
+
+def test_a_pipeline_deleted_mid_run_is_reinstalled_and_nothing_is_dead_lettered(
+    fake: FakeOpenSearch, tmp_path: Path
+) -> None:
+    """A running shipper whose pipeline an operator deletes: the next writes fail for want of it; the
+    sink re-installs it and re-sends them, so the later events reach the index stamped with their
+    ingest time, none dead-lettered, and the cause was named in stats while it lasted."""
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    f = logs / "a.log"
+    f.write_bytes(b"".join(line("s", i) for i in range(1, 101)))
+    sink, stats, said = _recorded_sink(fake, tmp_path / "state")
+    sh = Shipper(ShipperOptions(sources=[str(logs / "*.log")], state_dir=tmp_path / "state", scan_interval=0.05,
+                                poll_interval=0.01), sink, stats=stats)  # fmt: skip
+    t = threading.Thread(target=sh.run, daemon=True)
+    t.start()
+    try:
+        wait_for(lambda: stats.events_shipped == 100, "the first 100 events shipped")
+        _delete_pipeline(fake)
+        with open(f, "ab") as out:
+            out.write(b"".join(line("s", i) for i in range(101, 301)))
+        wait_for(lambda: stats.events_shipped == 300, "the events written after the deletion shipped")
+    finally:
+        sh.stop_event.set()
+        t.join(timeout=60)
+        sh.close()
+    assert not t.is_alive()
+    docs = list(fake.all_docs().values())
+    reconcile(docs, {"s": 300})
+    assert all(ingest_time_ns(d.get(INGESTED)) for d in docs)  # the later ones too: re-sent through it
+    assert fake.pipelines[PIPELINE_NAME] == ingest_pipeline_body("mlops-logs")
+    assert stats.dead_letters == 0 and not (tmp_path / "state" / DEAD_LETTER_FILE).exists()
+    assert stats.retries >= 1 and stats.sink_error is None
+    cause = f"opensearch: ingest pipeline {PIPELINE_NAME} was missing: re-installed"
+    assert any(e.startswith(cause) for e in stats.errors)
+    assert said.count("warning", "ingest pipeline missing") == 1 and said.count("info", "re-installed") == 1
+
+
+def test_a_refused_reinstall_ships_past_the_pipeline_and_says_so_once(fake: FakeOpenSearch, tmp_path: Path) -> None:
+    """The pipeline deleted, and the role may not install it (403): the documents are written past it
+    ("pipeline": "_none": no ingest time, followers go by event time), not dead-lettered and not held;
+    one warning for the whole occurrence, however many batches; every recheck period the sink writes
+    normally and tries again, and uses the pipeline once an administrator put it back."""
+    sink, stats, said = _recorded_sink(fake, tmp_path)
+    sink.send(_events(2), threading.Event())
+    fake.refuse_pipelines = True
+    _delete_pipeline(fake)
+    puts = fake.pipeline_puts
+    sink.send(_events(10)[2:5], threading.Event())  # fails for want of it, re-install refused, sent past it
+    assert fake.pipeline_puts == puts + 1 and fake.count() == 5 and stats.dead_letters == 0
+    assert [INGESTED in fake.all_docs()[f"fid-{i}"] for i in range(1, 6)] == [True, True, False, False, False]
+    assert stats.sink_error is None and any(
+        f"ingest pipeline {PIPELINE_NAME} missing, re-install refused (403" in e for e in stats.errors)  # fmt: skip
+    bulks = fake.bulk_requests
+    sink.send(_events(10)[5:7], threading.Event())  # within the recheck period: straight past it
+    assert fake.count() == 7 and fake.bulk_requests == bulks + 1 and fake.pipeline_puts == puts + 1
+    sink.pipeline_recheck_s = 0.0
+    sink._bypass_until = 0.0  # the recheck period over
+    sink.send(_events(10)[7:8], threading.Event())  # tries again: refused again, sent past it again
+    assert fake.count() == 8 and fake.pipeline_puts == puts + 2 and stats.dead_letters == 0
+    assert said.count("warning", "ingest pipeline missing: every write") == 1
+    assert said.count("warning", "not re-installed: shipping without it") == 1
+    fake.pipelines[PIPELINE_NAME] = ingest_pipeline_body("mlops-logs")  # an administrator put it back
+    sink.send(_events(10)[8:], threading.Event())
+    assert all(INGESTED in fake.all_docs()[f"fid-{i}"] for i in (9, 10))
+    assert said.count("info", "ingest pipeline working again") == 1 and stats.dead_letters == 0
+
+
+def test_a_reinstall_failing_with_5xx_is_retried_then_ships_past_the_pipeline(
+    fake: FakeOpenSearch, tmp_path: Path
+) -> None:
+    """A re-install answered 5xx holds the documents and tries again (a transient one gets the
+    pipeline back); one that keeps failing past the bound ships them without it."""
+    sink, stats, _ = _recorded_sink(fake, tmp_path)
+    sink.send(_events(1), threading.Event())
+    _delete_pipeline(fake)
+    fake.pipeline_faults.extend([503, 500])
+    sink.send(_events(3)[1:], threading.Event())
+    assert fake.pipelines[PIPELINE_NAME] and all(INGESTED in d for d in fake.all_docs().values())
+    assert any("re-install failed (503 process_cluster_event_timeout_exception)" in e for e in stats.errors)
+    sink.send(_events(4)[3:], threading.Event())  # a normal write through it: the occurrence is over
+
+    _delete_pipeline(fake)
+    fake.pipeline_faults.extend([500] * 1000)
+    sink.pipeline_tries, sink.pipeline_patience_s = 3, 0.0
+    sink.send(_events(6, day="2026-03-05"), threading.Event())
+    assert fake.count() == 10 and stats.dead_letters == 0
+    assert not any(INGESTED in d for d in fake.indices["mlops-logs-2026.03.05"].values())
+    assert any("re-install failed 3 times (500 illegal_state_exception)" in e for e in stats.errors)
+
+
+def test_setup_with_a_pipeline_api_that_keeps_failing_ships_without_the_pipeline(
+    fake: FakeOpenSearch, tmp_path: Path
+) -> None:
+    """Every PUT _ingest/pipeline answered 500 (no ingest info): set-up tries a bounded number of
+    times, then installs the template without a default pipeline, as for a refusal, and the events
+    go (without an ingest time) instead of waiting for ever; the ISM policy is installed as usual."""
+    fake.pipeline_faults.extend([500] * 1000)
+    sink, stats, said = _recorded_sink(fake, tmp_path)
+    sink.pipeline_tries, sink.pipeline_patience_s = 3, 0.0  # the bound, without its 30 s of patience
+    sink.send(_events(4), threading.Event())
+    assert fake.pipeline_puts == 3 and fake.count() == 4 and PIPELINE_NAME not in fake.pipelines
+    assert "index.default_pipeline" not in fake.templates[TEMPLATE_NAME]["template"]["settings"]
+    assert POLICY_NAME in fake.policies and not any(INGESTED in d for d in fake.all_docs().values())
+    assert stats.retries == 2 and stats.dead_letters == 0 and stats.sink_error is None
+    assert any("setup failed" in e and "illegal_state_exception" in e for e in stats.errors)
+    assert said.count("warning", "ingest pipeline not installed: its API keeps failing") == 1
+
+
+def test_setup_retries_a_transient_pipeline_5xx_and_installs_it(fake: FakeOpenSearch, tmp_path: Path) -> None:
+    """Two 5xx answers (a cluster-manager task timing out, then no ingest info) at the default bound:
+    retried with the set-up, the pipeline installed at the third try and named by the template."""
+    fake.pipeline_faults.extend([503, 500])
+    sink, stats, said = _recorded_sink(fake, tmp_path)
+    sink.send(_events(3), threading.Event())
+    assert fake.pipeline_puts == 3 and fake.pipelines[PIPELINE_NAME] == ingest_pipeline_body("mlops-logs")
+    assert fake.templates[TEMPLATE_NAME]["template"]["settings"]["index.default_pipeline"] == PIPELINE_NAME
+    assert all(INGESTED in d for d in fake.all_docs().values()) and fake.count() == 3
+    assert stats.retries == 2 and said.count("warning", "ingest pipeline not installed") == 0
+
+
+@pytest.mark.opensearch
+def test_real_opensearch_a_deleted_pipeline_is_reinstalled_or_written_past(tmp_path: Path) -> None:
+    """Against a real cluster, what the fake claims: writes into an index whose default pipeline was
+    deleted fail per item with the error the sink recognises; the sink re-installs it and the documents
+    are stamped; with set-up off it writes them past it ("pipeline": "_none"), unstamped, none dead-lettered."""
+    url = os.environ.get("MLOPS_OBS_TEST_OPENSEARCH_URL")
+    if not url:
+        pytest.skip("set MLOPS_OBS_TEST_OPENSEARCH_URL to run against a real OpenSearch")
+    from opensearchpy import OpenSearch
+
+    prefix = f"mlops-test-{uuid.uuid4().hex[:8]}"
+    template, policy, pipeline = setup_names(prefix)
+    client = OpenSearch(hosts=[url], verify_certs=False, ssl_show_warn=False)
+    stats = Stats()
+    sink = OpenSearchSink(OpenSearchSettings(url=url, state_dir=tmp_path, index_prefix=prefix, verify=False,
+                                             backoff_max_s=0.2), stats=stats)  # fmt: skip
+    try:
+        sink.send(_events(2), threading.Event())
+        client.transport.perform_request("DELETE", f"/_ingest/pipeline/{pipeline}")
+        item = client.bulk(body=bulk_lines(_events(3)[2:], prefix)[0])["items"][0]["create"]
+        assert item["status"] == 400 and item["error"]["type"] == "illegal_argument_exception"
+        assert item["error"]["reason"] == f"pipeline with id [{pipeline}] does not exist"
+        sink.send(_events(5)[2:], threading.Event())
+        assert client.transport.perform_request("GET", f"/_ingest/pipeline/{pipeline}")[pipeline]
+        client.transport.perform_request("DELETE", f"/_ingest/pipeline/{pipeline}")
+        no_setup = OpenSearchSink(OpenSearchSettings(url=url, state_dir=tmp_path, index_prefix=prefix, verify=False,
+                                                     backoff_max_s=0.2, setup=False), stats=stats)  # fmt: skip
+        no_setup.send(_events(8)[5:], threading.Event())
+        client.indices.refresh(index=f"{prefix}-*")
+        hits = client.search(index=f"{prefix}-*", body={"size": 100})["hits"]["hits"]
+        stamped = {h["_id"]: INGESTED in h["_source"] for h in hits}
+        assert stamped == {f"fid-{i}": i <= 5 for i in range(1, 9)} and stats.dead_letters == 0
+    finally:
+        client.indices.delete(index=f"{prefix}-*")
+        client.indices.delete_index_template(name=template)
+        for path in (f"/_plugins/_ism/policies/{policy}", f"/_ingest/pipeline/{pipeline}"):
+            try:
+                client.transport.perform_request("DELETE", path)
+            except Exception:
+                pass
+        sink.close()

@@ -13,11 +13,15 @@ Why not opensearch-py's helpers: ``streaming_bulk`` retries only per-item 429s (
 * per item: 200/201 and 409 are done; 429, 5xx, timeouts and connection errors are retried with
   full-jitter exponential backoff, forever (the shipper stops reading meanwhile); a 413 splits the
   request in two (a single document too big is dead-lettered); any other 4xx goes to the
-  dead-letter file with its reason, fsynced before the batch counts as acknowledged;
+  dead-letter file with its reason, fsynced before the batch counts as acknowledged, except the
+  one 4xx that says the cluster is broken, not the document: our ingest pipeline missing (see
+  :meth:`OpenSearchSink._repair_pipeline`: re-installed and the documents re-sent, or sent without it);
 * at start it installs an ingest pipeline stamping each document with the cluster's time of ingest
   (:func:`ingest_pipeline_body`, the field :data:`INGESTED`, what a follower follows by), an index
   template (:func:`template_body`: OpenSearch types, what readers filter or aggregate on typed at the
-  top level, the pipeline as the indices' default) and an ISM retention policy (:func:`ism_policy_body`).
+  top level, the pipeline as the indices' default) and an ISM retention policy (:func:`ism_policy_body`);
+  a pipeline that cannot be installed (refused, or its API failing past :data:`PIPELINE_PATIENCE_S`)
+  is left out, never holding the logs back.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import logging
 import os
 import re
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,6 +77,21 @@ INGESTED = "ingested"
 """The field the ingest pipeline sets to the cluster's time of ingest (``{{_ingest.timestamp}}``):
 when a document was stored, on one clock for every shipper, which is what a follower follows by
 (:meth:`OpenSearchSource.follow`). Mapped as ``date`` (milliseconds: a follower needs no finer)."""
+
+
+PIPELINE_TRIES = 5
+PIPELINE_PATIENCE_S = 30.0
+"""A ``PUT _ingest/pipeline`` answered with a 5xx is retried (with the set-up, or before re-sending
+the documents it failed) until it has failed this many times in a row *and* for this long: a cluster
+still electing its manager or starting answers 5xx for seconds, and gets the pipeline; one whose
+ingest API keeps failing (no node reporting ingest info, a cluster-manager task that keeps timing
+out) gets none, like a role that may not install it, and the logs flow without :data:`INGESTED`."""
+PIPELINE_RECHECK_S = 60.0
+"""How long the sink sends documents past a missing pipeline it could not re-install (``"pipeline":
+"_none"``) before it sends them normally again, to see whether an administrator put it back."""
+NO_PIPELINE = "_none"
+"""A bulk action's ``pipeline`` naming no pipeline: it overrides the index's ``default_pipeline``
+(OpenSearch's ``IngestService.resolvePipelines``; ``index.final_pipeline`` would still run)."""
 
 
 def setup_names(prefix: str) -> tuple[str, str, str]:
@@ -183,8 +203,9 @@ def document(ev: Mapping[str, Any]) -> tuple[Any, dict[str, Any]]:
     return eid, doc
 
 
-def bulk_lines(events: Sequence[Mapping[str, Any]], prefix: str) -> list[bytes]:
-    """One ``create`` action + document per event, each pair as one bytes chunk ending in a newline.
+def bulk_lines(events: Sequence[Mapping[str, Any]], prefix: str, *, pipeline: str | None = None) -> list[bytes]:
+    """One ``create`` action + document per event, each pair as one bytes chunk ending in a newline;
+    with ``pipeline``, each action names it (:data:`NO_PIPELINE`: past the index's default pipeline).
 
     The action's constant part is built once per day (index) and reused: with orjson doing the
     documents, string building is what is left to save.
@@ -192,12 +213,13 @@ def bulk_lines(events: Sequence[Mapping[str, Any]], prefix: str) -> list[bytes]:
     out = []
     dumps = orjson.dumps
     heads: dict[str, bytes] = {}
+    extra = b'","pipeline":' + dumps(pipeline) + b',"_id":' if pipeline is not None else b'","_id":'
     for ev in events:
         eid, doc = document(ev)
         day = doc["@timestamp"][:10]
         head = heads.get(day)
         if head is None:
-            head = heads[day] = b'{"create":{"_index":"' + index_for(prefix, day).encode() + b'","_id":'
+            head = heads[day] = b'{"create":{"_index":"' + index_for(prefix, day).encode() + extra
         out.append(b"".join((head, dumps(eid), b"}}\n", dumps(doc, default=str), b"\n")))
     return out
 
@@ -364,6 +386,16 @@ class OpenSearchSink:
         self.client = make_client(settings)
         self.dead_letters = DeadLetters(Path(settings.state_dir) / DEAD_LETTER_FILE, log)
         self._set_up = not settings.setup
+        self.pipeline_tries = PIPELINE_TRIES
+        self.pipeline_patience_s = PIPELINE_PATIENCE_S
+        self.pipeline_recheck_s = PIPELINE_RECHECK_S
+        self._pipeline = setup_names(settings.index_prefix)[2]
+        self._pipeline_5xx = 0  # answers of 5xx to the pipeline's PUT in a row ...
+        self._pipeline_5xx_since: float | None = None  # ... since then (monotonic)
+        self._missing_since: float | None = None  # the pipeline found missing by a write, until one works again
+        self._reinstalls = 0  # re-installs that "worked" in this occurrence (it keeps vanishing: give up)
+        self._bypass_warned = False  # "shipping without it" said for this occurrence
+        self._bypass_until = 0.0  # monotonic; until then documents name NO_PIPELINE
 
     def _count_retry(self, why: str) -> None:
         """One more retry, and why: ``stats.sink_error`` names the cause in the shipper's stats.json
@@ -419,36 +451,142 @@ class OpenSearchSink:
         A refusal (a role without ``cluster_manage_pipelines``, a 4xx) is not worth holding the logs
         back for: if the pipeline is there all the same (an administrator installed it) it is used,
         otherwise the template names none, the documents carry no :data:`INGESTED` and followers
-        fall back to event time (see :meth:`OpenSearchSource.follow`), and the sink says so. A 5xx
-        or a lost connection is retried with the rest of the set-up.
+        fall back to event time (see :meth:`OpenSearchSource.follow`), and the sink says so. A lost
+        connection is retried with the rest of the set-up, forever (the template could not be
+        installed either). So is a 5xx, but only until :meth:`_pipeline_gives_up`: a cluster whose
+        ingest API keeps failing while it answers the rest is treated like a refusal, so that logs
+        flow without the pipeline rather than not at all (a later start tries again).
         """
         from opensearchpy.exceptions import ConnectionError as OSConnectionError
         from opensearchpy.exceptions import TransportError
 
         url = f"/_ingest/pipeline/{name}"
+        gave_up = False
         try:
-            self.client.transport.perform_request("PUT", url, body=ingest_pipeline_body(self.s.index_prefix))
+            self._put_pipeline(name)
             return True
         except OSConnectionError:
             raise
         except TransportError as e:
-            if not (isinstance(e.status_code, int) and 400 <= e.status_code < 500):
-                raise
+            if not _is_4xx(e):
+                if not self._pipeline_gives_up():
+                    raise
+                gave_up = True
             refusal = e
         try:
             current = self.client.transport.perform_request("GET", url)
         except OSConnectionError:
             raise
         except TransportError as e:
-            if not (isinstance(e.status_code, int) and 400 <= e.status_code < 500):
+            if not (_is_4xx(e) or gave_up):
                 raise
             current = None
         if _sets_ingested((current or {}).get(name)):
             self._say("info", "ingest pipeline not updated (refused); the one installed is used",
                       pipeline=name, status=refusal.status_code)  # fmt: skip
             return True
-        self._say("warning", "ingest pipeline not installed; followers of these indices go by event time",
-                  pipeline=name, status=refusal.status_code, error=str(refusal.error))  # fmt: skip
+        if gave_up:
+            self._say("warning", "ingest pipeline not installed: its API keeps failing; followers of these "
+                      "indices go by event time until a later start installs it", pipeline=name,
+                      tries=self._pipeline_5xx, status=refusal.status_code, error=str(refusal.error))  # fmt: skip
+        else:
+            self._say("warning", "ingest pipeline not installed; followers of these indices go by event time",
+                      pipeline=name, status=refusal.status_code, error=str(refusal.error))  # fmt: skip
+        return False
+
+    def _put_pipeline(self, name: str) -> None:
+        """``PUT _ingest/pipeline/<name>`` with the current body (create or replace: idempotent)."""
+        self.client.transport.perform_request("PUT", f"/_ingest/pipeline/{name}",
+                                              body=ingest_pipeline_body(self.s.index_prefix))  # fmt: skip
+        self._pipeline_5xx, self._pipeline_5xx_since = 0, None
+
+    def _pipeline_gives_up(self) -> bool:
+        """Count one more 5xx answer to the pipeline's PUT; whether to go on without the pipeline:
+        after :data:`PIPELINE_TRIES` in a row over at least :data:`PIPELINE_PATIENCE_S`."""
+        now = time.monotonic()
+        if self._pipeline_5xx_since is None:
+            self._pipeline_5xx_since = now
+        self._pipeline_5xx += 1
+        return (self._pipeline_5xx >= self.pipeline_tries
+                and now - self._pipeline_5xx_since >= self.pipeline_patience_s)  # fmt: skip
+
+    def _is_missing_pipeline(self, status: int, reason: str) -> bool:
+        """Whether a bulk item failed because our ingest pipeline does not exist: the index (or the
+        template it is created from) names it as ``index.default_pipeline`` and it was deleted, or the
+        cluster restored without it. OpenSearch fails each such item before it reaches a shard, with
+        ``IngestService``'s ``IllegalArgumentException``: status 400, ``illegal_argument_exception``,
+        ``pipeline with id [<name>] does not exist``. Only ours: a pipeline of someone else's may do
+        what must not be skipped (redaction), and is not ours to install."""
+        return (status == 400 and reason.startswith("illegal_argument_exception: ")
+                and f"pipeline with id [{self._pipeline}] does not exist" in reason)  # fmt: skip
+
+    def _repair_pipeline(self, n: int) -> bool:
+        """``n`` documents failed because our ingest pipeline is missing (:meth:`_is_missing_pipeline`):
+        whether to re-send them as they are (True: re-installed, or the re-install may still work)
+        or past the pipeline (False: ``"pipeline": "_none"`` for :data:`PIPELINE_RECHECK_S`).
+
+        A missing pipeline is the cluster's configuration broken, not the documents bad: dead-lettering
+        them (what a 400 otherwise gets) would keep every event out of the cluster until a restart,
+        and the dead letters are never re-sent. So the pipeline is re-installed (the set-up's ``PUT``)
+        and the documents re-sent after the usual backoff. When it cannot be re-installed (a 403: a
+        role without ``cluster_manage_pipelines``; its API failing past :meth:`_pipeline_gives_up`;
+        ``--no-opensearch.setup``; or it vanishes again after each re-install), two ways were open:
+
+        * hold the shipper (retry forever): nothing lost, but nothing reaches the cluster either, the
+          checkpoint stays put and the files' lag grows until a person acts;
+        * dead-letter (what happened before): the cluster gets nothing, the dead-letter file everything.
+
+        Neither is needed: a bulk action naming ``"pipeline": "_none"`` is indexed past the index's
+        default pipeline, so the documents are written, only without :data:`INGESTED` (followers fall
+        back to event time for them, as for a shipper whose role could not install the pipeline at
+        start). That is what the sink does, saying so once per occurrence (a warning, and in
+        ``stats.sink_error`` while the documents are re-sent); every :data:`PIPELINE_RECHECK_S` it
+        sends normally again and tries the re-install again, so a pipeline an administrator puts
+        back is used without a restart. A connection lost during the re-install is retried as a
+        write is, forever.
+        """
+        from opensearchpy.exceptions import ConnectionError as OSConnectionError
+        from opensearchpy.exceptions import TransportError
+
+        name = self._pipeline
+        first = self._missing_since is None
+        if first:
+            self._missing_since = time.monotonic()
+            self._say("warning", "ingest pipeline missing: every write into the indices naming it fails",
+                      pipeline=name, documents=n)  # fmt: skip
+        why: str
+        if not self.s.setup:
+            why = "not re-installed: --no-opensearch.setup"
+        elif self._reinstalls >= self.pipeline_tries:
+            why = f"re-installed {self._reinstalls} times, missing again each time"
+        else:
+            try:
+                self._put_pipeline(name)
+            except OSConnectionError as e:
+                self._count_retry(f"ingest pipeline {name} missing; re-installing it: unreachable: {_why(e)}")
+                return True
+            except TransportError as e:
+                if _is_4xx(e):
+                    why = f"re-install refused ({e.status_code} {e.error})"
+                elif self._pipeline_gives_up():
+                    why = f"re-install failed {self._pipeline_5xx} times ({e.status_code} {e.error})"
+                else:
+                    self._count_retry(f"ingest pipeline {name} missing; re-install failed ({e.status_code} "
+                                      f"{e.error}), {n} documents held")  # fmt: skip
+                    return True
+            else:
+                self._reinstalls += 1
+                self._say("info", "ingest pipeline re-installed; re-sending the documents it failed",
+                          pipeline=name, documents=n)  # fmt: skip
+                self._count_retry(f"ingest pipeline {name} was missing: re-installed, {n} documents re-sent")
+                return True
+        self._bypass_until = time.monotonic() + self.pipeline_recheck_s
+        self._count_retry(f"ingest pipeline {name} missing, {why}: {n} documents sent without it")
+        if not self._bypass_warned:
+            self._bypass_warned = True
+            self._say("warning", "ingest pipeline missing and not re-installed: shipping without it (no "
+                      "ingested time: followers go by event time); install it or restart with a role "
+                      "that may (cluster_manage_pipelines)", pipeline=name, why=why)  # fmt: skip
         return False
 
     def _try_update_retention(self, policy: str) -> None:
@@ -508,10 +646,12 @@ class OpenSearchSink:
             events = events.dicts()
         if not self._set_up:
             self._setup(stop)
-        lines = bulk_lines(events, self.s.index_prefix)
+        bypass = time.monotonic() < self._bypass_until  # past a missing pipeline (see _repair_pipeline)
+        lines = bulk_lines(events, self.s.index_prefix, pipeline=NO_PIPELINE if bypass else None)
         pending = [(a, b) for a, b in chunk_by_bytes(lines, self.s.max_body_bytes)]
         dead: list[tuple[Mapping[str, Any], str, int]] = []
         delay = backoff_delays(cap=self.s.backoff_max_s)
+        written = missing_seen = False  # a document written normally; one failed for want of the pipeline
         while pending:
             a, b = pending.pop(0)
             idx = list(range(a, b))
@@ -530,17 +670,28 @@ class OpenSearchSink:
                     raise Stop() from None
                 continue
             retry: list[int] = []
+            missing: list[int] = []
             for i, item in zip(idx, outcome):
                 status, reason = item
                 if status in (200, 201, 409):
+                    written = True
                     continue
                 if status == 429 or status >= 500:
                     retry.append(i)
+                elif self._is_missing_pipeline(status, reason):
+                    missing.append(i)
                 else:
                     dead.append((events[i], reason, status))
-            if retry:
+            if missing:
+                missing_seen = True
+                if not self._repair_pipeline(len(missing)) and not bypass:
+                    bypass = True
+                    lines = bulk_lines(events, self.s.index_prefix, pipeline=NO_PIPELINE)
+                retry = sorted(retry + missing)
+            elif retry:
                 status, reason = outcome[retry[0] - a]
                 self._count_retry(f"{len(retry)} of {len(idx)} documents refused for now ({status} {reason})")
+            if retry:
                 # retry only the failed items, as their own requests (they are contiguous enough)
                 pending[:0] = [(i, i + 1) for i in retry] if len(retry) < 8 else _runs(retry)
                 if stop.wait(delay()):
@@ -549,6 +700,10 @@ class OpenSearchSink:
                 delay = backoff_delays(cap=self.s.backoff_max_s)
         if dead:
             self._dead_letter(dead)
+        if self._missing_since is not None and written and not bypass and not missing_seen:
+            self._say("info", "ingest pipeline working again", pipeline=self._pipeline,
+                      missing_for_s=round(time.monotonic() - self._missing_since, 1))  # fmt: skip
+            self._missing_since, self._reinstalls, self._bypass_warned = None, 0, False
         if self.stats is not None:
             self.stats.sink_error = None
         return len(events)
@@ -611,6 +766,12 @@ def _sets_ingested(pipeline: Any) -> bool:
         if "_ingest.timestamp" in str(spec.get("value")):
             return True
     return False
+
+
+def _is_4xx(e: Any) -> bool:
+    """Whether a ``TransportError`` is the cluster's answer that the request is refused (not a 5xx,
+    not opensearch-py's ``N/A`` status for a request that got no answer)."""
+    return isinstance(e.status_code, int) and 400 <= e.status_code < 500
 
 
 def _runs(idx: list[int]) -> list[tuple[int, int]]:
@@ -834,7 +995,8 @@ class OpenSearchSource:
         timeline's order (:data:`SORT`).
 
         The fallback, for documents without :data:`INGESTED` (indices created before the pipeline
-        was installed, or by a sink whose role may not install it: see :meth:`OpenSearchSink._install_pipeline`):
+        was installed, by a sink whose role may not install it, see :meth:`OpenSearchSink._install_pipeline`,
+        or written past a pipeline that went missing, see :meth:`OpenSearchSink._repair_pipeline`):
         the old rule, documents whose own ``@timestamp`` is within ``lookback_s`` of the newest time
         seen. Such a document whose time is more than ``lookback_s`` older than the newest event is
         stored but not shown to a follower (a later ``replay`` shows it): a node's logs shipped late

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import os
 import time
+import uuid
 from collections.abc import Callable, Generator, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -103,6 +105,42 @@ def no_process_left_behind() -> Iterator[None]:
         except psutil.Error:
             continue  # exited meanwhile
     assert not leaked, f"test session left child processes running: {names}"
+
+
+@dataclass
+class RealOpenSearch:
+    """A cluster at ``MLOPS_OBS_TEST_OPENSEARCH_URL`` and an index prefix of the test's own."""
+
+    url: str
+    prefix: str
+    client: Any  # opensearchpy.OpenSearch
+
+
+@pytest.fixture
+def real_opensearch() -> Iterator[RealOpenSearch]:
+    """The opt-in real-cluster tests' cluster (mark them ``opensearch``): skips without
+    ``MLOPS_OBS_TEST_OPENSEARCH_URL``; afterwards deletes whatever the test made under its prefix
+    (indices, index template, ISM policy, ingest pipeline), so tests sharing a cluster never meet.
+
+    To check those tests' own code without a cluster, point the variable at the local endpoint:
+    ``python -m tests.fake_opensearch`` prints its URL and serves until interrupted."""
+    url = os.environ.get("MLOPS_OBS_TEST_OPENSEARCH_URL")
+    if not url:
+        pytest.skip("set MLOPS_OBS_TEST_OPENSEARCH_URL to run against a real OpenSearch")
+    from opensearchpy import OpenSearch
+
+    from mlops_obs.logs.opensearch import setup_names
+
+    prefix = f"mlops-test-{uuid.uuid4().hex[:8]}"
+    client = OpenSearch(hosts=[url], verify_certs=False, ssl_show_warn=False)
+    yield RealOpenSearch(url, prefix, client)
+    template, policy, pipeline = setup_names(prefix)
+    for path in (f"/{prefix}-*", f"/_index_template/{template}", f"/_plugins/_ism/policies/{policy}",
+                 f"/_ingest/pipeline/{pipeline}"):  # fmt: skip
+        try:
+            client.transport.perform_request("DELETE", path)
+        except Exception:  # not made by this test, or gone already
+            pass
 
 
 @pytest.fixture(scope="session")

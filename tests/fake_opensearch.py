@@ -6,6 +6,9 @@ Real sockets, real HTTP (opensearch-py cannot tell it from a cluster for these c
 ``flattened``), ``/_plugins/_ism/policies/*``, ingest pipelines, and the read side as OpenSearch
 documents it:
 
+* ``GET /_index_template/<name>``; clean-up: ``DELETE /<index pattern>``, ``DELETE /_index_template/<name>``,
+  ``DELETE /_plugins/_ism/policies/<id>`` (what the opt-in real-cluster tests clean up with, so they run
+  against this endpoint too);
 * ingest pipelines: ``PUT``/``GET``/``DELETE /_ingest/pipeline/<id>`` (``processors`` required; only
   the ``set`` processor, with ``field``, ``value``, ``override``, its value a mustache template of
   ``_ingest.timestamp`` or of a document field); an index takes its settings from the matching
@@ -131,6 +134,10 @@ class FakeOpenSearch:
                     self._answer(*fake.delete_pit(json.loads(body or b"{}")))
                 elif path.startswith("/_ingest/pipeline/"):
                     self._send(*fake.delete_pipeline(path.rsplit("/", 1)[1]))
+                elif path.startswith(("/_index_template/", "/_plugins/_ism/policies/")):
+                    self._send(*fake.delete_setup(path))
+                elif path.count("/") == 1 and not path.startswith("/_"):
+                    self._send(*fake.delete_indices(path[1:]))
                 else:
                     self._send(404, {"error": {"type": "not_found", "reason": path}, "status": 404})
 
@@ -154,6 +161,15 @@ class FakeOpenSearch:
                         self._send(404, {})  # OpenSearch answers an unknown pipeline with an empty object
                     else:
                         self._send(200, {name: found})
+                elif path.startswith("/_index_template/"):
+                    name = path.rsplit("/", 1)[1]
+                    with fake.lock:
+                        tpl = copy.deepcopy(fake.templates.get(name))
+                    if tpl is None:
+                        self._send(404, _error(404, "resource_not_found_exception",
+                                               f"index template matching [{name}] not found"))  # fmt: skip
+                    else:
+                        self._send(200, {"index_templates": [{"name": name, "index_template": tpl}]})
                 elif path.startswith("/_plugins/_ism/policies/") and path.rsplit("/", 1)[1] in fake.policies:
                     name = path.rsplit("/", 1)[1]
                     with fake.lock:
@@ -358,6 +374,35 @@ class FakeOpenSearch:
         with self.lock:
             if self.pipelines.pop(name, None) is None:
                 return 404, _error(404, "resource_not_found_exception", f"pipeline [{name}] is missing")
+        return 200, {"acknowledged": True}
+
+    def delete_setup(self, path: str) -> tuple[int, dict[str, Any]]:
+        """``DELETE _index_template/<name>`` or ``DELETE _plugins/_ism/policies/<id>`` (what a test against
+        a real cluster cleans up with); an unknown name is a 404."""
+        name = path.rsplit("/", 1)[1]
+        with self.lock:
+            if path.startswith("/_index_template/"):
+                if self.templates.pop(name, None) is None:
+                    return 404, _error(404, "index_template_missing_exception", f"index_template [{name}] missing")
+                return 200, {"acknowledged": True}
+            if self.policies.pop(name, None) is None:
+                return 404, _error(404, "not_found", f"Policy not found: {name}")
+            self.policy_seq_no.pop(name, None)
+        return 200, {"_id": name, "result": "deleted"}
+
+    def delete_indices(self, target: str) -> tuple[int, dict[str, Any]]:
+        """``DELETE /<index>[,<index>...]``, wildcards allowed (OpenSearch's default
+        ``action.destructive_requires_name: false``); a name without a wildcard that matches nothing is a 404."""
+        pats = [t for t in target.split(",") if t]
+        with self.lock:
+            gone = [i for i in list(self.indices) if any(fnmatch.fnmatchcase(i, p) for p in pats)]
+            missing = [p for p in pats if "*" not in p and p not in gone]
+            if missing:
+                return 404, _error(404, "index_not_found_exception", f"no such index [{missing[0]}]")
+            for i in gone:
+                del self.indices[i]
+                self.index_settings.pop(i, None)
+            self.unrefreshed = {(i, k) for i, k in self.unrefreshed if i not in gone}
         return 200, {"acknowledged": True}
 
     def refresh(self) -> None:
@@ -771,3 +816,16 @@ def _wildcard_regex(pattern: str, case_insensitive: bool) -> re.Pattern[str]:
         out.append(".*" if c == "*" else "." if c == "?" else re.escape(c))
         i += 1
     return re.compile("".join(out), re.DOTALL | (re.IGNORECASE if case_insensitive else 0))
+
+
+if __name__ == "__main__":  # a local endpoint to run the opt-in real-cluster tests' code against
+    import signal
+
+    stop = {signal.SIGINT, signal.SIGTERM}
+    signal.pthread_sigmask(signal.SIG_BLOCK, stop)  # before the server's threads start: they inherit it
+    f = FakeOpenSearch().start()
+    print(f"MLOPS_OBS_TEST_OPENSEARCH_URL={f.url}", flush=True)
+    try:
+        signal.sigwait(stop)
+    finally:
+        f.stop()

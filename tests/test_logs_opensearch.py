@@ -4,9 +4,7 @@ cluster when ``MLOPS_OBS_TEST_OPENSEARCH_URL`` is set."""
 
 from __future__ import annotations
 
-import os
 import threading
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -30,7 +28,7 @@ from mlops_obs.logs.opensearch import (
 )
 from mlops_obs.logs.shipper import Shipper, ShipperOptions
 from mlops_obs.logs.sink import DEAD_LETTER_FILE, Stats
-from tests.conftest import wait_for
+from tests.conftest import RealOpenSearch, wait_for
 from tests.fake_opensearch import FakeOpenSearch
 from tests.logs_helpers import line, reconcile, run_ship, ship_cmd
 
@@ -243,31 +241,24 @@ def test_shipper_cli_into_opensearch_with_faults(fake: FakeOpenSearch, tmp_path:
 
 
 @pytest.mark.opensearch
-def test_real_opensearch_roundtrip(tmp_path: Path) -> None:
+def test_real_opensearch_roundtrip(real_opensearch: RealOpenSearch, tmp_path: Path) -> None:
     """Against a real cluster: setup, ship twice (idempotent), search finds every line once."""
-    url = os.environ.get("MLOPS_OBS_TEST_OPENSEARCH_URL")
-    if not url:
-        pytest.skip("set MLOPS_OBS_TEST_OPENSEARCH_URL to run against a real OpenSearch")
-    from opensearchpy import OpenSearch
-
-    prefix = f"mlops-test-{uuid.uuid4().hex[:8]}"
-    settings = OpenSearchSettings(url=url, state_dir=tmp_path, index_prefix=prefix, verify=False)
+    prefix, client = real_opensearch.prefix, real_opensearch.client
+    settings = OpenSearchSettings(url=real_opensearch.url, state_dir=tmp_path, index_prefix=prefix, verify=False)
     sink = OpenSearchSink(settings)
     evs = _events(500)
     logs = tmp_path / "logs"
     logs.mkdir()
     (logs / "a.log").write_bytes(b"".join(line("s", i) for i in range(1, 501)))
     sh = Shipper(ShipperOptions(sources=[str(logs / "*.log")], state_dir=tmp_path / "st"), sink)
-    sh.run(once=True)
-    sink.send(evs[:1], threading.Event())
-    client = OpenSearch(hosts=[url], verify_certs=False, ssl_show_warn=False)
     try:
+        sh.run(once=True)
+        sink.send(evs[:1], threading.Event())
         client.indices.refresh(index=f"{prefix}-*")
         hits = client.search(index=f"{prefix}-*", body={"size": 1000, "query": {"match_all": {}}})["hits"]["hits"]
         reconcile([h["_source"] for h in hits if h["_source"]["fields"].get("stream") == "s" and
                    h["_source"]["source"] != "/l"], {"s": 500})  # fmt: skip
     finally:
-        client.indices.delete(index=f"{prefix}-*")
         sh.close()
 
 
@@ -480,18 +471,14 @@ def test_setup_retries_a_transient_pipeline_5xx_and_installs_it(fake: FakeOpenSe
 
 
 @pytest.mark.opensearch
-def test_real_opensearch_a_deleted_pipeline_is_reinstalled_or_written_past(tmp_path: Path) -> None:
+def test_real_opensearch_a_deleted_pipeline_is_reinstalled_or_written_past(
+    real_opensearch: RealOpenSearch, tmp_path: Path
+) -> None:
     """Against a real cluster, what the fake claims: writes into an index whose default pipeline was
     deleted fail per item with the error the sink recognises; the sink re-installs it and the documents
     are stamped; with set-up off it writes them past it ("pipeline": "_none"), unstamped, none dead-lettered."""
-    url = os.environ.get("MLOPS_OBS_TEST_OPENSEARCH_URL")
-    if not url:
-        pytest.skip("set MLOPS_OBS_TEST_OPENSEARCH_URL to run against a real OpenSearch")
-    from opensearchpy import OpenSearch
-
-    prefix = f"mlops-test-{uuid.uuid4().hex[:8]}"
-    template, policy, pipeline = setup_names(prefix)
-    client = OpenSearch(hosts=[url], verify_certs=False, ssl_show_warn=False)
+    url, prefix, client = real_opensearch.url, real_opensearch.prefix, real_opensearch.client
+    pipeline = setup_names(prefix)[2]
     stats = Stats()
     sink = OpenSearchSink(OpenSearchSettings(url=url, state_dir=tmp_path, index_prefix=prefix, verify=False,
                                              backoff_max_s=0.2), stats=stats)  # fmt: skip
@@ -512,11 +499,4 @@ def test_real_opensearch_a_deleted_pipeline_is_reinstalled_or_written_past(tmp_p
         stamped = {h["_id"]: INGESTED in h["_source"] for h in hits}
         assert stamped == {f"fid-{i}": i <= 5 for i in range(1, 9)} and stats.dead_letters == 0
     finally:
-        client.indices.delete(index=f"{prefix}-*")
-        client.indices.delete_index_template(name=template)
-        for path in (f"/_plugins/_ism/policies/{policy}", f"/_ingest/pipeline/{pipeline}"):
-            try:
-                client.transport.perform_request("DELETE", path)
-            except Exception:
-                pass
         sink.close()

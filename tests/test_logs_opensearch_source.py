@@ -37,7 +37,7 @@ from mlops_obs.logs.opensearch import (
 from mlops_obs.logs.shipper import Shipper, ShipperOptions
 from mlops_obs.logs.source import EventQuery
 from mlops_obs.logs.store import StoreSink, StoreSource
-from tests.conftest import wait_for
+from tests.conftest import RealOpenSearch, wait_for
 from tests.fake_opensearch import KNOWN_TYPES, FakeOpenSearch
 
 REPO = Path(__file__).resolve().parent.parent
@@ -373,27 +373,18 @@ def test_rca_cli_with_opensearch(tmp_path: Path, fake: FakeOpenSearch) -> None:
 
 
 @pytest.mark.opensearch
-def test_real_opensearch_reads_back_as_the_store(tmp_path: Path) -> None:
+def test_real_opensearch_reads_back_as_the_store(real_opensearch: RealOpenSearch, tmp_path: Path) -> None:
     """Against a real cluster (MLOPS_OBS_TEST_OPENSEARCH_URL): the template and ISM policy are accepted,
     the same files read back through a point in time give the store's order for every query, the
     aggregations give the store's rank facts, and rca's verdict is the store's."""
-    import os
-    import uuid
-
-    url = os.environ.get("MLOPS_OBS_TEST_OPENSEARCH_URL")
-    if not url:
-        pytest.skip("set MLOPS_OBS_TEST_OPENSEARCH_URL to run against a real OpenSearch")
-    from opensearchpy import OpenSearch
-
     from mlops_obs.logs.opensearch import setup_names
     from mlops_obs.logs.store import EventStore
     from mlops_obs.rca.bundle import Bundle
     from mlops_obs.rca.sources import ChunkStore, SourceFacts
     from mlops_obs.rca.verdict import analyse
 
-    prefix = f"mlops-test-{uuid.uuid4().hex[:8]}"
+    url, prefix, client = real_opensearch.url, real_opensearch.prefix, real_opensearch.client
     settings = OpenSearchSettings(url=url, state_dir=tmp_path / "st", index_prefix=prefix, verify=False)
-    client = OpenSearch(hosts=[url], verify_certs=False, ssl_show_warn=False)
     logs = tmp_path / "logs"
     _write_logs(logs)
     b = Bundle(FIXTURES / "crashj.tar.gz")
@@ -407,6 +398,7 @@ def test_real_opensearch_reads_back_as_the_store(tmp_path: Path) -> None:
         client.indices.refresh(index=f"{prefix}-*")
         template, policy, pipeline = setup_names(prefix)
         assert client.indices.get_index_template(name=template)["index_templates"]
+        assert client.transport.perform_request("GET", f"/_plugins/_ism/policies/{policy}")["_id"] == policy
         assert client.transport.perform_request("GET", f"/_ingest/pipeline/{pipeline}")[pipeline]
         hits = client.search(index=f"{prefix}-*", body={"size": 100, "query": {"match_all": {}}})["hits"]["hits"]
         assert hits and all(ingest_time_ns(h["_source"][INGESTED]) for h in hits)  # the cluster's format, read
@@ -425,11 +417,6 @@ def test_real_opensearch_reads_back_as_the_store(tmp_path: Path) -> None:
         store.close()
     finally:
         b.close()
-        client.indices.delete(index=f"{prefix}-*")
-        template, policy, pipeline = setup_names(prefix)
-        client.indices.delete_index_template(name=template)
-        client.transport.perform_request("DELETE", f"/_plugins/_ism/policies/{policy}")
-        client.transport.perform_request("DELETE", f"/_ingest/pipeline/{pipeline}")
 
 
 def test_follow_with_a_limit_does_not_yield_the_rest_of_what_was_there(tmp_path: Path, fake: FakeOpenSearch) -> None:
@@ -587,22 +574,12 @@ def test_follow_an_index_from_before_the_pipeline_by_event_time(tmp_path: Path, 
 
 
 @pytest.mark.opensearch
-def test_real_opensearch_follow_shows_an_event_shipped_late(tmp_path: Path) -> None:
+def test_real_opensearch_follow_shows_an_event_shipped_late(real_opensearch: RealOpenSearch, tmp_path: Path) -> None:
     """Against a real cluster: the pipeline the sink installs stamps documents the follower then follows
     by, so an event an hour older than the newest, shipped late, is shown once after the refresh."""
-    import os
-    import uuid
-
-    url = os.environ.get("MLOPS_OBS_TEST_OPENSEARCH_URL")
-    if not url:
-        pytest.skip("set MLOPS_OBS_TEST_OPENSEARCH_URL to run against a real OpenSearch")
-    from opensearchpy import OpenSearch
-
-    from mlops_obs.logs.opensearch import setup_names
-
-    prefix = f"mlops-test-{uuid.uuid4().hex[:8]}"
-    settings = OpenSearchSettings(url=url, state_dir=tmp_path / "st", index_prefix=prefix, verify=False)
-    client = OpenSearch(hosts=[url], verify_certs=False, ssl_show_warn=False)
+    prefix, client = real_opensearch.prefix, real_opensearch.client
+    settings = OpenSearchSettings(url=real_opensearch.url, state_dir=tmp_path / "st", index_prefix=prefix,
+                                  verify=False)  # fmt: skip
     sink = OpenSearchSink(settings)
     try:
         sink.send([_at("2026-03-04T11:00:00.000000Z", 1)], threading.Event())
@@ -614,11 +591,7 @@ def test_real_opensearch_follow_shows_an_event_shipped_late(tmp_path: Path) -> N
         follower.wait("dark-2", "n-3")
         assert sorted(follower.close()) == ["dark-2", "n-1", "n-3"]
     finally:
-        client.indices.delete(index=f"{prefix}-*")
-        template, policy, pipeline = setup_names(prefix)
-        client.indices.delete_index_template(name=template)
-        client.transport.perform_request("DELETE", f"/_plugins/_ism/policies/{policy}")
-        client.transport.perform_request("DELETE", f"/_ingest/pipeline/{pipeline}")
+        sink.close()
 
 
 def test_ingest_times_as_the_cluster_writes_them() -> None:

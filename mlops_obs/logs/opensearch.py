@@ -431,7 +431,7 @@ class OpenSearchSink:
                         self._try_update_retention(policy)
                     elif e.status_code in (400, 404) and "ism" not in str(e.error).lower():
                         self._say("warning", "ISM plugin not available; no retention policy installed")
-                    elif isinstance(e.status_code, int) and 400 <= e.status_code < 500:
+                    elif _is_4xx(e):
                         self._say("warning", "ISM policy not installed", status=e.status_code, error=str(e.error))
                     else:
                         raise
@@ -601,7 +601,7 @@ class OpenSearchSink:
         except OSConnectionError:
             raise
         except TransportError as e:
-            if isinstance(e.status_code, int) and 400 <= e.status_code < 500:
+            if _is_4xx(e):
                 self._say("warning", "ISM retention not updated", status=e.status_code, error=str(e.error))
             else:
                 raise
